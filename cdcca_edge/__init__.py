@@ -1,0 +1,2 @@
+"""cdcca-edge."""
+__version__ = "0.1.0"

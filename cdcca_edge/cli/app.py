@@ -1,0 +1,224 @@
+"""Typer commands. Each is thin: options in, one library call, result out."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from cdcca_edge import __version__
+from cdcca_edge.cli._output import err, out, print_json, stage_status
+
+app = typer.Typer(
+    name="cdcca-edge",
+    help="Cloud-device collaborative adaptation of LLMs: export, run, uplink, distill, patch.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"cdcca-edge {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Show the version.")
+    ] = False,
+) -> None:
+    """cdcca-edge: the CDCCA loop on real device runtimes."""
+
+
+@app.command()
+def export(
+    model_dir: Annotated[Path, typer.Argument(help="Hugging Face model directory (Llama/Qwen2).")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="OUT.gguf, or the ONNX output directory.")],
+    format: Annotated[str, typer.Option("--format", "-f", help="gguf or onnx.")] = "gguf",
+    quant: Annotated[
+        Optional[str], typer.Option(help="GGUF: f32, f16, q8_0 (default), q4_0. ONNX: f32.")
+    ] = None,
+    adapter: Annotated[
+        Optional[Path], typer.Option(help="PEFT adapter directory to merge before export.")
+    ] = None,
+    validate: Annotated[
+        bool, typer.Option("--validate/--no-validate", help="Check logits against torch (default on).")
+    ] = True,
+    tolerance: Annotated[
+        Optional[float], typer.Option(help="Override the format's validation tolerance (docs/export.md).")
+    ] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Export a HF causal LM (+ LoRA adapter) to a validated GGUF file or ONNX directory."""
+    from cdcca_edge.converters.export import export as do_export
+
+    with stage_status(not json_out) as on_stage:
+        result = do_export(
+            model_dir, output, format, quant=quant, adapter=adapter, validate=validate,
+            tolerance=tolerance, on_stage=on_stage,  # type: ignore[arg-type]
+        )
+    if json_out:
+        print_json(result.as_dict())
+        return
+    v = result.validation
+    check = (
+        f"validated on {v.backend}: max |Δlogit| {v.max_abs_diff:.3g} "
+        f"({v.normalized_diff:.3g} x std, tolerance {v.tolerance}), top-1 agreement "
+        f"{v.top1_agreement:.0%}"
+        if v
+        else "not validated (--no-validate)"
+    )
+    out.print(f"{result.path}  {result.format}/{result.quant}  {result.bytes / 1e6:.1f} MB  "
+              f"identity {result.identity[:16]}", highlight=False)
+    out.print(f"  {check}  [{result.seconds:.1f} s]", highlight=False)
+
+
+@app.command()
+def inspect(
+    artifact: Annotated[Path, typer.Argument(help=".gguf file or ONNX export directory.")],
+    identity: Annotated[
+        bool, typer.Option("--identity/--no-identity", help="Hash tensor bytes for the identity.")
+    ] = True,
+    json_out: JsonOpt = False,
+) -> None:
+    """Show an artefact's tensors, types, sizes, provenance and identity."""
+    from cdcca_edge.core.artifact import compute_identity, open_artifact
+
+    art = open_artifact(artifact)
+    ident = compute_identity(art) if identity else None
+    doc = {
+        "path": str(art.path),
+        "format": art.format,
+        "files": [str(f) for f in art.files],
+        "n_tensors": len(art.tensors),
+        "tensor_bytes": art.tensor_bytes,
+        "metadata": art.metadata,
+        "identity": ident.digest if ident else None,
+        "identity_matches_export": (
+            ident.digest == art.metadata.get("cdcca.export_identity") if ident else None
+        ),
+        "tensors": [
+            {
+                "name": t.name,
+                "type": t.type_name,
+                "shape": list(t.shape),
+                "bytes": t.nbytes,
+                "file": t.file.name,
+                "offset": t.offset,
+                **({"digest": ident.tensors[t.name]} if ident else {}),
+            }
+            for t in art.tensors
+        ],
+    }
+    if json_out:
+        print_json(doc)
+        return
+    from rich.table import Table
+
+    table = Table(title=f"{art.path} ({art.format})", title_justify="left")
+    for col, just in (("tensor", "left"), ("type", "left"), ("shape", "left"), ("bytes", "right")):
+        table.add_column(col, justify=just)  # type: ignore[arg-type]
+    for t in art.tensors:
+        table.add_row(t.name, t.type_name, "x".join(map(str, t.shape)), f"{t.nbytes:,}")
+    out.print(table)
+    out.print(f"tensors: {len(art.tensors)}, {art.tensor_bytes:,} bytes in {len(art.files)} file(s)")
+    for k, v in sorted(art.metadata.items()):
+        out.print(f"{k}: {v}", highlight=False)
+    if ident:
+        same = doc["identity_matches_export"]
+        note = "" if same is None else ("  (= export identity)" if same else "  (changed since export)")
+        out.print(f"identity: {ident.digest}{note}", highlight=False)
+
+
+@app.command()
+def run(
+    artifact: Annotated[Path, typer.Argument(help=".gguf file or ONNX export directory.")],
+    prompt: Annotated[str, typer.Option("--prompt", "-p", help="Prompt text.")],
+    max_tokens: Annotated[int, typer.Option("--max-tokens", "-n", help="New tokens at most.")] = 32,
+    backend: Annotated[str, typer.Option(help="auto, onnx or llama.")] = "auto",
+    temperature: Annotated[float, typer.Option(help="0 = greedy.")] = 0.0,
+    top_k: Annotated[int, typer.Option(help="Sample from the k most likely tokens (0 = all).")] = 0,
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling mass.")] = 1.0,
+    seed: Annotated[Optional[int], typer.Option(help="Sampling seed.")] = None,
+    threads: Annotated[Optional[int], typer.Option(help="CPU threads (default: all cores).")] = None,
+    score_prompt: Annotated[
+        bool, typer.Option("--score-prompt", help="Also score every prompt token.")
+    ] = False,
+    show_scores: Annotated[
+        bool, typer.Option("--show-scores", help="Print a per-token uncertainty table.")
+    ] = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Answer a prompt on the device runtime, with per-token uncertainty."""
+    from cdcca_edge.runtime import GenerationConfig, load
+
+    config = GenerationConfig(
+        max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+        score_prompt=score_prompt,
+    )
+    with load(artifact, backend=backend, n_threads=threads) as model:  # type: ignore[arg-type]
+        if json_out:
+            result = model.generate(prompt, config)
+            print_json({"backend": model.name, "artifact": str(artifact), **result.as_dict()})
+            return
+
+        def show(event):  # type: ignore[no-untyped-def]
+            out.file.write(event.text)
+            out.file.flush()
+
+        result = model.generate(prompt, config, on_token=show)
+        out.file.write("\n")
+    if show_scores:
+        print_score_table(result)
+    s = result.sample
+    rate = result.as_dict()["timings"]["decode_tokens_per_second"]
+    err.print(
+        f"[dim]{model.name}: {len(result.tokens)} tokens ({result.finish_reason}), "
+        f"{rate or 0:.1f} tok/s, confidence {s.confidence:.3f}, mean entropy "
+        f"{s.mean_entropy:.3f} nats[/dim]",
+        highlight=False,
+    )
+
+
+def print_score_table(result) -> None:  # type: ignore[no-untyped-def]
+    from rich.table import Table
+
+    table = Table("token", "id", "entropy", "top-1 p", "margin", title="per-token uncertainty",
+                  title_justify="left")
+    for text, s in zip(result.token_texts, result.scores):
+        table.add_row(repr(text), str(s.token), f"{s.entropy:.3f}", f"{s.top1_prob:.3f}",
+                      f"{s.margin:.3f}")
+    out.print(table)
+
+
+@app.command()
+def demo(
+    out_dir: Annotated[
+        Optional[Path], typer.Option("--out", help="Where to write the artefacts (default: a cache dir).")
+    ] = None,
+    prompt: Annotated[str, typer.Option(help="Prompt to answer.")] = "question: what colour is the circle? answer:",
+    json_out: JsonOpt = False,
+) -> None:
+    """Build the embedded tiny model, export it to GGUF and ONNX, answer on both backends."""
+    from cdcca_edge.cli.demo import run_demo
+
+    with stage_status(not json_out) as on_stage:
+        report = run_demo(out_dir=out_dir, prompt=prompt, on_stage=on_stage)
+    if json_out:
+        print_json(report)
+        return
+    for name, res in report["answers"].items():
+        out.print(f"[bold]{name}[/bold] ({res['artifact']}): {prompt!r} -> {res['text']!r}", highlight=False)
+        for i, tok in enumerate(res["tokens"]):
+            eos = res["finish_reason"] == "eos" and i == len(res["tokens"]) - 1
+            label = "<eos>" if eos else repr(tok["text"])
+            out.print(f"    {label:>14}  entropy {tok['entropy']:.3f}  top-1 p {tok['top1_prob']:.3f}",
+                      highlight=False)
+    same = report["backends_agree"]
+    out.print(f"backends agree on the greedy answer: {'yes' if same else 'NO'}")

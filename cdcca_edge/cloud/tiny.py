@@ -1,0 +1,162 @@
+"""Tiny Hugging Face models built offline, for the demo, the tests and the benchmarks.
+
+No model hub is reachable, so every model the project needs besides SmolLM2 is built here
+from a config, with a byte-level BPE tokenizer trained by ``tokenizers`` on an embedded,
+procedurally generated corpus about coloured shapes (the domain of the demo). A few hundred
+optimiser steps make the model's next-token distributions peaked like a real model's,
+which matters for parity checks: a random model's near-uniform logits make greedy
+decoding hinge on ties.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal
+
+TinyArch = Literal["llama", "qwen2"]
+
+COLOURS = ("red", "green", "blue", "yellow", "purple", "orange", "white", "black")
+SHAPES = ("circle", "square", "triangle", "star", "cross", "ring")
+COUNTS = ("one", "two", "three", "four", "five")
+RELATIONS = ("left of", "right of", "above", "below")
+EOS_TOKEN = "<|endoftext|>"
+
+
+def tiny_corpus(n: int = 2000, seed: int = 0) -> list[str]:
+    """``n`` short sentences and question/answer pairs about coloured shapes."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        c1, c2 = rng.choice(COLOURS), rng.choice(COLOURS)
+        s1, s2 = rng.sample(SHAPES, 2)
+        kind = rng.randrange(5)
+        if kind == 0:
+            out.append(f"the {c1} {s1} is {rng.choice(RELATIONS)} the {c2} {s2}.")
+        elif kind == 1:
+            k = rng.randrange(len(COUNTS))
+            plural = s1 + ("s" if k else "")
+            out.append(f"there {'are' if k else 'is'} {COUNTS[k]} {c1} {plural} in the picture.")
+        elif kind == 2:
+            out.append(f"question: what colour is the {s1}? answer: {c1}.")
+        elif kind == 3:
+            k = rng.randrange(len(COUNTS))
+            out.append(f"question: how many {s1}s are there? answer: {COUNTS[k]}.")
+        else:
+            rel = rng.choice(RELATIONS)
+            yes = rng.random() < 0.5
+            out.append(f"question: is the {s1} {rel} the {s2}? answer: {'yes' if yes else 'no'}.")
+    return out
+
+
+def train_tokenizer(texts: list[str], vocab_size: int = 512):
+    """A GPT-2 style byte-level BPE tokenizer, trained offline; returns a
+    ``PreTrainedTokenizerFast`` (no BOS added, ``<|endoftext|>`` as BOS/EOS/PAD)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOS_TOKEN],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token=EOS_TOKEN, eos_token=EOS_TOKEN, pad_token=EOS_TOKEN
+    )
+
+
+@dataclass(frozen=True)
+class TinySpec:
+    """Shape of a tiny model. Widths are multiples of 32 so every quant type's blocks fit."""
+
+    arch: TinyArch = "llama"
+    hidden_size: int = 64  # model width C
+    intermediate_size: int = 128  # MLP width
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2  # < heads: exercises GQA in every exporter
+    vocab_size: int = 512  # tokenizer vocabulary (trained to this size)
+    max_position_embeddings: int = 256
+    tie_word_embeddings: bool = False
+    train_steps: int = 300  # optimiser steps on the embedded corpus; 0 keeps random weights
+    seed: int = 0
+
+
+def tiny_config(spec: TinySpec, vocab_size: int):
+    from transformers import LlamaConfig, Qwen2Config
+
+    common = dict(
+        vocab_size=vocab_size,
+        hidden_size=spec.hidden_size,
+        intermediate_size=spec.intermediate_size,
+        num_hidden_layers=spec.num_hidden_layers,
+        num_attention_heads=spec.num_attention_heads,
+        num_key_value_heads=spec.num_key_value_heads,
+        max_position_embeddings=spec.max_position_embeddings,
+        tie_word_embeddings=spec.tie_word_embeddings,
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+        bos_token_id=0,
+        eos_token_id=0,
+        pad_token_id=0,
+    )
+    if spec.arch == "llama":
+        return LlamaConfig(**common)
+    if spec.arch == "qwen2":
+        return Qwen2Config(**common, use_sliding_window=False)
+    raise ValueError(f"unknown tiny architecture {spec.arch!r}; expected 'llama' or 'qwen2'")
+
+
+def build_tiny_model(out_dir: str | Path, spec: TinySpec = TinySpec()) -> Path:
+    """Build (and briefly train) a tiny causal LM and save it with its tokenizer.
+
+    Deterministic for a given ``spec``: same seed, same weights. Returns ``out_dir``.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    out_dir = Path(out_dir)
+    torch.manual_seed(spec.seed)
+    texts = tiny_corpus(seed=spec.seed)
+    tokenizer = train_tokenizer(texts, spec.vocab_size)
+    config = tiny_config(spec, len(tokenizer))
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    if spec.train_steps:
+        _train(model, tokenizer, texts, spec)
+    model.eval()
+    model.generation_config.do_sample = False
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    (out_dir / "tiny_spec.json").write_text(json.dumps(asdict(spec), indent=2) + "\n")
+    return out_dir
+
+
+def _train(model, tokenizer, texts: list[str], spec: TinySpec, seq_len: int = 48) -> None:
+    import torch
+
+    # One long token stream of sentences separated by EOS, cut into fixed windows.
+    eos = tokenizer.eos_token_id
+    stream: list[int] = []
+    for t in texts:
+        stream.extend(tokenizer(t + " ")["input_ids"] + [eos])
+    data = torch.tensor(stream[: len(stream) // seq_len * seq_len]).view(-1, seq_len)  # (N, T)
+    gen = torch.Generator().manual_seed(spec.seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=spec.train_steps)
+    model.train()
+    for _ in range(spec.train_steps):
+        idx = torch.randint(0, data.shape[0], (16,), generator=gen)
+        batch = data[idx]  # (B, T)
+        loss = model(input_ids=batch, labels=batch).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()

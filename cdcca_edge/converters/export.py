@@ -1,0 +1,149 @@
+"""``cdcca-edge export``: HF model (+ PEFT adapter) -> validated device artefact.
+
+The artefact is written beside its destination, validated against torch, and only then
+moved into place: a failed export leaves no file behind and never clobbers a good one.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Literal
+
+from cdcca_edge.converters.gguf_export import QUANT_TYPES, write_gguf
+from cdcca_edge.converters.hf import load_for_export
+from cdcca_edge.converters.onnx_export import write_onnx
+from cdcca_edge.converters.validate import ValidationReport, validate_export
+from cdcca_edge.core.errors import UsageError
+
+ExportFormat = Literal["gguf", "onnx"]
+ONNX_QUANTS = ("f32",)
+
+
+@dataclass
+class ExportResult:
+    path: Path
+    format: str
+    quant: str
+    arch: str
+    identity: str
+    source_digest: str
+    adapter: str | None
+    bytes: int
+    seconds: float
+    validation: ValidationReport | None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "path": str(self.path),
+            "format": self.format,
+            "quant": self.quant,
+            "arch": self.arch,
+            "identity": self.identity,
+            "source_digest": self.source_digest,
+            "adapter": self.adapter,
+            "bytes": self.bytes,
+            "seconds": self.seconds,
+            "validation": None if self.validation is None else self.validation.as_dict(),
+        }
+
+
+def export(
+    model_dir: str | Path,
+    out: str | Path,
+    fmt: ExportFormat,
+    quant: str | None = None,
+    adapter: str | Path | None = None,
+    validate: bool = True,
+    tolerance: float | None = None,
+    on_stage: Callable[[str], None] | None = None,
+) -> ExportResult:
+    """Export ``model_dir`` to ``out`` as GGUF (a file) or ONNX (a directory).
+
+    Args:
+        quant: GGUF: f32, f16, q8_0 (default), q4_0. ONNX: f32 (default).
+        adapter: a PEFT adapter directory merged into the model before export.
+        validate: compare with torch and refuse the export beyond tolerance.
+        tolerance: override the format's tolerance (docs/export.md).
+        on_stage: called with a short description as each stage starts (progress).
+
+    Raises:
+        UsageError, FormatError, ValidationError, BackendUnavailableError.
+    """
+    stage = on_stage or (lambda _msg: None)
+    out = Path(out)
+    if fmt == "gguf":
+        quant = quant or "q8_0"
+        if quant not in QUANT_TYPES:
+            raise UsageError(f"--quant {quant!r} is not a GGUF export type; choose one of "
+                             f"{', '.join(QUANT_TYPES)}")
+        if out.is_dir():
+            raise UsageError(f"{out} is a directory; GGUF export writes a file, e.g. -o model.gguf")
+    elif fmt == "onnx":
+        quant = quant or "f32"
+        if quant not in ONNX_QUANTS:
+            raise UsageError(f"--quant {quant!r} is not available for ONNX export (f32 only); "
+                             "quantised artefacts are GGUF: use --format gguf")
+        if out.exists() and not out.is_dir():
+            raise UsageError(f"{out} is a file; ONNX export writes a directory")
+    else:
+        raise UsageError(f"unknown format {fmt!r}; choose gguf or onnx")
+
+    t0 = time.perf_counter()
+    stage(f"loading {model_dir}" + (f" + adapter {adapter}" if adapter else ""))
+    loaded = load_for_export(model_dir, adapter)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    report = None
+    if fmt == "gguf":
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+        os.close(fd)
+        tmp = Path(tmp_name)
+        try:
+            stage(f"writing GGUF ({quant})")
+            identity = write_gguf(loaded, tmp, quant)
+            if validate:
+                stage("validating against torch on llama.cpp")
+                report = validate_export(tmp, loaded, "gguf", quant, tolerance=tolerance)
+            _fsync(tmp)
+            os.replace(tmp, out)
+        finally:
+            tmp.unlink(missing_ok=True)
+        size = out.stat().st_size
+    else:
+        tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+        try:
+            identity = write_onnx(loaded, tmp_dir, progress=stage)
+            if validate:
+                stage("validating against torch on onnxruntime")
+                report = validate_export(tmp_dir, loaded, "onnx", quant, tolerance=tolerance)
+            out.mkdir(parents=True, exist_ok=True)
+            # Data file first, graph last: a model.onnx in OUT always has its data beside it.
+            names = sorted(p.name for p in tmp_dir.iterdir())
+            names.sort(key=lambda n: n == "model.onnx")
+            for name in names:
+                _fsync(tmp_dir / name)
+                os.replace(tmp_dir / name, out / name)
+        finally:
+            shutil.rmtree(tmp_dir, ignore_errors=True)
+        size = sum(p.stat().st_size for p in out.iterdir() if p.is_file())
+    return ExportResult(
+        path=out,
+        format=fmt,
+        quant=quant,
+        arch=loaded.arch,
+        identity=identity,
+        source_digest=loaded.source_digest,
+        adapter=str(adapter) if adapter else None,
+        bytes=size,
+        seconds=time.perf_counter() - t0,
+        validation=report,
+    )
+
+
+def _fsync(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())

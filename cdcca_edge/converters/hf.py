@@ -1,0 +1,108 @@
+"""Loading a Hugging Face causal LM (and merging a PEFT adapter) for export.
+
+Everything here needs the ``cloud`` extra (torch, transformers, peft); imports are
+deferred so that importing ``cdcca_edge.converters`` stays cheap.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cdcca_edge.core.errors import FormatError, UsageError, require
+
+# HF ``model_type`` -> our architecture family. Both are decoder-only with RMSNorm, SwiGLU
+# and rotary embeddings; they differ in q/k/v biases and in the rotary layout GGUF expects.
+SUPPORTED_MODEL_TYPES = {"llama": "llama", "qwen2": "qwen2"}
+
+
+@dataclass
+class LoadedModel:
+    """A float32 HF model ready to export, with what the artefact's provenance records."""
+
+    model: Any  # transformers PreTrainedModel, eval mode, float32
+    tokenizer: Any  # transformers PreTrainedTokenizerFast
+    arch: str  # "llama" | "qwen2"
+    source_dir: Path
+    adapter_dir: Path | None
+    source_digest: str  # sha256 over the (merged) weights exported
+
+
+def model_type_of(model_dir: Path) -> str:
+    cfg_path = model_dir / "config.json"
+    if not cfg_path.is_file():
+        raise FormatError(f"{model_dir}: no config.json; expected a Hugging Face model directory")
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise FormatError(f"{cfg_path}: not valid JSON ({exc})") from exc
+    return str(cfg.get("model_type", ""))
+
+
+def load_for_export(model_dir: str | Path, adapter_dir: str | Path | None = None) -> LoadedModel:
+    """Load ``model_dir`` in float32, merge ``adapter_dir`` (a PEFT adapter) if given.
+
+    Raises:
+        FormatError: not a supported HF model / adapter directory.
+        UsageError: the adapter does not fit the model.
+        BackendUnavailableError: torch/transformers/peft missing.
+    """
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise UsageError(f"{model_dir}: not a directory; pass a Hugging Face model directory")
+    model_type = model_type_of(model_dir)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise FormatError(
+            f"{model_dir}: model_type {model_type!r} is not supported; supported families: "
+            f"{', '.join(sorted(SUPPORTED_MODEL_TYPES))}"
+        )
+    torch = require("torch", "cloud")
+    transformers = require("transformers", "cloud")
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
+    if adapter_dir is not None:
+        model = merge_adapter(model, Path(adapter_dir))
+    model.eval()
+    return LoadedModel(
+        model=model,
+        tokenizer=tokenizer,
+        arch=SUPPORTED_MODEL_TYPES[model_type],
+        source_dir=model_dir,
+        adapter_dir=Path(adapter_dir) if adapter_dir is not None else None,
+        source_digest=state_dict_digest(model),
+    )
+
+
+def merge_adapter(model: Any, adapter_dir: Path) -> Any:
+    """Merge a PEFT adapter into ``model`` (checked for NaN/inf before committing)."""
+    if not (adapter_dir / "adapter_config.json").is_file():
+        raise FormatError(
+            f"{adapter_dir}: no adapter_config.json; expected a PEFT adapter directory "
+            "(as written by PeftModel.save_pretrained)"
+        )
+    peft = require("peft", "cloud")
+    try:
+        peft_model = peft.PeftModel.from_pretrained(model, adapter_dir)
+    except (RuntimeError, ValueError, KeyError) as exc:
+        raise UsageError(
+            f"{adapter_dir}: adapter does not fit the model ({exc}); pass the base model the "
+            "adapter was trained on"
+        ) from exc
+    try:
+        return peft_model.merge_and_unload(safe_merge=True)
+    except ValueError as exc:  # peft raises ValueError when the merge yields NaNs
+        raise UsageError(f"{adapter_dir}: merging the adapter failed ({exc})") from exc
+
+
+def state_dict_digest(model: Any) -> str:
+    """SHA-256 over the model's parameters (names, shapes, float32 bytes), sorted by name."""
+    h = hashlib.sha256(b"cdcca-src-v1\n")
+    sd = model.state_dict()
+    for name in sorted(sd):
+        t = sd[name].detach().to("cpu").float().contiguous()
+        h.update(f"{name}\0{tuple(t.shape)}\n".encode())
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()

@@ -1,0 +1,68 @@
+"""The on-device runtime: load an artefact on a backend, generate, score.
+
+Never imports torch, transformers, peft or optimum (a test checks this in a subprocess).
+
+    >>> from cdcca_edge.runtime import load, GenerationConfig
+    >>> with load("model.gguf") as model:
+    ...     answer = model.generate("question: what colour is the circle? answer:")
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from cdcca_edge.core.errors import FormatError, UsageError
+from cdcca_edge.runtime.base import Backend, Generation, GenerationConfig, StreamEvent
+from cdcca_edge.runtime.scores import SampleScore, TokenScore, sample_score, score_logits
+
+BackendName = Literal["auto", "onnx", "llama"]
+
+__all__ = [
+    "Backend",
+    "BackendName",
+    "Generation",
+    "GenerationConfig",
+    "SampleScore",
+    "StreamEvent",
+    "TokenScore",
+    "load",
+    "sample_score",
+    "score_logits",
+]
+
+
+def load(path: str | Path, backend: BackendName = "auto", **kwargs: object) -> Backend:
+    """Open an artefact on a backend.
+
+    Args:
+        path: a .gguf file, an ONNX export directory, or its model.onnx.
+        backend: ``"llama"`` (GGUF), ``"onnx"`` (ONNX), or ``"auto"`` to pick by format.
+        **kwargs: passed to the backend (``n_threads``; ``n_ctx`` for llama).
+
+    Raises:
+        FormatError: the artefact's format does not fit the backend.
+        UsageError: unknown backend name.
+        BackendUnavailableError: the backend's package is not installed.
+    """
+    from cdcca_edge.core.artifact import open_artifact
+
+    art = open_artifact(path)
+    chosen = backend
+    if backend == "auto":
+        chosen = "llama" if art.format == "gguf" else "onnx"
+    if chosen == "llama":
+        if art.format != "gguf":
+            raise FormatError(f"{path}: the llama backend runs GGUF files, this is {art.format}; "
+                              "use --backend onnx")
+        from cdcca_edge.runtime.llama_backend import LlamaCppBackend
+
+        return LlamaCppBackend(art.path, **kwargs)  # type: ignore[arg-type]
+    if chosen == "onnx":
+        if art.format != "onnx":
+            raise FormatError(f"{path}: the onnx backend runs ONNX exports, this is {art.format}; "
+                              "use --backend llama")
+        from cdcca_edge.runtime.onnx_backend import OnnxBackend
+
+        return OnnxBackend(art.path, **kwargs)  # type: ignore[arg-type]
+    raise UsageError(f"unknown backend {backend!r}; choose auto, onnx or llama")

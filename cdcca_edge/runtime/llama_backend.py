@@ -1,0 +1,176 @@
+"""llama.cpp backend (llama-cpp-python), driven through its low-level decode API.
+
+``Llama(logits_all=True)`` computes vocabulary logits for every position of every batch,
+which is slow on long prompts and which llama-cpp-python's own ``token_logprobs`` then
+reads one position off. We instead fill our own ``llama_batch`` and ask llama.cpp for
+logits only at the positions we need: the last prompt position (and every prompt
+position only when prompt scoring is requested), then one per generated token.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from cdcca_edge.core.errors import BackendUnavailableError, FormatError, UsageError, require
+from cdcca_edge.core.gguf_file import read_gguf_header
+from cdcca_edge.runtime.base import Backend
+
+
+class LlamaCppBackend(Backend):
+    """A GGUF file on llama.cpp.
+
+    Args:
+        path: the .gguf file.
+        n_ctx: context length to allocate (default 2048; never more than the model's
+            training context is used).
+        n_threads: CPU threads (default: all cores; llama-cpp-python's default is half).
+        n_batch: tokens per llama_decode call for prompts.
+    """
+
+    name = "llama"
+
+    def __init__(
+        self,
+        path: str | Path,
+        n_ctx: int | None = None,
+        n_threads: int | None = None,
+        n_batch: int = 512,
+    ) -> None:
+        self._llama_cpp = require("llama_cpp", "llama")
+        lc = self._llama_cpp
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise FileNotFoundError(f"{self.path}: no such GGUF file")
+        threads = n_threads or os.cpu_count() or 1
+        header = read_gguf_header(self.path)  # malformed files fail here, with a clear error
+        arch = header.kv.get("general.architecture")
+        train_ctx = header.kv.get(f"{arch}.context_length")
+        # Positions past the training context are garbage even where llama.cpp allows them.
+        ctx = n_ctx or 2048
+        if isinstance(train_ctx, int) and train_ctx > 0:
+            ctx = min(ctx, train_ctx)
+        try:
+            self._llm = lc.Llama(
+                model_path=str(self.path),
+                n_ctx=ctx,
+                n_batch=n_batch,
+                n_ubatch=n_batch,
+                n_threads=threads,
+                n_threads_batch=threads,
+                logits_all=False,
+                verbose=False,
+            )
+        except ValueError as exc:  # llama-cpp-python's "Failed to load model from file"
+            raise FormatError(f"{self.path}: llama.cpp could not load this GGUF ({exc})") from exc
+        self._ctx = self._llm._ctx.ctx  # raw llama_context*
+        self._vocab = self._llm._model.vocab
+        self._n_vocab = self._llm.n_vocab()
+        self._n_ctx = self._llm.n_ctx()
+        self._n_batch = n_batch
+        self._batch = lc.llama_batch_init(n_batch, 0, 1)
+        self._n_past = 0
+        self._add_bos = bool(lc.llama_vocab_get_add_bos(self._vocab))
+        self._eog = frozenset(
+            t for t in range(self._n_vocab) if lc.llama_vocab_is_eog(self._vocab, t)
+        )
+        self._piece_buf = ctypes.create_string_buffer(256)
+        self._closed = False
+
+    # --- Backend interface -----------------------------------------------------------------
+    @property
+    def n_vocab(self) -> int:
+        return self._n_vocab
+
+    @property
+    def eos_token_ids(self) -> frozenset[int]:
+        return self._eog
+
+    @property
+    def n_ctx(self) -> int:
+        return self._n_ctx
+
+    @property
+    def llama(self) -> Any:
+        """The underlying ``llama_cpp.Llama`` (for callers that need more of its API)."""
+        return self._llm
+
+    def tokenize(self, text: str) -> list[int]:
+        return self._llm.tokenize(text.encode("utf-8"), add_bos=self._add_bos, special=False)
+
+    def detokenize(self, tokens: Sequence[int]) -> bytes:
+        lc = self._llama_cpp
+        out = bytearray()
+        for t in tokens:
+            n = lc.llama_token_to_piece(self._vocab, int(t), self._piece_buf, 256, 0, False)
+            if n < 0:
+                raise RuntimeError(f"token {t} piece longer than 256 bytes")
+            out += self._piece_buf.raw[:n]
+        return bytes(out)
+
+    def reset(self) -> None:
+        self._llm._ctx.kv_cache_clear()
+        self._n_past = 0
+
+    def forward(self, tokens: Sequence[int], all_logits: bool = False) -> np.ndarray:
+        lc = self._llama_cpp
+        n = len(tokens)
+        if n == 0:
+            raise UsageError("forward() needs at least one token")
+        if self._n_past + n > self.n_ctx:
+            raise UsageError(f"sequence of {self._n_past + n} tokens exceeds n_ctx={self.n_ctx}")
+        rows = np.empty((n if all_logits else 1, self._n_vocab), dtype=np.float32)  # (T|1, V)
+        b = self._batch
+        for start in range(0, n, self._n_batch):
+            chunk = tokens[start : start + self._n_batch]
+            m = len(chunk)
+            b.n_tokens = m
+            for i, tok in enumerate(chunk):
+                b.token[i] = int(tok)
+                b.pos[i] = self._n_past + i
+                b.n_seq_id[i] = 1
+                b.seq_id[i][0] = 0
+                b.logits[i] = all_logits
+            b.logits[m - 1] = True
+            rc = lc.llama_decode(self._ctx, b)
+            if rc != 0:
+                raise RuntimeError(f"llama_decode returned {rc}")
+            self._n_past += m
+            if all_logits:
+                for i in range(m):
+                    rows[start + i] = self._logits_at(i)
+            elif start + m == n:
+                rows[0] = self._logits_at(m - 1)
+        return rows
+
+    def close(self) -> None:
+        if getattr(self, "_closed", True):
+            return
+        self._closed = True
+        self._llama_cpp.llama_batch_free(self._batch)
+        self._llm.close()
+
+    def __del__(self) -> None:  # pragma: no cover - GC timing
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - never raise from a finaliser
+            pass
+
+    # --- internals -------------------------------------------------------------------------
+    def _logits_at(self, i: int) -> np.ndarray:
+        ptr = self._llama_cpp.llama_get_logits_ith(self._ctx, i)
+        if not ptr:
+            raise RuntimeError(f"llama.cpp produced no logits for batch position {i}")
+        return np.ctypeslib.as_array(ptr, shape=(self._n_vocab,))
+
+
+def llama_available() -> bool:
+    try:
+        require("llama_cpp", "llama")
+    except BackendUnavailableError:
+        return False
+    return True

@@ -1,0 +1,158 @@
+"""onnxruntime backend for decoder models exported with KV cache (optimum layout).
+
+The model takes ``input_ids``, ``attention_mask``, ``position_ids`` and
+``past_key_values.{i}.key/value`` and returns ``logits`` and ``present.{i}.key/value``.
+The cache stays in onnxruntime-owned ``OrtValue``s between steps (I/O binding), so a decode
+step copies only the new token in and its logits out.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from cdcca_edge.core.artifact import ONNX_MODEL_NAME
+from cdcca_edge.core.errors import FormatError, UsageError, require
+from cdcca_edge.runtime.base import Backend
+
+_ORT_FLOAT = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+
+
+class OnnxBackend(Backend):
+    """An ONNX export directory (model.onnx + external data + tokenizer.json + config.json).
+
+    Args:
+        path: the directory, or its model.onnx.
+        n_threads: intra-op threads (default: all cores).
+    """
+
+    name = "onnx"
+
+    def __init__(self, path: str | Path, n_threads: int | None = None) -> None:
+        ort = require("onnxruntime", "device")
+        tokenizers = require("tokenizers", "device")
+        path = Path(path)
+        model_path = path / ONNX_MODEL_NAME if path.is_dir() else path
+        self.dir = model_path.parent
+        if not model_path.is_file():
+            raise FileNotFoundError(f"{model_path}: no ONNX model here")
+        tok_path = self.dir / "tokenizer.json"
+        if not tok_path.is_file():
+            raise FormatError(f"{self.dir}: no tokenizer.json next to the model; re-export with "
+                              "`cdcca-edge export --format onnx`")
+        self._tokenizer = tokenizers.Tokenizer.from_file(str(tok_path))
+        config = _read_json(self.dir / "config.json")
+        gen_config = _read_json(self.dir / "generation_config.json", missing_ok=True)
+        eos = gen_config.get("eos_token_id", config.get("eos_token_id"))
+        self._eos = frozenset([eos] if isinstance(eos, int) else (eos or []))
+        self._n_ctx = int(config.get("max_position_embeddings", 2048))
+
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = n_threads or os.cpu_count() or 1
+        opts.log_severity_level = 3
+        try:
+            self._sess = ort.InferenceSession(str(model_path), opts, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # onnxruntime raises its own untyped exceptions
+            raise FormatError(f"{model_path}: onnxruntime could not load the model ({exc})") from exc
+        inputs = {i.name: i for i in self._sess.get_inputs()}
+        for required in ("input_ids", "attention_mask"):
+            if required not in inputs:
+                raise FormatError(f"{model_path}: model has no {required!r} input; export with "
+                                  "task text-generation-with-past")
+        self._has_position_ids = "position_ids" in inputs
+        self._past_names = sorted(
+            (n for n in inputs if n.startswith("past_key_values.")),
+            key=lambda n: (int(n.split(".")[1]), n.split(".")[2]),
+        )
+        if not self._past_names:
+            raise FormatError(f"{model_path}: model has no past_key_values inputs; export with "
+                              "task text-generation-with-past")
+        out_names = [o.name for o in self._sess.get_outputs()]
+        self._present_names = [n.replace("past_key_values.", "present.") for n in self._past_names]
+        missing = [n for n in ["logits", *self._present_names] if n not in out_names]
+        if missing:
+            raise FormatError(f"{model_path}: model lacks outputs {missing}")
+        first = inputs[self._past_names[0]]
+        self._kv_dtype = _ORT_FLOAT.get(first.type, np.float32)
+        self._kv_heads, self._head_dim = int(first.shape[1]), int(first.shape[3])
+        self._n_vocab = int(self._sess.get_outputs()[out_names.index("logits")].shape[-1])
+        self._ort = ort
+        self._past: dict[str, Any] = {}
+        self._n_past = 0
+        self.reset()
+
+    # --- Backend interface -----------------------------------------------------------------
+    @property
+    def n_vocab(self) -> int:
+        return self._n_vocab
+
+    @property
+    def eos_token_ids(self) -> frozenset[int]:
+        return self._eos
+
+    @property
+    def n_ctx(self) -> int:
+        return self._n_ctx
+
+    @property
+    def session(self) -> Any:
+        return self._sess
+
+    def tokenize(self, text: str) -> list[int]:
+        return list(self._tokenizer.encode(text, add_special_tokens=True).ids)
+
+    def detokenize(self, tokens: Sequence[int]) -> bytes:
+        return self._tokenizer.decode(list(tokens), skip_special_tokens=False).encode("utf-8")
+
+    def reset(self) -> None:
+        empty = np.zeros((1, self._kv_heads, 0, self._head_dim), dtype=self._kv_dtype)  # (B, H_kv, 0, D)
+        value = self._ort.OrtValue.ortvalue_from_numpy(empty)
+        self._past = {n: value for n in self._past_names}
+        self._n_past = 0
+
+    def forward(self, tokens: Sequence[int], all_logits: bool = False) -> np.ndarray:
+        n = len(tokens)
+        if n == 0:
+            raise UsageError("forward() needs at least one token")
+        total = self._n_past + n
+        if total > self._n_ctx:
+            raise UsageError(f"sequence of {total} tokens exceeds n_ctx={self._n_ctx}")
+        ids = np.asarray(tokens, dtype=np.int64)[None, :]  # (1, T)
+        mask = np.ones((1, total), dtype=np.int64)  # (1, past + T)
+        binding = self._sess.io_binding()
+        binding.bind_cpu_input("input_ids", ids)
+        binding.bind_cpu_input("attention_mask", mask)
+        if self._has_position_ids:
+            pos = np.arange(self._n_past, total, dtype=np.int64)[None, :]  # (1, T)
+            binding.bind_cpu_input("position_ids", pos)
+        for name in self._past_names:
+            binding.bind_ortvalue_input(name, self._past[name])
+        binding.bind_output("logits")
+        for name in self._present_names:
+            binding.bind_output(name)
+        self._sess.run_with_iobinding(binding)
+        outs = binding.get_outputs()  # logits, then presents, in bind order
+        self._past = dict(zip(self._past_names, outs[1:]))
+        self._n_past = total
+        logits = outs[0].numpy()[0]  # (T, V)
+        return logits if all_logits else logits[-1:]
+
+    def close(self) -> None:
+        self._past = {}
+        self._sess = None  # type: ignore[assignment]
+
+
+def _read_json(path: Path, missing_ok: bool = False) -> dict:
+    if not path.is_file():
+        if missing_ok:
+            return {}
+        raise FormatError(f"{path.parent}: no {path.name} next to the model; re-export with "
+                          "`cdcca-edge export --format onnx`")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise FormatError(f"{path}: not valid JSON ({exc})") from exc

@@ -1,0 +1,45 @@
+"""Shared fixtures: tiny HF models built offline, and their exported artefacts.
+
+Everything expensive is session-scoped and built once: two tiny models (Llama with
+untied embeddings, Qwen2 with tied embeddings and q/k/v biases) trained for a few hundred
+steps so their next-token distributions are peaked like a real model's.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from cdcca_edge.cloud.tiny import TinySpec, build_tiny_model
+
+ARCHS = ("llama", "qwen2")
+GGUF_QUANTS = ("f32", "f16", "q8_0", "q4_0")
+SPECS = {
+    "llama": TinySpec(arch="llama", tie_word_embeddings=False, seed=0),
+    "qwen2": TinySpec(arch="qwen2", tie_word_embeddings=True, seed=1),
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("tiny")
+    return {arch: build_tiny_model(root / arch, spec) for arch, spec in SPECS.items()}
+
+
+@pytest.fixture(scope="session")
+def exports(tiny_models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory):
+    """Lazily exported, validated artefacts keyed by (arch, format, quant)."""
+    from cdcca_edge.converters.export import export
+
+    root = tmp_path_factory.mktemp("exports")
+    cache: dict[tuple[str, str, str], object] = {}
+
+    def get(arch: str, fmt: str, quant: str = "f32"):
+        key = (arch, fmt, quant)
+        if key not in cache:
+            out = root / (f"{arch}-{quant}.gguf" if fmt == "gguf" else f"{arch}-onnx")
+            cache[key] = export(tiny_models[arch], out, fmt, quant=quant)  # type: ignore[arg-type]
+        return cache[key]
+
+    return get
