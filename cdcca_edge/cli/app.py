@@ -40,7 +40,7 @@ def _root(
 def export(
     model_dir: Annotated[Path, typer.Argument(help="Hugging Face model directory (Llama/Qwen2).")],
     output: Annotated[Path, typer.Option("-o", "--output", help="OUT.gguf, or the ONNX output directory.")],
-    format: Annotated[str, typer.Option("--format", "-f", help="gguf or onnx.")] = "gguf",
+    fmt: Annotated[str, typer.Option("--format", "-f", help="gguf or onnx.")] = "gguf",
     quant: Annotated[
         Optional[str], typer.Option(help="GGUF: f32, f16, q8_0 (default), q4_0. ONNX: f32.")
     ] = None,
@@ -60,7 +60,7 @@ def export(
 
     with stage_status(not json_out) as on_stage:
         result = do_export(
-            model_dir, output, format, quant=quant, adapter=adapter, validate=validate,
+            model_dir, output, fmt, quant=quant, adapter=adapter, validate=validate,
             tolerance=tolerance, on_stage=on_stage,  # type: ignore[arg-type]
         )
     if json_out:

@@ -1,0 +1,1 @@
+"""HF model (+ PEFT adapter) -> device artefacts (GGUF, ONNX), validated against torch."""

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from cdcca_edge.core.errors import ValidationError
+from cdcca_edge.runtime.scores import kl_divergence
 
 VALIDATION_PROMPTS = (
     "question: what colour is the circle? answer:",
@@ -90,7 +91,7 @@ def validate_export(
             if got.shape != ref.shape:
                 raise ValidationError(f"{path}: runtime logits {got.shape} vs torch {ref.shape}")
             diffs.append(float(np.abs(got - ref).max()))
-            kls.append(_kl(ref, got))
+            kls.append(kl_divergence(ref, got))
             refs.append(ref)
             agree += int((got.argmax(-1) == ref.argmax(-1)).sum())
             n_pos += ref.shape[0]
@@ -120,10 +121,3 @@ def validate_export(
         )
     return report
 
-
-def _kl(ref: np.ndarray, got: np.ndarray) -> np.ndarray:
-    """KL(softmax(ref) || softmax(got)) per row. (T, V), (T, V) -> (T,)"""
-    from cdcca_edge.runtime.scores import log_softmax
-
-    lp, lq = log_softmax(ref), log_softmax(got)
-    return (np.exp(lp) * (lp - lq)).sum(-1)

@@ -158,7 +158,7 @@ class Backend(ABC):
         return np.array(self.forward(ids, all_logits=True), dtype=np.float32, copy=True)
 
     def stream(
-        self, prompt: str, config: GenerationConfig = GenerationConfig()
+        self, prompt: str | Sequence[int], config: GenerationConfig = GenerationConfig()
     ) -> Generator[StreamEvent, None, Generation]:
         """Yield each token as it is generated; the generator returns the
         :class:`Generation` (``StopIteration.value``) when done."""
@@ -166,11 +166,12 @@ class Backend(ABC):
 
     def generate(
         self,
-        prompt: str,
+        prompt: str | Sequence[int],
         config: GenerationConfig = GenerationConfig(),
         on_token: Callable[[StreamEvent], None] | None = None,
     ) -> Generation:
-        """Decode an answer to ``prompt`` and score every generated token.
+        """Decode an answer to ``prompt`` (text, or token ids used as they are) and score
+        every generated token.
 
         ``on_token`` is called with each token as it arrives (streaming).
         """
@@ -190,8 +191,14 @@ class Backend(ABC):
             raise UsageError(f"{n} tokens exceed the context of {self.n_ctx}; shorten the "
                              "prompt or load with a larger n_ctx")
 
-    def _run(self, prompt: str, config: GenerationConfig) -> Generator[StreamEvent, None, Generation]:
-        ids = self.tokenize(prompt)
+    def _run(
+        self, prompt: str | Sequence[int], config: GenerationConfig
+    ) -> Generator[StreamEvent, None, Generation]:
+        if isinstance(prompt, str):
+            ids = self.tokenize(prompt)
+        else:
+            ids = [int(t) for t in prompt]
+            prompt = self.detokenize(ids).decode("utf-8", errors="replace")
         self._check_len(len(ids))
         max_new = min(config.max_tokens, self.n_ctx - len(ids))
         rng = np.random.default_rng(config.seed)

@@ -45,6 +45,11 @@ class OnnxBackend(Backend):
             raise FormatError(f"{self.dir}: no tokenizer.json next to the model; re-export with "
                               "`cdcca-edge export --format onnx`")
         self._tokenizer = tokenizers.Tokenizer.from_file(str(tok_path))
+        self._byte_level = _is_byte_level(json.loads(tok_path.read_text()).get("decoder"))
+        self._special = {
+            i for i, t in self._tokenizer.get_added_tokens_decoder().items() if t.special
+        }
+        self._pieces: dict[int, bytes] = {}
         config = _read_json(self.dir / "config.json")
         gen_config = _read_json(self.dir / "generation_config.json", missing_ok=True)
         eos = gen_config.get("eos_token_id", config.get("eos_token_id"))
@@ -106,7 +111,24 @@ class OnnxBackend(Backend):
         return list(self._tokenizer.encode(text, add_special_tokens=True).ids)
 
     def detokenize(self, tokens: Sequence[int]) -> bytes:
-        return self._tokenizer.decode(list(tokens), skip_special_tokens=False).encode("utf-8")
+        if not self._byte_level:
+            return self._tokenizer.decode(list(tokens), skip_special_tokens=True).encode("utf-8")
+        # Byte-level BPE: map each token to its raw bytes, so that a character split over
+        # several tokens streams correctly (decode() would give U+FFFD for each half).
+        return b"".join(self._piece(int(t)) for t in tokens)
+
+    def _piece(self, token: int) -> bytes:
+        piece = self._pieces.get(token)
+        if piece is None:
+            text = self._tokenizer.id_to_token(token) or ""
+            if token in self._special:
+                piece = b""  # control tokens print nothing, as in llama.cpp
+            elif all(c in _UNICODE_TO_BYTE for c in text):
+                piece = bytes(_UNICODE_TO_BYTE[c] for c in text)
+            else:  # a non-special added token stored as plain text
+                piece = text.encode("utf-8")
+            self._pieces[token] = piece
+        return piece
 
     def reset(self) -> None:
         empty = np.zeros((1, self._kv_heads, 0, self._head_dim), dtype=self._kv_dtype)  # (B, H_kv, 0, D)
@@ -144,6 +166,33 @@ class OnnxBackend(Backend):
     def close(self) -> None:
         self._past = {}
         self._sess = None  # type: ignore[assignment]
+
+
+def _gpt2_byte_table() -> dict[str, int]:
+    """GPT-2's byte-level alphabet: printable bytes map to themselves, the rest to 256+."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+                 *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
+
+
+_UNICODE_TO_BYTE = _gpt2_byte_table()
+
+
+def _is_byte_level(decoder: dict | None) -> bool:
+    if not decoder:
+        return False
+    if decoder.get("type") == "ByteLevel":
+        return True
+    return decoder.get("type") == "Sequence" and any(
+        d.get("type") == "ByteLevel" for d in decoder.get("decoders", [])
+    )
 
 
 def _read_json(path: Path, missing_ok: bool = False) -> dict:

@@ -44,24 +44,38 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
     return shifted - lse
 
 
+def kl_divergence(p_logits: np.ndarray, q_logits: np.ndarray) -> np.ndarray:
+    """KL(softmax(p) || softmax(q)) per row, nats. (T, V), (T, V) -> (T,)"""
+    lp, lq = log_softmax(p_logits), log_softmax(q_logits)
+    return (np.exp(lp) * (lp - lq)).sum(axis=-1)
+
+
 def score_logits(logits: np.ndarray, tokens: np.ndarray | list[int]) -> list[TokenScore]:
-    """Score each row of ``logits`` (T, V) against the token taken after it (T,)."""
-    logits = np.atleast_2d(np.asarray(logits, dtype=np.float32))  # (T, V)
+    """Score each row of ``logits`` (T, V) against the token taken after it (T,).
+
+    Runs once per generated token, so it makes few passes over the vocabulary: one exp,
+    one sum, one dot for the entropy (H = log Z - E_p[x - m]), and top-2 by two maxima
+    rather than a partition.
+    """
+    x = np.atleast_2d(np.asarray(logits, dtype=np.float32))  # (T, V)
     tokens = np.asarray(tokens, dtype=np.int64)  # (T,)
-    if logits.shape[0] != tokens.shape[0]:
-        raise ValueError(f"{logits.shape[0]} logit rows for {tokens.shape[0]} tokens")
-    logp = log_softmax(logits)  # (T, V)
-    p = np.exp(logp)
-    entropy = -(p * logp).sum(axis=-1)  # (T,)
-    top2 = np.partition(p, -2, axis=-1)[:, -2:] if p.shape[-1] > 1 else np.concatenate(
-        [np.zeros_like(p), p], axis=-1
-    )  # (T, 2): second-best, best
-    top1 = top2[:, 1]
-    margin = top2[:, 1] - top2[:, 0]
-    taken = logp[np.arange(len(tokens)), tokens]
+    if x.shape[0] != tokens.shape[0]:
+        raise ValueError(f"{x.shape[0]} logit rows for {tokens.shape[0]} tokens")
+    rows = np.arange(x.shape[0])
+    top = x.argmax(axis=-1)  # (T,)
+    m = x[rows, top][:, None]  # (T, 1)
+    shifted = x - m  # (T, V), <= 0
+    e = np.exp(shifted)
+    z = e.sum(axis=-1)  # (T,), >= 1
+    log_z = np.log(z)
+    entropy = log_z - np.einsum("tv,tv->t", e, shifted) / z
+    e[rows, top] = 0.0  # the best token out of the way: the max of the rest is the second
+    p1 = 1.0 / z
+    p2 = e.max(axis=-1) / z if x.shape[1] > 1 else np.zeros_like(z)
+    taken = shifted[rows, tokens] - log_z
     return [
-        TokenScore(int(t), float(lp), float(max(h, 0.0)), float(p1), float(mg))
-        for t, lp, h, p1, mg in zip(tokens, taken, entropy, top1, margin)
+        TokenScore(int(t), float(lp), float(max(h, 0.0)), float(a), float(a - b))
+        for t, lp, h, a, b in zip(tokens, taken, entropy, p1, p2)
     ]
 
 

@@ -92,3 +92,14 @@ def test_backend_must_fit_format(exports):
         load(exports("llama", "gguf", "f32").path, backend="onnx")
     with pytest.raises(UsageError, match="unknown backend"):
         load(exports("llama", "gguf", "f32").path, backend="tensorrt")  # type: ignore[arg-type]
+
+
+def test_detokenize_round_trips_utf8(backend):
+    """Multi-byte characters split across byte-level tokens come back exactly, token by
+    token (what streaming relies on)."""
+    text = "café ☕ naïve — 東京"
+    ids = backend.tokenize(text)
+    assert len(ids) > len(text.split())  # really split into byte tokens
+    assert backend.detokenize(ids) == text.encode()
+    assert b"".join(backend.detokenize([t]) for t in ids) == text.encode()
+    assert backend.detokenize(sorted(backend.eos_token_ids)) == b""

@@ -63,3 +63,13 @@ def test_generation_config_validates(kwargs):
 
     with pytest.raises(UsageError):
         GenerationConfig(**kwargs)
+
+
+def test_kl_divergence():
+    from cdcca_edge.runtime.scores import kl_divergence
+
+    p = np.log(np.array([[0.5, 0.5]], np.float32))
+    q = np.log(np.array([[0.9, 0.1]], np.float32))
+    expected = 0.5 * math.log(0.5 / 0.9) + 0.5 * math.log(0.5 / 0.1)
+    assert kl_divergence(p, q)[0] == pytest.approx(expected, rel=1e-5)
+    assert kl_divergence(p, p)[0] == pytest.approx(0.0, abs=1e-7)
