@@ -13,7 +13,7 @@ import textwrap
 
 import pytest
 
-HEAVY = ("torch", "transformers", "peft", "optimum")
+HEAVY = ("torch", "transformers", "peft", "optimum", "onnx")  # onnx: export-time only
 
 BLOCKER = textwrap.dedent(
     f"""

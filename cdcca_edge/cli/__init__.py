@@ -17,6 +17,7 @@ from cdcca_edge.core.errors import (
     CdccaError,
     FormatError,
     IntegrityError,
+    MissingTensorError,
     UsageError,
     ValidationError,
 )
@@ -30,7 +31,7 @@ def exit_code_for(exc: BaseException) -> int:
     """Exit code for an exception (docs/cli.md): 2 usage, 3 bad data, 4 missing backend."""
     if isinstance(exc, BackendUnavailableError):
         return EXIT_BACKEND
-    if isinstance(exc, (FormatError, IntegrityError, ValidationError)):
+    if isinstance(exc, (FormatError, IntegrityError, ValidationError, MissingTensorError)):
         return EXIT_INVALID
     if isinstance(exc, (UsageError, FileNotFoundError, IsADirectoryError, NotADirectoryError)):
         return EXIT_USAGE

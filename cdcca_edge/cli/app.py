@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
 from cdcca_edge import __version__
 from cdcca_edge.cli._output import err, out, print_json, stage_status
+
+if TYPE_CHECKING:
+    from cdcca_edge.runtime import Generation, StreamEvent
 
 app = typer.Typer(
     name="cdcca-edge",
@@ -88,7 +91,7 @@ def inspect(
     json_out: JsonOpt = False,
 ) -> None:
     """Show an artefact's tensors, types, sizes, provenance and identity."""
-    from cdcca_edge.core.artifact import compute_identity, open_artifact
+    from cdcca_edge.core.artifact import META_EXPORT_IDENTITY, compute_identity, open_artifact
 
     art = open_artifact(artifact)
     ident = compute_identity(art) if identity else None
@@ -101,7 +104,7 @@ def inspect(
         "metadata": art.metadata,
         "identity": ident.digest if ident else None,
         "identity_matches_export": (
-            ident.digest == art.metadata.get("cdcca.export_identity") if ident else None
+            ident.digest == art.metadata.get(META_EXPORT_IDENTITY) if ident else None
         ),
         "tensors": [
             {
@@ -168,7 +171,7 @@ def run(
             print_json({"backend": model.name, "artifact": str(artifact), **result.as_dict()})
             return
 
-        def show(event):  # type: ignore[no-untyped-def]
+        def show(event: "StreamEvent") -> None:
             out.file.write(event.text)
             out.file.flush()
 
@@ -186,7 +189,7 @@ def run(
     )
 
 
-def print_score_table(result) -> None:  # type: ignore[no-untyped-def]
+def print_score_table(result: "Generation") -> None:
     from rich.table import Table
 
     table = Table("token", "id", "entropy", "top-1 p", "margin", title="per-token uncertainty",

@@ -14,7 +14,10 @@ import json
 import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerFast
 
 TinyArch = Literal["llama", "qwen2"]
 
@@ -51,7 +54,7 @@ def tiny_corpus(n: int = 2000, seed: int = 0) -> list[str]:
     return out
 
 
-def train_tokenizer(texts: list[str], vocab_size: int = 512):
+def train_tokenizer(texts: list[str], vocab_size: int = 512) -> "PreTrainedTokenizerFast":
     """A GPT-2 style byte-level BPE tokenizer, trained offline; returns a
     ``PreTrainedTokenizerFast`` (no BOS added, ``<|endoftext|>`` as BOS/EOS/PAD)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -89,7 +92,7 @@ class TinySpec:
     seed: int = 0
 
 
-def tiny_config(spec: TinySpec, vocab_size: int):
+def tiny_config(spec: TinySpec, vocab_size: int) -> "PretrainedConfig":
     from transformers import LlamaConfig, Qwen2Config
 
     common = dict(
@@ -138,7 +141,8 @@ def build_tiny_model(out_dir: str | Path, spec: TinySpec = TinySpec()) -> Path:
     return out_dir
 
 
-def _train(model, tokenizer, texts: list[str], spec: TinySpec, seq_len: int = 48) -> None:
+def _train(model: "PreTrainedModel", tokenizer: "PreTrainedTokenizerFast", texts: list[str],
+           spec: TinySpec, seq_len: int = 48) -> None:
     import torch
 
     # One long token stream of sentences separated by EOS, cut into fixed windows.

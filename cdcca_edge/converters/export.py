@@ -18,6 +18,7 @@ from cdcca_edge.converters.gguf_export import QUANT_TYPES, write_gguf
 from cdcca_edge.converters.hf import load_for_export
 from cdcca_edge.converters.onnx_export import write_onnx
 from cdcca_edge.converters.validate import ValidationReport, validate_export
+from cdcca_edge.core.artifact import ONNX_MODEL_NAME
 from cdcca_edge.core.errors import UsageError
 
 ExportFormat = Literal["gguf", "onnx"]
@@ -90,6 +91,9 @@ def export(
                              "quantised artefacts are GGUF: use --format gguf")
         if out.exists() and not out.is_dir():
             raise UsageError(f"{out} is a file; ONNX export writes a directory")
+        if out.is_dir() and any(out.iterdir()) and not (out / ONNX_MODEL_NAME).is_file():
+            raise UsageError(f"{out} exists and is not an ONNX export; it would be replaced "
+                             "whole: remove it or pick another -o")
     else:
         raise UsageError(f"unknown format {fmt!r}; choose gguf or onnx")
 
@@ -110,25 +114,30 @@ def export(
                 report = validate_export(tmp, loaded, "gguf", quant, tolerance=tolerance)
             _fsync(tmp)
             os.replace(tmp, out)
+            _fsync_dir(out.parent)
         finally:
             tmp.unlink(missing_ok=True)
         size = out.stat().st_size
     else:
         tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+        old_dir = out.parent / f".{out.name}.replaced"
         try:
             identity = write_onnx(loaded, tmp_dir, progress=stage)
             if validate:
                 stage("validating against torch on onnxruntime")
                 report = validate_export(tmp_dir, loaded, "onnx", quant, tolerance=tolerance)
-            out.mkdir(parents=True, exist_ok=True)
-            # Data file first, graph last: a model.onnx in OUT always has its data beside it.
-            names = sorted(p.name for p in tmp_dir.iterdir())
-            names.sort(key=lambda n: n == "model.onnx")
-            for name in names:
-                _fsync(tmp_dir / name)
-                os.replace(tmp_dir / name, out / name)
+            for p in tmp_dir.iterdir():
+                _fsync(p)
+            # Swap whole directories so no stale file of an earlier export survives; a
+            # crash in between leaves both copies under hidden names, never a mixture.
+            shutil.rmtree(old_dir, ignore_errors=True)
+            if out.exists():
+                os.replace(out, old_dir)
+            os.replace(tmp_dir, out)
+            _fsync_dir(out.parent)
         finally:
             shutil.rmtree(tmp_dir, ignore_errors=True)
+            shutil.rmtree(old_dir, ignore_errors=True)
         size = sum(p.stat().st_size for p in out.iterdir() if p.is_file())
     return ExportResult(
         path=out,
@@ -147,3 +156,11 @@ def export(
 def _fsync(path: Path) -> None:
     with open(path, "rb") as f:
         os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -88,7 +88,7 @@ def hf_tensor_transform(arch: str, config: Any, hf_name: str) -> Callable[[np.nd
     return lambda w: w
 
 
-def tensor_type(quant: str, gguf_name: str, shape: tuple[int, ...]):
+def tensor_type(quant: str, gguf_name: str, shape: tuple[int, ...]) -> Any:
     """The GGML type a tensor is stored in for a given export ``quant``.
 
     1-D tensors (norms, biases) stay F32, as llama.cpp expects. At q4_0 the token
@@ -139,16 +139,23 @@ def _tokenizer_pre(tokenizer_json: dict) -> str:
     )
 
 
-def _add_tokenizer(writer: Any, model_dir: Path, tokenizer: Any, n_vocab: int) -> None:
+def _tokenizer_json(model_dir: Path) -> dict:
+    path = model_dir / "tokenizer.json"
+    if not path.is_file():
+        raise FormatError(f"{model_dir}: no tokenizer.json; GGUF export needs a fast (BPE) tokenizer")
+    try:
+        tok_json = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise FormatError(f"{path}: not valid JSON ({exc})") from exc
+    if tok_json.get("model", {}).get("type") != "BPE":
+        raise FormatError(f"{path}: tokenizer model is not BPE; only byte-level BPE "
+                          "tokenizers are supported for GGUF export")
+    return tok_json
+
+
+def _add_tokenizer(writer: Any, model_dir: Path, tok_json: dict, tokenizer: Any, n_vocab: int) -> None:
     import gguf
 
-    tok_json_path = model_dir / "tokenizer.json"
-    if not tok_json_path.is_file():
-        raise FormatError(f"{model_dir}: no tokenizer.json; GGUF export needs a fast (BPE) tokenizer")
-    tok_json = json.loads(tok_json_path.read_text())
-    if tok_json.get("model", {}).get("type") != "BPE":
-        raise FormatError(f"{tok_json_path}: tokenizer model is not BPE; only byte-level BPE "
-                          "tokenizers are supported for GGUF export")
     vocab = tokenizer.get_vocab()
     reverse = {i: t for t, i in vocab.items()}
     added = {t.content if hasattr(t, "content") else str(t) for t in tokenizer.added_tokens_decoder.values()}
@@ -200,6 +207,11 @@ def write_gguf(
     if head_dim * cfg.num_attention_heads != cfg.hidden_size:
         raise FormatError("GGUF export needs head_dim * num_attention_heads == hidden_size")
 
+    # Refuse what we cannot write before spending time on the tensors.
+    _check_rope_scaling(cfg)
+    tok_json = _tokenizer_json(loaded.source_dir)
+    _tokenizer_pre(tok_json)
+
     # Convert every tensor first: the identity goes into the header, before the data.
     entries: list[tuple[str, np.ndarray, Any]] = []
     sd = model.state_dict()
@@ -235,8 +247,7 @@ def write_gguf(
     writer.add_rope_dimension_count(head_dim)
     writer.add_vocab_size(cfg.vocab_size)
     writer.add_file_type(ftype)
-    _check_rope_scaling(cfg)
-    _add_tokenizer(writer, loaded.source_dir, loaded.tokenizer, cfg.vocab_size)
+    _add_tokenizer(writer, loaded.source_dir, tok_json, loaded.tokenizer, cfg.vocab_size)
     writer.add_string(art.META_VERSION, __version__)
     writer.add_string(art.META_SOURCE_DIGEST, loaded.source_digest)
     writer.add_string(art.META_QUANT, quant)

@@ -27,9 +27,7 @@ import numpy as np
 from cdcca_edge import __version__
 from cdcca_edge.core import artifact as art
 from cdcca_edge.core.errors import require
-
-META_TRANSPOSED = "cdcca.transposed"  # JSON list of initializer names stored as W^T
-
+from cdcca_edge.core.onnx_proto import ONNX_DTYPES
 
 def _digest(a: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest()
@@ -60,10 +58,17 @@ def name_initializers(graph: Any, state_dict: dict[str, np.ndarray]) -> list[str
             continue
         key = (_digest(arr), arr.shape)
         for table, is_t in ((direct, False), (transposed, True)):
-            # Tied embeddings: the transposed copy for the output MatMul is the LM head.
-            candidates = sorted(table.get(key, []), key=lambda n: (n != "lm_head.weight", n))
-            new = next((c for c in candidates if c not in taken), None)
-            if new is not None:
+            free = [c for c in table.get(key, []) if c not in taken]
+            if "lm_head.weight" in free:
+                # Tied embeddings: the transposed copy for the output MatMul is the LM head.
+                free = ["lm_head.weight"]
+            if len(free) > 1:
+                # Several parameters hold exactly these values (e.g. zero-initialised):
+                # naming it after one of them could send a later patch to the wrong
+                # tensor, so it keeps its anonymous name and cannot be patched by HF name.
+                break
+            if free:
+                new = free[0]
                 renames[init.name] = new
                 taken.add(new)
                 if is_t:
@@ -109,9 +114,7 @@ def write_onnx(loaded: Any, out_dir: str | Path, progress: Callable[[str], None]
         entries = []
         for init in model.graph.initializer:
             arr = numpy_helper.to_array(init)
-            type_name = {1: "F32", 10: "F16", 16: "BF16", 7: "I64", 6: "I32"}.get(
-                init.data_type, f"ONNX{init.data_type}"
-            )
+            type_name = ONNX_DTYPES.get(init.data_type, (f"ONNX{init.data_type}", 0))[0]
             entries.append((init.name, type_name, tuple(arr.shape), _digest(arr)))
         identity = art.identity_digest(entries)
         meta = {
@@ -120,7 +123,7 @@ def write_onnx(loaded: Any, out_dir: str | Path, progress: Callable[[str], None]
             art.META_QUANT: "f32",
             art.META_ARCH: loaded.arch,
             art.META_EXPORT_IDENTITY: identity,
-            META_TRANSPOSED: json.dumps(stored_t),
+            art.META_TRANSPOSED: json.dumps(stored_t),
         }
         del model.metadata_props[:]
         for k, v in meta.items():

@@ -1,7 +1,9 @@
 """Export validation: an artefact counts only if its runtime agrees with torch.
 
 Each export is run through the device runtime on a few prompts and its logits at every
-prompt position are compared with the torch model's. The criterion is scale-free: the
+prompt position are compared with the torch model's, for the prompt's last tokens fed one
+at a time through the KV cache as well as for the prefill, so the decode path is checked
+too. One prompt contains the tokenizer's EOS text, so special-token parsing must agree. The criterion is scale-free: the
 largest absolute logit difference divided by the standard deviation of the reference
 logits must stay under the tolerance of the artefact's format and quant type (the table
 below, also in docs/export.md). Tokenisation must match the HF tokenizer exactly.
@@ -18,6 +20,7 @@ import numpy as np
 from cdcca_edge.core.errors import ValidationError
 from cdcca_edge.runtime.scores import kl_divergence
 
+DECODE_STEPS = 4  # prompt tokens re-fed one at a time through the KV cache
 VALIDATION_PROMPTS = (
     "question: what colour is the circle? answer:",
     "The quick brown fox jumps over the lazy dog. Then it",
@@ -43,7 +46,7 @@ class ValidationReport:
     quant: str
     backend: str
     n_prompts: int
-    n_positions: int
+    n_positions: int  # rows compared: each prompt position twice (prefill, cached decode)
     max_abs_diff: float  # largest |logit - torch logit|
     ref_std: float  # std of the torch logits
     normalized_diff: float  # max_abs_diff / ref_std: compared with the tolerance
@@ -75,6 +78,8 @@ def validate_export(
 
     tol = TOLERANCES[(fmt, quant)] if tolerance is None else tolerance
     tokenizer, model = loaded.tokenizer, loaded.model
+    if tokenizer.eos_token:
+        prompts = (*prompts, f"yes.{tokenizer.eos_token}no")
     diffs, refs, kls, agree, n_pos = [], [], [], 0, 0
     with load(path, backend="onnx" if fmt == "onnx" else "llama") as backend:
         for prompt in prompts:
@@ -85,9 +90,16 @@ def validate_export(
                     f"{path}: the {backend.name} runtime tokenises {prompt!r} as {rt_ids}, the HF "
                     f"tokenizer as {hf_ids}; the tokenizer metadata is wrong for this model"
                 )
-            got = backend.prompt_logits(hf_ids)  # (T, V)
+            got = backend.prompt_logits(hf_ids)  # (T, V), one prefill
+            # the same positions again, the last few decoded one token at a time
+            k = min(DECODE_STEPS, len(hf_ids) - 1)
+            backend.reset()
+            steps = [np.array(backend.forward(hf_ids[: len(hf_ids) - k], all_logits=True))]
+            steps += [np.array(backend.forward([t])) for t in hf_ids[len(hf_ids) - k :]]
+            got = np.concatenate([got, np.concatenate(steps)])  # (2T, V)
             with torch.no_grad():
                 ref = model(torch.tensor([hf_ids])).logits[0].float().numpy()  # (T, V)
+            ref = np.concatenate([ref, ref])  # (2T, V): prefill rows, then cached-decode rows
             if got.shape != ref.shape:
                 raise ValidationError(f"{path}: runtime logits {got.shape} vs torch {ref.shape}")
             diffs.append(float(np.abs(got - ref).max()))

@@ -14,7 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator, Literal
 
-from cdcca_edge.core.errors import FormatError
+from gguf import GGUF_MAGIC
+
+from cdcca_edge.core.errors import FormatError, IntegrityError, MissingTensorError
 from cdcca_edge.core.gguf_file import read_gguf_header
 from cdcca_edge.core.onnx_proto import ONNX_DTYPES, read_onnx_model
 
@@ -28,6 +30,7 @@ META_SOURCE_DIGEST = "cdcca.source_digest"  # digest of the HF weights (+ adapte
 META_QUANT = "cdcca.quant"  # quant type requested at export (f32, f16, q8_0, q4_0)
 META_ARCH = "cdcca.arch"  # HF architecture family (llama, qwen2)
 META_EXPORT_IDENTITY = "cdcca.export_identity"  # identity right after export
+META_TRANSPOSED = "cdcca.transposed"  # ONNX: JSON list of initializers stored as W^T (in, out)
 
 ONNX_MODEL_NAME = "model.onnx"
 ONNX_DATA_NAME = "model.onnx_data"
@@ -80,10 +83,15 @@ class Artifact:
         return sum(t.nbytes for t in self.tensors)
 
     def tensor(self, name: str) -> TensorInfo:
+        """The tensor called ``name``.
+
+        Raises:
+            MissingTensorError: the artefact has no such tensor.
+        """
         for t in self.tensors:
             if t.name == name:
                 return t
-        raise KeyError(name)
+        raise MissingTensorError(f"{self.path}: no tensor named {name!r}")
 
 
 # --- opening --------------------------------------------------------------------------
@@ -108,12 +116,12 @@ def open_artifact(path: str | Path) -> Artifact:
         )
     with open(path, "rb") as f:
         magic = f.read(4)
-    if magic == b"GGUF":
+    if len(magic) == 4 and int.from_bytes(magic, "little") == GGUF_MAGIC:
         return _open_gguf(path)
     if path.suffix == ".onnx":
         return _open_onnx(path)
     raise FormatError(
-        f"{path}: neither a GGUF file (magic {magic!r}, expected b'GGUF') nor an .onnx model"
+        f"{path}: neither a GGUF file (first bytes {magic!r}, expected b'GGUF') nor an .onnx model"
     )
 
 
@@ -132,11 +140,12 @@ def _open_gguf(path: Path) -> Artifact:
 
 def _open_onnx(model_path: Path) -> Artifact:
     info = read_onnx_model(model_path)
+    model_path = model_path.resolve()
     base = model_path.parent
     tensors = []
     sizes: dict[Path, int] = {}
     for init in info.initializers:
-        if init.offset < 0:
+        if init.typed_data:
             raise FormatError(
                 f"{model_path}: initializer {init.name!r} keeps its values in typed fields; "
                 "re-export with the weights in an external data file"
@@ -152,9 +161,12 @@ def _open_onnx(model_path: Path) -> Artifact:
             file = model_path
         else:
             file = (base / init.location).resolve()
-            if base.resolve() not in file.parents:
+            if base not in file.parents:
                 raise FormatError(f"{model_path}: external data location {init.location!r} "
                                   "points outside the model directory")
+            if file == model_path:
+                raise FormatError(f"{model_path}: initializer {init.name!r} claims the model "
+                                  "file itself as its external data")
         if init.length >= 0 and init.length != nbytes:
             raise FormatError(f"{model_path}: initializer {init.name!r} length {init.length} "
                               f"!= {nbytes} bytes implied by its shape {init.dims}")
@@ -195,12 +207,19 @@ def iter_tensor_bytes(t: TensorInfo, chunk: int = HASH_CHUNK) -> Iterator[memory
     if t.nbytes == 0:
         return
     with open(t.file, "rb") as f:
+        if f.seek(0, 2) < t.offset + t.nbytes:
+            raise IntegrityError(f"{t.file}: tensor {t.name!r} is cut short; the file changed "
+                                 "after it was opened")
         with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
             view = memoryview(mm)
             try:
                 for start in range(t.offset, t.offset + t.nbytes, chunk):
                     end = min(start + chunk, t.offset + t.nbytes)
                     part = view[start:end]
+                    if len(part) != end - start:
+                        part.release()
+                        raise IntegrityError(f"{t.file}: tensor {t.name!r} is cut short; the "
+                                             "file changed after it was opened")
                     try:
                         yield part
                     finally:

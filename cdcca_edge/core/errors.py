@@ -27,6 +27,13 @@ class ValidationError(CdccaError):
     """A produced artefact disagrees with its reference beyond tolerance (exit 3)."""
 
 
+class MissingTensorError(CdccaError, KeyError):
+    """An artefact lacks a tensor that an operation names (exit 3)."""
+
+    def __str__(self) -> str:  # KeyError would print the message quoted
+        return str(self.args[0]) if self.args else ""
+
+
 class BackendUnavailableError(CdccaError, ImportError):
     """An optional dependency (runtime backend, torch, ...) is not installed (exit 4)."""
 

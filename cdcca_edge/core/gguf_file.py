@@ -22,6 +22,9 @@ from cdcca_edge.core.errors import FormatError
 
 SUPPORTED_VERSIONS = (2, 3)
 ARRAY_KEEP_MAX = 64  # arrays up to this length are decoded; longer ones keep their length only
+MAX_ARRAY_NESTING = 8  # deeper nesting is not used by any writer; refuse it before recursion does
+MAX_DIMS = 4  # GGML_MAX_DIMS
+HEADER_MIN = struct.calcsize("<IIQQ")  # magic, version, tensor count, metadata count
 
 _SCALAR = {
     GGUFValueType.UINT8: "<B",
@@ -91,7 +94,7 @@ class _Cursor:
         except UnicodeDecodeError as exc:
             raise FormatError(f"{self.path}: {what} is not valid UTF-8") from exc
 
-    def value(self, vtype: int, what: str) -> Any:
+    def value(self, vtype: int, what: str, depth: int = 0) -> Any:
         try:
             t = GGUFValueType(vtype)
         except ValueError:
@@ -99,6 +102,8 @@ class _Cursor:
         if t == GGUFValueType.STRING:
             return self.string(what)
         if t == GGUFValueType.ARRAY:
+            if depth >= MAX_ARRAY_NESTING:
+                raise FormatError(f"{self.path}: {what} nests arrays deeper than {MAX_ARRAY_NESTING}")
             item = self.unpack("<I", what)
             n = self.unpack("<Q", what)
             try:
@@ -106,12 +111,12 @@ class _Cursor:
             except ValueError:
                 raise FormatError(f"{self.path}: {what} has unknown array item type {item}") from None
             if n <= ARRAY_KEEP_MAX:
-                return GGUFArray(item_t, n, [self.value(item, what) for _ in range(n)])
-            self.skip_array(item_t, n, what)
+                return GGUFArray(item_t, n, [self.value(item, what, depth + 1) for _ in range(n)])
+            self.skip_array(item_t, n, what, depth + 1)
             return GGUFArray(item_t, n, None)
         return self.unpack(_SCALAR[t], what)
 
-    def skip_array(self, item: GGUFValueType, n: int, what: str) -> None:
+    def skip_array(self, item: GGUFValueType, n: int, what: str, depth: int) -> None:
         if item == GGUFValueType.STRING:
             buf, pos, size = self.buf, self.pos, self.size
             for _ in range(n):  # each element: u64 length + bytes
@@ -123,7 +128,7 @@ class _Cursor:
             self.pos = pos
         elif item == GGUFValueType.ARRAY:
             for _ in range(n):
-                self.value(GGUFValueType.ARRAY, what)
+                self.value(GGUFValueType.ARRAY, what, depth)
         else:
             self.take(n * struct.calcsize(_SCALAR[item]), what)
 
@@ -137,7 +142,7 @@ def read_gguf_header(path: str | Path) -> GGUFHeader:
     path = Path(path)
     with open(path, "rb") as f:
         size = f.seek(0, 2)
-        if size < 24:
+        if size < HEADER_MIN:
             raise FormatError(f"{path}: {size} bytes is too short to be a GGUF file")
         with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
             view = memoryview(mm)
@@ -169,7 +174,7 @@ def _parse(path: Path, view: memoryview, size: int) -> GGUFHeader:
         vtype = cur.unpack("<I", f"type of {key!r}")
         header.kv[key] = cur.value(vtype, f"metadata {key!r}")
     align = header.kv.get("general.alignment", GGUF_DEFAULT_ALIGNMENT)
-    if not isinstance(align, int) or align <= 0 or align & (align - 1):
+    if type(align) is not int or align <= 0 or align & (align - 1):  # bool is an int: refuse it
         raise FormatError(f"{path}: general.alignment {align!r} is not a power of two")
     header.alignment = align
 
@@ -181,8 +186,8 @@ def _parse(path: Path, view: memoryview, size: int) -> GGUFHeader:
             raise FormatError(f"{path}: duplicate tensor name {name!r}")
         names.add(name)
         n_dims = cur.unpack("<I", f"dims of {name!r}")
-        if not 1 <= n_dims <= 4:
-            raise FormatError(f"{path}: tensor {name!r} has {n_dims} dims, expected 1..4")
+        if not 1 <= n_dims <= MAX_DIMS:
+            raise FormatError(f"{path}: tensor {name!r} has {n_dims} dims, expected 1..{MAX_DIMS}")
         ne = tuple(cur.unpack("<Q", f"dims of {name!r}") for _ in range(n_dims))
         code = cur.unpack("<I", f"type of {name!r}")
         try:

@@ -26,6 +26,8 @@ TENSOR_NAME = 8
 TENSOR_RAW_DATA = 9
 TENSOR_EXTERNAL_DATA = 13
 TENSOR_DATA_LOCATION = 14
+TENSOR_TYPED_DATA = (4, 5, 6, 7, 10, 11)  # float_data, int32_data, string_data, int64_data,
+# double_data, uint64_data: values without a fixed byte layout
 ENTRY_KEY = 1
 ENTRY_VALUE = 2
 DATA_LOCATION_EXTERNAL = 1
@@ -124,6 +126,8 @@ class OnnxInitializer:
 
     ``location`` is ``None`` for inline ``raw_data`` (bytes inside the model file at
     ``offset``), else the external data file's path relative to the model's directory.
+    ``length`` is -1 when an external entry does not state it. ``typed_data`` marks values
+    kept in typed repeated fields, which have no byte region.
     """
 
     name: str
@@ -132,6 +136,7 @@ class OnnxInitializer:
     location: str | None
     offset: int
     length: int
+    typed_data: bool = False
 
     @property
     def type_name(self) -> str:
@@ -144,7 +149,7 @@ class OnnxModelInfo:
     metadata: dict[str, str] = field(default_factory=dict)
 
 
-def _initializer(buf: memoryview, start: int, end: int) -> OnnxInitializer | None:
+def _initializer(buf: memoryview, start: int, end: int) -> OnnxInitializer:
     dims: list[int] = []
     data_type = 0
     name = ""
@@ -172,7 +177,7 @@ def _initializer(buf: memoryview, start: int, end: int) -> OnnxInitializer | Non
             external[k] = v
         elif fnum == TENSOR_DATA_LOCATION and wire == _WIRE_VARINT:
             data_location = val
-        elif fnum in (4, 5, 6, 7, 10, 11):  # typed repeated data (float_data, ...)
+        elif fnum in TENSOR_TYPED_DATA:
             has_typed_data = True
     if data_location == DATA_LOCATION_EXTERNAL:
         if "location" not in external:
@@ -182,13 +187,15 @@ def _initializer(buf: memoryview, start: int, end: int) -> OnnxInitializer | Non
             length = int(external["length"]) if "length" in external else -1
         except ValueError as exc:
             raise FormatError(f"ONNX initializer {name!r}: bad external offset/length") from exc
+        if offset < 0 or length < -1 or ("length" in external and length < 0):
+            raise FormatError(f"ONNX initializer {name!r}: negative external offset/length")
         return OnnxInitializer(name, data_type, tuple(dims), external["location"], offset, length)
     if raw is not None:
         return OnnxInitializer(name, data_type, tuple(dims), None, raw[0], raw[1])
     if has_typed_data:
         # Data in typed repeated fields (float_data, ...) has no fixed byte layout we can
         # address; it only happens for small constants written by hand-made models.
-        return OnnxInitializer(name, data_type, tuple(dims), None, -1, -1)
+        return OnnxInitializer(name, data_type, tuple(dims), None, 0, 0, typed_data=True)
     return OnnxInitializer(name, data_type, tuple(dims), None, start, 0)
 
 
@@ -213,9 +220,7 @@ def read_onnx_model(path: str | Path) -> OnnxModelInfo:
                         graph_seen = True
                         for gf, gw, gval, gstart in _fields(buf, vstart, val):
                             if gf == GRAPH_INITIALIZER and gw == _WIRE_LEN:
-                                init = _initializer(buf, gstart, gval)
-                                if init is not None:
-                                    info.initializers.append(init)
+                                info.initializers.append(_initializer(buf, gstart, gval))
                     elif fnum == MODEL_METADATA_PROPS and wire == _WIRE_LEN:
                         k, v = _entry(buf, vstart, val)
                         info.metadata[k] = v

@@ -49,8 +49,9 @@ class GenerationConfig:
 class Generation:
     """One prompt's answer with per-token uncertainty.
 
-    ``scores[i]`` scores generated token ``tokens[i]`` against the distribution it was
-    drawn from. ``prompt_scores[j]`` (when asked for) scores prompt token ``j + 1`` given
+    ``scores[i]`` scores generated token ``tokens[i]`` against the model's distribution
+    at that step (raw logits, before temperature or top-k/top-p: uncertainty is the
+    model's, whatever the sampler). ``prompt_scores[j]`` (when asked for) scores prompt token ``j + 1`` given
     the tokens before it; the first prompt token has no prediction.
     """
 
@@ -134,7 +135,8 @@ class Backend(ABC):
 
     @abstractmethod
     def forward(self, tokens: Sequence[int], all_logits: bool = False) -> np.ndarray:
-        """Append ``tokens`` to the sequence, returning logits.
+        """Append ``tokens`` (vocabulary ids: see :meth:`check_tokens`) to the sequence,
+        returning logits.
 
         Returns (T, V) float32 logits for every appended position if ``all_logits``, else
         (1, V) for the last one. The array may be reused by the next call: copy to keep.
@@ -150,9 +152,21 @@ class Backend(ABC):
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def check_tokens(self, tokens: Sequence[int]) -> list[int]:
+        """``tokens`` as ints, each checked to be a vocabulary id.
+
+        Raises:
+            UsageError: an id outside ``[0, n_vocab)`` (engines would crash or wrap).
+        """
+        ids = [int(t) for t in tokens]
+        bad = [t for t in ids if not 0 <= t < self.n_vocab]
+        if bad:
+            raise UsageError(f"token ids {bad[:5]} are outside the vocabulary [0, {self.n_vocab})")
+        return ids
+
     def prompt_logits(self, prompt: str | Sequence[int]) -> np.ndarray:
         """Logits (T, V) at every prompt position, from a fresh cache."""
-        ids = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
+        ids = self.tokenize(prompt) if isinstance(prompt, str) else self.check_tokens(prompt)
         self._check_len(len(ids))
         self.reset()
         return np.array(self.forward(ids, all_logits=True), dtype=np.float32, copy=True)
@@ -197,7 +211,7 @@ class Backend(ABC):
         if isinstance(prompt, str):
             ids = self.tokenize(prompt)
         else:
-            ids = [int(t) for t in prompt]
+            ids = self.check_tokens(prompt)
             prompt = self.detokenize(ids).decode("utf-8", errors="replace")
         self._check_len(len(ids))
         max_new = min(config.max_tokens, self.n_ctx - len(ids))

@@ -16,7 +16,13 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from cdcca_edge.core.errors import BackendUnavailableError, FormatError, UsageError, require
+from cdcca_edge.core.errors import (
+    BackendUnavailableError,
+    CdccaError,
+    FormatError,
+    UsageError,
+    require,
+)
 from cdcca_edge.core.gguf_file import read_gguf_header
 from cdcca_edge.runtime.base import Backend
 
@@ -100,16 +106,20 @@ class LlamaCppBackend(Backend):
         return self._llm
 
     def tokenize(self, text: str) -> list[int]:
-        return self._llm.tokenize(text.encode("utf-8"), add_bos=self._add_bos, special=False)
+        # special=True: "<|im_start|>" in the text is the control token, as the HF tokenizer
+        # (and so the ONNX backend) parses it, not a dozen byte tokens.
+        return self._llm.tokenize(text.encode("utf-8"), add_bos=self._add_bos, special=True)
 
     def detokenize(self, tokens: Sequence[int]) -> bytes:
         lc = self._llama_cpp
         out = bytearray()
         for t in tokens:
-            n = lc.llama_token_to_piece(self._vocab, int(t), self._piece_buf, 256, 0, False)
-            if n < 0:
-                raise RuntimeError(f"token {t} piece longer than 256 bytes")
-            out += self._piece_buf.raw[:n]
+            buf = self._piece_buf
+            n = lc.llama_token_to_piece(self._vocab, int(t), buf, len(buf), 0, False)
+            if n < 0:  # the piece needs -n bytes: grow the buffer and ask again
+                buf = self._piece_buf = ctypes.create_string_buffer(-n)
+                n = lc.llama_token_to_piece(self._vocab, int(t), buf, len(buf), 0, False)
+            out += buf.raw[:n]
         return bytes(out)
 
     def reset(self) -> None:
@@ -118,6 +128,7 @@ class LlamaCppBackend(Backend):
 
     def forward(self, tokens: Sequence[int], all_logits: bool = False) -> np.ndarray:
         lc = self._llama_cpp
+        tokens = self.check_tokens(tokens)  # an out-of-range id aborts llama.cpp's process
         n = len(tokens)
         if n == 0:
             raise UsageError("forward() needs at least one token")
@@ -137,8 +148,11 @@ class LlamaCppBackend(Backend):
                 b.logits[i] = all_logits
             b.logits[m - 1] = True
             rc = lc.llama_decode(self._ctx, b)
+            if rc == 1:
+                raise UsageError(f"llama.cpp found no room in its KV cache at position "
+                                 f"{self._n_past}; load with a larger n_ctx")
             if rc != 0:
-                raise RuntimeError(f"llama_decode returned {rc}")
+                raise CdccaError(f"{self.path}: llama_decode failed with code {rc}")
             self._n_past += m
             if all_logits:
                 for i in range(m):
@@ -164,7 +178,7 @@ class LlamaCppBackend(Backend):
     def _logits_at(self, i: int) -> np.ndarray:
         ptr = self._llama_cpp.llama_get_logits_ith(self._ctx, i)
         if not ptr:
-            raise RuntimeError(f"llama.cpp produced no logits for batch position {i}")
+            raise CdccaError(f"{self.path}: llama.cpp produced no logits for batch position {i}")
         return np.ctypeslib.as_array(ptr, shape=(self._n_vocab,))
 
 

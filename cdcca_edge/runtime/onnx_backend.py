@@ -16,7 +16,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from cdcca_edge.core.artifact import ONNX_MODEL_NAME
-from cdcca_edge.core.errors import FormatError, UsageError, require
+from cdcca_edge.core.errors import CdccaError, FormatError, UsageError, require
 from cdcca_edge.runtime.base import Backend
 
 _ORT_FLOAT = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
@@ -27,12 +27,14 @@ class OnnxBackend(Backend):
 
     Args:
         path: the directory, or its model.onnx.
+        n_ctx: longest sequence to allow (default and maximum: the model's
+            ``max_position_embeddings``).
         n_threads: intra-op threads (default: all cores).
     """
 
     name = "onnx"
 
-    def __init__(self, path: str | Path, n_threads: int | None = None) -> None:
+    def __init__(self, path: str | Path, n_ctx: int | None = None, n_threads: int | None = None) -> None:
         ort = require("onnxruntime", "device")
         tokenizers = require("tokenizers", "device")
         path = Path(path)
@@ -44,8 +46,12 @@ class OnnxBackend(Backend):
         if not tok_path.is_file():
             raise FormatError(f"{self.dir}: no tokenizer.json next to the model; re-export with "
                               "`cdcca-edge export --format onnx`")
-        self._tokenizer = tokenizers.Tokenizer.from_file(str(tok_path))
-        self._byte_level = _is_byte_level(json.loads(tok_path.read_text()).get("decoder"))
+        tok_json = _read_json(tok_path)
+        try:
+            self._tokenizer = tokenizers.Tokenizer.from_str(json.dumps(tok_json))
+        except Exception as exc:  # tokenizers raises a bare Exception on bad files
+            raise FormatError(f"{tok_path}: not a tokenizers file ({exc})") from exc
+        self._byte_level = _is_byte_level(tok_json.get("decoder"))
         self._special = {
             i for i, t in self._tokenizer.get_added_tokens_decoder().items() if t.special
         }
@@ -54,14 +60,16 @@ class OnnxBackend(Backend):
         gen_config = _read_json(self.dir / "generation_config.json", missing_ok=True)
         eos = gen_config.get("eos_token_id", config.get("eos_token_id"))
         self._eos = frozenset([eos] if isinstance(eos, int) else (eos or []))
-        self._n_ctx = int(config.get("max_position_embeddings", 2048))
+        max_pos = int(config.get("max_position_embeddings", 2048))
+        self._n_ctx = min(n_ctx, max_pos) if n_ctx else max_pos
 
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = n_threads or os.cpu_count() or 1
         opts.log_severity_level = 3
+        self._ort_errors = _ort_errors(ort)
         try:
             self._sess = ort.InferenceSession(str(model_path), opts, providers=["CPUExecutionProvider"])
-        except Exception as exc:  # onnxruntime raises its own untyped exceptions
+        except self._ort_errors as exc:
             raise FormatError(f"{model_path}: onnxruntime could not load the model ({exc})") from exc
         inputs = {i.name: i for i in self._sess.get_inputs()}
         for required in ("input_ids", "attention_mask"):
@@ -69,13 +77,12 @@ class OnnxBackend(Backend):
                 raise FormatError(f"{model_path}: model has no {required!r} input; export with "
                                   "task text-generation-with-past")
         self._has_position_ids = "position_ids" in inputs
-        self._past_names = sorted(
-            (n for n in inputs if n.startswith("past_key_values.")),
-            key=lambda n: (int(n.split(".")[1]), n.split(".")[2]),
-        )
-        if not self._past_names:
-            raise FormatError(f"{model_path}: model has no past_key_values inputs; export with "
-                              "task text-generation-with-past")
+        past = [n.split(".") for n in inputs if n.startswith("past_key_values.")]
+        if not past or any(len(p) != 3 or not p[1].isdigit() or p[2] not in ("key", "value")
+                           for p in past):
+            raise FormatError(f"{model_path}: expected inputs past_key_values.<layer>.key|value; "
+                              "export with task text-generation-with-past")
+        self._past_names = [".".join(p) for p in sorted(past, key=lambda p: (int(p[1]), p[2]))]
         out_names = [o.name for o in self._sess.get_outputs()]
         self._present_names = [n.replace("past_key_values.", "present.") for n in self._past_names]
         missing = [n for n in ["logits", *self._present_names] if n not in out_names]
@@ -83,8 +90,12 @@ class OnnxBackend(Backend):
             raise FormatError(f"{model_path}: model lacks outputs {missing}")
         first = inputs[self._past_names[0]]
         self._kv_dtype = _ORT_FLOAT.get(first.type, np.float32)
-        self._kv_heads, self._head_dim = int(first.shape[1]), int(first.shape[3])
-        self._n_vocab = int(self._sess.get_outputs()[out_names.index("logits")].shape[-1])
+        vocab_dim = self._sess.get_outputs()[out_names.index("logits")].shape[-1]
+        dims = (first.shape[1], first.shape[3], vocab_dim)
+        if not all(isinstance(d, int) for d in dims):
+            raise FormatError(f"{model_path}: KV heads, head size and vocabulary must be static "
+                              f"dimensions, got {dims}")
+        self._kv_heads, self._head_dim, self._n_vocab = dims
         self._ort = ort
         self._past: dict[str, Any] = {}
         self._n_past = 0
@@ -137,6 +148,7 @@ class OnnxBackend(Backend):
         self._n_past = 0
 
     def forward(self, tokens: Sequence[int], all_logits: bool = False) -> np.ndarray:
+        tokens = self.check_tokens(tokens)  # Gather would wrap negative ids silently
         n = len(tokens)
         if n == 0:
             raise UsageError("forward() needs at least one token")
@@ -156,7 +168,10 @@ class OnnxBackend(Backend):
         binding.bind_output("logits")
         for name in self._present_names:
             binding.bind_output(name)
-        self._sess.run_with_iobinding(binding)
+        try:
+            self._sess.run_with_iobinding(binding)
+        except self._ort_errors as exc:
+            raise CdccaError(f"{self.dir}: onnxruntime failed to run the model ({exc})") from exc
         outs = binding.get_outputs()  # logits, then presents, in bind order
         self._past = dict(zip(self._past_names, outs[1:]))
         self._n_past = total
@@ -166,6 +181,14 @@ class OnnxBackend(Backend):
     def close(self) -> None:
         self._past = {}
         self._sess = None  # type: ignore[assignment]
+
+
+def _ort_errors(ort: Any) -> tuple[type[BaseException], ...]:
+    """onnxruntime's exception classes (they derive from Exception, not a common base)."""
+    state = ort.capi.onnxruntime_pybind11_state
+    names = ("Fail", "InvalidArgument", "InvalidGraph", "InvalidProtobuf", "NoSuchFile",
+             "NoModel", "NotImplemented", "RuntimeException", "EngineError")
+    return tuple(getattr(state, n) for n in names if hasattr(state, n))
 
 
 def _gpt2_byte_table() -> dict[str, int]:

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from cdcca_edge.core.errors import UsageError
+
 
 @dataclass(frozen=True)
 class TokenScore:
@@ -45,9 +47,15 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def kl_divergence(p_logits: np.ndarray, q_logits: np.ndarray) -> np.ndarray:
-    """KL(softmax(p) || softmax(q)) per row, nats. (T, V), (T, V) -> (T,)"""
-    lp, lq = log_softmax(p_logits), log_softmax(q_logits)
-    return (np.exp(lp) * (lp - lq)).sum(axis=-1)
+    """KL(softmax(p) || softmax(q)) per row, nats, computed in float64 (float32 rounding
+    would make near-identical rows come out slightly negative). (T, V), (T, V) -> (T,)"""
+    def lsm(x: np.ndarray) -> np.ndarray:
+        x = np.asarray(x, dtype=np.float64)
+        x = x - x.max(axis=-1, keepdims=True)
+        return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+
+    lp, lq = lsm(p_logits), lsm(q_logits)
+    return np.maximum((np.exp(lp) * (lp - lq)).sum(axis=-1), 0.0)
 
 
 def score_logits(logits: np.ndarray, tokens: np.ndarray | list[int]) -> list[TokenScore]:
@@ -60,7 +68,7 @@ def score_logits(logits: np.ndarray, tokens: np.ndarray | list[int]) -> list[Tok
     x = np.atleast_2d(np.asarray(logits, dtype=np.float32))  # (T, V)
     tokens = np.asarray(tokens, dtype=np.int64)  # (T,)
     if x.shape[0] != tokens.shape[0]:
-        raise ValueError(f"{x.shape[0]} logit rows for {tokens.shape[0]} tokens")
+        raise UsageError(f"{x.shape[0]} logit rows for {tokens.shape[0]} tokens")
     rows = np.arange(x.shape[0])
     top = x.argmax(axis=-1)  # (T,)
     m = x[rows, top][:, None]  # (T, 1)

@@ -36,6 +36,18 @@ def torch_greedy(model_dir: Path, prompt: str, n: int) -> list[int]:
     return new[: new.index(eos) + 1] if eos in new else new
 
 
+def torch_rank(model_dir: Path, prompt_ids: list[int], tokens: list[int]) -> int:
+    """The worst rank (0 = argmax) of ``tokens`` under torch, teacher-forced."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt_ids + tokens])).logits[0]  # (T, V)
+    rows = logits[len(prompt_ids) - 1 : len(prompt_ids) - 1 + len(tokens)]
+    chosen = rows[torch.arange(len(tokens)), torch.tensor(tokens)]
+    return int((rows > chosen[:, None]).sum(-1).max())
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("quant", GGUF_QUANTS)
 def test_gguf_round_trip(arch, quant, exports, tiny_models):
@@ -53,7 +65,9 @@ def test_gguf_round_trip(arch, quant, exports, tiny_models):
         for prompt in PROMPTS:
             gen = model.generate(prompt, GenerationConfig(max_tokens=12))
             if quant == "q4_0":
-                assert gen.tokens  # 4-bit may change a near-tie; agreement is checked below
+                # 4-bit weights may flip a near-tie, so exact equality is not promised:
+                # every token the q4_0 model picks must still be among torch's top 3.
+                assert torch_rank(tiny_models[arch], gen.prompt_tokens, gen.tokens) <= 2, prompt
             else:
                 assert gen.tokens == torch_greedy(tiny_models[arch], prompt, 12), prompt
     if quant == "q4_0":
@@ -159,3 +173,21 @@ def test_permutation_inverse():
     p = gguf_export.permute_qk(w, n_head=2)
     assert not np.array_equal(p, w)
     np.testing.assert_array_equal(gguf_export.unpermute_qk(p, n_head=2), w)
+
+
+def test_onnx_reexport_replaces_the_directory(tiny_models, tmp_path):
+    out = tmp_path / "onnx"
+    export(tiny_models["qwen2"], out, "onnx")
+    (out / "stale.bin").write_bytes(b"left over from an earlier export")
+    export(tiny_models["qwen2"], out, "onnx")
+    assert not (out / "stale.bin").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["onnx"]  # no temporary left behind
+
+
+def test_onnx_export_refuses_a_foreign_directory(tiny_models, tmp_path):
+    out = tmp_path / "photos"
+    out.mkdir()
+    (out / "holiday.jpg").write_bytes(b"precious")
+    with pytest.raises(UsageError, match="not an ONNX export"):
+        export(tiny_models["qwen2"], out, "onnx")
+    assert (out / "holiday.jpg").read_bytes() == b"precious"

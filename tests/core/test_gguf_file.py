@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import struct
+
 import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as T
-from gguf import GGUFReader, GGUFWriter
+from gguf import GGUFReader, GGUFValueType, GGUFWriter
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -88,6 +90,10 @@ def test_minimal_hand_built_file_parses(tmp_path):
         (dict(tensors=[("w", (32, 64), int(T.F32), 0)]), "runs past the end of the file"),
         (dict(kv=[("general.alignment", *u32(3))]), "not a power of two"),
         (dict(kv=[("k", 77, b"")]), "unknown value type 77"),
+        (dict(kv=[("general.alignment", GGUFValueType.BOOL, b"\x01")]), "not a power of two"),
+        (dict(kv=[("deep", GGUFValueType.ARRAY,
+                   (struct.pack("<IQ", GGUFValueType.ARRAY, 1)) * 5000 + struct.pack("<IQ", 4, 0))]),
+         "nests arrays deeper"),
     ],
 )
 def test_rejects_malformed(tmp_path, overrides, message):
@@ -122,5 +128,18 @@ def test_truncated_or_flipped_never_crashes(sample_gguf, tmp_path_factory, data)
         h = read_gguf_header(p)
     except FormatError:
         return
+    # The contract a patcher relies on: every tensor aligned, inside the file, disjoint.
+    spans = sorted((t.offset, t.offset + t.nbytes) for t in h.tensors)
+    for (s0, e0), (s1, _) in zip(spans, spans[1:]):
+        assert e0 <= s1
     for t in h.tensors:
         assert t.offset + t.nbytes <= len(raw)
+        assert (t.offset - h.data_offset) % h.alignment == 0
+    # ... and where gguf-py also reads the file, both see the same tensors.
+    try:
+        ref = GGUFReader(p)
+    except Exception:  # noqa: BLE001 - gguf-py's failures are not ours to classify
+        return
+    assert [(t.name, t.data_offset, t.n_bytes) for t in ref.tensors] == [
+        (t.name, t.offset, t.nbytes) for t in h.tensors
+    ]

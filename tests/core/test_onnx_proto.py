@@ -91,22 +91,82 @@ def test_directory_without_model(tmp_path):
         open_artifact(tmp_path)
 
 
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(data=st.data())
-def test_fuzzed_model_never_crashes(tmp_path_factory, data):
-    arrays = _inits()
-    raw = bytearray(_model([numpy_helper.from_array(a, n) for n, a in arrays.items()]).SerializeToString())
-    if data.draw(st.booleans()):
-        raw = raw[: data.draw(st.integers(0, len(raw) - 1))]
+def test_external_location_is_the_model_file(tmp_path):
+    model = _model([numpy_helper.from_array(_inits()["w"], "w")])
+    onnx.save_model(model, str(tmp_path / "model.onnx"), save_as_external_data=True,
+                    location="model.onnx_data", size_threshold=0)
+    m = onnx.load(str(tmp_path / "model.onnx"), load_external_data=False)
+    for e in m.graph.initializer[0].external_data:
+        if e.key == "location":
+            e.value = "model.onnx"
+    onnx.save_model(m, str(tmp_path / "model.onnx"))
+    with pytest.raises(FormatError, match="claims the model file itself"):
+        open_artifact(tmp_path)
+
+
+@pytest.mark.parametrize("key,value,message", [("offset", "-8", "negative external"),
+                                                ("length", "7", "length 7 != 48")])
+def test_bad_external_offsets(tmp_path, key, value, message):
+    model = _model([numpy_helper.from_array(_inits()["w"], "w")])
+    onnx.save_model(model, str(tmp_path / "model.onnx"), save_as_external_data=True,
+                    location="model.onnx_data", size_threshold=0)
+    m = onnx.load(str(tmp_path / "model.onnx"), load_external_data=False)
+    entries = m.graph.initializer[0].external_data
+    for e in entries:
+        if e.key == key:
+            e.value = value
+            break
     else:
-        for _ in range(data.draw(st.integers(1, 4))):
-            i = data.draw(st.integers(0, len(raw) - 1))
-            raw[i] ^= 1 << data.draw(st.integers(0, 7))
-    d = tmp_path_factory.mktemp("fuzz")
-    (d / "model.onnx").write_bytes(bytes(raw))
+        e = entries.add()
+        e.key, e.value = key, value
+    onnx.save_model(m, str(tmp_path / "model.onnx"))
+    with pytest.raises(FormatError, match=message):
+        open_artifact(tmp_path)
+
+
+def _fuzz(raw: bytearray, data) -> bytearray:
+    if data.draw(st.booleans()):
+        return raw[: data.draw(st.integers(0, len(raw) - 1))]
+    for _ in range(data.draw(st.integers(1, 4))):
+        i = data.draw(st.integers(0, len(raw) - 1))
+        raw[i] ^= 1 << data.draw(st.integers(0, 7))
+    return raw
+
+
+def _check_contract(d):
     try:
         art = open_artifact(d)
     except FormatError:
         return
+    by_file: dict = {}
     for t in art.tensors:
-        assert t.offset + t.nbytes <= t.file.stat().st_size
+        assert t.offset >= 0 and t.offset + t.nbytes <= t.file.stat().st_size
+        assert t.file.parent == d.resolve()
+        by_file.setdefault(t.file, []).append((t.offset, t.offset + t.nbytes))
+    for spans in by_file.values():
+        spans.sort()
+        assert all(e0 <= s1 for (_, e0), (s1, _) in zip(spans, spans[1:]))
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_fuzzed_inline_model_never_crashes(tmp_path_factory, data):
+    arrays = _inits()
+    raw = bytearray(_model([numpy_helper.from_array(a, n) for n, a in arrays.items()]).SerializeToString())
+    d = tmp_path_factory.mktemp("fuzz")
+    (d / "model.onnx").write_bytes(bytes(_fuzz(raw, data)))
+    _check_contract(d)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_fuzzed_external_model_never_crashes(tmp_path_factory, data):
+    """Bit flips in the external-data entries (location, offset, length) included."""
+    arrays = _inits()
+    d = tmp_path_factory.mktemp("fuzzx")
+    model = _model([numpy_helper.from_array(a, n) for n, a in arrays.items()])
+    onnx.save_model(model, str(d / "model.onnx"), save_as_external_data=True,
+                    all_tensors_to_one_file=True, location="model.onnx_data", size_threshold=0)
+    raw = bytearray((d / "model.onnx").read_bytes())
+    (d / "model.onnx").write_bytes(bytes(_fuzz(raw, data)))
+    _check_contract(d)

@@ -103,3 +103,22 @@ def test_detokenize_round_trips_utf8(backend):
     assert backend.detokenize(ids) == text.encode()
     assert b"".join(backend.detokenize([t]) for t in ids) == text.encode()
     assert backend.detokenize(sorted(backend.eos_token_ids)) == b""
+
+
+def test_out_of_range_tokens_are_refused(backend):
+    """llama.cpp would abort the process on such an id; onnxruntime would wrap it."""
+    for bad in ([backend.n_vocab + 5], [-1]):
+        with pytest.raises(UsageError, match="outside the vocabulary"):
+            backend.generate(bad)
+        with pytest.raises(UsageError, match="outside the vocabulary"):
+            backend.forward(bad)
+
+
+def test_special_tokens_parse_alike(exports, tiny_models):
+    from transformers import AutoTokenizer
+
+    text = "yes.<|endoftext|>no"
+    hf = AutoTokenizer.from_pretrained(tiny_models["llama"])(text)["input_ids"]
+    assert 0 in hf  # the EOS text is one control token
+    with load(exports("llama", "gguf", "f32").path) as a, load(exports("llama", "onnx").path) as b:
+        assert a.tokenize(text) == b.tokenize(text) == hf
