@@ -18,6 +18,7 @@ from cdcca_edge.core.errors import (
     FormatError,
     IntegrityError,
     MissingTensorError,
+    StorageError,
     UsageError,
     ValidationError,
 )
@@ -33,7 +34,8 @@ def exit_code_for(exc: BaseException) -> int:
         return EXIT_BACKEND
     if isinstance(exc, (FormatError, IntegrityError, ValidationError, MissingTensorError)):
         return EXIT_INVALID
-    if isinstance(exc, (UsageError, FileNotFoundError, IsADirectoryError, NotADirectoryError)):
+    if isinstance(exc, (UsageError, StorageError, FileNotFoundError, IsADirectoryError,
+                        NotADirectoryError)):
         return EXIT_USAGE
     return EXIT_UNEXPECTED
 

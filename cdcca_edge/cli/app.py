@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Optional
 
@@ -198,6 +199,140 @@ def print_score_table(result: "Generation") -> None:
         table.add_row(repr(text), str(s.token), f"{s.entropy:.3f}", f"{s.top1_prob:.3f}",
                       f"{s.margin:.3f}")
     out.print(table)
+
+
+@app.command()
+def patch(
+    model: Annotated[Path, typer.Argument(help=".gguf file or ONNX export directory, patched in place.")],
+    delta: Annotated[Optional[Path], typer.Argument(help="The delta (.cdcd) to apply.")] = None,
+    pubkey: Annotated[
+        Optional[list[Path]],
+        typer.Option(help="Trusted Ed25519 public key (PEM); repeatable. Unsigned deltas are then refused."),
+    ] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Check everything read-only; write nothing.")] = False,
+    recover_only: Annotated[
+        bool, typer.Option("--recover", help="Only finish or undo an interrupted patch.")
+    ] = False,
+    undo_out: Annotated[
+        Optional[Path], typer.Option(help="Also write a delta that reverts this patch.")
+    ] = None,
+    chunk_size: Annotated[
+        int, typer.Option(help="Bytes of model data mapped at once (memory bound).")
+    ] = 8 << 20,
+    json_out: JsonOpt = False,
+) -> None:
+    """Apply a delta to a model in place: verified, journaled, crash-safe."""
+    from cdcca_edge.core.errors import UsageError
+    from cdcca_edge.core.patch import apply_delta, recover
+
+    if recover_only:
+        outcome = recover(model)
+        doc = {"artifact": str(model), "recovered": outcome}
+        if json_out:
+            print_json(doc)
+        else:
+            out.print(f"{model}: " + (f"interrupted patch {outcome}" if outcome else "nothing to recover"))
+        return
+    if delta is None:
+        raise UsageError("missing DELTA: cdcca-edge patch MODEL DELTA (or --recover MODEL)")
+    with stage_status(not json_out) as on_stage:
+        result = apply_delta(model, delta, pubkeys=pubkey, dry_run=dry_run, chunk_size=chunk_size,
+                             undo_out=undo_out, progress=on_stage)
+    if json_out:
+        print_json(result.as_dict())
+        return
+    if result.recovered:
+        err.print(f"recovered an interrupted patch first: {result.recovered}")
+    if result.already_applied:
+        out.print(f"{model}: already at version {result.to_version} "
+                  f"({result.target_identity[:16]}); nothing to do")
+        return
+    verb = "would change" if result.dry_run else "patched"
+    out.print(f"{model}: {verb} {len(result.records)} records, {result.region_bytes:,} bytes; "
+              f"version {result.from_version} -> {result.to_version}, identity "
+              f"{result.base_identity[:16]} -> {result.target_identity[:16]} "
+              f"[{result.seconds:.3f} s]", highlight=False)
+    if result.undo:
+        out.print(f"undo delta: {result.undo}", highlight=False)
+
+
+delta_app = typer.Typer(help="Make, inspect and sign deltas.", no_args_is_help=True)
+app.add_typer(delta_app, name="delta")
+
+
+@delta_app.command("diff")
+def delta_diff(
+    old: Annotated[Path, typer.Argument(help="The artefact the device has.")],
+    new: Annotated[Path, typer.Argument(help="The artefact it should become (same tensor layout).")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Delta file to write.")],
+    sign_key: Annotated[
+        Optional[Path], typer.Option(help="Ed25519 private key (PEM) to sign with.")
+    ] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Exact block-replacement delta between two artefacts with the same layout."""
+    from cdcca_edge.core.delta_build import diff_artifacts
+    from cdcca_edge.core.delta_format import load_private_key
+
+    key = load_private_key(sign_key) if sign_key else None
+    with stage_status(not json_out) as on_stage:
+        on_stage("comparing tensors")
+        summary = diff_artifacts(old, new, output, sign_key=key)
+    if json_out:
+        print_json(summary.as_dict())
+        return
+    out.print(f"{output}: {summary.bytes:,} bytes, {summary.records} records, rewrites "
+              f"{summary.touched_bytes:,} bytes; {summary.base_identity[:16]} -> "
+              f"{summary.target_identity[:16]}{' (signed)' if summary.signed else ''}",
+              highlight=False)
+
+
+@delta_app.command("inspect")
+def delta_inspect(
+    delta: Annotated[Path, typer.Argument(help="A delta file.")],
+    json_out: JsonOpt = False,
+) -> None:
+    """Show a delta's header, records and sizes (checks its digest)."""
+    from cdcca_edge.core.delta_format import read_delta
+
+    d = read_delta(delta)
+    h = d.header
+    doc = {
+        "path": str(d.path), "bytes": d.size, "digest": d.digest,
+        "signed_by": d.signature.key_id if d.signature else None,
+        **{k: v for k, v in h.to_json().items() if k != "records"},
+        "records": [r.to_json() for r in h.records],
+    }
+    if json_out:
+        print_json(doc)
+        return
+    from rich.table import Table
+
+    out.print(f"{d.path}: {d.size:,} bytes, digest {d.digest[:16]}, "
+              f"{'signed by ' + d.signature.key_id if d.signature else 'unsigned'}", highlight=False)
+    out.print(f"{h.artifact_format} version {h.from_version} -> {h.to_version}: "
+              f"{h.base_identity[:16]} -> {h.target_identity[:16]}; created {h.created}", highlight=False)
+    table = Table("tensor", "encoding", "type", "shape", "payload bytes", "params")
+    for r in h.records:
+        table.add_row(r.tensor, r.encoding, r.type, "x".join(map(str, r.shape)), f"{r.length:,}",
+                      json.dumps(r.params) if r.params else "")
+    out.print(table)
+
+
+@delta_app.command("keygen")
+def delta_keygen(
+    output: Annotated[Path, typer.Option("-o", "--output", help="Private key file (PEM); KEY.pub gets the public key.")],
+) -> None:
+    """Make an Ed25519 key pair for signing deltas (--sign-key) and trusting them (--pubkey)."""
+    from cdcca_edge.core.delta_format import generate_keypair
+    from cdcca_edge.core.errors import UsageError
+
+    pub = output.with_name(output.name + ".pub")
+    if output.exists() or pub.exists():
+        raise UsageError(f"{output} or {pub} exists; not overwriting a key")
+    kid = generate_keypair(output, pub)
+    out.print(f"private key {output} (keep it on the signing side), public key {pub}; key id {kid}",
+              highlight=False)
 
 
 @app.command()

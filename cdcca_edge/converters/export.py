@@ -18,7 +18,8 @@ from cdcca_edge.converters.gguf_export import QUANT_TYPES, write_gguf
 from cdcca_edge.converters.hf import load_for_export
 from cdcca_edge.converters.onnx_export import write_onnx
 from cdcca_edge.converters.validate import ValidationReport, validate_export
-from cdcca_edge.core.artifact import ONNX_MODEL_NAME
+from cdcca_edge.core.artifact import ONNX_MODEL_NAME, open_artifact
+from cdcca_edge.core.state import record_export
 from cdcca_edge.core.errors import UsageError
 
 ExportFormat = Literal["gguf", "onnx"]
@@ -113,8 +114,10 @@ def export(
                 stage("validating against torch on llama.cpp")
                 report = validate_export(tmp, loaded, "gguf", quant, tolerance=tolerance)
             _fsync(tmp)
+            os.chmod(tmp, _default_mode())
             os.replace(tmp, out)
             _fsync_dir(out.parent)
+            record_export(open_artifact(out), identity)
         finally:
             tmp.unlink(missing_ok=True)
         size = out.stat().st_size
@@ -126,7 +129,10 @@ def export(
             if validate:
                 stage("validating against torch on onnxruntime")
                 report = validate_export(tmp_dir, loaded, "onnx", quant, tolerance=tolerance)
+            record_export(open_artifact(tmp_dir), identity)
+            os.chmod(tmp_dir, _default_mode() | 0o111)
             for p in tmp_dir.iterdir():
+                os.chmod(p, _default_mode())
                 _fsync(p)
             # Swap whole directories so no stale file of an earlier export survives; a
             # crash in between leaves both copies under hidden names, never a mixture.
@@ -151,6 +157,13 @@ def export(
         seconds=time.perf_counter() - t0,
         validation=report,
     )
+
+
+def _default_mode() -> int:
+    """0o666 less the process umask: what open() would have given (mkstemp gives 0o600)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
 
 
 def _fsync(path: Path) -> None:

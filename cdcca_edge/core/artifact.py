@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator, Literal
 
-from gguf import GGUF_MAGIC
+from cdcca_edge.core.ggml import GGUF_MAGIC
 
 from cdcca_edge.core.errors import FormatError, IntegrityError, MissingTensorError
 from cdcca_edge.core.gguf_file import read_gguf_header
@@ -70,6 +70,29 @@ class Artifact:
     format: ArtifactFormat
     tensors: list[TensorInfo]
     metadata: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def root(self) -> Path:
+        """The GGUF file, or the ONNX model's directory: what file keys are relative to."""
+        return self.path if self.format == "gguf" else self.path.parent
+
+    def file_key(self, file: Path) -> str:
+        """How records and state name one of this artefact's files: ``""`` for a GGUF
+        file itself, the path relative to the directory for an ONNX artefact."""
+        if self.format == "gguf":
+            return ""
+        return file.relative_to(self.root).as_posix()
+
+    def file_for_key(self, key: str) -> Path:
+        """Inverse of :meth:`file_key`, restricted to this artefact's own data files.
+
+        Raises:
+            MissingTensorError: no data file of the artefact has this key.
+        """
+        for f in self.files:
+            if self.file_key(f) == key:
+                return f
+        raise MissingTensorError(f"{self.path}: no data file {key!r} in this artefact")
 
     @property
     def files(self) -> list[Path]:

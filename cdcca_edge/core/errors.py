@@ -27,6 +27,10 @@ class ValidationError(CdccaError):
     """A produced artefact disagrees with its reference beyond tolerance (exit 3)."""
 
 
+class StorageError(CdccaError, OSError):
+    """The file system refused an operation: a read-only model, a full disk (exit 2)."""
+
+
 class MissingTensorError(CdccaError, KeyError):
     """An artefact lacks a tensor that an operation names (exit 3)."""
 

@@ -13,3 +13,13 @@ def cache_dir() -> Path:
         return Path(env)
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base) / "cdcca-edge"
+
+
+def config_file() -> Path:
+    """``$CDCCA_CONFIG`` if set, else ``$XDG_CONFIG_HOME/cdcca-edge/config.json``
+    (``~/.config/cdcca-edge/config.json``)."""
+    env = os.environ.get("CDCCA_CONFIG")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    return Path(base) / "cdcca-edge" / "config.json"

@@ -46,8 +46,13 @@ def load(path: str | Path, backend: BackendName = "auto", **kwargs: object) -> B
         BackendUnavailableError: the backend's package is not installed.
     """
     from cdcca_edge.core.artifact import open_artifact
+    from cdcca_edge.core.patch import journal_path, recover
 
     art = open_artifact(path)
+    if journal_path(art).exists():
+        # A patch was interrupted: never serve a half-written model.
+        recover(path)
+        art = open_artifact(path)
     chosen = backend
     if backend == "auto":
         chosen = "llama" if art.format == "gguf" else "onnx"
@@ -57,12 +62,14 @@ def load(path: str | Path, backend: BackendName = "auto", **kwargs: object) -> B
                               "use --backend onnx")
         from cdcca_edge.runtime.llama_backend import LlamaCppBackend
 
-        return LlamaCppBackend(art.path, **kwargs)  # type: ignore[arg-type]
+        backend: Backend = LlamaCppBackend(art.path, **kwargs)  # type: ignore[arg-type]
+        return backend
     if chosen == "onnx":
         if art.format != "onnx":
             raise FormatError(f"{path}: the onnx backend runs ONNX exports, this is {art.format}; "
                               "use --backend llama")
         from cdcca_edge.runtime.onnx_backend import OnnxBackend
 
-        return OnnxBackend(art.path, **kwargs)  # type: ignore[arg-type]
+        backend = OnnxBackend(art.path, **kwargs)  # type: ignore[arg-type]
+        return backend
     raise UsageError(f"unknown backend {backend!r}; choose auto, onnx or llama")

@@ -9,15 +9,20 @@ uncertainty scores are comparable.
 from __future__ import annotations
 
 import codecs
+import threading
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Callable, Generator, Literal, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Generator, Literal, Sequence
 
 import numpy as np
 
 from cdcca_edge.core.errors import UsageError
 from cdcca_edge.runtime.scores import SampleScore, TokenScore, sample_score, score_logits
+
+if TYPE_CHECKING:
+    from cdcca_edge.core.patch import PatchResult
 
 FinishReason = Literal["eos", "length"]
 
@@ -107,6 +112,14 @@ class Backend(ABC):
 
     name: str = "base"
 
+    @property
+    def _serving(self) -> threading.RLock:
+        """Held while generating and while patching: one of them at a time."""
+        lock = self.__dict__.get("_serving_lock")
+        if lock is None:
+            lock = self.__dict__.setdefault("_serving_lock", threading.RLock())
+        return lock
+
     # --- what a backend implements -----------------------------------------------------
     @property
     @abstractmethod
@@ -145,6 +158,33 @@ class Backend(ABC):
     def close(self) -> None:
         """Release the model. Idempotent."""
 
+    @abstractmethod
+    def reload(self) -> None:
+        """Release the model and load it again from disk (after a patch)."""
+
+    @property
+    @abstractmethod
+    def artifact_path(self) -> Path:
+        """The artefact this backend serves (GGUF file or ONNX directory)."""
+
+    def apply_patch(self, delta: str | Path, **kwargs: Any) -> "PatchResult":
+        """Patch the served artefact in place, safely for a live model.
+
+        Stops serving (waits for a running generation, releases the engine's view of the
+        file: llama.cpp maps GGUF files shared, so it would otherwise read half-written
+        tensors), applies the delta (``core.patch.apply_delta``; ``kwargs`` as there),
+        then loads the model again. On failure the file is restored and the old model is
+        reloaded.
+        """
+        from cdcca_edge.core.patch import apply_delta
+
+        with self._serving:
+            self.close()
+            try:
+                return apply_delta(self.artifact_path, delta, **kwargs)
+            finally:
+                self.reload()
+
     # --- shared behaviour -----------------------------------------------------------------
     def __enter__(self) -> "Backend":
         return self
@@ -176,7 +216,12 @@ class Backend(ABC):
     ) -> Generator[StreamEvent, None, Generation]:
         """Yield each token as it is generated; the generator returns the
         :class:`Generation` (``StopIteration.value``) when done."""
-        return self._run(prompt, config)
+
+        def locked() -> Generator[StreamEvent, None, Generation]:
+            with self._serving:
+                return (yield from self._run(prompt, config))
+
+        return locked()
 
     def generate(
         self,
@@ -189,14 +234,15 @@ class Backend(ABC):
 
         ``on_token`` is called with each token as it arrives (streaming).
         """
-        gen = self._run(prompt, config)
-        while True:
-            try:
-                event = next(gen)
-            except StopIteration as stop:
-                return stop.value
-            if on_token is not None:
-                on_token(event)
+        with self._serving:
+            gen = self._run(prompt, config)
+            while True:
+                try:
+                    event = next(gen)
+                except StopIteration as stop:
+                    return stop.value
+                if on_token is not None:
+                    on_token(event)
 
     def _check_len(self, n: int) -> None:
         if n == 0:

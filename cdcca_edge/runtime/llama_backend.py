@@ -48,11 +48,16 @@ class LlamaCppBackend(Backend):
         n_batch: int = 512,
     ) -> None:
         self._llama_cpp = require("llama_cpp", "llama")
-        lc = self._llama_cpp
         self.path = Path(path)
         if not self.path.is_file():
             raise FileNotFoundError(f"{self.path}: no such GGUF file")
-        threads = n_threads or os.cpu_count() or 1
+        self._args = (n_ctx, n_threads or os.cpu_count() or 1, n_batch)
+        self._closed = True
+        self._open()
+
+    def _open(self) -> None:
+        lc = self._llama_cpp
+        n_ctx, threads, n_batch = self._args
         header = read_gguf_header(self.path)  # malformed files fail here, with a clear error
         arch = header.kv.get("general.architecture")
         train_ctx = header.kv.get(f"{arch}.context_length")
@@ -99,6 +104,14 @@ class LlamaCppBackend(Backend):
     @property
     def n_ctx(self) -> int:
         return self._n_ctx
+
+    @property
+    def artifact_path(self) -> Path:
+        return self.path
+
+    def reload(self) -> None:
+        self.close()
+        self._open()
 
     @property
     def llama(self) -> Any:

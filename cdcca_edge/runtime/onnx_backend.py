@@ -63,10 +63,17 @@ class OnnxBackend(Backend):
         max_pos = int(config.get("max_position_embeddings", 2048))
         self._n_ctx = min(n_ctx, max_pos) if n_ctx else max_pos
 
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = n_threads or os.cpu_count() or 1
-        opts.log_severity_level = 3
+        self._ort = ort
         self._ort_errors = _ort_errors(ort)
+        self._model_path = model_path
+        self._threads = n_threads or os.cpu_count() or 1
+        self._open()
+
+    def _open(self) -> None:
+        model_path, ort = self._model_path, self._ort
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = self._threads
+        opts.log_severity_level = 3
         try:
             self._sess = ort.InferenceSession(str(model_path), opts, providers=["CPUExecutionProvider"])
         except self._ort_errors as exc:
@@ -96,7 +103,6 @@ class OnnxBackend(Backend):
             raise FormatError(f"{model_path}: KV heads, head size and vocabulary must be static "
                               f"dimensions, got {dims}")
         self._kv_heads, self._head_dim, self._n_vocab = dims
-        self._ort = ort
         self._past: dict[str, Any] = {}
         self._n_past = 0
         self.reset()
@@ -113,6 +119,14 @@ class OnnxBackend(Backend):
     @property
     def n_ctx(self) -> int:
         return self._n_ctx
+
+    @property
+    def artifact_path(self) -> Path:
+        return self.dir
+
+    def reload(self) -> None:
+        self.close()
+        self._open()
 
     @property
     def session(self) -> Any:

@@ -1,0 +1,337 @@
+"""Record encodings: what bytes a record touches and what it writes there.
+
+Shared, byte for byte, by the cloud (building deltas, advancing its mirror) and the device
+(applying them): the same functions compute a record's new bytes on both sides, so the
+device's result can be checked against the post-image digest the cloud computed. All
+arithmetic is deterministic numpy: elementwise IEEE operations in a fixed order, no BLAS,
+no transcendental functions. Spec: docs/formats/delta.md, section 5.
+
+Units. A tensor of GGML type T is a sequence of units of ``type_layout(T)`` = (elements,
+bytes): quant blocks for quantised types, single elements for F32/F16/BF16.
+
+Run index. Several encodings list the units (or groups) they touch as runs: ``n`` (u32),
+then ``zlib(shuffle(u32 gaps[n] ++ u32 lengths[n]))`` where gap is the distance from the
+previous run's end (the first from 0) and shuffle stores the 4 byte planes one after the
+other (the high planes are mostly zero and compress away).
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from array import array
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+from cdcca_edge.core.delta_format import ENC_LOWRANK, ENC_QADD, ENC_REPLACE, Record
+from cdcca_edge.core.errors import FormatError
+from cdcca_edge.core.ggml import type_layout
+
+MAX_RUNS = 1 << 20  # per record; bounds the index a patcher holds
+FLOAT_TYPES = ("F32", "F16", "BF16")
+REQUANT_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0")  # types qadd/lowrank can rewrite
+QADD_BITS = (8, 4)
+FACTOR_DTYPES = {"f16": 2, "f32": 4}
+_U32 = struct.Struct("<I")
+
+
+# --- run index -------------------------------------------------------------------------
+
+
+def encode_runs(runs: Sequence[tuple[int, int]]) -> bytes:
+    """Index bytes for ascending, disjoint, non-empty runs of (start, length)."""
+    gaps, lengths = array("I"), array("I")
+    end = 0
+    for start, length in runs:
+        if start < end or length <= 0:
+            raise ValueError("runs must be ascending, disjoint and non-empty")
+        gaps.append(start - end)
+        lengths.append(length)
+        end = start + length
+    raw = (gaps.tobytes() + lengths.tobytes()) if runs else b""
+    if array("I").itemsize != 4 or struct.pack("=I", 1) != struct.pack("<I", 1):
+        raise RuntimeError("run index needs 4-byte little-endian unsigned ints")
+    shuffled = b"".join(raw[i::4] for i in range(4))
+    return _U32.pack(len(runs)) + zlib.compress(shuffled, 9)
+
+
+def decode_runs(buf: bytes | memoryview, limit: int, what: str) -> tuple[array, array, int]:
+    """(starts, lengths, bytes consumed) from an index at the start of ``buf``; every run
+    must end within ``limit`` units.
+
+    Raises:
+        FormatError: malformed, unordered, overlapping or out-of-range runs.
+    """
+    if len(buf) < _U32.size:
+        raise FormatError(f"{what}: run index truncated")
+    (n,) = _U32.unpack_from(buf, 0)
+    if n > MAX_RUNS:
+        raise FormatError(f"{what}: {n} runs exceed the per-record limit of {MAX_RUNS}")
+    d = zlib.decompressobj()
+    try:
+        shuffled = d.decompress(bytes(buf[_U32.size :]), 8 * n + 1)
+    except zlib.error as exc:
+        raise FormatError(f"{what}: run index is not valid zlib data ({exc})") from exc
+    if len(shuffled) != 8 * n or not d.eof:
+        raise FormatError(f"{what}: run index does not hold {n} runs")
+    used = len(buf) - _U32.size - len(d.unused_data)
+    raw = bytearray(8 * n)
+    for i in range(4):
+        raw[i::4] = shuffled[i * 2 * n : (i + 1) * 2 * n]
+    gaps, lengths = array("I"), array("I")
+    gaps.frombytes(bytes(raw[: 4 * n]))
+    lengths.frombytes(bytes(raw[4 * n :]))
+    starts = array("q", bytes(8 * n))
+    end = 0
+    for i in range(n):
+        if lengths[i] == 0:
+            raise FormatError(f"{what}: empty run")
+        starts[i] = end + gaps[i]
+        end = starts[i] + lengths[i]
+    if end > limit:
+        raise FormatError(f"{what}: runs reach unit {end}, past the tensor's {limit} units")
+    return starts, lengths, _U32.size + used
+
+
+# --- numeric helpers (numpy, deterministic) ----------------------------------------------
+
+
+def dequantize(type_name: str, raw: Any) -> Any:
+    """Raw bytes of whole units -> float32 values (n,)."""
+    import numpy as np
+
+    buf = np.frombuffer(raw, dtype=np.uint8)
+    if type_name == "F32":
+        return buf.view(np.float32).copy()
+    if type_name == "F16":
+        return buf.view(np.float16).astype(np.float32)
+    from gguf import GGMLQuantizationType, quants
+
+    qtype = GGMLQuantizationType[type_name]
+    return quants.dequantize(buf, qtype).astype(np.float32, copy=False).reshape(-1)
+
+
+def quantize(type_name: str, values: Any) -> bytes:
+    """float32 values (n,) -> raw bytes in ``type_name`` (n a multiple of its block)."""
+    import numpy as np
+
+    x = np.ascontiguousarray(values, dtype=np.float32)
+    if type_name == "F32":
+        return x.tobytes()
+    if type_name == "F16":
+        return x.astype(np.float16).tobytes()
+    from gguf import GGMLQuantizationType, quants
+
+    block, _ = type_layout(type_name)
+    return quants.quantize(x.reshape(-1, block), GGMLQuantizationType[type_name]).tobytes()
+
+
+def requant_check(type_name: str, encoding: str) -> None:
+    if type_name not in REQUANT_TYPES:
+        raise FormatError(f"encoding {encoding!r} rewrites values, which needs a quantiser for "
+                          f"{type_name}; supported: {', '.join(REQUANT_TYPES)}. Use block "
+                          "replacement for this tensor")
+
+
+def group_layout(type_name: str, params: dict[str, Any]) -> tuple[int, int]:
+    """(elements, bytes) of one qadd group: a quant block, or ``params["group"]`` float
+    elements."""
+    block, size = type_layout(type_name)
+    if type_name in FLOAT_TYPES:
+        g = params.get("group", 32)
+        if not isinstance(g, int) or g <= 0:
+            raise FormatError(f"qadd group {g!r} is not a positive int")
+        return g, g * size
+    return block, size
+
+
+def unpack_int4(packed: Any, n: int) -> Any:
+    """Two's complement 4-bit values, low nibble first: (ceil(n/2),) uint8 -> (n,) int8."""
+    import numpy as np
+
+    p = np.frombuffer(packed, dtype=np.uint8)
+    out = np.empty(p.size * 2, dtype=np.int8)
+    out[0::2] = (p & 0x0F).astype(np.int8)
+    out[1::2] = (p >> 4).astype(np.int8)
+    out = np.where(out > 7, out - 16, out).astype(np.int8)
+    return out[:n]
+
+
+def pack_int4(q: Any) -> bytes:
+    import numpy as np
+
+    q = np.asarray(q, dtype=np.int8)
+    if q.size % 2:
+        q = np.concatenate([q, np.zeros(1, np.int8)])
+    u = (q.astype(np.int16) & 0x0F).astype(np.uint8)
+    return (u[0::2] | (u[1::2] << 4)).astype(np.uint8).tobytes()
+
+
+# --- plans -----------------------------------------------------------------------------
+
+
+@dataclass
+class Plan:
+    """What one record does to the file: the spans it touches (absolute, ascending,
+    disjoint; each at most ``piece`` bytes, split at unit boundaries) and how to compute
+    their new bytes from their old bytes.
+
+    ``new_bytes(i, j, old)`` returns the new bytes of spans ``i..j-1`` given their old
+    bytes, concatenated.
+    """
+
+    record: Record
+    tensor_offset: int  # absolute offset of the tensor's first byte
+    offsets: array  # absolute file offsets (q)
+    lengths: array  # bytes (q)
+    new_bytes: Callable[[int, int, bytes], bytes]
+    needs_old: bool  # False when new bytes do not depend on the old ones (replace)
+
+    @property
+    def region_bytes(self) -> int:
+        return sum(self.lengths)
+
+
+def make_plan(rec: Record, payload: bytes, tensor_offset: int, tensor_nbytes: int,
+              piece: int = 1 << 20) -> Plan:
+    """Decode ``rec``'s payload against its tensor's place in the file.
+
+    Raises:
+        FormatError: the payload does not fit the record or the tensor.
+    """
+    what = f"record for {rec.tensor!r}"
+    try:
+        block, unit = type_layout(rec.type)
+    except KeyError:
+        raise FormatError(f"{what}: unknown tensor type {rec.type!r}") from None
+    n_elems = 1
+    for d in rec.shape:
+        n_elems *= d
+    if n_elems % block or n_elems // block * unit != tensor_nbytes:
+        raise FormatError(f"{what}: shape {rec.shape} of type {rec.type} does not match the "
+                          f"tensor's {tensor_nbytes} bytes")
+    if rec.encoding == ENC_REPLACE:
+        return _plan_replace(rec, payload, tensor_offset, unit, tensor_nbytes // unit, piece, what)
+    if rec.encoding == ENC_QADD:
+        requant_check(rec.type, rec.encoding)
+        return _plan_qadd(rec, payload, tensor_offset, n_elems, piece, what)
+    if rec.encoding == ENC_LOWRANK:
+        requant_check(rec.type, rec.encoding)
+        return _plan_lowrank(rec, payload, tensor_offset, piece, what)
+    raise FormatError(f"{what}: unknown encoding {rec.encoding!r}")
+
+
+def _split(starts: array, lengths: array, unit: int, base: int, piece_units: int) -> tuple[array, array, array]:
+    """Runs of units -> byte spans of at most piece_units units; also each span's first unit."""
+    offs, lens, first = array("q"), array("q"), array("q")
+    for s, n in zip(starts, lengths):
+        while n:
+            k = min(n, piece_units)
+            offs.append(base + s * unit)
+            lens.append(k * unit)
+            first.append(s)
+            s += k
+            n -= k
+    return offs, lens, first
+
+
+def _plan_replace(rec: Record, payload: bytes, base: int, unit: int, n_units: int,
+                  piece: int, what: str) -> Plan:
+    starts, lengths, used = decode_runs(payload, n_units, what)
+    data = memoryview(payload)[used:]
+    if len(data) != sum(lengths) * unit:
+        raise FormatError(f"{what}: replacement data is {len(data)} bytes, the runs need "
+                          f"{sum(lengths) * unit}")
+    offs, lens, _ = _split(starts, lengths, unit, base, max(1, piece // unit))
+    cum = array("q", [0])
+    for n in lens:
+        cum.append(cum[-1] + n)
+
+    def new_bytes(i: int, j: int, old: bytes) -> bytes:
+        return bytes(data[cum[i] : cum[j]])
+
+    return Plan(rec, base, offs, lens, new_bytes, needs_old=False)
+
+
+def _plan_qadd(rec: Record, payload: bytes, base: int, n_elems: int, piece: int, what: str) -> Plan:
+    import numpy as np
+
+    g_elems, g_bytes = group_layout(rec.type, rec.params)
+    bits = rec.params.get("bits")
+    if bits not in QADD_BITS:
+        raise FormatError(f"{what}: qadd bits {bits!r} not in {QADD_BITS}")
+    if n_elems % g_elems:
+        raise FormatError(f"{what}: group of {g_elems} does not divide {n_elems} elements")
+    n_groups_t = n_elems // g_elems
+    if rec.params.get("dense"):
+        starts, lengths, used = array("q", [0]), array("I", [n_groups_t]), 0
+    else:
+        starts, lengths, used = decode_runs(payload, n_groups_t, what)
+    n_groups = sum(lengths)
+    n_vals = n_groups * g_elems
+    v_bytes = n_vals if bits == 8 else (n_vals + 1) // 2
+    if len(payload) - used != 2 * n_groups + v_bytes:
+        raise FormatError(f"{what}: qadd payload is {len(payload) - used} bytes, {n_groups} "
+                          f"groups of {g_elems} at {bits} bits need {2 * n_groups + v_bytes}")
+    scales = np.frombuffer(payload, dtype=np.float16, count=n_groups, offset=used).astype(np.float32)
+    raw_q = memoryview(payload)[used + 2 * n_groups :]
+    values = (np.frombuffer(raw_q, dtype=np.int8) if bits == 8 else unpack_int4(raw_q, n_vals))
+    if not np.all(np.isfinite(scales)):
+        raise FormatError(f"{what}: qadd scales are not all finite")
+    delta = (values.reshape(n_groups, g_elems).astype(np.float32) * scales[:, None]).reshape(-1)
+    offs, lens, first = _split(starts, lengths, g_bytes, base, max(1, piece // g_bytes))
+    # position of each span's first group within the payload's group order
+    gpos = array("q", [0])
+    for n in lens:
+        gpos.append(gpos[-1] + n // g_bytes)
+    type_name = rec.type
+
+    def new_bytes(i: int, j: int, old: bytes) -> bytes:
+        seg = delta[gpos[i] * g_elems : gpos[j] * g_elems]
+        return quantize(type_name, dequantize(type_name, old) + seg)
+
+    return Plan(rec, base, offs, lens, new_bytes, needs_old=True)
+
+
+def _plan_lowrank(rec: Record, payload: bytes, base: int, piece: int, what: str) -> Plan:
+    import numpy as np
+
+    p = rec.params
+    rank, scale, fdt = p.get("rank"), p.get("scale"), p.get("factor_dtype", "f16")
+    if not isinstance(rank, int) or rank <= 0 or fdt not in FACTOR_DTYPES:
+        raise FormatError(f"{what}: bad lowrank params {p!r}")
+    if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not np.isfinite(scale):
+        raise FormatError(f"{what}: lowrank scale {scale!r} is not a finite number")
+    cols = rec.shape[-1]
+    rows = 1
+    for d in rec.shape[:-1]:
+        rows *= d
+    block, unit = type_layout(rec.type)
+    if cols % block:
+        raise FormatError(f"{what}: row length {cols} is not a multiple of {rec.type} blocks")
+    es = FACTOR_DTYPES[fdt]
+    need = (rank * cols + rows * rank) * es
+    if len(payload) != need:
+        raise FormatError(f"{what}: lowrank payload is {len(payload)} bytes, rank {rank} "
+                          f"factors for ({rows}, {cols}) need {need}")
+    dt = np.float16 if fdt == "f16" else np.float32
+    a = np.frombuffer(payload, dtype=dt, count=rank * cols).astype(np.float32).reshape(rank, cols)
+    b = np.frombuffer(payload, dtype=dt, offset=rank * cols * es).astype(np.float32).reshape(rows, rank)
+    if not (np.all(np.isfinite(a)) and np.all(np.isfinite(b))):
+        raise FormatError(f"{what}: lowrank factors are not all finite")
+    row_bytes = cols // block * unit
+    offs, lens, first = _split(array("q", [0]), array("I", [rows]), row_bytes, base,
+                               max(1, piece // (cols * 4)))  # piece bounds the float32 rows
+    s = np.float32(scale)
+    type_name = rec.type
+
+    def new_bytes(i: int, j: int, old: bytes) -> bytes:
+        r0 = first[i]
+        r1 = first[j - 1] + lens[j - 1] // row_bytes
+        acc = np.zeros((r1 - r0, cols), dtype=np.float32)  # (rows, C)
+        for k in range(rank):  # fixed order: bit-reproducible, unlike a BLAS matmul
+            acc += b[r0:r1, k : k + 1] * a[k : k + 1, :]
+        w = dequantize(type_name, old).reshape(r1 - r0, cols)
+        return quantize(type_name, (w + acc * s).reshape(-1))
+
+    return Plan(rec, base, offs, lens, new_bytes, needs_old=True)

@@ -1,0 +1,56 @@
+"""GGML/GGUF format facts, from gguf-py, without importing the gguf package.
+
+``import gguf`` runs gguf-py's ``__init__``, which imports numpy and every gguf module
+(about 80 ms and 18 MB here). The device's patch path needs only the constants (magic,
+value types, quant types and their block sizes), which live in ``gguf/constants.py``, a
+stdlib-only module. We load that file on its own, under its real name
+``gguf.constants``, so that a later ``import gguf`` reuses the very same module object
+(same enum classes) instead of loading a second copy. The facts are gguf-py's, never
+restated here.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from types import ModuleType
+
+from cdcca_edge.core.errors import BackendUnavailableError
+
+
+def _constants() -> ModuleType:
+    name = "gguf.constants"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.find_spec("gguf")  # locates the package without running it
+    if spec is None or not spec.submodule_search_locations:
+        raise BackendUnavailableError("'gguf' is not installed; install it with `pip install cdcca-edge`")
+    path = f"{list(spec.submodule_search_locations)[0]}/constants.py"
+    sub = importlib.util.spec_from_file_location(name, path)
+    assert sub is not None and sub.loader is not None
+    module = importlib.util.module_from_spec(sub)
+    sys.modules[name] = module
+    try:
+        sub.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]
+        raise
+    return module
+
+
+_c = _constants()
+GGUF_MAGIC: int = _c.GGUF_MAGIC
+GGUF_DEFAULT_ALIGNMENT: int = _c.GGUF_DEFAULT_ALIGNMENT
+GGMLQuantizationType = _c.GGMLQuantizationType
+GGUFValueType = _c.GGUFValueType
+GGML_QUANT_SIZES: dict = _c.GGML_QUANT_SIZES
+
+
+def type_layout(type_name: str) -> tuple[int, int]:
+    """(elements per block, bytes per block) of a GGML type name, e.g. ``"Q8_0"`` ->
+    ``(32, 34)``, ``"F32"`` -> ``(1, 4)``. ONNX float types use the same names.
+
+    Raises:
+        KeyError: not a GGML type name.
+    """
+    return GGML_QUANT_SIZES[GGMLQuantizationType[type_name]]
