@@ -43,3 +43,20 @@ def exports(tiny_models: dict[str, Path], tmp_path_factory: pytest.TempPathFacto
         return cache[key]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def lora_adapter(tiny_models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A PEFT LoRA adapter on the tiny Llama with random (non-zero) B: merging it really
+    changes q/k/v and down projections."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_models["llama"])
+    torch.manual_seed(0)
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "down_proj"],
+                     init_lora_weights=False)
+    out = tmp_path_factory.mktemp("adapter") / "lora"
+    get_peft_model(base, cfg).save_pretrained(out)
+    return out

@@ -97,3 +97,52 @@ def test_demo(tmp_path, monkeypatch, capsys):
     assert [t["token"] for t in onnx_ans["tokens"]] == torch_greedy(model_dir, report["prompt"], 16)
     assert torch_rank(model_dir, llama_ans["prompt_tokens"], [t["token"] for t in llama_ans["tokens"]]) <= 2
     assert (tmp_path / "cache" / "demo" / "tiny-q8_0.gguf").is_file()
+
+
+def test_patch_commands(tmp_path, capsys):
+    """delta keygen / diff --sign-key / inspect, then patch with --dry-run, --pubkey,
+    --undo-out, and the exit codes of refused deltas."""
+    from tests.core.delta_helpers import file_digest, make_gguf
+
+    old = make_gguf(tmp_path / "old.gguf", seed=0)
+    new = tmp_path / "new.gguf"
+    new.write_bytes(old.read_bytes())
+    raw = bytearray(new.read_bytes())
+    raw[-100] ^= 0xFF  # change a byte of the last tensor
+    new.write_bytes(bytes(raw))
+    assert main(["delta", "keygen", "-o", str(tmp_path / "k.pem")]) == 0
+    assert main(["delta", "keygen", "-o", str(tmp_path / "k.pem")]) == 2  # never overwrites
+    capsys.readouterr()
+    assert main(["delta", "diff", str(old), str(new), "-o", str(tmp_path / "d.cdcd"),
+                 "--sign-key", str(tmp_path / "k.pem"), "--json"]) == 0
+    made = _json(capsys)
+    assert made["signed"] and made["records"] == 1
+    assert main(["delta", "inspect", str(tmp_path / "d.cdcd"), "--json"]) == 0
+    info = _json(capsys)
+    assert info["signed_by"] and info["records"][0]["encoding"] == "replace"
+
+    before = file_digest(old)
+    assert main(["patch", str(old), str(tmp_path / "d.cdcd"), "--dry-run", "--json"]) == 0
+    assert _json(capsys)["dry_run"] and file_digest(old) == before
+    # a key we do not trust: refused, exit 3, nothing written
+    (tmp_path / "k2.pem").unlink(missing_ok=True)
+    assert main(["delta", "keygen", "-o", str(tmp_path / "k2.pem")]) == 0
+    assert main(["patch", str(old), str(tmp_path / "d.cdcd"), "--pubkey", str(tmp_path / "k2.pem.pub")]) == 3
+    assert "not trusted" in capsys.readouterr().err and file_digest(old) == before
+    # tampered: exit 3
+    bad = bytearray((tmp_path / "d.cdcd").read_bytes())
+    bad[len(bad) // 2] ^= 0x01
+    (tmp_path / "bad.cdcd").write_bytes(bytes(bad))
+    assert main(["patch", str(old), str(tmp_path / "bad.cdcd")]) == 3
+    assert file_digest(old) == before
+    # the real thing, with an undo delta
+    assert main(["patch", str(old), str(tmp_path / "d.cdcd"), "--pubkey", str(tmp_path / "k.pem.pub"),
+                 "--undo-out", str(tmp_path / "undo.cdcd"), "--json"]) == 0
+    assert _json(capsys)["applied"] and file_digest(old) == file_digest(new)
+    assert main(["patch", str(old), str(tmp_path / "undo.cdcd")]) == 0
+    assert "patched 1 records" in capsys.readouterr().out
+    assert file_digest(old) == before
+    assert main(["patch", "--recover", str(old), "--json"]) == 0
+    assert _json(capsys)["recovered"] is None
+    assert main(["patch", str(old)]) == 2  # no delta given
+    assert main(["patch", str(old), str(tmp_path / "missing.cdcd")]) == 2

@@ -109,21 +109,6 @@ def test_onnx_export_loads_in_optimum(exports, tiny_models):
     )
 
 
-@pytest.fixture(scope="module")
-def lora_adapter(tiny_models, tmp_path_factory):
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    base = AutoModelForCausalLM.from_pretrained(tiny_models["llama"])
-    torch.manual_seed(0)
-    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "down_proj"],
-                     init_lora_weights=False)  # random B: the adapter really changes the model
-    peft_model = get_peft_model(base, cfg)
-    out = tmp_path_factory.mktemp("adapter") / "lora"
-    peft_model.save_pretrained(out)
-    return out
-
-
 @pytest.mark.parametrize("fmt,quant", [("gguf", "f32"), ("gguf", "q8_0"), ("onnx", "f32")])
 def test_adapter_is_merged(fmt, quant, lora_adapter, tiny_models, exports, tmp_path):
     """Validation compares against the merged model, and the result differs from the base."""
