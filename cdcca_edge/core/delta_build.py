@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import tempfile
+import zlib
 from array import array
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +36,7 @@ from cdcca_edge.core.delta_format import (
     write_delta,
 )
 from cdcca_edge.core.encodings import (
+    DATA_ZSUB,
     FACTOR_DTYPES,
     MAX_RUNS,
     QADD_BITS,
@@ -191,7 +193,7 @@ class DeltaBuilder:
         if q.size and (q.min() < lo or q.max() > hi):
             raise UsageError(f"{tensor}: values outside [{lo}, {hi}] for {bits}-bit qadd")
         q = q.astype(np.int8)
-        index = b"" if groups is None else encode_runs(runs)
+        index = b"" if groups is None else encode_runs([r[0] for r in runs], [r[1] for r in runs])
         payload = index + sc.tobytes() + (q.tobytes() if bits == 8 else pack_int4(q))
         if len(payload) > MAX_RECORD_PAYLOAD:
             raise UsageError(f"{tensor}: qadd payload of {len(payload)} bytes exceeds the "
@@ -268,8 +270,23 @@ class DeltaBuilder:
 
     # --- internals -------------------------------------------------------------------------
     def _add_replace(self, t: TensorInfo, runs: list[tuple[int, int]], data: memoryview) -> None:
-        payload = encode_runs(runs) + bytes(data)
-        self._add(t, ENC_REPLACE, {}, payload, runs)
+        """Raw new bytes, or zlib(new - old) when that is at least 3% smaller: updated
+        weights sit near the old ones, so most byte differences are small."""
+        import numpy as np
+
+        index = encode_runs([r[0] for r in runs], [r[1] for r in runs])
+        _, unit = type_layout(t.type_name)
+        old = bytearray()
+        with open(t.file, "rb") as f:
+            for s, n in runs:
+                f.seek(t.offset + s * unit)
+                old += f.read(n * unit)
+        diff = (np.frombuffer(data, np.uint8) - np.frombuffer(bytes(old), np.uint8)).tobytes()
+        coded = zlib.compress(diff, 6)
+        if len(coded) < 0.97 * len(data):
+            self._add(t, ENC_REPLACE, {"data": DATA_ZSUB}, index + coded, runs)
+        else:
+            self._add(t, ENC_REPLACE, {}, index + bytes(data), runs)
 
     def _add(self, t: TensorInfo, encoding: str, params: dict[str, Any], payload: bytes,
              unit_ranges: list[tuple[int, int]]) -> None:
@@ -285,14 +302,16 @@ class DeltaBuilder:
             encoding=encoding, offset=self._payload.tell(), length=len(payload),
             params=params, pre_digest=_ZERO, post_digest=_ZERO,
         )
+        import numpy as np
+
         plan = make_plan(rec, payload, t.offset, t.nbytes)
         pre, post = hashlib.sha256(), hashlib.sha256()
         new_spans = []
         with open(t.file, "rb") as f:
-            for i, (off, n) in enumerate(zip(plan.offsets, plan.lengths)):
+            for i, (off, n) in enumerate(zip(plan.offsets.tolist(), plan.lengths.tolist())):
                 f.seek(off)
                 old = f.read(n)
-                new = plan.new_bytes(i, i + 1, old)
+                new = np.asarray(plan.new_bytes(i, i + 1, np.frombuffer(old, np.uint8))).tobytes()
                 pre.update(old)
                 post.update(new)
                 new_spans.append((off, new))

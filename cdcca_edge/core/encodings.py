@@ -10,16 +10,15 @@ Units. A tensor of GGML type T is a sequence of units of ``type_layout(T)`` = (e
 bytes): quant blocks for quantised types, single elements for F32/F16/BF16.
 
 Run index. Several encodings list the units (or groups) they touch as runs: ``n`` (u32),
-then ``zlib(shuffle(u32 gaps[n] ++ u32 lengths[n]))`` where gap is the distance from the
-previous run's end (the first from 0) and shuffle stores the 4 byte planes one after the
-other (the high planes are mostly zero and compress away).
+then ``zlib(planes(u32 gaps[n] ++ u32 lengths[n]))`` where gap is the distance from the
+previous run's end (the first from 0) and planes stores the 4 byte planes of the 2n
+little-endian u32 one after the other (the high planes are mostly zero and compress away).
 """
 
 from __future__ import annotations
 
 import struct
 import zlib
-from array import array
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -28,6 +27,9 @@ from cdcca_edge.core.errors import FormatError
 from cdcca_edge.core.ggml import type_layout
 
 MAX_RUNS = 1 << 20  # per record; bounds the index a patcher holds
+MAX_RECORD_REGION = 8 << 20  # bytes a coded (zsub) replace record may rewrite
+DATA_RAW = "raw"  # replace data: the new bytes as they are
+DATA_ZSUB = "zsub"  # replace data: zlib(new - old), bytewise modulo 256
 FLOAT_TYPES = ("F32", "F16", "BF16")
 REQUANT_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0")  # types qadd/lowrank can rewrite
 QADD_BITS = (8, 4)
@@ -38,30 +40,31 @@ _U32 = struct.Struct("<I")
 # --- run index -------------------------------------------------------------------------
 
 
-def encode_runs(runs: Sequence[tuple[int, int]]) -> bytes:
-    """Index bytes for ascending, disjoint, non-empty runs of (start, length)."""
-    gaps, lengths = array("I"), array("I")
-    end = 0
-    for start, length in runs:
-        if start < end or length <= 0:
-            raise ValueError("runs must be ascending, disjoint and non-empty")
-        gaps.append(start - end)
-        lengths.append(length)
-        end = start + length
-    raw = (gaps.tobytes() + lengths.tobytes()) if runs else b""
-    if array("I").itemsize != 4 or struct.pack("=I", 1) != struct.pack("<I", 1):
-        raise RuntimeError("run index needs 4-byte little-endian unsigned ints")
-    shuffled = b"".join(raw[i::4] for i in range(4))
-    return _U32.pack(len(runs)) + zlib.compress(shuffled, 9)
+def encode_runs(starts: Sequence[int], lengths: Sequence[int]) -> bytes:
+    """Index bytes for ascending, disjoint, non-empty runs."""
+    import numpy as np
+
+    st = np.asarray(starts, dtype=np.int64)
+    ln = np.asarray(lengths, dtype=np.int64)
+    ends = st + ln
+    gaps = st - np.concatenate([[0], ends[:-1]])
+    if st.shape != ln.shape or (ln <= 0).any() or (gaps < 0).any():
+        raise ValueError("runs must be ascending, disjoint and non-empty")
+    if len(st) and max(int(gaps.max()), int(ln.max())) >= 2**32:
+        raise ValueError("a run gap or length does not fit 32 bits")
+    raw = np.concatenate([gaps, ln]).astype("<u4").view(np.uint8).reshape(-1, 4)
+    return _U32.pack(len(st)) + zlib.compress(raw.T.tobytes(), 9)  # byte planes, then zlib
 
 
-def decode_runs(buf: bytes | memoryview, limit: int, what: str) -> tuple[array, array, int]:
-    """(starts, lengths, bytes consumed) from an index at the start of ``buf``; every run
-    must end within ``limit`` units.
+def decode_runs(buf: bytes | memoryview, limit: int, what: str) -> tuple[Any, Any, int]:
+    """(starts, lengths, bytes consumed) from an index at the start of ``buf``, as int64
+    arrays; every run must end within ``limit`` units.
 
     Raises:
         FormatError: malformed, unordered, overlapping or out-of-range runs.
     """
+    import numpy as np
+
     if len(buf) < _U32.size:
         raise FormatError(f"{what}: run index truncated")
     (n,) = _U32.unpack_from(buf, 0)
@@ -69,27 +72,20 @@ def decode_runs(buf: bytes | memoryview, limit: int, what: str) -> tuple[array, 
         raise FormatError(f"{what}: {n} runs exceed the per-record limit of {MAX_RUNS}")
     d = zlib.decompressobj()
     try:
-        shuffled = d.decompress(bytes(buf[_U32.size :]), 8 * n + 1)
+        planes = d.decompress(bytes(buf[_U32.size :]), 8 * n + 1)
     except zlib.error as exc:
         raise FormatError(f"{what}: run index is not valid zlib data ({exc})") from exc
-    if len(shuffled) != 8 * n or not d.eof:
+    if len(planes) != 8 * n or not d.eof:
         raise FormatError(f"{what}: run index does not hold {n} runs")
     used = len(buf) - _U32.size - len(d.unused_data)
-    raw = bytearray(8 * n)
-    for i in range(4):
-        raw[i::4] = shuffled[i * 2 * n : (i + 1) * 2 * n]
-    gaps, lengths = array("I"), array("I")
-    gaps.frombytes(bytes(raw[: 4 * n]))
-    lengths.frombytes(bytes(raw[4 * n :]))
-    starts = array("q", bytes(8 * n))
-    end = 0
-    for i in range(n):
-        if lengths[i] == 0:
-            raise FormatError(f"{what}: empty run")
-        starts[i] = end + gaps[i]
-        end = starts[i] + lengths[i]
-    if end > limit:
-        raise FormatError(f"{what}: runs reach unit {end}, past the tensor's {limit} units")
+    vals = np.frombuffer(planes, np.uint8).reshape(4, 2 * n).T.copy().view("<u4").reshape(-1)
+    gaps, lengths = vals[:n].astype(np.int64), vals[n:].astype(np.int64)
+    if (lengths == 0).any():
+        raise FormatError(f"{what}: empty run")
+    ends = np.cumsum(gaps + lengths)
+    starts = ends - lengths
+    if n and ends[-1] > limit:
+        raise FormatError(f"{what}: runs reach unit {int(ends[-1])}, past the tensor's {limit} units")
     return starts, lengths, _U32.size + used
 
 
@@ -176,20 +172,20 @@ class Plan:
     disjoint; each at most ``piece`` bytes, split at unit boundaries) and how to compute
     their new bytes from their old bytes.
 
-    ``new_bytes(i, j, old)`` returns the new bytes of spans ``i..j-1`` given their old
-    bytes, concatenated.
+    ``new_bytes(i, j, old)`` returns the new bytes (uint8 array) of spans ``i..j-1`` given
+    their old bytes, concatenated.
     """
 
     record: Record
     tensor_offset: int  # absolute offset of the tensor's first byte
-    offsets: array  # absolute file offsets (q)
-    lengths: array  # bytes (q)
-    new_bytes: Callable[[int, int, bytes], bytes]
-    needs_old: bool  # False when new bytes do not depend on the old ones (replace)
+    offsets: Any  # (S,) int64 absolute file offsets
+    lengths: Any  # (S,) int64 bytes
+    new_bytes: Callable[[int, int, Any], Any]
+    needs_old: bool  # False when new bytes do not depend on the old ones (raw replace)
 
     @property
     def region_bytes(self) -> int:
-        return sum(self.lengths)
+        return int(self.lengths.sum())
 
 
 def make_plan(rec: Record, payload: bytes, tensor_offset: int, tensor_nbytes: int,
@@ -221,36 +217,61 @@ def make_plan(rec: Record, payload: bytes, tensor_offset: int, tensor_nbytes: in
     raise FormatError(f"{what}: unknown encoding {rec.encoding!r}")
 
 
-def _split(starts: array, lengths: array, unit: int, base: int, piece_units: int) -> tuple[array, array, array]:
-    """Runs of units -> byte spans of at most piece_units units; also each span's first unit."""
-    offs, lens, first = array("q"), array("q"), array("q")
-    for s, n in zip(starts, lengths):
-        while n:
-            k = min(n, piece_units)
-            offs.append(base + s * unit)
-            lens.append(k * unit)
-            first.append(s)
-            s += k
-            n -= k
-    return offs, lens, first
+def _split(starts: Any, lengths: Any, unit: int, base: int, piece_units: int) -> tuple[Any, Any, Any]:
+    """Runs of units -> byte spans of at most ``piece_units`` units, and each span's first
+    unit. (R,), (R,) -> (S,), (S,), (S,)"""
+    import numpy as np
+
+    k = -(-lengths // piece_units)  # pieces per run
+    first = np.repeat(starts, k) + piece_units * (np.arange(int(k.sum())) - np.repeat(np.cumsum(k) - k, k))
+    ends = np.repeat(starts + lengths, k)
+    n = np.minimum(piece_units, ends - first)
+    return base + first * unit, n * unit, first
+
+
+def _cum(lengths: Any) -> Any:
+    import numpy as np
+
+    return np.concatenate([[0], np.cumsum(lengths)])
 
 
 def _plan_replace(rec: Record, payload: bytes, base: int, unit: int, n_units: int,
                   piece: int, what: str) -> Plan:
+    import numpy as np
+
     starts, lengths, used = decode_runs(payload, n_units, what)
-    data = memoryview(payload)[used:]
-    if len(data) != sum(lengths) * unit:
-        raise FormatError(f"{what}: replacement data is {len(data)} bytes, the runs need "
-                          f"{sum(lengths) * unit}")
+    total = int(lengths.sum()) * unit
+    coding = rec.params.get("data", DATA_RAW)
+    if coding == DATA_RAW:
+        data = np.frombuffer(payload, np.uint8, offset=used)
+    elif coding == DATA_ZSUB:
+        if total > MAX_RECORD_REGION:
+            raise FormatError(f"{what}: {total} bytes of region exceed the {MAX_RECORD_REGION}-byte "
+                              "limit for coded replacement data")
+        d = zlib.decompressobj()
+        try:
+            raw = d.decompress(payload[used:], total + 1)
+        except zlib.error as exc:
+            raise FormatError(f"{what}: replacement data is not valid zlib data ({exc})") from exc
+        if not d.eof or d.unused_data:
+            raise FormatError(f"{what}: replacement data has trailing or missing bytes")
+        data = np.frombuffer(raw, np.uint8)
+    else:
+        raise FormatError(f"{what}: unknown replacement data coding {coding!r}; known: "
+                          f"{DATA_RAW}, {DATA_ZSUB}")
+    if data.size != total:
+        raise FormatError(f"{what}: replacement data is {data.size} bytes, the runs need {total}")
     offs, lens, _ = _split(starts, lengths, unit, base, max(1, piece // unit))
-    cum = array("q", [0])
-    for n in lens:
-        cum.append(cum[-1] + n)
+    cum = _cum(lens)
 
-    def new_bytes(i: int, j: int, old: bytes) -> bytes:
-        return bytes(data[cum[i] : cum[j]])
+    if coding == DATA_RAW:
+        def new_bytes(i: int, j: int, old: Any) -> Any:
+            return data[cum[i] : cum[j]]
+    else:
+        def new_bytes(i: int, j: int, old: Any) -> Any:
+            return old + data[cum[i] : cum[j]]  # bytewise, modulo 256 (uint8 wraps)
 
-    return Plan(rec, base, offs, lens, new_bytes, needs_old=False)
+    return Plan(rec, base, offs, lens, new_bytes, needs_old=coding != DATA_RAW)
 
 
 def _plan_qadd(rec: Record, payload: bytes, base: int, n_elems: int, piece: int, what: str) -> Plan:
@@ -264,10 +285,10 @@ def _plan_qadd(rec: Record, payload: bytes, base: int, n_elems: int, piece: int,
         raise FormatError(f"{what}: group of {g_elems} does not divide {n_elems} elements")
     n_groups_t = n_elems // g_elems
     if rec.params.get("dense"):
-        starts, lengths, used = array("q", [0]), array("I", [n_groups_t]), 0
+        starts, lengths, used = np.array([0]), np.array([n_groups_t]), 0
     else:
         starts, lengths, used = decode_runs(payload, n_groups_t, what)
-    n_groups = sum(lengths)
+    n_groups = int(lengths.sum())
     n_vals = n_groups * g_elems
     v_bytes = n_vals if bits == 8 else (n_vals + 1) // 2
     if len(payload) - used != 2 * n_groups + v_bytes:
@@ -279,16 +300,13 @@ def _plan_qadd(rec: Record, payload: bytes, base: int, n_elems: int, piece: int,
     if not np.all(np.isfinite(scales)):
         raise FormatError(f"{what}: qadd scales are not all finite")
     delta = (values.reshape(n_groups, g_elems).astype(np.float32) * scales[:, None]).reshape(-1)
-    offs, lens, first = _split(starts, lengths, g_bytes, base, max(1, piece // g_bytes))
-    # position of each span's first group within the payload's group order
-    gpos = array("q", [0])
-    for n in lens:
-        gpos.append(gpos[-1] + n // g_bytes)
+    offs, lens, _ = _split(starts, lengths, g_bytes, base, max(1, piece // g_bytes))
+    gpos = _cum(lens // g_bytes)  # each span's first group, in payload order
     type_name = rec.type
 
-    def new_bytes(i: int, j: int, old: bytes) -> bytes:
+    def new_bytes(i: int, j: int, old: Any) -> Any:
         seg = delta[gpos[i] * g_elems : gpos[j] * g_elems]
-        return quantize(type_name, dequantize(type_name, old) + seg)
+        return np.frombuffer(quantize(type_name, dequantize(type_name, old) + seg), np.uint8)
 
     return Plan(rec, base, offs, lens, new_bytes, needs_old=True)
 
@@ -298,7 +316,7 @@ def _plan_lowrank(rec: Record, payload: bytes, base: int, piece: int, what: str)
 
     p = rec.params
     rank, scale, fdt = p.get("rank"), p.get("scale"), p.get("factor_dtype", "f16")
-    if not isinstance(rank, int) or rank <= 0 or fdt not in FACTOR_DTYPES:
+    if not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0 or fdt not in FACTOR_DTYPES:
         raise FormatError(f"{what}: bad lowrank params {p!r}")
     if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not np.isfinite(scale):
         raise FormatError(f"{what}: lowrank scale {scale!r} is not a finite number")
@@ -320,18 +338,19 @@ def _plan_lowrank(rec: Record, payload: bytes, base: int, piece: int, what: str)
     if not (np.all(np.isfinite(a)) and np.all(np.isfinite(b))):
         raise FormatError(f"{what}: lowrank factors are not all finite")
     row_bytes = cols // block * unit
-    offs, lens, first = _split(array("q", [0]), array("I", [rows]), row_bytes, base,
-                               max(1, piece // (cols * 4)))  # piece bounds the float32 rows
+    # piece bounds the float32 rows held at once
+    offs, lens, first = _split(np.array([0]), np.array([rows]), row_bytes, base,
+                               max(1, piece // (cols * 4)))
     s = np.float32(scale)
     type_name = rec.type
 
-    def new_bytes(i: int, j: int, old: bytes) -> bytes:
-        r0 = first[i]
-        r1 = first[j - 1] + lens[j - 1] // row_bytes
+    def new_bytes(i: int, j: int, old: Any) -> Any:
+        r0 = int(first[i])
+        r1 = int(first[j - 1]) + int(lens[j - 1]) // row_bytes
         acc = np.zeros((r1 - r0, cols), dtype=np.float32)  # (rows, C)
         for k in range(rank):  # fixed order: bit-reproducible, unlike a BLAS matmul
             acc += b[r0:r1, k : k + 1] * a[k : k + 1, :]
         w = dequantize(type_name, old).reshape(r1 - r0, cols)
-        return quantize(type_name, (w + acc * s).reshape(-1))
+        return np.frombuffer(quantize(type_name, (w + acc * s).reshape(-1)), np.uint8)
 
     return Plan(rec, base, offs, lens, new_bytes, needs_old=True)

@@ -30,7 +30,8 @@ SUPPORTED_VERSIONS = (2, 3)
 ARRAY_KEEP_MAX = 64  # arrays up to this length are decoded; longer ones keep their length only
 MAX_ARRAY_NESTING = 8  # deeper nesting is not used by any writer; refuse it before recursion does
 MAX_DIMS = 4  # GGML_MAX_DIMS
-HEADER_MIN = struct.calcsize("<IIQQ")  # magic, version, tensor count, metadata count
+HEADER_MIN = struct.calcsize("<IIQQ")
+_U64 = struct.Struct("<Q")  # magic, version, tensor count, metadata count
 
 _SCALAR = {
     GGUFValueType.UINT8: "<B",
@@ -125,10 +126,11 @@ class _Cursor:
     def skip_array(self, item: GGUFValueType, n: int, what: str, depth: int) -> None:
         if item == GGUFValueType.STRING:
             buf, pos, size = self.buf, self.pos, self.size
-            for _ in range(n):  # each element: u64 length + bytes
+            u64 = _U64.unpack_from
+            for _ in range(n):  # each element: u64 length + bytes (a hot loop: 100k tokens)
                 if pos + 8 > size:
                     raise FormatError(f"{self.path}: truncated GGUF header in {what}")
-                pos += 8 + int.from_bytes(buf[pos : pos + 8], "little")
+                pos += 8 + u64(buf, pos)[0]
             if pos > size:
                 raise FormatError(f"{self.path}: truncated GGUF header in {what}")
             self.pos = pos

@@ -7,8 +7,8 @@ Protocol (docs/formats/delta.md, section 6):
    artefact format, the base identity, and decode every record against its tensor;
 3. journal pass: read each touched region, check its pre-image digest, append its
    original bytes to the undo journal; fsync the journal and its directory;
-4. write pass: compute and write the new bytes in place (through bounded memory maps);
-   fsync the data files; re-read every region and check its post-image digest;
+4. write pass: compute the new bytes, check them against each record's post-image digest,
+   write them in place (through bounded memory maps); fsync the data files;
 5. commit: atomically replace the state sidecar (new identity and version);
 6. remove the journal.
 
@@ -32,7 +32,6 @@ import signal
 import struct
 import tempfile
 import time
-from array import array
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,6 +59,7 @@ from cdcca_edge.core.errors import (
 from cdcca_edge.core.ggml import type_layout
 from cdcca_edge.core.state import (
     ArtifactState,
+    cached_artifact,
     current_identity,
     fsync_dir,
     read_state,
@@ -70,7 +70,8 @@ DEFAULT_CHUNK = 8 << 20  # bytes of model mapped at once; see docs/formats/delta
 PIECE = 1 << 20  # largest span handed to an encoding at once
 JOURNAL_MAGIC = b"CDCJRNL1"
 JOURNAL_END = b"CDCJEND1"
-JOURNAL_ENTRY = struct.Struct("<HQI")  # file index, absolute offset, length
+JOURNAL_ENTRY = struct.Struct("<HI")  # file index, number of spans; then u64 offsets[n],
+# u32 lengths[n] and the spans' original bytes, concatenated
 _U64 = struct.Struct("<Q")
 _PAGE = mmap.ALLOCATIONGRANULARITY
 
@@ -166,8 +167,12 @@ class _JournalWriter:
         self.f.write(b)
         self.h.update(b)
 
-    def entry(self, file_index: int, offset: int, data: bytes | memoryview) -> None:
-        self._write(JOURNAL_ENTRY.pack(file_index, offset, len(data)))
+    def entry(self, file_index: int, offsets: Any, lengths: Any, data: bytes) -> None:
+        """One window's spans: absolute offsets (n,), lengths (n,), original bytes."""
+        import numpy as np
+
+        self._write(JOURNAL_ENTRY.pack(file_index, len(offsets)))
+        self._write(np.asarray(offsets, "<u8").tobytes() + np.asarray(lengths, "<u4").tobytes())
         self._write(data)
         self.n += 1
 
@@ -179,10 +184,12 @@ class _JournalWriter:
         fsync_dir(self.path.parent)
 
 
-def _read_journal(path: Path) -> tuple[dict[str, Any], list[tuple[int, int, int]]] | None:
-    """(meta, entries as (file index, offset, position of bytes in the journal)) of a
-    complete journal; None if it is incomplete (the crash came before it was finished, so
-    the model was never written)."""
+def _read_journal(path: Path) -> tuple[dict[str, Any], list[tuple[int, Any, Any, int]]] | None:
+    """(meta, entries) of a complete journal, each entry (file index, offsets, lengths,
+    position of its bytes in the journal); None if the journal is incomplete (the crash
+    came before it was finished, so no model byte had been written)."""
+    import numpy as np
+
     size = path.stat().st_size
     tail = len(JOURNAL_END) + _U64.size + 32
     with open(path, "rb") as f:
@@ -201,18 +208,25 @@ def _read_journal(path: Path) -> tuple[dict[str, Any], list[tuple[int, int, int]
             eh = f.read(JOURNAL_ENTRY.size)
             if len(eh) < JOURNAL_ENTRY.size:
                 return None
-            fi, off, n = JOURNAL_ENTRY.unpack(eh)
-            h.update(eh)
-            data_pos = pos + JOURNAL_ENTRY.size
-            if data_pos + n > size - tail:
+            fi, n = JOURNAL_ENTRY.unpack(eh)
+            arrays = f.read(12 * n)
+            if len(arrays) < 12 * n:
                 return None
-            left = n
+            h.update(eh)
+            h.update(arrays)
+            offsets = np.frombuffer(arrays, "<u8", count=n).astype(np.int64)
+            lengths = np.frombuffer(arrays, "<u4", offset=8 * n).astype(np.int64)
+            data_pos = pos + JOURNAL_ENTRY.size + 12 * n
+            total = int(lengths.sum())
+            if data_pos + total > size - tail:
+                return None
+            left = total
             while left:
                 chunk = f.read(min(left, 1 << 20))
                 h.update(chunk)
                 left -= len(chunk)
-            entries.append((fi, off, data_pos, n))
-            pos = data_pos + n
+            entries.append((fi, offsets, lengths, data_pos))
+            pos = data_pos + total
         end = f.read(tail)
         if end[:8] != JOURNAL_END or _U64.unpack(end[8:16])[0] != len(entries) or end[16:] != h.digest():
             return None
@@ -228,9 +242,10 @@ def _restore(path: Path, art: Artifact, meta: dict[str, Any], entries: list) -> 
     fds = [os.open(f, os.O_RDWR) for f in files]
     try:
         with open(path, "rb") as j:
-            for fi, off, data_pos, n in entries:
+            for fi, offsets, lengths, data_pos in entries:
                 j.seek(data_pos)
-                os.pwrite(fds[fi], j.read(n), off)
+                for off, n in zip(offsets.tolist(), lengths.tolist()):
+                    os.pwrite(fds[fi], j.read(n), off)
         for fd in fds:
             os.fsync(fd)
     finally:
@@ -238,7 +253,7 @@ def _restore(path: Path, art: Artifact, meta: dict[str, Any], entries: list) -> 
             os.close(fd)
 
 
-def recover(model: str | Path, _locked: bool = False) -> str | None:
+def recover(model: str | Path | Artifact, _locked: bool = False) -> str | None:
     """Finish or undo a patch that a crash interrupted. Returns what was done
     (``"discarded"``, ``"rolled back"``, ``"rolled forward"``) or None if there was no
     journal.
@@ -246,13 +261,13 @@ def recover(model: str | Path, _locked: bool = False) -> str | None:
     Raises:
         UsageError: another process holds the lock.
     """
-    art = open_artifact(model)
+    art = model if isinstance(model, Artifact) else open_artifact(model)
     jp = journal_path(art)
     if not jp.exists():
         return None
     if not _locked:
         with artifact_lock(art):
-            return recover(model, _locked=True)
+            return recover(art, _locked=True)
     parsed = _read_journal(jp)
     if parsed is None:
         outcome = "discarded"  # unfinished journal: no model byte was written yet
@@ -322,7 +337,8 @@ def apply_delta(
     say = progress or (lambda _m: None)
     if chunk_size < PIECE:
         raise UsageError(f"chunk size {chunk_size} is below the {PIECE}-byte minimum")
-    art = open_artifact(model)
+    cached = cached_artifact(model)
+    art, state = cached if cached else (open_artifact(model), None)
     d = read_delta(delta)
     check_trust(d, trusted_keys(pubkeys))
     h = d.header
@@ -332,11 +348,11 @@ def apply_delta(
         return _check_only(art, d, t0)
     _arm_crash_hook()
     with artifact_lock(art):
-        recovered = recover(model, _locked=True)
+        recovered = recover(art, _locked=True)
         if recovered:
-            art = open_artifact(model)
+            art, state = open_artifact(model), None
         say("checking the base identity")
-        identity, state, trusted = current_identity(art)
+        identity, state, trusted = current_identity(art, state)
         result = PatchResult(
             artifact=art.path, delta=d.path, applied=False, already_applied=False, dry_run=False,
             base_identity=h.base_identity, target_identity=h.target_identity,
@@ -382,10 +398,10 @@ def _plans(art: Artifact, d: DeltaFile) -> list[Plan]:
         if len(plan.offsets):
             # records of one tensor must come in order and never overlap: each record's
             # pre-image is then independent of the others
-            start = plan.offsets[0]
+            start = int(plan.offsets[0])
             if start < extent.get(rec.tensor, 0):
                 raise FormatError(f"{d.path}: records for {rec.tensor!r} overlap or are out of order")
-            extent[rec.tensor] = plan.offsets[-1] + plan.lengths[-1]
+            extent[rec.tensor] = int(plan.offsets[-1] + plan.lengths[-1])
         plans.append(plan)
     return plans
 
@@ -400,16 +416,79 @@ def _windows(plan: Plan, chunk: int) -> Iterator[tuple[int, int, int, int]]:
     """(first span, end span, map start, map length): consecutive spans whose extent fits
     one map of at most ``chunk`` bytes (spans are at most PIECE, so every window holds at
     least one)."""
-    offs, lens = plan.offsets, plan.lengths
+    import numpy as np
+
+    offs, ends = plan.offsets, plan.offsets + plan.lengths
     n = len(offs)
     i = 0
     while i < n:
-        start = offs[i] - offs[i] % _PAGE
-        j = i + 1
-        while j < n and offs[j] + lens[j] - start <= chunk:
-            j += 1
-        yield i, j, start, offs[j - 1] + lens[j - 1] - start
+        start = int(offs[i]) - int(offs[i]) % _PAGE
+        j = max(i + 1, int(np.searchsorted(ends, start + chunk, side="right")))
+        yield i, j, start, int(ends[j - 1]) - start
         i = j
+
+
+_FANCY_MAX = 1 << 20  # touched bytes per window up to which spans are gathered by index
+
+
+class _Window:
+    """One memory map of ``length`` bytes at ``start`` (a multiple of the page size) over a
+    data file, with the spans of one plan inside it. Many small spans (scattered blocks)
+    are gathered and scattered with one numpy index operation; fewer, larger ones with
+    slices. Either way the map is released on exit, so memory stays at one window."""
+
+    def __init__(self, fd: int, start: int, length: int, rel: Any, lens: Any, write: bool) -> None:
+        self.mm = mmap.mmap(fd, length, access=mmap.ACCESS_WRITE if write else mmap.ACCESS_READ,
+                            offset=start)
+        self.rel, self.lens = rel, lens  # (S,) int64 offsets within the map, lengths
+        self.total = int(lens.sum())
+        self.index = None
+        if len(rel) >= 16 and self.total <= _FANCY_MAX:
+            import numpy as np
+
+            first = np.repeat(rel - (np.cumsum(lens) - lens), lens)
+            self.index = first + np.arange(self.total)  # (total,) byte positions in the map
+
+    def __enter__(self) -> "_Window":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.mm.close()
+
+    def gather(self) -> bytes:
+        import numpy as np
+
+        if self.index is not None:
+            return np.frombuffer(self.mm, np.uint8)[self.index].tobytes()
+        mv = memoryview(self.mm)
+        try:
+            return b"".join([mv[a : a + n] for a, n in zip(self.rel.tolist(), self.lens.tolist())])
+        finally:
+            mv.release()
+
+    def scatter(self, new: Any) -> None:
+        import numpy as np
+
+        new = np.ascontiguousarray(new, dtype=np.uint8).reshape(-1)
+        if self.index is not None:
+            np.frombuffer(self.mm, np.uint8)[self.index] = new
+            return
+        mv = memoryview(self.mm)
+        src = memoryview(new)
+        try:
+            pos = 0
+            for a, n in zip(self.rel.tolist(), self.lens.tolist()):
+                mv[a : a + n] = src[pos : pos + n]
+                pos += n
+        finally:
+            src.release()
+            mv.release()
+
+
+def _open_windows(p: Plan, fd: int, chunk: int, write: bool) -> Iterator[tuple[int, int, _Window]]:
+    for i, j, start, length in _windows(p, chunk):
+        with _Window(fd, start, length, p.offsets[i:j] - start, p.lengths[i:j], write) as w:
+            yield i, j, w
 
 
 def _check_only(art: Artifact, d: DeltaFile, t0: float) -> PatchResult:
@@ -431,7 +510,7 @@ def _check_only(art: Artifact, d: DeltaFile, t0: float) -> PatchResult:
             f = art.file_for_key(p.record.file)
             digest = hashlib.sha256()
             with open(f, "rb") as fh:
-                for off, n in zip(p.offsets, p.lengths):
+                for off, n in zip(p.offsets.tolist(), p.lengths.tolist()):
                     fh.seek(off)
                     digest.update(fh.read(n))
             if digest.hexdigest() != p.record.pre_digest:
@@ -459,6 +538,7 @@ def _write_patch(art: Artifact, d: DeltaFile, plans: list[Plan], state: Artifact
                            "writable. The model is unchanged") from exc
     jp = journal_path(art)
     undo = _UndoBuilder(h, d.digest) if undo_out else None
+    kept: dict[tuple[int, int], bytes] = {}
     try:
         need = sum(p.region_bytes + 14 * len(p.offsets) for p in plans) + (1 << 16)
         free = shutil.disk_usage(jp.parent).free
@@ -478,26 +558,21 @@ def _write_patch(art: Artifact, d: DeltaFile, plans: list[Plan], state: Artifact
                                f"({exc.strerror}); make {jp.parent} writable. The model is "
                                "unchanged") from exc
         try:
-            for p in plans:
+            # Old bytes are needed again to compute the new ones for all encodings but raw
+            # replacement; when they fit the memory bound, keep them instead of re-reading.
+            keep = sum(p.region_bytes for p in plans if p.needs_old) <= chunk
+            for k, p in enumerate(plans):
                 fi = keys.index(p.record.file)
                 digest = hashlib.sha256()
-                for i, j, start, length in _windows(p, chunk):
-                    with mmap.mmap(fds[fi], length, access=mmap.ACCESS_READ, offset=start) as mm:
-                        mv = memoryview(mm)
-                        try:
-                            for k in range(i, j):
-                                a = p.offsets[k] - start
-                                part = mv[a : a + p.lengths[k]]
-                                try:
-                                    digest.update(part)
-                                    journal.entry(fi, p.offsets[k], part)
-                                    if undo:
-                                        undo.add(p, k, part)
-                                finally:
-                                    part.release()  # else closing the map raises BufferError
-                                _crash_point()
-                        finally:
-                            mv.release()
+                for i, j, w in _open_windows(p, fds[fi], chunk, write=False):
+                    old = w.gather()
+                    digest.update(old)
+                    journal.entry(fi, p.offsets[i:j], p.lengths[i:j], old)
+                    if undo:
+                        undo.add(p, i, j, old)
+                    if keep and p.needs_old:
+                        kept[(k, i)] = old
+                    _crash_point()
                 if digest.hexdigest() != p.record.pre_digest:
                     raise IntegrityError(
                         f"{art.path}: tensor {p.record.tensor!r} is not what the delta expects "
@@ -515,14 +590,11 @@ def _write_patch(art: Artifact, d: DeltaFile, plans: list[Plan], state: Artifact
         _crash_point()
         try:
             say("writing the new bytes in place")
-            for p in plans:
-                _write_plan(p, fds[keys.index(p.record.file)], chunk)
+            for k, p in enumerate(plans):
+                _write_plan(p, fds[keys.index(p.record.file)], chunk, k, kept)
             for fd in fds:
-                os.fsync(fd)
+                os.fdatasync(fd)
             _crash_point()
-            say("verifying")
-            for p in plans:
-                _verify_plan(p, fds[keys.index(p.record.file)], chunk)
             new_state = ArtifactState(
                 identity=h.target_identity, version=h.to_version,
                 history=(state.history if state else []) + [{
@@ -556,45 +628,27 @@ def _write_patch(art: Artifact, d: DeltaFile, plans: list[Plan], state: Artifact
             os.close(fd)
 
 
-def _write_plan(p: Plan, fd: int, chunk: int) -> None:
+def _write_plan(p: Plan, fd: int, chunk: int, k: int, kept: dict[tuple[int, int], bytes]) -> None:
+    """Compute and write the plan's new bytes; their digest must be the post-image digest
+    (checked over exactly the bytes written to the file's pages)."""
+    import numpy as np
+
     digest = hashlib.sha256()
-    for i, j, start, length in _windows(p, chunk):
-        with mmap.mmap(fd, length, access=mmap.ACCESS_WRITE, offset=start) as mm:
-            mv = memoryview(mm)
-            try:
-                old = b""
-                if p.needs_old:
-                    old = b"".join(mv[p.offsets[k] - start : p.offsets[k] - start + p.lengths[k]]
-                                   for k in range(i, j))
-                new = p.new_bytes(i, j, old)
-                pos = 0
-                for k in range(i, j):
-                    a, n = p.offsets[k] - start, p.lengths[k]
-                    mv[a : a + n] = new[pos : pos + n]
-                    pos += n
-                digest.update(new)
-            finally:
-                mv.release()
+    for i, j, w in _open_windows(p, fd, chunk, write=True):
+        old = None
+        if p.needs_old:
+            raw = kept.pop((k, i), None)
+            old = np.frombuffer(raw if raw is not None else w.gather(), np.uint8)
+        new = np.ascontiguousarray(p.new_bytes(i, j, old), dtype=np.uint8)
+        if new.size != w.total:
+            raise IntegrityError(f"tensor {p.record.tensor!r}: computed {new.size} bytes for a "
+                                 f"{w.total}-byte region")
+        w.scatter(new)
+        digest.update(new)
         _crash_point()
     if digest.hexdigest() != p.record.post_digest:
         raise IntegrityError(f"tensor {p.record.tensor!r}: the bytes computed here differ from the "
                              "sender's (post-image digest mismatch); the model was restored")
-
-
-def _verify_plan(p: Plan, fd: int, chunk: int) -> None:
-    digest = hashlib.sha256()
-    for i, j, start, length in _windows(p, chunk):
-        with mmap.mmap(fd, length, access=mmap.ACCESS_READ, offset=start) as mm:
-            mv = memoryview(mm)
-            try:
-                for k in range(i, j):
-                    a = p.offsets[k] - start
-                    digest.update(mv[a : a + p.lengths[k]])
-            finally:
-                mv.release()
-    if digest.hexdigest() != p.record.post_digest:
-        raise IntegrityError(f"tensor {p.record.tensor!r}: bytes on disk after writing do not "
-                             "match the post-image digest; the model was restored")
 
 
 class _UndoBuilder:
@@ -605,39 +659,41 @@ class _UndoBuilder:
         self.h = header
         self.payload = tempfile.SpooledTemporaryFile(max_size=32 << 20)
         self.records: list[Record] = []
-        self._cur: tuple[Plan, list[tuple[int, int]], io.BytesIO] | None = None
+        self._plan: Plan | None = None
+        self._starts: list[int] = []
+        self._lengths: list[int] = []
+        self._data = io.BytesIO()
 
-    def add(self, plan: Plan, k: int, data: memoryview) -> None:
-        if self._cur is not None and (
-            self._cur[0] is not plan
-            or self._cur[2].tell() + len(data) + 8 * (len(self._cur[1]) + 1) + 64 > MAX_RECORD_PAYLOAD
-        ):
-            self._flush()
-        if self._cur is None:
-            self._cur = (plan, [], io.BytesIO())
+    def add(self, plan: Plan, i: int, j: int, old: bytes) -> None:
         _, unit = type_layout(plan.record.type)
-        start = (plan.offsets[k] - plan.tensor_offset) // unit
-        runs = self._cur[1]
-        n = plan.lengths[k] // unit
-        if runs and runs[-1][0] + runs[-1][1] == start:
-            runs[-1] = (runs[-1][0], runs[-1][1] + n)
-        else:
-            runs.append((start, n))
-        self._cur[2].write(data)
+        pos = 0
+        for off, n in zip(plan.offsets[i:j].tolist(), plan.lengths[i:j].tolist()):
+            if self._plan is not plan or (
+                self._data.tell() + n + 8 * (len(self._starts) + 1) + 64 > MAX_RECORD_PAYLOAD
+            ):
+                self._flush()
+                self._plan = plan
+            start = (off - plan.tensor_offset) // unit
+            if self._starts and self._starts[-1] + self._lengths[-1] == start:
+                self._lengths[-1] += n // unit
+            else:
+                self._starts.append(start)
+                self._lengths.append(n // unit)
+            self._data.write(old[pos : pos + n])
+            pos += n
 
     def _flush(self) -> None:
-        if self._cur is None:
+        if self._plan is None or not self._starts:
             return
-        plan, runs, data = self._cur
-        r = plan.record
-        payload = encode_runs(runs) + data.getvalue()
+        r = self._plan.record
+        payload = encode_runs(self._starts, self._lengths) + self._data.getvalue()
         self.records.append(Record(
             file=r.file, tensor=r.tensor, type=r.type, shape=r.shape, encoding=ENC_REPLACE,
             offset=self.payload.tell(), length=len(payload), params={},
             pre_digest=r.post_digest, post_digest=r.pre_digest,
         ))
         self.payload.write(payload)
-        self._cur = None
+        self._plan, self._starts, self._lengths, self._data = None, [], [], io.BytesIO()
 
     def write(self, path: Path) -> None:
         self._flush()
@@ -649,4 +705,3 @@ class _UndoBuilder:
         )
         self.payload.seek(0)
         write_delta(path, header, self.payload)
-

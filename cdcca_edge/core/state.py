@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cdcca_edge.core.artifact import Artifact, compute_identity
+from cdcca_edge.core.artifact import ONNX_MODEL_NAME, Artifact, TensorInfo, compute_identity
 
 STATE_FORMAT = "cdcca-state"
 STATE_VERSION = 1
@@ -31,6 +31,8 @@ class ArtifactState:
     version: int = 0
     files: dict[str, dict[str, int]] = field(default_factory=dict)  # key -> fingerprint
     history: list[dict[str, Any]] = field(default_factory=list)
+    # the artefact's tensor table, so that a patch need not parse a large header again
+    layout: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -40,15 +42,23 @@ class ArtifactState:
             "artifact_version": self.version,
             "files": self.files,
             "history": self.history[-HISTORY_KEEP:],
+            "layout": self.layout,
         }
 
 
-def state_path(artifact: Artifact) -> Path:
+def state_path_for(path: str | Path) -> Path:
     """``model.gguf.cdcca-state.json`` beside a GGUF file; ``cdcca-state.json`` inside an
-    ONNX directory."""
-    if artifact.format == "gguf":
-        return artifact.path.with_name(artifact.path.name + ".cdcca-state.json")
-    return artifact.root / "cdcca-state.json"
+    ONNX directory (given as the directory or its model.onnx)."""
+    path = Path(path)
+    if path.is_dir():
+        return path / "cdcca-state.json"
+    if path.suffix == ".onnx":
+        return path.parent / "cdcca-state.json"
+    return path.with_name(path.name + ".cdcca-state.json")
+
+
+def state_path(artifact: Artifact) -> Path:
+    return state_path_for(artifact.path if artifact.format == "gguf" else artifact.root)
 
 
 def fingerprint(path: Path) -> dict[str, int]:
@@ -56,11 +66,12 @@ def fingerprint(path: Path) -> dict[str, int]:
     return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "ino": st.st_ino}
 
 
-def read_state(artifact: Artifact) -> ArtifactState | None:
+def read_state(artifact: Artifact | Path) -> ArtifactState | None:
     """The sidecar, or ``None`` if it is missing or unreadable (never an error: the state
     is a cache of facts that can be recomputed)."""
     try:
-        doc = json.loads(state_path(artifact).read_text())
+        where = state_path(artifact) if isinstance(artifact, Artifact) else state_path_for(artifact)
+        doc = json.loads(where.read_text())
         if doc.get("format") != STATE_FORMAT or doc.get("version") != STATE_VERSION:
             return None
         return ArtifactState(
@@ -68,9 +79,38 @@ def read_state(artifact: Artifact) -> ArtifactState | None:
             version=int(doc.get("artifact_version", 0)),
             files={str(k): {kk: int(vv) for kk, vv in v.items()} for k, v in doc["files"].items()},
             history=list(doc.get("history", [])),
+            layout=doc.get("layout"),
         )
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
+
+
+def cached_artifact(path: str | Path) -> tuple[Artifact, ArtifactState] | None:
+    """The artefact at ``path`` rebuilt from its sidecar's tensor table, if the sidecar is
+    current (every file's fingerprint matches); else None. Saves parsing a GGUF header
+    with a 100k-token vocabulary on every patch."""
+    path = Path(path)
+    state = read_state(path)
+    if state is None or not state.layout:
+        return None
+    try:
+        lay = state.layout
+        root = path if lay["format"] == "gguf" else (path if path.is_dir() else path.parent)
+        def file(key: str) -> Path:
+            return root if lay["format"] == "gguf" else (root / key).resolve()
+        tensors = [
+            TensorInfo(str(n), str(t), tuple(int(d) for d in shape), file(str(k)), int(o), int(b))
+            for n, t, shape, k, o, b in lay["tensors"]
+        ]
+        art = Artifact(
+            path=root if lay["format"] == "gguf" else (root / ONNX_MODEL_NAME).resolve(),
+            format=lay["format"], tensors=tensors, metadata=dict(lay.get("metadata", {})),
+        )
+    except (KeyError, TypeError, ValueError):
+        return None
+    if not state_is_current(art, state):
+        return None
+    return art, state
 
 
 def state_is_current(artifact: Artifact, state: ArtifactState) -> bool:
@@ -81,10 +121,11 @@ def state_is_current(artifact: Artifact, state: ArtifactState) -> bool:
     return all(fingerprint(path) == state.files[key] for key, path in keys.items())
 
 
-def current_identity(artifact: Artifact) -> tuple[str, ArtifactState | None, bool]:
+def current_identity(artifact: Artifact, state: ArtifactState | None = None
+                     ) -> tuple[str, ArtifactState | None, bool]:
     """(identity, state, trusted): the recorded identity if the sidecar is current, else a
-    freshly computed one (``trusted`` False)."""
-    state = read_state(artifact)
+    freshly computed one (``trusted`` False). ``state``: the sidecar if already read."""
+    state = state or read_state(artifact)
     if state is not None and state_is_current(artifact, state):
         return state.identity, state, True
     return compute_identity(artifact).digest, state, False
@@ -93,6 +134,12 @@ def current_identity(artifact: Artifact) -> tuple[str, ArtifactState | None, boo
 def write_state(artifact: Artifact, state: ArtifactState) -> None:
     """Atomically replace the sidecar (write, fsync, rename, fsync the directory)."""
     state.files = {artifact.file_key(f): fingerprint(f) for f in artifact.files}
+    state.layout = {
+        "format": artifact.format,
+        "metadata": artifact.metadata,
+        "tensors": [[t.name, t.type_name, list(t.shape), artifact.file_key(t.file), t.offset, t.nbytes]
+                    for t in artifact.tensors],
+    }
     path = state_path(artifact)
     fd, tmp = tempfile.mkstemp(prefix=".cdcca-state.", dir=path.parent)
     try:
