@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Callable, Iterator, Optional
 
 import typer
 
@@ -190,6 +191,20 @@ def run(
     )
 
 
+@contextmanager
+def _progress(total: int, what: str, quiet: bool) -> Iterator[Callable[[int], None]]:
+    """A rich progress bar on stderr (off under --json); yields ``tick(done)``."""
+    if quiet:
+        yield lambda _n: None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+    with Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
+                  TimeRemainingColumn(), console=err, transient=True) as bar:
+        task = bar.add_task(what, total=total)
+        yield lambda n: bar.update(task, completed=n)
+
+
 def print_score_table(result: "Generation") -> None:
     from rich.table import Table
 
@@ -333,6 +348,113 @@ def delta_keygen(
     kid = generate_keypair(output, pub)
     out.print(f"private key {output} (keep it on the signing side), public key {pub}; key id {kid}",
               highlight=False)
+
+
+uplink_app = typer.Typer(help="UTS: calibrate uncertainty, select and bundle uploads.",
+                         no_args_is_help=True)
+app.add_typer(uplink_app, name="uplink")
+
+
+def _identity_of(artifact: Path) -> tuple[str, int | None]:
+    from cdcca_edge.core.artifact import open_artifact
+    from cdcca_edge.core.state import current_identity
+
+    identity, state, _ = current_identity(open_artifact(artifact))
+    return identity, state.version if state else None
+
+
+@uplink_app.command("calibrate")
+def uplink_calibrate(
+    artifact: Annotated[Path, typer.Argument(help=".gguf file or ONNX export directory.")],
+    inputs: Annotated[Path, typer.Option(help="In-distribution inputs, JSON Lines {\"prompt\": ...}.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Calibration file to write (JSON).")],
+    rate: Annotated[float, typer.Option(help="Fraction of in-distribution samples to upload.")] = 0.1,
+    token_rate: Annotated[float, typer.Option(help="Fraction of answer tokens to flag.")] = 0.2,
+    score: Annotated[str, typer.Option(help="surprise (prompt NLL + answer entropy), prompt_nll, mean_entropy, max_entropy, neg_log_confidence or ref_confidence (the paper's).")] = "surprise",
+    max_tokens: Annotated[int, typer.Option("--max-tokens", "-n", help="Answer length.")] = 32,
+    backend: Annotated[str, typer.Option(help="auto, onnx or llama.")] = "auto",
+    json_out: JsonOpt = False,
+) -> None:
+    """Fit the upload threshold on in-distribution inputs."""
+    from cdcca_edge.runtime import load
+    from cdcca_edge.runtime.uts import calibrate, read_inputs
+
+    items = read_inputs(inputs)
+    identity, _ = _identity_of(artifact)
+    with load(artifact, backend=backend) as model:  # type: ignore[arg-type]
+        with _progress(len(items), "calibrating", json_out) as tick:
+            cal = calibrate(model, [it["prompt"] for it in items], identity, rate=rate,
+                            token_rate=token_rate, score=score, max_tokens=max_tokens, progress=tick)
+    cal.save(output)
+    if json_out:
+        print_json({"output": str(output), **{k: v for k, v in cal.__dict__.items() if k != "visual"}})
+        return
+    out.print(f"{output}: {cal.score} threshold {cal.threshold:.4g} uploads {cal.rate:.0%} of "
+              f"{cal.n_samples} in-distribution samples; token entropy threshold "
+              f"{cal.token_threshold:.4g} flags {cal.token_rate:.0%} of {cal.n_tokens} tokens",
+              highlight=False)
+
+
+@uplink_app.command("collect")
+def uplink_collect(
+    artifact: Annotated[Path, typer.Argument(help=".gguf file or ONNX export directory.")],
+    inputs: Annotated[Path, typer.Option(help="Inputs, JSON Lines {\"id\"?, \"prompt\", \"image\"?}.")],
+    calib: Annotated[Path, typer.Option(help="Calibration file from `uplink calibrate`.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Uplink bundle to write (.cdcu).")],
+    selector: Annotated[str, typer.Option(help="uts, or random (same count, for comparison).")] = "uts",
+    include_raw: Annotated[bool, typer.Option("--include-raw", help="Also upload raw images.")] = False,
+    low_weight: Annotated[float, typer.Option(help="Loss weight of unflagged answer tokens.")] = 0.1,
+    seed: Annotated[int, typer.Option(help="Seed of the random selector.")] = 0,
+    backend: Annotated[str, typer.Option(help="auto, onnx or llama.")] = "auto",
+    json_out: JsonOpt = False,
+) -> None:
+    """Answer inputs on the device, select the uncertain ones, write the uplink bundle."""
+    from cdcca_edge.runtime import load
+    from cdcca_edge.runtime.uts import Calibration, collect, read_inputs
+
+    items = read_inputs(inputs)
+    cal = Calibration.load(calib)
+    identity, version = _identity_of(artifact)
+    with load(artifact, backend=backend) as model:  # type: ignore[arg-type]
+        with _progress(len(items), "answering", json_out) as tick:
+            report = collect(model, items, cal, output, identity, version, selector=selector,  # type: ignore[arg-type]
+                             include_raw=include_raw, low_weight=low_weight, seed=seed, progress=tick)
+    if json_out:
+        print_json(report.as_dict())
+        return
+    if not report.calibration_matches:
+        err.print("[yellow]warning: the calibration was made on another version of this model; "
+                  "recalibrate after large updates[/yellow]")
+    share = report.bundle_bytes / report.raw_input_bytes if report.raw_input_bytes else 0.0
+    out.print(f"{output}: {report.n_uploaded}/{report.n_seen} samples uploaded ({report.selector}); "
+              f"{report.bundle_bytes:,} bytes = {share:.1%} of {report.raw_input_bytes:,} raw input "
+              f"bytes; scoring took {report.scoring_seconds:.3f} s of {report.decode_seconds:.2f} s "
+              "inference", highlight=False)
+
+
+@uplink_app.command("inspect")
+def uplink_inspect(
+    bundle: Annotated[Path, typer.Argument(help="An uplink bundle (.cdcu).")],
+    json_out: JsonOpt = False,
+) -> None:
+    """Show a bundle's header and samples (checks its digest)."""
+    from cdcca_edge.core.uplink_format import read_uplink
+
+    b = read_uplink(bundle)
+    samples = []
+    for s in b.samples():
+        samples.append({"id": s.id, **{k: v for k, v in s.meta.items() if k in ("uncertainty", "answer")},
+                        "arrays": {k: list(v.shape) for k, v in s.arrays.items()}})
+    doc = {"path": str(b.path), "bytes": b.size, "digest": b.digest,
+           **{k: v for k, v in b.header.items() if k != "samples"}, "samples": samples}
+    if json_out:
+        print_json(doc)
+        return
+    out.print(f"{b.path}: {b.size:,} bytes, {len(b)} of {b.header['n_seen']} samples "
+              f"({b.header.get('selector')}), model {b.header['artifact_identity'][:16]}", highlight=False)
+    for s in samples:
+        out.print(f"  {s['id']}: uncertainty {s.get('uncertainty', 0):.3f}  {s.get('answer', '')!r}",
+                  highlight=False)
 
 
 @app.command()

@@ -9,7 +9,9 @@ copied whole. Spec: docs/formats/artifact.md.
 from __future__ import annotations
 
 import hashlib
+import json
 import mmap
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator, Literal
@@ -20,7 +22,7 @@ from cdcca_edge.core.errors import FormatError, IntegrityError, MissingTensorErr
 from cdcca_edge.core.gguf_file import read_gguf_header
 from cdcca_edge.core.onnx_proto import ONNX_DTYPES, read_onnx_model
 
-ArtifactFormat = Literal["gguf", "onnx"]
+ArtifactFormat = Literal["gguf", "onnx", "bundle"]
 
 # Provenance metadata keys, written by the exporters into GGUF key/values and ONNX
 # metadata_props alike (docs/formats/artifact.md, "Provenance").
@@ -32,6 +34,10 @@ META_ARCH = "cdcca.arch"  # HF architecture family (llama, qwen2)
 META_EXPORT_IDENTITY = "cdcca.export_identity"  # identity right after export
 META_TRANSPOSED = "cdcca.transposed"  # ONNX: JSON list of initializers stored as W^T (in, out)
 
+MANIFEST_NAME = "cdcca-artifact.json"  # a bundle: several parts, one artefact (section 6)
+MANIFEST_FORMAT = "cdcca-artifact"
+MANIFEST_VERSION = 1
+_PART_NAME = re.compile(r"^[a-z0-9_-]+$")
 ONNX_MODEL_NAME = "model.onnx"
 ONNX_DATA_NAME = "model.onnx_data"
 IDENTITY_SCHEME = "cdcca-id-v1"
@@ -73,7 +79,8 @@ class Artifact:
 
     @property
     def root(self) -> Path:
-        """The GGUF file, or the ONNX model's directory: what file keys are relative to."""
+        """The GGUF file, or the ONNX model's / bundle's directory: what file keys are
+        relative to."""
         return self.path if self.format == "gguf" else self.path.parent
 
     def file_key(self, file: Path) -> str:
@@ -131,12 +138,16 @@ def open_artifact(path: str | Path) -> Artifact:
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file or directory")
     if path.is_dir():
+        if (path / MANIFEST_NAME).is_file():
+            return _open_bundle(path / MANIFEST_NAME)
         if (path / ONNX_MODEL_NAME).is_file():
             return _open_onnx(path / ONNX_MODEL_NAME)
         raise FormatError(
-            f"{path}: directory has no {ONNX_MODEL_NAME}; pass a .gguf file, an ONNX export "
-            "directory, or the .onnx file itself"
+            f"{path}: directory has no {ONNX_MODEL_NAME} or {MANIFEST_NAME}; pass a .gguf "
+            "file, an ONNX export directory, a bundle directory, or the .onnx file itself"
         )
+    if path.name == MANIFEST_NAME:
+        return _open_bundle(path)
     with open(path, "rb") as f:
         magic = f.read(4)
     if len(magic) == 4 and int.from_bytes(magic, "little") == GGUF_MAGIC:
@@ -209,6 +220,56 @@ def _open_onnx(model_path: Path) -> Artifact:
         _check_no_overlap(f, [t for t in tensors if t.file == f])
     metadata = {k: v for k, v in info.metadata.items() if k.startswith(META_PREFIX)}
     return Artifact(path=model_path, format="onnx", tensors=tensors, metadata=metadata)
+
+
+def _open_bundle(manifest: Path) -> Artifact:
+    """A bundle: each part opened on its own, tensors renamed ``<part>/<tensor>``."""
+    manifest = manifest.resolve()
+    root = manifest.parent
+    try:
+        doc = json.loads(manifest.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise FormatError(f"{manifest}: not valid JSON ({exc})") from exc
+    if not isinstance(doc, dict) or doc.get("format") != MANIFEST_FORMAT:
+        raise FormatError(f"{manifest}: not a {MANIFEST_FORMAT} manifest")
+    if doc.get("version") != MANIFEST_VERSION:
+        raise FormatError(f"{manifest}: manifest version {doc.get('version')!r} is not "
+                          f"supported (expected {MANIFEST_VERSION}); upgrade cdcca-edge")
+    parts = doc.get("parts")
+    if not isinstance(parts, list) or not parts:
+        raise FormatError(f"{manifest}: the manifest lists no parts")
+    tensors: list[TensorInfo] = []
+    metadata: dict[str, str] = {}
+    seen: set[str] = set()
+    for part in parts:
+        name = part.get("name") if isinstance(part, dict) else None
+        rel = part.get("path") if isinstance(part, dict) else None
+        if not isinstance(name, str) or not _PART_NAME.match(name):
+            raise FormatError(f"{manifest}: part name {name!r} must match [a-z0-9_-]+")
+        if name in seen:
+            raise FormatError(f"{manifest}: duplicate part name {name!r}")
+        seen.add(name)
+        if not isinstance(rel, str) or not rel:
+            raise FormatError(f"{manifest}: part {name!r} has no path")
+        target = (root / rel).resolve()
+        if root not in target.parents:
+            raise FormatError(f"{manifest}: part {name!r} path {rel!r} points outside the bundle")
+        if not target.exists():
+            raise FormatError(f"{manifest}: part {name!r} is missing ({rel}); keep every part "
+                              "inside the bundle directory")
+        if (target / MANIFEST_NAME).exists() if target.is_dir() else target.name == MANIFEST_NAME:
+            raise FormatError(f"{manifest}: part {name!r} is itself a bundle; nesting is not supported")
+        sub = open_artifact(target)
+        for t in sub.tensors:
+            tensors.append(TensorInfo(f"{name}/{t.name}", t.type_name, t.shape, t.file.resolve(),
+                                      t.offset, t.nbytes))
+        metadata.update({f"{name}/{k}": v for k, v in sub.metadata.items()})
+    by_file: dict[Path, list[TensorInfo]] = {}
+    for t in tensors:
+        by_file.setdefault(t.file, []).append(t)
+    for f, ts in by_file.items():
+        _check_no_overlap(f, ts)  # two parts must not share a data file's bytes
+    return Artifact(path=manifest, format="bundle", tensors=tensors, metadata=metadata)
 
 
 def _check_no_overlap(path: Path, tensors: list[TensorInfo]) -> None:

@@ -38,6 +38,7 @@ PREAMBLE = struct.Struct("<8sIIQ")  # magic, version, flags, header length
 DIGEST_SIZE = 32  # SHA-256
 SIG_NONE, SIG_ED25519 = 0, 1
 ED25519_PUBLIC_SIZE, ED25519_SIG_SIZE = 32, 64
+ARTIFACT_FORMATS = ("gguf", "onnx", "bundle")
 MAX_HEADER_BYTES = 64 << 20
 MAX_RECORD_PAYLOAD = 8 << 20  # writers split bigger changes; bounds a patcher's memory
 READ_CHUNK = 1 << 20
@@ -73,7 +74,7 @@ class Record:
 
 @dataclass
 class DeltaHeader:
-    artifact_format: str  # "gguf" | "onnx"
+    artifact_format: str  # "gguf" | "onnx" | "bundle"
     base_identity: str
     target_identity: str
     from_version: int
@@ -214,8 +215,8 @@ def parse_header(doc: Any, path: Path | str = "<delta>") -> DeltaHeader:
     if need(doc, "format", str) != "cdcca-delta" or need(doc, "version", int) != FORMAT_VERSION:
         raise FormatError(f"{path}: header does not describe a version-{FORMAT_VERSION} cdcca delta")
     fmt = need(doc, "artifact_format", str)
-    if fmt not in ("gguf", "onnx"):
-        raise FormatError(f"{path}: artifact_format {fmt!r} is not gguf or onnx")
+    if fmt not in ARTIFACT_FORMATS:
+        raise FormatError(f"{path}: artifact_format {fmt!r} is not one of {ARTIFACT_FORMATS}")
     ids = {k: need(doc, k, str) for k in ("base_identity", "target_identity")}
     for k, v in ids.items():
         if not _HEX64.match(v):

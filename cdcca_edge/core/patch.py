@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Iterator
 
-from cdcca_edge.core.artifact import ONNX_MODEL_NAME, Artifact, open_artifact
+from cdcca_edge.core.artifact import Artifact, open_artifact
 from cdcca_edge.core.delta_format import (
     ENC_REPLACE,
     MAX_RECORD_PAYLOAD,
@@ -111,7 +111,8 @@ def journal_path(art: Artifact) -> Path:
 
 
 def _lock_target(art: Artifact) -> Path:
-    return art.path if art.format == "gguf" else art.root / ONNX_MODEL_NAME
+    """The GGUF file, ``model.onnx``, or a bundle's manifest (``art.path`` in every case)."""
+    return art.path
 
 
 @contextmanager

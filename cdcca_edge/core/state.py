@@ -18,7 +18,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cdcca_edge.core.artifact import ONNX_MODEL_NAME, Artifact, TensorInfo, compute_identity
+from cdcca_edge.core.artifact import (
+    MANIFEST_NAME,
+    ONNX_MODEL_NAME,
+    Artifact,
+    TensorInfo,
+    compute_identity,
+)
 
 STATE_FORMAT = "cdcca-state"
 STATE_VERSION = 1
@@ -48,11 +54,11 @@ class ArtifactState:
 
 def state_path_for(path: str | Path) -> Path:
     """``model.gguf.cdcca-state.json`` beside a GGUF file; ``cdcca-state.json`` inside an
-    ONNX directory (given as the directory or its model.onnx)."""
+    ONNX or bundle directory (given as the directory, its model.onnx or its manifest)."""
     path = Path(path)
     if path.is_dir():
         return path / "cdcca-state.json"
-    if path.suffix == ".onnx":
+    if path.suffix == ".onnx" or path.name == MANIFEST_NAME:
         return path.parent / "cdcca-state.json"
     return path.with_name(path.name + ".cdcca-state.json")
 
@@ -102,8 +108,9 @@ def cached_artifact(path: str | Path) -> tuple[Artifact, ArtifactState] | None:
             TensorInfo(str(n), str(t), tuple(int(d) for d in shape), file(str(k)), int(o), int(b))
             for n, t, shape, k, o, b in lay["tensors"]
         ]
+        main = {"gguf": None, "onnx": ONNX_MODEL_NAME, "bundle": MANIFEST_NAME}[lay["format"]]
         art = Artifact(
-            path=root if lay["format"] == "gguf" else (root / ONNX_MODEL_NAME).resolve(),
+            path=root if main is None else (root / main).resolve(),
             format=lay["format"], tensors=tensors, metadata=dict(lay.get("metadata", {})),
         )
     except (KeyError, TypeError, ValueError):

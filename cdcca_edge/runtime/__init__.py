@@ -53,6 +53,9 @@ def load(path: str | Path, backend: BackendName = "auto", **kwargs: object) -> B
         # A patch was interrupted: never serve a half-written model.
         recover(path)
         art = open_artifact(path)
+    if art.format == "bundle":
+        raise FormatError(f"{path}: a multi-part bundle; the runtime does not run bundles yet "
+                          "(they come with multimodal support). Patch and inspect work on them")
     chosen = backend
     if backend == "auto":
         chosen = "llama" if art.format == "gguf" else "onnx"

@@ -27,6 +27,9 @@ if TYPE_CHECKING:
 FinishReason = Literal["eos", "length"]
 
 
+_UNSCORED = TokenScore(-1, 0.0, 0.0, 0.0, 0.0)  # placeholder when scoring is off
+
+
 @dataclass(frozen=True)
 class GenerationConfig:
     """How to decode. ``temperature == 0`` is greedy (argmax)."""
@@ -37,6 +40,7 @@ class GenerationConfig:
     top_p: float = 1.0  # nucleus: smallest set with cumulative probability >= top_p
     seed: int | None = None  # sampling seed; same seed, same output
     stop_at_eos: bool = True
+    score: bool = True  # score generated tokens (off only to measure what scoring costs)
     score_prompt: bool = False  # also score prompt positions (needs logits for each)
 
     def __post_init__(self) -> None:
@@ -54,7 +58,8 @@ class GenerationConfig:
 class Generation:
     """One prompt's answer with per-token uncertainty.
 
-    ``scores[i]`` scores generated token ``tokens[i]`` against the model's distribution
+    ``scores[i]`` (empty with ``score=False``) scores generated token ``tokens[i]`` against
+    the model's distribution
     at that step (raw logits, before temperature or top-k/top-p: uncertainty is the
     model's, whatever the sampler). ``prompt_scores[j]`` (when asked for) scores prompt token ``j + 1`` given
     the tokens before it; the first prompt token has no prediction.
@@ -69,6 +74,7 @@ class Generation:
     prompt_scores: list[TokenScore] | None = None
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
+    scoring_seconds: float = 0.0  # of decode_seconds, the time spent computing scores
     token_texts: list[str] = field(default_factory=list)
 
     @property
@@ -91,6 +97,7 @@ class Generation:
             "timings": {
                 "prefill_seconds": self.prefill_seconds,
                 "decode_seconds": self.decode_seconds,
+                "scoring_seconds": self.scoring_seconds,
                 "decode_tokens_per_second": (len(self.tokens) - 1) / self.decode_seconds
                 if self.decode_seconds > 0 and len(self.tokens) > 1
                 else None,
@@ -276,11 +283,17 @@ class Backend(ABC):
         texts: list[str] = []
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         finish: FinishReason = "length"
+        scoring = 0.0
         for step in range(max_new):
             tok = self._pick(last, config, rng)
-            score = score_logits(last[None, :], [tok])[0]
+            if config.score:
+                ts = time.perf_counter()
+                score = score_logits(last[None, :], [tok])[0]
+                scoring += time.perf_counter() - ts
+                scores.append(score)
+            else:
+                score = _UNSCORED
             out.append(tok)
-            scores.append(score)
             if config.stop_at_eos and tok in self.eos_token_ids:
                 texts.append("")
                 finish = "eos"
@@ -304,6 +317,7 @@ class Backend(ABC):
             prompt_scores=prompt_scores,
             prefill_seconds=t1 - t0,
             decode_seconds=t2 - t1,
+            scoring_seconds=scoring,
             token_texts=texts,
         )
 

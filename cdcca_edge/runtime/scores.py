@@ -13,12 +13,16 @@ import numpy as np
 from cdcca_edge.core.errors import UsageError
 
 
+REF_TEMPERATURE = 0.1  # the CDCCA reference code's softmax temperature for its confidence
+
+
 @dataclass(frozen=True)
 class TokenScore:
     """Uncertainty of one position's next-token distribution, and the token actually taken.
 
     ``logprob`` is the log-probability of ``token`` under that distribution: for a prompt
     position it scores the *next* prompt token, for a generated one the sampled token.
+    ``ref_top1`` is the top-1 probability at temperature REF_TEMPERATURE (the paper's).
     """
 
     token: int
@@ -26,6 +30,7 @@ class TokenScore:
     entropy: float  # nats
     top1_prob: float
     margin: float  # top-1 minus top-2 probability
+    ref_top1: float = 1.0
 
     def as_dict(self) -> dict[str, float | int]:
         return {
@@ -34,6 +39,7 @@ class TokenScore:
             "entropy": self.entropy,
             "top1_prob": self.top1_prob,
             "margin": self.margin,
+            "ref_top1": self.ref_top1,
         }
 
 
@@ -81,9 +87,11 @@ def score_logits(logits: np.ndarray, tokens: np.ndarray | list[int]) -> list[Tok
     p1 = 1.0 / z
     p2 = e.max(axis=-1) / z if x.shape[1] > 1 else np.zeros_like(z)
     taken = shifted[rows, tokens] - log_z
+    # paper's confidence: softmax(x / 0.1); most terms underflow to 0, the sum stays >= 1
+    ref = 1.0 / np.exp(shifted * np.float32(1.0 / REF_TEMPERATURE)).sum(axis=-1)
     return [
-        TokenScore(int(t), float(lp), float(max(h, 0.0)), float(a), float(a - b))
-        for t, lp, h, a, b in zip(tokens, taken, entropy, p1, p2)
+        TokenScore(int(t), float(lp), float(max(h, 0.0)), float(a), float(a - b), float(r))
+        for t, lp, h, a, b, r in zip(tokens, taken, entropy, p1, p2, ref)
     ]
 
 
@@ -91,11 +99,13 @@ def score_logits(logits: np.ndarray, tokens: np.ndarray | list[int]) -> list[Tok
 class SampleScore:
     """Per-sample uncertainty over generated tokens.
 
-    ``confidence`` is the CDCCA reference score: the product of top-1 probabilities over
-    generated tokens (the paper's code uploads a sample when it is below a threshold).
+    ``ref_confidence`` is the CDCCA reference score: the product over generated tokens of
+    the top-1 probability at temperature 0.1 (the paper's code uploads a sample when it is
+    below 0.5). ``confidence`` is the same product at temperature 1.
     """
 
     confidence: float
+    ref_confidence: float
     mean_entropy: float
     max_entropy: float
     n_tokens: int
@@ -103,6 +113,7 @@ class SampleScore:
     def as_dict(self) -> dict[str, float | int]:
         return {
             "confidence": self.confidence,
+            "ref_confidence": self.ref_confidence,
             "mean_entropy": self.mean_entropy,
             "max_entropy": self.max_entropy,
             "n_tokens": self.n_tokens,
@@ -111,7 +122,9 @@ class SampleScore:
 
 def sample_score(scores: list[TokenScore]) -> SampleScore:
     if not scores:
-        return SampleScore(1.0, 0.0, 0.0, 0)
+        return SampleScore(1.0, 1.0, 0.0, 0.0, 0)
     ent = np.array([s.entropy for s in scores], dtype=np.float64)
     log_conf = float(np.sum(np.log(np.maximum([s.top1_prob for s in scores], 1e-30))))
-    return SampleScore(float(np.exp(log_conf)), float(ent.mean()), float(ent.max()), len(scores))
+    log_ref = float(np.sum(np.log(np.maximum([s.ref_top1 for s in scores], 1e-30))))
+    return SampleScore(float(np.exp(log_conf)), float(np.exp(log_ref)), float(ent.mean()),
+                       float(ent.max()), len(scores))

@@ -146,3 +146,31 @@ def test_patch_commands(tmp_path, capsys):
     assert _json(capsys)["recovered"] is None
     assert main(["patch", str(old)]) == 2  # no delta given
     assert main(["patch", str(old), str(tmp_path / "missing.cdcd")]) == 2
+
+
+def test_uplink_commands(exports, tmp_path, capsys):
+    from tests.runtime.test_uts import OOD, in_dist, write_jsonl
+
+    art = str(exports("llama", "gguf", "q8_0").path)
+    write_jsonl(tmp_path / "cal.jsonl", in_dist(30, seed=2), "c")
+    write_jsonl(tmp_path / "in.jsonl", in_dist(10, seed=9) + OOD, "i")
+    assert main(["uplink", "calibrate", art, "--inputs", str(tmp_path / "cal.jsonl"), "--rate", "0.1",
+                 "-o", str(tmp_path / "calib.json"), "-n", "8", "--json"]) == 0
+    cal = _json(capsys)
+    assert cal["score"] == "surprise" and cal["n_samples"] == 30
+    assert main(["uplink", "collect", art, "--inputs", str(tmp_path / "in.jsonl"), "--calib",
+                 str(tmp_path / "calib.json"), "-o", str(tmp_path / "b.cdcu"), "--json"]) == 0
+    rep = _json(capsys)
+    assert rep["n_seen"] == 18 and rep["n_uploaded"] >= 1 and rep["calibration_matches"]
+    assert main(["uplink", "inspect", str(tmp_path / "b.cdcu"), "--json"]) == 0
+    info = _json(capsys)
+    assert len(info["samples"]) == rep["n_uploaded"]
+    # human output names sizes; broken inputs exit 3
+    assert main(["uplink", "collect", art, "--inputs", str(tmp_path / "in.jsonl"), "--calib",
+                 str(tmp_path / "calib.json"), "-o", str(tmp_path / "b2.cdcu")]) == 0
+    assert "raw input bytes" in capsys.readouterr().out
+    (tmp_path / "bad.jsonl").write_text("not json\n")
+    assert main(["uplink", "collect", art, "--inputs", str(tmp_path / "bad.jsonl"), "--calib",
+                 str(tmp_path / "calib.json"), "-o", str(tmp_path / "b3.cdcu")]) == 3
+    (tmp_path / "b.cdcu").write_bytes((tmp_path / "b.cdcu").read_bytes()[:-1])
+    assert main(["uplink", "inspect", str(tmp_path / "b.cdcu")]) == 3

@@ -151,26 +151,31 @@ def test_lowrank_round_trip(model, tmp_path, type_name):
     assert compute_identity(open_artifact(model)).digest == summary.target_identity
 
 
-def test_onnx_initializers_patched_and_run(tmp_path):
-    """F32 and F16 initializers in ONNX external data, all three encodings; onnxruntime
-    then computes with the new weights."""
+@pytest.mark.parametrize("init", ["w32", "w16"])
+@pytest.mark.parametrize("encoding", ["replace", "qadd", "lowrank"])
+def test_onnx_initializers_patched_and_run(tmp_path, init, encoding):
+    """F32 and F16 initializers in ONNX external data, every encoding; onnxruntime then
+    computes with the new weights."""
+    import onnx
     import onnxruntime as ort
+    from onnx import numpy_helper
 
     d = make_onnx(tmp_path / "onnx")
     rng = np.random.default_rng(4)
+    es = 4 if init == "w32" else 2
     b = DeltaBuilder(d)
-    b.replace_units("w32", [3], [5], rng.standard_normal(5).astype(np.float32).tobytes())
-    b.add_quantized("w16", [(2, 3)], np.full(3, 0.01, np.float16), rng.integers(-100, 100, 96), bits=8)
-    b.add_low_rank("w32", np.ones((1, 64)), np.ones((8, 1)) * 0, 1.0) if False else None
+    if encoding == "replace":
+        vals = rng.standard_normal(5).astype(np.float32 if init == "w32" else np.float16)
+        b.replace_units(init, [3], [5], vals.tobytes())
+    elif encoding == "qadd":
+        b.add_quantized(init, [(2, 3)], np.full(3, 0.01, np.float16), rng.integers(-100, 100, 96), bits=8)
+    else:
+        b.add_low_rank(init, rng.standard_normal((2, 64)) * 0.1, rng.standard_normal((8, 2)) * 0.1, 0.5)
     summary = b.write(tmp_path / "d.cdcd")
+    before = (d / "model.onnx_data").read_bytes()
     apply_delta(d, tmp_path / "d.cdcd")
     assert compute_identity(open_artifact(d)).digest == summary.target_identity
-    b2 = DeltaBuilder(d)
-    b2.add_low_rank("w16", rng.standard_normal((2, 64)) * 0.1, rng.standard_normal((8, 2)) * 0.1, 0.5)
-    apply_delta(d, b2.write(tmp_path / "d2.cdcd").path)
-    from onnx import numpy_helper
-    import onnx
-
+    assert (d / "model.onnx_data").read_bytes() != before and es
     m = onnx.load(str(d / "model.onnx"))
     w = sum(numpy_helper.to_array(i).astype(np.float32) for i in m.graph.initializer)
     x = rng.standard_normal((1, 8)).astype(np.float32)

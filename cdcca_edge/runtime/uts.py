@@ -1,0 +1,334 @@
+"""UTS, uncertainty-guided sampling: what the device uploads, decided on the device.
+
+Sample stage: each input is answered as usual; its uncertainty (computed from the logits
+already produced) is compared with a threshold calibrated on in-distribution inputs so that
+a chosen fraction of them would be uploaded. Token stage: answer tokens whose entropy is
+above a calibrated threshold are flagged and weigh more in the cloud's distillation loss;
+visual tokens (multimodal models) are scored as out of distribution against calibration
+statistics — a diagonal Mahalanobis distance — and only the top fraction is kept. The
+``random`` selector uploads as many samples, chosen at random, for fair comparisons.
+Spec of the calibration file: docs/formats/uplink.md, section 5.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Literal
+
+import numpy as np
+
+from cdcca_edge.core.errors import FormatError, UsageError
+from cdcca_edge.runtime.base import Backend, Generation, GenerationConfig
+
+SAMPLE_SCORES = ("confidence", "ref_confidence", "mean_entropy", "max_entropy")
+CALIB_FORMAT = "cdcca-calibration"
+CALIB_VERSION = 1
+Selector = Literal["uts", "random"]
+
+def _prompt_nll(g: Generation) -> float:
+    """Mean negative log-likelihood of the prompt's tokens under the model (nats)."""
+    if not g.prompt_scores:
+        return 0.0
+    return -sum(s.logprob for s in g.prompt_scores) / len(g.prompt_scores)
+
+
+# Sample uncertainty scores, larger = less certain. The answer-side ones follow the paper;
+# the prompt-side ones measure how surprising the input itself is, which is what finds
+# inputs from another domain when the model answers them confidently anyway
+# (docs/formats/uplink.md, section 5, has the measured comparison).
+SCORES: dict[str, Callable[[Generation], float]] = {
+    "mean_entropy": lambda g: g.sample.mean_entropy,
+    "max_entropy": lambda g: g.sample.max_entropy,
+    "neg_log_confidence": lambda g: -math.log(max(g.sample.confidence, 1e-300)),
+    # the paper's: product of top-1 probabilities at temperature 0.1 (below 0.5 -> upload)
+    "ref_confidence": lambda g: -math.log(max(g.sample.ref_confidence, 1e-300)),
+    "prompt_nll": _prompt_nll,
+    "surprise": lambda g: _prompt_nll(g) + g.sample.mean_entropy,  # input + answer
+}
+NEEDS_PROMPT_SCORES = ("prompt_nll", "surprise")
+DEFAULT_SCORE = "surprise"
+
+
+def generation_config(score: str, max_tokens: int) -> GenerationConfig:
+    """What to compute while answering: prompt scores only when the score needs them."""
+    return GenerationConfig(max_tokens=max_tokens, score_prompt=score in NEEDS_PROMPT_SCORES)
+
+
+def sample_uncertainty(gen: Generation, score: str) -> float:
+    try:
+        return SCORES[score](gen)
+    except KeyError:
+        raise UsageError(f"unknown score {score!r}; choose one of {', '.join(SCORES)}") from None
+
+
+@dataclass
+class VisualStats:
+    """Per-dimension mean and variance of in-distribution visual tokens (D,), (D,)."""
+
+    mean: list[float]
+    var: list[float]
+    keep: float = 0.5  # fraction of visual tokens uploaded (the paper's best mask ratio)
+
+    @classmethod
+    def fit(cls, tokens: np.ndarray, keep: float = 0.5, eps: float = 1e-6) -> "VisualStats":
+        """From calibration tokens (N, D)."""
+        x = np.asarray(tokens, dtype=np.float64).reshape(-1, np.shape(tokens)[-1])  # (N, D)
+        return cls(x.mean(0).tolist(), (x.var(0) + eps).tolist(), keep)
+
+    def ood_scores(self, tokens: np.ndarray) -> np.ndarray:
+        """Squared diagonal Mahalanobis distance of each token, per dimension. (T, D) -> (T,)
+
+        A real out-of-distribution score: it grows with how far a token lies from what the
+        vision tower produced on calibration images, in units of their spread. (MC dropout
+        applied to the features themselves, as in the reference code, reduces to a token's
+        mean squared activation and ignores the calibration data.)"""
+        x = np.asarray(tokens, dtype=np.float64)
+        mu, var = np.asarray(self.mean), np.asarray(self.var)
+        return (((x - mu) ** 2) / var).mean(-1)
+
+    def select(self, tokens: np.ndarray) -> np.ndarray:
+        """Indices (ascending) of the ``keep`` fraction of tokens most out of distribution."""
+        scores = self.ood_scores(tokens)
+        k = max(1, int(round(len(scores) * self.keep)))
+        return np.sort(np.argsort(-scores, kind="stable")[:k])
+
+
+@dataclass
+class Calibration:
+    """Thresholds fitted on in-distribution inputs; travels with the artefact."""
+
+    artifact_identity: str
+    score: str
+    rate: float  # fraction of in-distribution samples the threshold uploads
+    threshold: float  # upload when uncertainty > threshold
+    token_rate: float
+    token_threshold: float  # flag answer tokens with entropy > this
+    max_tokens: int
+    n_samples: int
+    n_tokens: int
+    quantiles: dict[str, float] = field(default_factory=dict)
+    visual: VisualStats | None = None
+
+    def save(self, path: str | Path) -> None:
+        doc = {"format": CALIB_FORMAT, "version": CALIB_VERSION, **asdict(self)}
+        Path(path).write_text(json.dumps(doc, indent=1) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Calibration":
+        try:
+            doc = json.loads(Path(path).read_text())
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise FormatError(f"{path}: not valid JSON ({exc})") from exc
+        if not isinstance(doc, dict) or doc.get("format") != CALIB_FORMAT or doc.get("version") != CALIB_VERSION:
+            raise FormatError(f"{path}: not a version-{CALIB_VERSION} calibration file; make one "
+                              "with `cdcca-edge uplink calibrate`")
+        try:
+            visual = VisualStats(**doc["visual"]) if doc.get("visual") else None
+            cal = cls(**{k: doc[k] for k in (
+                "artifact_identity", "score", "rate", "threshold", "token_rate", "token_threshold",
+                "max_tokens", "n_samples", "n_tokens")}, quantiles=doc.get("quantiles", {}), visual=visual)
+        except (KeyError, TypeError) as exc:
+            raise FormatError(f"{path}: calibration file lacks or mistypes {exc}") from exc
+        if cal.score not in SCORES:
+            raise FormatError(f"{path}: unknown score {cal.score!r}")
+        return cal
+
+
+def read_inputs(path: str | Path) -> list[dict[str, Any]]:
+    """JSON Lines of ``{"id"?: str, "prompt": str, "image"?: path}``; ids default to
+    the line number. Image paths are relative to the file.
+
+    Raises:
+        FormatError: a line is not such an object.
+    """
+    path = Path(path)
+    out = []
+    seen = set()
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise FormatError(f"{path}:{n}: not valid JSON ({exc})") from exc
+        if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str):
+            raise FormatError(f'{path}:{n}: expected {{"prompt": "...", "id"?: ..., "image"?: ...}}')
+        sid = str(obj.get("id", n))
+        if sid in seen:
+            raise FormatError(f"{path}:{n}: duplicate id {sid!r}")
+        seen.add(sid)
+        item = {"id": sid, "prompt": obj["prompt"], "raw_bytes": len(line.encode())}
+        if obj.get("image") is not None:
+            img = (path.parent / str(obj["image"])).resolve()
+            if not img.is_file():
+                raise FormatError(f"{path}:{n}: image {obj['image']!r} not found")
+            item["image"] = img
+            item["raw_bytes"] += img.stat().st_size
+        out.append(item)
+    if not out:
+        raise FormatError(f"{path}: no inputs")
+    return out
+
+
+def calibrate(
+    model: Backend,
+    prompts: Iterable[str],
+    artifact_identity: str,
+    rate: float = 0.1,
+    token_rate: float = 0.2,
+    score: str = DEFAULT_SCORE,
+    max_tokens: int = 32,
+    progress: Callable[[int], None] | None = None,
+) -> Calibration:
+    """Fit the thresholds that upload ``rate`` of these in-distribution samples and flag
+    ``token_rate`` of their answer tokens."""
+    for name, r in (("rate", rate), ("token_rate", token_rate)):
+        if not 0.0 < r < 1.0:
+            raise UsageError(f"{name} must be in (0, 1), got {r}")
+    if score not in SCORES:
+        raise UsageError(f"unknown score {score!r}; choose one of {', '.join(SCORES)}")
+    cfg = generation_config(score, max_tokens)
+    sample_u, token_h = [], []
+    for i, prompt in enumerate(prompts):
+        gen = model.generate(prompt, cfg)
+        sample_u.append(sample_uncertainty(gen, score))
+        token_h.extend(s.entropy for s in gen.scores)
+        if progress:
+            progress(i + 1)
+    if len(sample_u) < 10:
+        raise UsageError(f"{len(sample_u)} calibration inputs are too few; give at least 10")
+    u = np.asarray(sample_u)
+    h = np.asarray(token_h) if token_h else np.zeros(1)
+    return Calibration(
+        artifact_identity=artifact_identity, score=score, rate=rate,
+        threshold=float(np.quantile(u, 1.0 - rate)), token_rate=token_rate,
+        token_threshold=float(np.quantile(h, 1.0 - token_rate)), max_tokens=max_tokens,
+        n_samples=len(u), n_tokens=len(token_h),
+        quantiles={f"q{int(q * 100)}": float(np.quantile(u, q)) for q in (0.1, 0.5, 0.9, 0.99)},
+    )
+
+
+@dataclass
+class Decision:
+    """One input's outcome: its answer, uncertainty, and whether it goes up."""
+
+    item: dict[str, Any]
+    generation: Generation
+    uncertainty: float
+    upload: bool = False
+
+
+def decide(decisions: list[Decision], calib: Calibration, selector: Selector, seed: int = 0) -> None:
+    """Mark uploads: ``uts`` above the threshold; ``random`` the same number at random."""
+    chosen = [d.uncertainty > calib.threshold for d in decisions]
+    if selector == "random":
+        k = sum(chosen)
+        rng = np.random.default_rng(seed)
+        picks = set(rng.choice(len(decisions), size=k, replace=False).tolist()) if k else set()
+        chosen = [i in picks for i in range(len(decisions))]
+    elif selector != "uts":
+        raise UsageError(f"unknown selector {selector!r}; choose uts or random")
+    for d, c in zip(decisions, chosen):
+        d.upload = c
+
+
+def token_weights(gen: Generation, calib: Calibration, low_weight: float) -> tuple[np.ndarray, np.ndarray]:
+    """(flags, weights) for the answer tokens: flagged where entropy > token threshold."""
+    ent = np.array([s.entropy for s in gen.scores], dtype=np.float32)
+    flags = ent > calib.token_threshold
+    return flags.astype(np.uint8), np.where(flags, 1.0, low_weight).astype(np.float16)
+
+
+@dataclass
+class CollectReport:
+    bundle: str
+    selector: str
+    n_seen: int
+    n_uploaded: int
+    bundle_bytes: int
+    raw_input_bytes: int  # every input seen (prompt JSON line + image file)
+    uploaded_raw_bytes: int  # the raw inputs of the uploaded samples only
+    decode_seconds: float
+    scoring_seconds: float  # part of decode_seconds spent on uncertainty scores
+    uploaded_ids: list[str]
+    calibration_matches: bool  # calibration made on this very artefact identity
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def collect(
+    model: Backend,
+    inputs: list[dict[str, Any]],
+    calib: Calibration,
+    out: str | Path,
+    artifact_identity: str,
+    artifact_version: int | None = None,
+    selector: Selector = "uts",
+    include_raw: bool = False,
+    low_weight: float = 0.1,
+    seed: int = 0,
+    progress: Callable[[int], None] | None = None,
+) -> CollectReport:
+    """Answer every input, select uploads, write the bundle, report what it cost."""
+    from cdcca_edge.core.uplink_format import UplinkSample, write_uplink
+
+    if any("image" in it for it in inputs):
+        raise UsageError("these inputs have images; image inputs need a multimodal artefact")
+    cfg = generation_config(calib.score, calib.max_tokens)
+    decisions = []
+    decode = scoring = 0.0
+    for i, item in enumerate(inputs):
+        gen = model.generate(item["prompt"], cfg)
+        decode += gen.prefill_seconds + gen.decode_seconds
+        scoring += gen.scoring_seconds
+        decisions.append(Decision(item, gen, sample_uncertainty(gen, calib.score)))
+        if progress:
+            progress(i + 1)
+    decide(decisions, calib, selector, seed)
+    samples = []
+    for d in decisions:
+        if not d.upload:
+            continue
+        g = d.generation
+        flags, weights = token_weights(g, calib, low_weight)
+        sc = g.sample
+        arrays: dict[str, Any] = {
+            "prompt_ids": np.asarray(g.prompt_tokens, dtype=np.uint32),
+            "answer_ids": np.asarray(g.tokens, dtype=np.uint32),
+            "token_entropy": np.asarray([s.entropy for s in g.scores], dtype=np.float16),
+            "token_flags": flags,
+            "token_weights": weights,
+            # confidence, ref_confidence, mean_entropy, max_entropy (SAMPLE_SCORES order)
+            "sample_scores": np.asarray([getattr(sc, k) for k in SAMPLE_SCORES], dtype=np.float32),
+        }
+        if g.prompt_scores is not None:  # log-probability of prompt tokens 1..n-1
+            arrays["prompt_logprob"] = np.asarray([s.logprob for s in g.prompt_scores], dtype=np.float16)
+        meta: dict[str, Any] = {
+            "prompt": d.item["prompt"], "answer": g.text, "uncertainty": round(d.uncertainty, 6),
+            "raw_bytes": d.item["raw_bytes"],
+        }
+        samples.append(UplinkSample(d.item["id"], meta, arrays))
+    header = {
+        "artifact_identity": artifact_identity,
+        "artifact_version": artifact_version,
+        "selector": selector,
+        "n_seen": len(decisions),
+        "raw_input_bytes": sum(d.item["raw_bytes"] for d in decisions),
+        "include_raw": include_raw,
+        "calibration": {k: v for k, v in asdict(calib).items() if k not in ("visual", "quantiles")},
+        "low_weight": low_weight,
+    }
+    write_uplink(out, header, samples)
+    return CollectReport(
+        bundle=str(out), selector=selector, n_seen=len(decisions), n_uploaded=len(samples),
+        bundle_bytes=Path(out).stat().st_size, raw_input_bytes=header["raw_input_bytes"],
+        uploaded_raw_bytes=sum(d.item["raw_bytes"] for d in decisions if d.upload),
+        decode_seconds=decode, scoring_seconds=scoring,
+        uploaded_ids=[d.item["id"] for d in decisions if d.upload],
+        calibration_matches=calib.artifact_identity == artifact_identity,
+    )
