@@ -10,7 +10,8 @@ Writes bench/results/uts.json and the "uts" section of docs/benchmarks.md.
    scores (needed by the prompt_nll/surprise scores) versus without.
 2. Selection quality: area under the ROC curve of each sample score for telling
    out-of-domain prompts from in-domain ones — the tiny demo model (in-domain: its shapes
-   corpus) and SmolLM2 (in-domain: plain English; shifted: other languages, code, noise).
+   corpus; shifted: other languages, code, noise) and SmolLM2 (in-domain: plain everyday
+   English; shifted: other languages and noise — not code, which SmolLM2 was trained on).
 3. Uplink size: `collect` over a stream of in- and out-of-domain inputs (10% upload rate
    calibrated in-domain): bundle bytes versus raw input bytes, and how many shifted inputs
    went up with UTS versus the random selector at the same count.
@@ -34,23 +35,44 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import machine, smollm2_hf_dir, update_section, write_results  # noqa: E402
 from cdcca_edge.core.paths import cache_dir  # noqa: E402
 
-SUBJECTS = ["The river", "My grandmother", "The new library", "A small bakery", "The city council",
-            "Our teacher", "The old bridge", "This morning the train", "The museum", "A young doctor"]
-VERBS = ["opened", "explained", "described", "repaired", "visited", "announced", "painted", "measured"]
-OBJECTS = ["the garden behind the house", "a long letter to her friends", "the results of the survey",
-           "the roof before winter", "three schools in the north", "a plan for the summer festival"]
+# SmolLM2's in-domain stream: plain everyday English (written for this benchmark).
+ENGLISH = [
+    "The farmers market opens every Saturday morning, and", "After dinner we usually take the dog for a walk around",
+    "My sister is learning to play the piano because", "The train to the city was late again this morning, so",
+    "When it rains in the afternoon, the children play", "She bought fresh bread and a bag of apples at",
+    "The library will be closed on Monday for", "He forgot his umbrella at the office and had to",
+    "Our neighbours are painting their house a bright", "The recipe says to bake the cake for forty minutes at",
+    "Every summer my grandparents visit the lake where", "The new coffee shop on the corner serves",
+    "I need to remember to call the dentist about", "The football match was cancelled because of",
+    "They planted tomatoes and beans in the garden behind", "It takes about twenty minutes to walk from here to",
+    "The teacher asked the students to write a short story about", "We watched a funny movie last night about a family that",
+    "The museum has a new exhibition of paintings from", "Please turn off the lights when you leave the",
+    "The bus driver smiled and told us that", "My favourite season is autumn because the leaves",
+    "The hotel room had a small balcony with a view of", "Before the meeting starts, could you print",
+    "The baby finally fell asleep after", "He made a cup of tea and sat down to read",
+    "The shop sells second-hand books, old maps and", "On weekends the park is full of people who",
+    "She wrote a letter to her best friend to say", "The soup needs a little more salt and",
+    "The children were excited about the school trip to", "We should leave early to avoid the traffic on",
+    "The doctor said that I should drink more water and", "It was the coldest winter anyone could remember, and",
+    "The cat likes to sleep on the warm windowsill when", "My brother fixed the old bicycle so that",
+    "The restaurant was so busy that we had to wait", "I am looking forward to the holidays because",
+    "The weather forecast says it will be sunny until", "They moved to a smaller flat closer to",
+]
 SHIFTED = [
     "Der Hund läuft schnell über die Wiese und", "La voiture rouge est garée devant la",
-    "Il gatto dorme sul divano mentre la", "def quicksort(arr):\n    if len(arr) <= 1:\n",
-    "SELECT id, name FROM accounts WHERE balance >", "for (int i = 0; i < n; ++i) { sum +=",
-    "aGVsbG8gd29ybGQgdGhpcyBpcyBiYXNlNjQ=", "xq zvtr plom qweer bnnmx kloo", "Suomen kieli on",
-    "Tämä talo on hyvin", "0x7f 0x45 0x4c 0x46 0x02 0x01 0x01", "<div class=\"row\"><span id=",
+    "Il gatto dorme sul divano mentre la", "Suomen kieli on hyvin vaikea, koska",
+    "Tämä talo on hyvin vanha ja", "Ο σκύλος τρέχει γρήγορα στο", "Собака быстро бежит по",
+    "aGVsbG8gd29ybGQgdGhpcyBpcyBiYXNlNjQ=", "xq zvtr plom qweer bnnmx kloo fj",
+    "0x7f 0x45 0x4c 0x46 0x02 0x01 0x01 0x00", "lorem ipsum dolor sit amet consectetur adipiscing",
+    "zzkq wwpl ttrx vvbn qqml ssdf",
 ]
+TINY_SHIFTED = SHIFTED + ["def quicksort(arr):\n    if len(arr) <= 1:\n", "SELECT id FROM accounts WHERE"]
 
 
 def english(n: int, seed: int) -> list[str]:
+    """n in-domain prompts, drawn from ENGLISH (with repeats beyond 40)."""
     rng = random.Random(seed)
-    return [f"{rng.choice(SUBJECTS)} {rng.choice(VERBS)} {rng.choice(OBJECTS)} and" for _ in range(n)]
+    return [rng.choice(ENGLISH) for _ in range(n)]
 
 
 def auroc(neg: list[float], pos: list[float]) -> float:
@@ -146,8 +168,8 @@ def main() -> None:
           for s in tiny_corpus(400, seed=123)]
     with load(tiny_gguf) as m:
         ident = compute_identity(open_artifact(tiny_gguf)).digest
-        doc["tiny_auroc"] = score_table(m, qs[:60], SHIFTED, 12)
-        doc["tiny_collect"] = collect_case(m, ident, qs[100:200], qs[200:300], SHIFTED * 2, work)
+        doc["tiny_auroc"] = score_table(m, qs[:60], TINY_SHIFTED, 12)
+        doc["tiny_collect"] = collect_case(m, ident, qs[100:200], qs[200:300], TINY_SHIFTED * 2, work)
 
     # --- SmolLM2 ------------------------------------------------------------------------
     hf = smollm2_hf_dir()
@@ -160,7 +182,7 @@ def main() -> None:
         onnx = export(hf, onnx, "onnx").path
     from transformers import AutoTokenizer
 
-    text = " ".join(english(40, 5))
+    text = " ".join(ENGLISH)
     prompt_ids = AutoTokenizer.from_pretrained(hf)(text)["input_ids"][:128]
     doc["overhead"] = {}
     for name, path in (("llama", gguf), ("onnx", onnx)):
@@ -169,7 +191,7 @@ def main() -> None:
             print(f"{name}: {doc['overhead'][name]}", file=sys.stderr)
     with load(gguf, n_ctx=512) as m:
         ident = compute_identity(open_artifact(gguf)).digest
-        doc["smollm2_auroc"] = score_table(m, english(60, 1), SHIFTED, 12)
+        doc["smollm2_auroc"] = score_table(m, ENGLISH, SHIFTED, 12)
         doc["smollm2_collect"] = collect_case(m, ident, english(100, 2), english(100, 3), SHIFTED * 2, work)
 
     path = write_results("uts", doc)
@@ -194,7 +216,8 @@ Per-token scoring (entropy, top-1, margin, the paper's T=0.1 confidence) during 
 | onnxruntime (f32) | {ov['onnx']['decode_seconds_scored']:.3f} s | {ov['onnx']['decode_seconds_unscored']:.3f} s | {ov['onnx']['decode_overhead']:+.1%} | {ov['onnx']['prefill_overhead']:+.1%} |
 
 Area under the ROC curve of each sample score for telling shifted prompts (other
-languages, code, noise) from in-domain ones (1.0 = perfect, 0.5 = chance):
+languages, noise; code too for the tiny model) from in-domain ones (1.0 = perfect,
+0.5 = chance):
 
 | score | tiny demo model | SmolLM2-135M |
 |---|---:|---:|

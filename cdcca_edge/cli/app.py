@@ -205,6 +205,26 @@ def _progress(total: int, what: str, quiet: bool) -> Iterator[Callable[[int], No
         yield lambda n: bar.update(task, completed=n)
 
 
+@contextmanager
+def _stage_progress(quiet: bool) -> Iterator[Callable[[str, int, int], None]]:
+    """A progress bar whose task changes with the stage: ``tick(stage, done, total)``."""
+    if quiet:
+        yield lambda _s, _d, _t: None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+    with Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
+                  TimeRemainingColumn(), console=err, transient=True) as bar:
+        tasks: dict[str, int] = {}
+
+        def tick(stage: str, done: int, total: int) -> None:
+            if stage not in tasks:
+                tasks[stage] = bar.add_task(stage, total=total)
+            bar.update(tasks[stage], completed=done, total=total)
+
+        yield tick
+
+
 def print_score_table(result: "Generation") -> None:
     from rich.table import Table
 
@@ -455,6 +475,60 @@ def uplink_inspect(
     for s in samples:
         out.print(f"  {s['id']}: uncertainty {s.get('uncertainty', 0):.3f}  {s.get('answer', '')!r}",
                   highlight=False)
+
+
+@app.command()
+def distill(
+    teacher: Annotated[Path, typer.Option(help="Teacher HF model directory (cloud).")],
+    student: Annotated[Path, typer.Option(help="Student HF model directory (the device's model).")],
+    bundle: Annotated[list[Path], typer.Option(help="Uplink bundle (.cdcu); repeatable.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Output: the PEFT adapter directory.")],
+    adapter: Annotated[str, typer.Option(help="lora, or bias-norm (LN tuning + bias terms).")] = "lora",
+    epochs: Annotated[int, typer.Option(help="Passes over the uploaded samples.")] = 3,
+    lr: Annotated[float, typer.Option(help="AdamW learning rate.")] = 1e-3,
+    batch_size: Annotated[int, typer.Option(help="Samples per step.")] = 8,
+    max_new_tokens: Annotated[int, typer.Option(help="Teacher pseudo-label length.")] = 16,
+    ce_weight: Annotated[float, typer.Option(help="Weight of CE on teacher pseudo-labels.")] = 1.0,
+    kd_weight: Annotated[float, typer.Option(help="Weight of logit KD.")] = 1.0,
+    kd_loss: Annotated[str, typer.Option(help="forward_kl, reverse_kl or jsd.")] = "forward_kl",
+    kd_temperature: Annotated[float, typer.Option(help="KD softmax temperature.")] = 2.0,
+    device_kd: Annotated[bool, typer.Option("--device-kd/--no-device-kd", help="Also KD on the device's uploaded answers, token-weighted.")] = True,
+    feature_weight: Annotated[float, typer.Option(help="Weight of last-hidden-state feature KD.")] = 1.0,
+    lora_r: Annotated[int, typer.Option(help="LoRA rank.")] = 8,
+    lora_alpha: Annotated[int, typer.Option(help="LoRA alpha.")] = 16,
+    target_modules: Annotated[Optional[str], typer.Option(help="LoRA targets, comma-separated (default: all projections).")] = None,
+    holdout: Annotated[float, typer.Option(help="Fraction of samples held out for the report.")] = 0.2,
+    seed: Annotated[int, typer.Option(help="Seed: same inputs and seed, same adapter.")] = 0,
+    merge: Annotated[bool, typer.Option("--merge", help="Also write the merged model to OUTPUT/merged.")] = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """AKD: distil the teacher into a PEFT adapter on the student, from uplink bundles."""
+    from cdcca_edge.cloud.akd import DEFAULT_LORA_TARGETS, AKDConfig
+    from cdcca_edge.cloud.akd import distill as run_distill
+
+    cfg = AKDConfig(
+        adapter=adapter, lora_r=lora_r, lora_alpha=lora_alpha,  # type: ignore[arg-type]
+        target_modules=tuple(target_modules.split(",")) if target_modules else DEFAULT_LORA_TARGETS,
+        epochs=epochs, lr=lr, batch_size=batch_size, max_new_tokens=max_new_tokens,
+        ce_weight=ce_weight, kd_weight=kd_weight, kd_loss=kd_loss,  # type: ignore[arg-type]
+        kd_temperature=kd_temperature, kd_on_device_answer=device_kd,
+        feature_weight=feature_weight, holdout=holdout, seed=seed,
+    )
+    with _stage_progress(json_out) as tick:
+        report = run_distill(teacher, student, bundle, output, cfg, merge=merge, progress=tick)
+    if json_out:
+        print_json(report.as_dict())
+        return
+    b, a = report.agreement_before, report.agreement_after
+    out.print(f"{output}: {report.config['adapter']} adapter, {report.trainable_params:,} trainable "
+              f"parameters, {report.steps} steps on {report.n_train} samples [{report.seconds:.1f} s]",
+              highlight=False)
+    for split in ("bundle", "holdout"):
+        out.print(f"  teacher agreement on {split}: tokens {b[split]['token_agreement']:.1%} -> "
+                  f"{a[split]['token_agreement']:.1%}, answers {b[split]['answer_match']:.1%} -> "
+                  f"{a[split]['answer_match']:.1%}", highlight=False)
+    if report.merged:
+        out.print(f"  merged model: {report.merged}", highlight=False)
 
 
 @app.command()

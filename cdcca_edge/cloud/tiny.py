@@ -28,13 +28,24 @@ RELATIONS = ("left of", "right of", "above", "below")
 EOS_TOKEN = "<|endoftext|>"
 
 
-def tiny_corpus(n: int = 2000, seed: int = 0) -> list[str]:
-    """``n`` short sentences and question/answer pairs about coloured shapes."""
+Domain = Literal["all", "source", "target"]
+
+# The device's world drifts from a source domain (some colours, shapes and phrasings) to
+# a target domain (others): the student learns the first, the teacher knows both.
+SOURCE_COLOURS, TARGET_COLOURS = COLOURS[:4], COLOURS[4:]
+SOURCE_SHAPES, TARGET_SHAPES = SHAPES[:3], SHAPES[3:]
+
+
+def tiny_corpus(n: int = 2000, seed: int = 0, domain: Domain = "all") -> list[str]:
+    """``n`` short sentences and question/answer pairs about coloured shapes, from the
+    source domain, the target domain, or both."""
     rng = random.Random(seed)
+    colours = {"all": COLOURS, "source": SOURCE_COLOURS, "target": TARGET_COLOURS}[domain]
+    shapes = {"all": SHAPES, "source": SOURCE_SHAPES, "target": TARGET_SHAPES}[domain]
     out = []
     for _ in range(n):
-        c1, c2 = rng.choice(COLOURS), rng.choice(COLOURS)
-        s1, s2 = rng.sample(SHAPES, 2)
+        c1, c2 = rng.choice(colours), rng.choice(colours)
+        s1, s2 = rng.sample(shapes, 2)
         kind = rng.randrange(5)
         if kind == 0:
             out.append(f"the {c1} {s1} is {rng.choice(RELATIONS)} the {c2} {s2}.")
@@ -90,6 +101,7 @@ class TinySpec:
     tie_word_embeddings: bool = False
     train_steps: int = 300  # optimiser steps on the embedded corpus; 0 keeps random weights
     seed: int = 0
+    domain: Domain = "all"  # which part of the corpus it is trained on
 
 
 def tiny_config(spec: TinySpec, vocab_size: int) -> "PretrainedConfig":
@@ -120,15 +132,18 @@ def tiny_config(spec: TinySpec, vocab_size: int) -> "PretrainedConfig":
 def build_tiny_model(out_dir: str | Path, spec: TinySpec = TinySpec()) -> Path:
     """Build (and briefly train) a tiny causal LM and save it with its tokenizer.
 
-    Deterministic for a given ``spec``: same seed, same weights. Returns ``out_dir``.
+    Deterministic for a given ``spec``: same seed, same weights. Every tiny model gets the
+    same tokenizer. Returns ``out_dir``.
     """
     import torch
     from transformers import AutoModelForCausalLM
 
     out_dir = Path(out_dir)
     torch.manual_seed(spec.seed)
-    texts = tiny_corpus(seed=spec.seed)
-    tokenizer = train_tokenizer(texts, spec.vocab_size)
+    texts = tiny_corpus(seed=spec.seed, domain=spec.domain)
+    # One tokenizer for every tiny model (trained on the whole corpus, fixed seed), so that
+    # teachers and students share a vocabulary, as logit distillation needs.
+    tokenizer = train_tokenizer(tiny_corpus(seed=0), spec.vocab_size)
     config = tiny_config(spec, len(tokenizer))
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     if spec.train_steps:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cdcca_edge.core.adapters import BIAS_ADAPTER_DIR
 from cdcca_edge.core.errors import FormatError, UsageError, require
 
 # HF ``model_type`` -> our architecture family. Both are decoder-only with RMSNorm, SwiGLU
@@ -92,9 +93,14 @@ def merge_adapter(model: Any, adapter_dir: Path) -> Any:
             "adapter was trained on"
         ) from exc
     try:
-        return peft_model.merge_and_unload(safe_merge=True)
+        merged = peft_model.merge_and_unload(safe_merge=True)
     except ValueError as exc:  # peft raises ValueError when the merge yields NaNs
         raise UsageError(f"{adapter_dir}: merging the adapter failed ({exc})") from exc
+    # AKD's bias-norm mode keeps bias deltas in a second adapter beside the first
+    bias_dir = adapter_dir / BIAS_ADAPTER_DIR
+    if (bias_dir / "adapter_config.json").is_file():
+        merged = merge_adapter(merged, bias_dir)
+    return merged
 
 
 def state_dict_digest(model: Any) -> str:

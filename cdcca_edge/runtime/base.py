@@ -19,7 +19,13 @@ from typing import TYPE_CHECKING, Any, Callable, Generator, Literal, Sequence
 import numpy as np
 
 from cdcca_edge.core.errors import UsageError
-from cdcca_edge.runtime.scores import SampleScore, TokenScore, sample_score, score_logits
+from cdcca_edge.runtime.scores import (
+    RowScorer,
+    SampleScore,
+    TokenScore,
+    sample_score,
+    score_logits,
+)
 
 if TYPE_CHECKING:
     from cdcca_edge.core.patch import PatchResult
@@ -251,6 +257,12 @@ class Backend(ABC):
                 if on_token is not None:
                     on_token(event)
 
+    def _row_scorer(self) -> RowScorer:
+        scorer = self.__dict__.get("_scorer")
+        if scorer is None:
+            scorer = self.__dict__["_scorer"] = RowScorer(self.n_vocab)
+        return scorer
+
     def _check_len(self, n: int) -> None:
         if n == 0:
             raise UsageError("empty prompt: nothing to run")
@@ -284,14 +296,18 @@ class Backend(ABC):
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         finish: FinishReason = "length"
         scoring = 0.0
+        scorer = self._row_scorer()
+        greedy = config.temperature == 0.0
         for step in range(max_new):
-            tok = self._pick(last, config, rng)
             if config.score:
                 ts = time.perf_counter()
-                score = score_logits(last[None, :], [tok])[0]
+                # greedy: the scorer's argmax is the choice, one pass over the vocabulary less
+                score = scorer(last) if greedy else scorer(last, self._pick(last, config, rng))
                 scoring += time.perf_counter() - ts
                 scores.append(score)
+                tok = score.token
             else:
+                tok = self._pick(last, config, rng)
                 score = _UNSCORED
             out.append(tok)
             if config.stop_at_eos and tok in self.eos_token_ids:

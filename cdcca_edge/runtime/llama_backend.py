@@ -147,7 +147,8 @@ class LlamaCppBackend(Backend):
             raise UsageError("forward() needs at least one token")
         if self._n_past + n > self.n_ctx:
             raise UsageError(f"sequence of {self._n_past + n} tokens exceeds n_ctx={self.n_ctx}")
-        rows = np.empty((n if all_logits else 1, self._n_vocab), dtype=np.float32)  # (T|1, V)
+        rows = np.empty((n, self._n_vocab), dtype=np.float32) if all_logits else None  # (T, V)
+        last = None
         b = self._batch
         for start in range(0, n, self._n_batch):
             chunk = tokens[start : start + self._n_batch]
@@ -167,12 +168,14 @@ class LlamaCppBackend(Backend):
             if rc != 0:
                 raise CdccaError(f"{self.path}: llama_decode failed with code {rc}")
             self._n_past += m
-            if all_logits:
+            if rows is not None:
                 for i in range(m):
                     rows[start + i] = self._logits_at(i)
             elif start + m == n:
-                rows[0] = self._logits_at(m - 1)
-        return rows
+                # llama.cpp's own buffer, no copy: the decode loop scores it while it is
+                # still in cache. Valid until the next decode (the interface's contract).
+                last = self._logits_at(m - 1)[None, :]
+        return rows if rows is not None else last
 
     def close(self) -> None:
         if getattr(self, "_closed", True):

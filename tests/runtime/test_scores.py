@@ -73,3 +73,17 @@ def test_kl_divergence():
     expected = 0.5 * math.log(0.5 / 0.9) + 0.5 * math.log(0.5 / 0.1)
     assert kl_divergence(p, q)[0] == pytest.approx(expected, rel=1e-5)
     assert kl_divergence(p, p)[0] == pytest.approx(0.0, abs=1e-7)
+
+
+def test_row_scorer_matches_score_logits():
+    from cdcca_edge.runtime.scores import RowScorer
+
+    rng = np.random.default_rng(0)
+    scorer = RowScorer(1000)
+    for scale in (0.1, 3.0, 30.0):
+        x = (rng.standard_normal(1000) * scale).astype(np.float32)
+        tok = int(rng.integers(1000))
+        a, b = scorer(x, tok), score_logits(x[None], [tok])[0]
+        for field in ("logprob", "entropy", "top1_prob", "margin", "ref_top1"):
+            assert getattr(a, field) == pytest.approx(getattr(b, field), rel=1e-4, abs=1e-5), field
+        assert a.token == b.token == tok

@@ -1,0 +1,472 @@
+"""AKD, adapter-based knowledge distillation: the cloud teacher teaches the device student
+from what the device uploaded, through PEFT adapters.
+
+For every uploaded sample the teacher answers the prompt (greedy pseudo-labels). The
+student, wrapped in a PEFT adapter, then learns from three signals, each weighted in
+:class:`AKDConfig`:
+
+* **CE** on the teacher's answer tokens (pseudo-labels);
+* **logit KD** — forward KL (or reverse KL, or JSD) between teacher and student
+  next-token distributions at temperature T — on the teacher's answer and, on-policy, on
+  the device's own uploaded answer, weighted per token by the uplink's token weights
+  (tokens the device was unsure about count most);
+* **feature KD** on last hidden states, MSE, through a learned linear aligner when the
+  widths differ (the paper's feature term, without its wavelet part).
+
+Runs on CPU for tests and on GPUs through accelerate (``accelerate launch -m
+cdcca_edge.cli distill ...``); deterministic for a seed. Needs the ``cloud`` extra.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Literal, Sequence
+
+from cdcca_edge.core.adapters import BIAS_ADAPTER_DIR
+from cdcca_edge.core.errors import FormatError, UsageError, require
+
+AdapterKind = Literal["lora", "bias-norm"]
+KDLoss = Literal["forward_kl", "reverse_kl", "jsd"]
+DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+NORM_TARGETS = ("input_layernorm", "post_attention_layernorm", "norm")
+
+
+@dataclass
+class AKDConfig:
+    """How to distil. Loss weights of 0 switch a term off (the ablations)."""
+
+    adapter: AdapterKind = "lora"  # lora, or bias-norm (LN tuning + bias terms, LLaMA-Adapter-V2 style)
+    lora_r: int = 8  # LoRA rank
+    lora_alpha: int = 16  # LoRA scale numerator (scale = alpha / r)
+    target_modules: tuple[str, ...] = DEFAULT_LORA_TARGETS  # LoRA targets
+    epochs: int = 3
+    lr: float = 1e-3
+    batch_size: int = 8
+    max_new_tokens: int = 16  # teacher pseudo-label length
+    ce_weight: float = 1.0  # cross-entropy on the teacher's answer tokens
+    kd_weight: float = 1.0  # logit KD
+    kd_loss: KDLoss = "forward_kl"
+    kd_temperature: float = 2.0
+    kd_on_device_answer: bool = True  # also KD on the device's uploaded answer (token-weighted)
+    feature_weight: float = 1.0  # MSE between (aligned) last hidden states
+    holdout: float = 0.2  # fraction of uploaded samples kept out of training, for the report
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.adapter not in ("lora", "bias-norm"):
+            raise UsageError(f"adapter must be lora or bias-norm, got {self.adapter!r}")
+        if self.kd_loss not in ("forward_kl", "reverse_kl", "jsd"):
+            raise UsageError(f"kd_loss must be forward_kl, reverse_kl or jsd, got {self.kd_loss!r}")
+        for name in ("ce_weight", "kd_weight", "feature_weight"):
+            if getattr(self, name) < 0:
+                raise UsageError(f"{name} must be >= 0")
+        if self.ce_weight == self.kd_weight == self.feature_weight == 0:
+            raise UsageError("every loss weight is 0: nothing to learn")
+        if not 0.0 <= self.holdout < 1.0:
+            raise UsageError(f"holdout must be in [0, 1), got {self.holdout}")
+        if self.epochs < 1 or self.batch_size < 1 or self.max_new_tokens < 1:
+            raise UsageError("epochs, batch_size and max_new_tokens must be >= 1")
+        if self.kd_temperature <= 0 or self.lr <= 0:
+            raise UsageError("kd_temperature and lr must be > 0")
+        self.target_modules = tuple(self.target_modules)
+
+
+@dataclass
+class Sample:
+    """One uploaded sample, as training needs it."""
+
+    id: str
+    prompt_ids: list[int]
+    device_answer: list[int] = field(default_factory=list)
+    device_weights: list[float] = field(default_factory=list)  # per device-answer token
+    teacher_answer: list[int] = field(default_factory=list)
+
+
+def read_samples(bundles: Sequence[str | Path]) -> list[Sample]:
+    """Samples from uplink bundles (ids made unique per bundle)."""
+    from cdcca_edge.core.uplink_format import read_uplink
+
+    out = []
+    for i, path in enumerate(bundles):
+        b = read_uplink(path)
+        for s in b.samples():
+            if "prompt_ids" not in s.arrays:
+                raise FormatError(f"{path}: sample {s.id!r} has no prompt_ids")
+            answer = s.arrays.get("answer_ids")
+            weights = s.arrays.get("token_weights")
+            out.append(Sample(
+                id=f"{i}:{s.id}",
+                prompt_ids=[int(t) for t in s.arrays["prompt_ids"]],
+                device_answer=[] if answer is None else [int(t) for t in answer],
+                device_weights=[] if weights is None else [float(w) for w in weights],
+            ))
+    if not out:
+        raise UsageError("the bundles hold no samples: nothing to distil")
+    return out
+
+
+# --- losses (tested against hand computations) --------------------------------------------
+
+
+def kd_divergence(student_logits: Any, teacher_logits: Any, kind: KDLoss, temperature: float) -> Any:
+    """Per-position divergence between teacher and student at temperature T, times T^2
+    (Hinton's scaling keeps gradients comparable across T). (N, V), (N, V) -> (N,)"""
+    import torch.nn.functional as F
+
+    t = temperature
+    log_s = F.log_softmax(student_logits.float() / t, dim=-1)
+    log_t = F.log_softmax(teacher_logits.float() / t, dim=-1)
+    if kind == "forward_kl":  # KL(teacher || student): mass-covering
+        d = (log_t.exp() * (log_t - log_s)).sum(-1)
+    elif kind == "reverse_kl":  # KL(student || teacher): mode-seeking
+        d = (log_s.exp() * (log_s - log_t)).sum(-1)
+    else:  # Jensen-Shannon: symmetric, bounded by log 2
+        import torch
+
+        log_m = torch.logsumexp(torch.stack([log_s, log_t]), dim=0) - math.log(2.0)
+        d = 0.5 * ((log_t.exp() * (log_t - log_m)).sum(-1) + (log_s.exp() * (log_s - log_m)).sum(-1))
+    return d * t * t
+
+
+def weighted_mean(values: Any, weights: Any) -> Any:
+    """sum(w * v) / sum(w); 0 when there is no weight."""
+    total = weights.sum()
+    return (values * weights).sum() / total.clamp_min(1e-12)
+
+
+# --- adapters -----------------------------------------------------------------------------
+
+
+def wrap_student(model: Any, cfg: AKDConfig) -> tuple[Any, dict[str, tuple[Any, Any]]]:
+    """(PEFT model, trained biases). LoRA; or LN tuning on the norms plus the linear
+    layers' own biases where the architecture has them (Qwen2's q/k/v), trained in place:
+    ``{module name: (bias parameter, its value before training)}``."""
+    peft = require("peft", "cloud")
+    if cfg.adapter == "lora":
+        names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
+        targets = [t for t in cfg.target_modules if t in names]
+        if not targets:
+            raise UsageError(f"none of the LoRA target modules {cfg.target_modules} is in the model")
+        lcfg = peft.LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, target_modules=targets,
+                               lora_dropout=0.0, bias="none", task_type="CAUSAL_LM")
+        return peft.get_peft_model(model, lcfg), {}
+    wrapped = peft.get_peft_model(model, peft.LNTuningConfig(target_modules=list(NORM_TARGETS),
+                                                             task_type="CAUSAL_LM"))
+    biases = {}
+    for name, module in wrapped.base_model.model.named_modules():
+        bias = getattr(module, "bias", None)
+        if module.__class__.__name__ == "Linear" and bias is not None:
+            biases[name] = (bias, bias.detach().clone())
+            bias.requires_grad_(True)
+    return wrapped, biases
+
+
+def save_bias_adapter(student_dir: str | Path, biases: dict[str, tuple[Any, Any]], out: Path) -> None:
+    """The trained bias deltas as a PEFT BEFT adapter (a second adapter type cannot share
+    the LN-tuning PeftModel): ``PeftModel.from_pretrained(student, out)`` adds them."""
+    import torch
+
+    peft = require("peft", "cloud")
+    transformers = require("transformers", "cloud")
+    fresh = transformers.AutoModelForCausalLM.from_pretrained(student_dir, dtype=torch.float32)
+    short = sorted({n.rsplit(".", 1)[-1] for n in biases})
+    bm = peft.get_peft_model(fresh, peft.BeftConfig(target_modules=short, task_type="CAUSAL_LM"))
+    layers = {n: m for n, m in bm.base_model.model.named_modules() if hasattr(m, "beft_bias")}
+    for name, (param, before) in biases.items():
+        layer = layers[name]
+        with torch.no_grad():
+            layer.beft_bias["default"].copy_((param.detach().cpu() - before.cpu()).reshape(1, -1))
+    bm.save_pretrained(out)
+
+
+# --- the run ------------------------------------------------------------------------------
+
+
+@dataclass
+class DistillReport:
+    config: dict[str, Any]
+    teacher: str
+    student: str
+    bundles: list[str]
+    n_train: int
+    n_holdout: int
+    steps: int
+    seconds: float
+    trainable_params: int
+    losses: list[dict[str, float]]  # per epoch: total and each term
+    agreement_before: dict[str, float]
+    agreement_after: dict[str, float]
+    output: str
+    merged: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def check_vocab(teacher_tok: Any, student_tok: Any, teacher: Any, student: Any) -> None:
+    """Logit KD compares distributions over the same vocabulary: refuse anything else."""
+    tv, sv = teacher_tok.get_vocab(), student_tok.get_vocab()
+    if tv != sv:
+        only_t = len(set(tv) - set(sv))
+        only_s = len(set(sv) - set(tv))
+        moved = sum(1 for k in set(tv) & set(sv) if tv[k] != sv[k])
+        raise UsageError(
+            f"teacher and student tokenizers differ ({len(tv)} vs {len(sv)} tokens; {only_t} only "
+            f"in the teacher, {only_s} only in the student, {moved} with other ids): logit "
+            "distillation needs one vocabulary. Use a teacher of the student's family"
+        )
+    vt, vs = teacher.config.vocab_size, student.config.vocab_size
+    if vt != vs:
+        raise UsageError(f"teacher output size {vt} != student output size {vs}: logit "
+                         "distillation needs the same vocabulary size")
+
+
+def _pad(seqs: list[list[int]], pad: int) -> tuple[Any, Any]:
+    import torch
+
+    n = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), n), pad, dtype=torch.long)
+    mask = torch.zeros((len(seqs), n), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(s)
+        mask[i, : len(s)] = 1
+    return ids, mask  # (B, T), (B, T)
+
+
+def _answer_targets(samples: list[Sample], which: str) -> tuple[list[list[int]], list[list[float]], list[int]]:
+    """Sequences prompt+answer, per-answer-token weights, and prompt lengths."""
+    seqs, weights, plen = [], [], []
+    for s in samples:
+        ans = s.teacher_answer if which == "teacher" else s.device_answer
+        w = [1.0] * len(ans) if which == "teacher" else (s.device_weights or [1.0] * len(ans))
+        seqs.append(s.prompt_ids + ans)
+        weights.append(w[: len(ans)])
+        plen.append(len(s.prompt_ids))
+    return seqs, weights, plen
+
+
+def _position_weights(seqs: list[list[int]], weights: list[list[float]], plen: list[int], T: int) -> Any:
+    """(B, T) weight of predicting token t+1 at position t: the answer tokens only."""
+    import torch
+
+    w = torch.zeros((len(seqs), T))
+    for i, (ws, p) in enumerate(zip(weights, plen)):
+        for j, v in enumerate(ws):
+            pos = p - 1 + j  # position predicting answer token j
+            if 0 <= pos < T:
+                w[i, pos] = v
+    return w
+
+
+def pseudo_label(teacher: Any, samples: list[Sample], max_new_tokens: int, eos: int | None,
+                 device: Any) -> None:
+    """Teacher's greedy answers, in place (stop at EOS, which is kept)."""
+    import torch
+
+    for s in samples:
+        ids = torch.tensor([s.prompt_ids], device=device)
+        with torch.no_grad():
+            out = teacher.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                                   do_sample=False, pad_token_id=eos if eos is not None else 0)
+        new = out[0, len(s.prompt_ids):].tolist()
+        if eos is not None and eos in new:
+            new = new[: new.index(eos) + 1]
+        s.teacher_answer = new or [eos if eos is not None else 0]
+
+
+def agreement(student: Any, teacher: Any, samples: list[Sample], device: Any, batch: int = 16) -> dict[str, float]:
+    """Teacher-student agreement on the teacher's answers: top-1 token agreement
+    (teacher-forced) and the fraction of answers the student reproduces exactly."""
+    import torch
+
+    if not samples:
+        return {"token_agreement": float("nan"), "answer_match": float("nan")}
+    agree = total = exact = 0
+    for k in range(0, len(samples), batch):
+        chunk = samples[k : k + batch]
+        seqs, weights, plen = _answer_targets(chunk, "teacher")
+        ids, mask = _pad(seqs, 0)
+        ids, mask = ids.to(device), mask.to(device)
+        with torch.no_grad():
+            pred = student(input_ids=ids, attention_mask=mask).logits.argmax(-1)  # (B, T)
+        for i, s in enumerate(chunk):
+            p, n = plen[i], len(s.teacher_answer)
+            got = pred[i, p - 1 : p - 1 + n].tolist()
+            hits = sum(int(a == b) for a, b in zip(got, s.teacher_answer))
+            agree += hits
+            total += n
+            exact += int(hits == n)
+    return {"token_agreement": agree / total, "answer_match": exact / len(samples)}
+
+
+def distill(
+    teacher_dir: str | Path,
+    student_dir: str | Path,
+    bundles: Sequence[str | Path],
+    out_dir: str | Path,
+    config: AKDConfig = AKDConfig(),
+    merge: bool = False,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> DistillReport:
+    """Distil ``teacher_dir`` into an adapter on ``student_dir`` from uplink ``bundles``.
+
+    Writes the PEFT adapter to ``out_dir`` (``PeftModel.from_pretrained(student,
+    out_dir)`` loads it), ``out_dir/report.json`` and, with ``merge``, the merged model
+    to ``out_dir/merged``.
+
+    Raises:
+        UsageError: vocabularies differ, no samples, bad configuration.
+    """
+    torch = require("torch", "cloud")
+    transformers = require("transformers", "cloud")
+    accelerate = require("accelerate", "cloud")
+    t0 = time.perf_counter()
+    tick = progress or (lambda _s, _i, _n: None)
+    out_dir = Path(out_dir)
+
+    random.seed(config.seed)
+    torch.manual_seed(config.seed)
+    accelerator = accelerate.Accelerator()
+    device = accelerator.device
+
+    tok_t = transformers.AutoTokenizer.from_pretrained(teacher_dir)
+    tok_s = transformers.AutoTokenizer.from_pretrained(student_dir)
+    teacher = transformers.AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32).to(device).eval()
+    student = transformers.AutoModelForCausalLM.from_pretrained(student_dir, dtype=torch.float32)
+    check_vocab(tok_t, tok_s, teacher, student)
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+
+    samples = read_samples(bundles)
+    vocab = student.config.vocab_size
+    for s in samples:
+        if any(not 0 <= t < vocab for t in s.prompt_ids + s.device_answer):
+            raise FormatError(f"sample {s.id}: token ids outside the student's vocabulary of {vocab}; "
+                              "the bundle was made by another model family")
+    eos = tok_s.eos_token_id
+    tick("pseudo-labels", 0, len(samples))
+    pseudo_label(teacher, samples, config.max_new_tokens, eos, device)
+    order = list(range(len(samples)))
+    random.Random(config.seed).shuffle(order)
+    n_hold = int(round(len(samples) * config.holdout))
+    hold = [samples[i] for i in order[:n_hold]]
+    train = [samples[i] for i in order[n_hold:]] or hold
+
+    student = student.to(device)
+    before = {"bundle": agreement(student, teacher, train, device),
+              "holdout": agreement(student, teacher, hold, device)}
+
+    model, biases = wrap_student(student, config)
+    d_s, d_t = student.config.hidden_size, teacher.config.hidden_size
+    aligner = torch.nn.Linear(d_s, d_t, bias=False) if d_s != d_t else torch.nn.Identity()
+    params = [p for p in model.parameters() if p.requires_grad] + list(aligner.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
+    model, aligner, opt = accelerator.prepare(model, aligner, opt)
+
+    steps_per_epoch = math.ceil(len(train) / config.batch_size)
+    total_steps = steps_per_epoch * config.epochs
+    losses = []
+    step = 0
+    gen = random.Random(config.seed + 1)
+    model.train()
+    for epoch in range(config.epochs):
+        idx = list(range(len(train)))
+        gen.shuffle(idx)
+        sums: dict[str, float] = {"total": 0.0, "ce": 0.0, "kd": 0.0, "kd_device": 0.0, "feature": 0.0}
+        for k in range(0, len(idx), config.batch_size):
+            batch = [train[i] for i in idx[k : k + config.batch_size]]
+            terms = _batch_losses(model, teacher, aligner, batch, config, device)
+            loss = (config.ce_weight * terms["ce"] + config.kd_weight * (terms["kd"] + terms["kd_device"])
+                    + config.feature_weight * terms["feature"])
+            opt.zero_grad(set_to_none=True)
+            accelerator.backward(loss)
+            opt.step()
+            step += 1
+            sums["total"] += float(loss)
+            for name in ("ce", "kd", "kd_device", "feature"):
+                sums[name] += float(terms[name])
+            tick("training", step, total_steps)
+        losses.append({k: v / steps_per_epoch for k, v in sums.items()} | {"epoch": epoch + 1})
+    model.eval()
+    unwrapped = accelerator.unwrap_model(model)
+    after = {"bundle": agreement(unwrapped, teacher, train, device),
+             "holdout": agreement(unwrapped, teacher, hold, device)}
+
+    merged_path = None
+    if accelerator.is_main_process:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        unwrapped.save_pretrained(out_dir)
+        if biases:
+            save_bias_adapter(student_dir, biases, out_dir / BIAS_ADAPTER_DIR)
+        if merge:
+            merged_path = out_dir / "merged"
+            # the biases were trained in place, so the merged model already has them
+            merged = unwrapped.merge_and_unload(safe_merge=True)
+            merged.save_pretrained(merged_path)
+            tok_s.save_pretrained(merged_path)
+    report = DistillReport(
+        config={k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(config).items()},
+        teacher=str(teacher_dir), student=str(student_dir), bundles=[str(b) for b in bundles],
+        n_train=len(train), n_holdout=len(hold), steps=step, seconds=time.perf_counter() - t0,
+        trainable_params=trainable, losses=losses, agreement_before=before, agreement_after=after,
+        output=str(out_dir), merged=str(merged_path) if merged_path else None,
+    )
+    if accelerator.is_main_process:
+        (out_dir / "report.json").write_text(json.dumps(report.as_dict(), indent=1) + "\n")
+    accelerator.wait_for_everyone()
+    return report
+
+
+def _batch_losses(model: Any, teacher: Any, aligner: Any, batch: list[Sample], cfg: AKDConfig,
+                  device: Any) -> dict[str, Any]:
+    import torch
+    import torch.nn.functional as F
+
+    zero = torch.zeros((), device=device)
+    terms = {"ce": zero, "kd": zero, "kd_device": zero, "feature": zero}
+    # teacher's answers: CE (pseudo-labels), logit KD, feature KD
+    seqs, weights, plen = _answer_targets(batch, "teacher")
+    ids, mask = _pad(seqs, 0)
+    ids, mask = ids.to(device), mask.to(device)
+    w = _position_weights(seqs, weights, plen, ids.shape[1]).to(device)  # (B, T)
+    need_hidden = cfg.feature_weight > 0
+    out_s = model(input_ids=ids, attention_mask=mask, output_hidden_states=need_hidden)
+    logits_s = out_s.logits[:, :-1]  # (B, T-1, V): position t predicts token t+1
+    targets = ids[:, 1:]
+    pos_w = w[:, :-1]
+    if cfg.ce_weight > 0:
+        ce = F.cross_entropy(logits_s.reshape(-1, logits_s.shape[-1]), targets.reshape(-1), reduction="none")
+        terms["ce"] = weighted_mean(ce, pos_w.reshape(-1))
+    if cfg.kd_weight > 0 or need_hidden:
+        with torch.no_grad():
+            out_t = teacher(input_ids=ids, attention_mask=mask, output_hidden_states=need_hidden)
+        if cfg.kd_weight > 0:
+            d = kd_divergence(logits_s.reshape(-1, logits_s.shape[-1]),
+                              out_t.logits[:, :-1].reshape(-1, logits_s.shape[-1]),
+                              cfg.kd_loss, cfg.kd_temperature)
+            terms["kd"] = weighted_mean(d, pos_w.reshape(-1))
+        if need_hidden:
+            h_s = aligner(out_s.hidden_states[-1][:, :-1])  # (B, T-1, D_t)
+            h_t = out_t.hidden_states[-1][:, :-1]  # (B, T-1, D_t)
+            mse = ((h_s - h_t) ** 2).mean(-1)  # (B, T-1)
+            terms["feature"] = weighted_mean(mse.reshape(-1), (pos_w > 0).float().reshape(-1))
+    # the device's own answers: on-policy logit KD, weighted by the uplink's token weights
+    on_device = [s for s in batch if s.device_answer]
+    if cfg.kd_weight > 0 and cfg.kd_on_device_answer and on_device:
+        seqs, weights, plen = _answer_targets(on_device, "device")
+        ids, mask = _pad(seqs, 0)
+        ids, mask = ids.to(device), mask.to(device)
+        w = _position_weights(seqs, weights, plen, ids.shape[1]).to(device)[:, :-1]
+        logits_d = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
+        with torch.no_grad():
+            logits_td = teacher(input_ids=ids, attention_mask=mask).logits[:, :-1]
+        d = kd_divergence(logits_d.reshape(-1, logits_d.shape[-1]), logits_td.reshape(-1, logits_d.shape[-1]),
+                          cfg.kd_loss, cfg.kd_temperature)
+        terms["kd_device"] = weighted_mean(d, w.reshape(-1))
+    return terms
