@@ -64,12 +64,13 @@ def test_gguf_round_trip(arch, quant, exports, tiny_models):
     with load(result.path, backend="llama") as model:
         for prompt in PROMPTS:
             gen = model.generate(prompt, GenerationConfig(max_tokens=12))
-            if quant == "q4_0":
-                # 4-bit weights may flip a near-tie, so exact equality is not promised:
-                # every token the q4_0 model picks must still be among torch's top 3.
-                assert torch_rank(tiny_models[arch], gen.prompt_tokens, gen.tokens) <= 2, prompt
-            else:
+            if quant in ("f32", "f16"):
                 assert gen.tokens == torch_greedy(tiny_models[arch], prompt, 12), prompt
+            else:
+                # quantised weights may flip a near-tie, so exact equality is not promised:
+                # every token picked must still be among torch's top 2 (q8_0) or top 3 (q4_0)
+                worst = torch_rank(tiny_models[arch], gen.prompt_tokens, gen.tokens)
+                assert worst <= (1 if quant == "q8_0" else 2), prompt
     if quant == "q4_0":
         assert v.top1_agreement >= 0.8
 
