@@ -491,7 +491,7 @@ def distill(
     ce_weight: Annotated[float, typer.Option(help="Weight of CE on teacher pseudo-labels.")] = 1.0,
     kd_weight: Annotated[float, typer.Option(help="Weight of logit KD.")] = 1.0,
     kd_loss: Annotated[str, typer.Option(help="forward_kl, reverse_kl or jsd.")] = "forward_kl",
-    kd_temperature: Annotated[float, typer.Option(help="KD softmax temperature.")] = 2.0,
+    kd_temperature: Annotated[float, typer.Option(help="KD softmax temperature.")] = 1.0,
     device_kd: Annotated[bool, typer.Option("--device-kd/--no-device-kd", help="Also KD on the device's uploaded answers, token-weighted.")] = True,
     feature_weight: Annotated[float, typer.Option(help="Weight of last-hidden-state feature KD.")] = 1.0,
     lora_r: Annotated[int, typer.Option(help="LoRA rank.")] = 8,

@@ -36,32 +36,62 @@ SOURCE_COLOURS, TARGET_COLOURS = COLOURS[:4], COLOURS[4:]
 SOURCE_SHAPES, TARGET_SHAPES = SHAPES[:3], SHAPES[3:]
 
 
-def tiny_corpus(n: int = 2000, seed: int = 0, domain: Domain = "all") -> list[str]:
-    """``n`` short sentences and question/answer pairs about coloured shapes, from the
-    source domain, the target domain, or both."""
+@dataclass(frozen=True)
+class World:
+    """The facts every sentence states: each shape's colour, count and position. A fixed
+    world gives answers a model can learn (and a teacher can teach): the source domain's
+    shapes, then the target domain's, which the source-trained student has never seen."""
+
+    colour: dict[str, str]
+    count: dict[str, str]
+    position: dict[str, tuple[float, float]]
+
+    def relation(self, a: str, b: str) -> str:
+        (xa, ya), (xb, yb) = self.position[a], self.position[b]
+        if abs(xa - xb) >= abs(ya - yb):
+            return "left of" if xa < xb else "right of"
+        return "above" if ya < yb else "below"
+
+
+def plural_of(shape: str) -> str:
+    return shape + ("es" if shape.endswith("s") else "s")
+
+
+def tiny_world(seed: int = 0) -> World:
     rng = random.Random(seed)
-    colours = {"all": COLOURS, "source": SOURCE_COLOURS, "target": TARGET_COLOURS}[domain]
+    colour = dict(zip(SOURCE_SHAPES, rng.sample(SOURCE_COLOURS, len(SOURCE_SHAPES))))
+    colour.update(zip(TARGET_SHAPES, rng.sample(TARGET_COLOURS, len(TARGET_SHAPES))))
+    count = {s: rng.choice(COUNTS) for s in SHAPES}
+    position = {s: (rng.random(), rng.random()) for s in SHAPES}
+    return World(colour, count, position)
+
+
+def tiny_corpus(n: int = 2000, seed: int = 0, domain: Domain = "all") -> list[str]:
+    """``n`` sentences and question/answer pairs stating facts of :func:`tiny_world` about
+    the source domain's shapes, the target domain's, or all of them."""
+    rng = random.Random(seed)
+    w = tiny_world()
     shapes = {"all": SHAPES, "source": SOURCE_SHAPES, "target": TARGET_SHAPES}[domain]
     out = []
     for _ in range(n):
-        c1, c2 = rng.choice(colours), rng.choice(colours)
         s1, s2 = rng.sample(shapes, 2)
-        kind = rng.randrange(5)
+        rel = w.relation(s1, s2)
+        k = COUNTS.index(w.count[s1])
+        plural = plural_of(s1) if k else s1
+        kind = rng.randrange(6)
         if kind == 0:
-            out.append(f"the {c1} {s1} is {rng.choice(RELATIONS)} the {c2} {s2}.")
+            out.append(f"the {w.colour[s1]} {s1} is {rel} the {w.colour[s2]} {s2}.")
         elif kind == 1:
-            k = rng.randrange(len(COUNTS))
-            plural = s1 + ("s" if k else "")
-            out.append(f"there {'are' if k else 'is'} {COUNTS[k]} {c1} {plural} in the picture.")
+            out.append(f"there {'are' if k else 'is'} {w.count[s1]} {w.colour[s1]} {plural} in the picture.")
         elif kind == 2:
-            out.append(f"question: what colour is the {s1}? answer: {c1}.")
+            out.append(f"question: what colour is the {s1}? answer: {w.colour[s1]}.")
         elif kind == 3:
-            k = rng.randrange(len(COUNTS))
-            out.append(f"question: how many {s1}s are there? answer: {COUNTS[k]}.")
+            out.append(f"question: how many {plural_of(s1)} are there? answer: {w.count[s1]}.")
+        elif kind == 4:
+            asked = rng.choice(RELATIONS)
+            out.append(f"question: is the {s1} {asked} the {s2}? answer: {'yes' if asked == rel else 'no'}.")
         else:
-            rel = rng.choice(RELATIONS)
-            yes = rng.random() < 0.5
-            out.append(f"question: is the {s1} {rel} the {s2}? answer: {'yes' if yes else 'no'}.")
+            out.append(f"question: where is the {s1}? answer: {rel} the {s2}.")
     return out
 
 

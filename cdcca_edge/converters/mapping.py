@@ -1,0 +1,86 @@
+"""Where each HF parameter lives in an exported artefact, and in what layout.
+
+The exporters' own tables, read backwards: the GGUF name map and q/k row permutation of
+``gguf_export``, the HF initializer names and transposed-``MatMul`` list that
+``onnx_export`` records. The DWC delta builder uses this to express a cloud-side update in
+the device file's layout; a parameter with no slot in the artefact is an error naming it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+
+from cdcca_edge.converters.gguf_export import hf_tensor_transform, hf_to_gguf_name
+from cdcca_edge.core.artifact import META_TRANSPOSED, Artifact
+from cdcca_edge.core.errors import FormatError, MissingTensorError
+
+
+@dataclass(frozen=True)
+class Slot:
+    """One artefact tensor holding (a transform of) an HF parameter."""
+
+    tensor: str  # artefact tensor name
+    to_artifact: Callable[[np.ndarray], np.ndarray]  # HF layout (out, in) -> artefact layout
+    # the same transform for a low-rank update B @ A: returns (A', B') in artefact layout
+    factors: Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
+
+
+def _identity_factors(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    return a, b
+
+
+def slots_for(art: Artifact, arch: str, config: Any, hf_names: list[str]) -> dict[str, list[Slot]]:
+    """HF parameter name -> the artefact tensors that hold it (tied embeddings may be two).
+
+    Raises:
+        MissingTensorError: a parameter has no tensor in the artefact (e.g. a bias the
+            architecture has no slot for).
+        FormatError: the artefact is neither an exported GGUF nor ONNX.
+    """
+    names = {t.name for t in art.tensors}
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    out: dict[str, list[Slot]] = {}
+    for hf in hf_names:
+        if art.format == "gguf":
+            if hf == "lm_head.weight" and tied:
+                continue  # stored once, as token_embd
+            try:
+                name = hf_to_gguf_name(arch, config.num_hidden_layers, hf)
+            except FormatError:
+                name = None
+            if name is None or name not in names:
+                raise MissingTensorError(
+                    f"HF parameter {hf!r} has no tensor in {art.path} (expected {name!r}); the "
+                    f"artefact's architecture cannot hold this update"
+                )
+            transform = hf_tensor_transform(arch, config, hf)
+            # W' = P W for the q/k permutation: (B A)' = (P B) A
+            out[hf] = [Slot(name, transform, lambda a, b, t=transform: (a, t(b)))]
+        elif art.format == "onnx":
+            transposed = set(json.loads(art.metadata.get(META_TRANSPOSED, "[]")))
+            slots = []
+            candidates = [hf]
+            if tied and hf == "model.embed_tokens.weight":
+                candidates.append("lm_head.weight")  # the tracer's transposed copy
+            for cand in candidates:
+                if cand not in names:
+                    continue
+                if cand in transposed:  # stored (in, out) for MatMul: (B A)^T = A^T B^T
+                    slots.append(Slot(cand, lambda w: np.ascontiguousarray(w.T),
+                                      lambda a, b: (np.ascontiguousarray(b.T), np.ascontiguousarray(a.T))))
+                else:
+                    slots.append(Slot(cand, lambda w: w, _identity_factors))
+            if not slots:
+                if hf == "lm_head.weight" and tied:
+                    continue
+                raise MissingTensorError(f"HF parameter {hf!r} has no initializer in {art.path}; "
+                                         "the artefact's architecture cannot hold this update")
+            out[hf] = slots
+        else:
+            raise FormatError(f"{art.path}: DWC works on exported GGUF files and ONNX directories, "
+                              f"this is a {art.format}")
+    return out
