@@ -322,6 +322,63 @@ def delta_diff(
               highlight=False)
 
 
+@delta_app.command("make")
+def delta_make(
+    base: Annotated[Path, typer.Option(help="The device artefact as the cloud mirrors it (.gguf or ONNX dir).")],
+    target: Annotated[Path, typer.Option(help="HF model directory, or a PEFT adapter directory with --target-base.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Delta file to write.")],
+    target_base: Annotated[
+        Optional[Path], typer.Option(help="The HF base model the --target adapter was trained on.")
+    ] = None,
+    budget_bytes: Annotated[Optional[int], typer.Option(help="Spend at most this many bytes.")] = None,
+    max_kl: Annotated[
+        Optional[float], typer.Option(help="Smallest delta whose probe KL vs the target is at most this.")
+    ] = None,
+    probe: Annotated[
+        Optional[Path], typer.Option(help="Probe prompts, JSON Lines {\"prompt\": ...}, for the KL.")
+    ] = None,
+    sign_key: Annotated[Optional[Path], typer.Option(help="Ed25519 private key (PEM) to sign with.")] = None,
+    no_lowrank: Annotated[bool, typer.Option("--no-lowrank", help="Never use low-rank records.")] = False,
+    advance_mirror: Annotated[
+        bool, typer.Option("--advance-mirror", help="Apply the delta to the mirror (--base) afterwards.")
+    ] = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """DWC: compress a cloud update into the smallest delta for the device's exact model."""
+    from cdcca_edge.cloud.dwc import DWCConfig, make_delta
+    from cdcca_edge.core.delta_format import load_private_key
+
+    prompts = None
+    if probe is not None:
+        from cdcca_edge.runtime.uts import read_inputs
+
+        prompts = [it["prompt"] for it in read_inputs(probe)]
+    cfg = DWCConfig(budget_bytes=budget_bytes, max_kl=max_kl, lowrank=not no_lowrank)
+    key = load_private_key(sign_key) if sign_key else None
+    with stage_status(not json_out) as on_stage:
+        report = make_delta(base, target, output, target_base=target_base, config=cfg, probe=prompts,
+                            sign_key=key, progress=on_stage)
+        if advance_mirror:
+            from cdcca_edge.core.patch import apply_delta
+
+            on_stage("advancing the mirror")
+            apply_delta(base, output, pubkeys=[])
+    doc = {**report.as_dict(), "mirror_advanced": advance_mirror}
+    if json_out:
+        print_json(doc)
+        return
+    enc = ", ".join(f"{n} {k}" for k, n in sorted(report.records_by_encoding.items()))
+    out.print(f"{output}: {report.bytes:,} bytes ({report.bytes / report.artifact_bytes:.3%} of the "
+              f"{report.artifact_bytes:,}-byte model), {report.records} records ({enc}); "
+              f"{report.weights_touched:.2%} of weights touched", highlight=False)
+    out.print(f"  weight error vs target {report.relative_error_before:.3g} -> {report.relative_error:.3g} "
+              f"(update left: {report.update_left:.1%})", highlight=False)
+    if report.probe_kl is not None:
+        out.print(f"  probe KL vs target {report.probe_kl_before:.4g} -> {report.probe_kl:.4g}", highlight=False)
+    if advance_mirror:
+        out.print(f"  mirror {base} advanced to version {report.to_version}", highlight=False)
+
+
 @delta_app.command("inspect")
 def delta_inspect(
     delta: Annotated[Path, typer.Argument(help="A delta file.")],

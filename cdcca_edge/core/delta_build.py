@@ -39,6 +39,7 @@ from cdcca_edge.core.encodings import (
     DATA_ZSUB,
     FACTOR_DTYPES,
     MAX_RUNS,
+    encode_factors,
     QADD_BITS,
     encode_runs,
     group_layout,
@@ -216,8 +217,7 @@ class DeltaBuilder:
         if a.ndim != 2 or b.ndim != 2 or a.shape[1] != cols or b.shape != (rows, a.shape[0]):
             raise UsageError(f"{tensor}: factors A {a.shape}, B {b.shape} do not fit a "
                              f"({rows}, {cols}) matrix (A: (r, {cols}), B: ({rows}, r))")
-        dt = np.float16 if factor_dtype == "f16" else np.float32
-        payload = a.astype(dt).tobytes() + b.astype(dt).tobytes()
+        payload = encode_factors(a, b, factor_dtype)
         params = {"rank": int(a.shape[0]), "scale": float(scale), "factor_dtype": factor_dtype}
         _, unit = type_layout(t.type_name)
         self._add(t, ENC_LOWRANK, params, payload, [(0, t.nbytes // unit)])

@@ -4,9 +4,9 @@ Layout (docs/formats/delta.md, normative), little-endian::
 
     0       8  magic b"CDCDELTA"
     8       4  u32 format version (1)
-    12      4  u32 flags (0; reserved)
-    16      8  u64 H = header length
-    24      H  header: UTF-8 JSON object (section 3 of the spec)
+    12      4  u32 flags: bit 0 = header is zlib-compressed; other bits 0
+    16      8  u64 H = header length (as stored)
+    24      H  header: UTF-8 JSON object (section 3 of the spec), zlib-compressed with flag 1
     24+H    P  payload: the records' payloads, P = header["payload_bytes"]
     24+H+P 32  digest: SHA-256 of every byte before it
     +32     1  signature scheme: 0 none, 1 Ed25519
@@ -26,6 +26,7 @@ import re
 import struct
 import tempfile
 import time
+import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, Any, Iterable
@@ -35,6 +36,7 @@ from cdcca_edge.core.errors import FormatError, IntegrityError, require
 MAGIC = b"CDCDELTA"
 FORMAT_VERSION = 1
 PREAMBLE = struct.Struct("<8sIIQ")  # magic, version, flags, header length
+FLAG_HEADER_ZLIB = 1  # per-record digests and names are most of a small delta
 DIGEST_SIZE = 32  # SHA-256
 SIG_NONE, SIG_ED25519 = 0, 1
 ED25519_PUBLIC_SIZE, ED25519_SIG_SIZE = 32, 64
@@ -156,14 +158,23 @@ def read_delta(path: str | Path) -> DeltaFile:
         if version != FORMAT_VERSION:
             raise FormatError(f"{path}: delta format version {version} is not supported (this "
                               f"cdcca-edge reads version {FORMAT_VERSION}); upgrade cdcca-edge")
-        if flags != 0:
+        if flags & ~FLAG_HEADER_ZLIB:
             raise FormatError(f"{path}: unknown flags {flags:#x}")
         if hlen > MAX_HEADER_BYTES or PREAMBLE.size + hlen > size:
             raise FormatError(f"{path}: header length {hlen} runs past the end of the file; "
                               "the file is truncated or corrupt")
         raw = f.read(hlen)
+        text = raw
+        if flags & FLAG_HEADER_ZLIB:
+            d = zlib.decompressobj()
+            try:
+                text = d.decompress(raw, MAX_HEADER_BYTES + 1)
+            except zlib.error as exc:
+                raise FormatError(f"{path}: compressed header is not valid zlib data ({exc})") from exc
+            if not d.eof or d.unused_data or len(text) > MAX_HEADER_BYTES:
+                raise FormatError(f"{path}: compressed header is truncated, padded or too large")
         try:
-            doc = json.loads(raw.decode("utf-8"))
+            doc = json.loads(text.decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise FormatError(f"{path}: header is not valid JSON ({exc})") from exc
         header = parse_header(doc, path)
@@ -331,7 +342,11 @@ def write_delta(
     path = Path(path)
     header.created.setdefault("time", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     raw = json.dumps(header.to_json(), separators=(",", ":"), sort_keys=True).encode()
-    pre = PREAMBLE.pack(MAGIC, FORMAT_VERSION, 0, len(raw))
+    packed = zlib.compress(raw, 9)
+    flags = 0
+    if len(packed) < len(raw):
+        raw, flags = packed, FLAG_HEADER_ZLIB
+    pre = PREAMBLE.pack(MAGIC, FORMAT_VERSION, flags, len(raw))
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as out:

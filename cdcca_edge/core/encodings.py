@@ -33,7 +33,7 @@ DATA_ZSUB = "zsub"  # replace data: zlib(new - old), bytewise modulo 256
 FLOAT_TYPES = ("F32", "F16", "BF16")
 REQUANT_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0")  # types qadd/lowrank can rewrite
 QADD_BITS = (8, 4)
-FACTOR_DTYPES = {"f16": 2, "f32": 4}
+FACTOR_DTYPES = {"f16": 2, "f32": 4, "i8": 1}  # i8: int8 rows with a float16 scale each
 _U32 = struct.Struct("<I")
 
 
@@ -311,6 +311,55 @@ def _plan_qadd(rec: Record, payload: bytes, base: int, n_elems: int, piece: int,
     return Plan(rec, base, offs, lens, new_bytes, needs_old=True)
 
 
+def factor_bytes(fdt: str, rank: int, rows: int, cols: int) -> int:
+    """Payload size of low-rank factors A (rank, cols), B (rows, rank)."""
+    n = rank * cols + rows * rank
+    return n + 2 * (rank + rows) if fdt == "i8" else n * FACTOR_DTYPES[fdt]
+
+
+def encode_factors(a: Any, b: Any, fdt: str) -> bytes:
+    """A (r, cols) then B (rows, r): as float16/float32, or int8 rows with float16 scales
+    (A_q, A_scale (r,), B_q, B_scale (rows,))."""
+    import numpy as np
+
+    if fdt != "i8":
+        dt = np.float16 if fdt == "f16" else np.float32
+        return a.astype(dt).tobytes() + b.astype(dt).tobytes()
+    out = b""
+    for m in (a, b):
+        m = np.asarray(m, dtype=np.float32)
+        scale = (np.abs(m).max(1) / 127.0).astype(np.float16)
+        s32 = np.where(scale.astype(np.float32) > 0, scale.astype(np.float32), np.float32(1.0))
+        q = np.clip(np.round(m / s32[:, None]), -127, 127).astype(np.int8)
+        out += q.tobytes() + scale.tobytes()
+    return out
+
+
+def decode_factors(payload: bytes, fdt: str, rank: int, rows: int, cols: int, what: str) -> tuple[Any, Any]:
+    """Inverse of :func:`encode_factors`: float32 A (rank, cols), B (rows, rank)."""
+    import numpy as np
+
+    need = factor_bytes(fdt, rank, rows, cols)
+    if len(payload) != need:
+        raise FormatError(f"{what}: lowrank payload is {len(payload)} bytes, rank {rank} "
+                          f"{fdt} factors for ({rows}, {cols}) need {need}")
+    if fdt != "i8":
+        dt = np.float16 if fdt == "f16" else np.float32
+        es = FACTOR_DTYPES[fdt]
+        a = np.frombuffer(payload, dtype=dt, count=rank * cols).astype(np.float32).reshape(rank, cols)
+        b = np.frombuffer(payload, dtype=dt, offset=rank * cols * es).astype(np.float32).reshape(rows, rank)
+        return a, b
+    pos = 0
+    mats = []
+    for r, c in ((rank, cols), (rows, rank)):
+        q = np.frombuffer(payload, dtype=np.int8, count=r * c, offset=pos).astype(np.float32).reshape(r, c)
+        pos += r * c
+        scale = np.frombuffer(payload, dtype=np.float16, count=r, offset=pos).astype(np.float32)
+        pos += 2 * r
+        mats.append(q * scale[:, None])
+    return mats[0], mats[1]
+
+
 def _plan_lowrank(rec: Record, payload: bytes, base: int, piece: int, what: str) -> Plan:
     import numpy as np
 
@@ -327,14 +376,7 @@ def _plan_lowrank(rec: Record, payload: bytes, base: int, piece: int, what: str)
     block, unit = type_layout(rec.type)
     if cols % block:
         raise FormatError(f"{what}: row length {cols} is not a multiple of {rec.type} blocks")
-    es = FACTOR_DTYPES[fdt]
-    need = (rank * cols + rows * rank) * es
-    if len(payload) != need:
-        raise FormatError(f"{what}: lowrank payload is {len(payload)} bytes, rank {rank} "
-                          f"factors for ({rows}, {cols}) need {need}")
-    dt = np.float16 if fdt == "f16" else np.float32
-    a = np.frombuffer(payload, dtype=dt, count=rank * cols).astype(np.float32).reshape(rank, cols)
-    b = np.frombuffer(payload, dtype=dt, offset=rank * cols * es).astype(np.float32).reshape(rows, rank)
+    a, b = decode_factors(payload, fdt, rank, rows, cols, what)
     if not (np.all(np.isfinite(a)) and np.all(np.isfinite(b))):
         raise FormatError(f"{what}: lowrank factors are not all finite")
     row_bytes = cols // block * unit

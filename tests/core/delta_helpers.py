@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import struct
+import zlib
 from pathlib import Path
 from typing import Any, Callable
 
@@ -89,7 +90,11 @@ def reseal(src: Path, dst: Path, mutate: Callable[[dict[str, Any], bytearray], N
     signature): what an attacker without the key, or a buggy sender, can produce."""
     raw = src.read_bytes()
     magic, version, flags, hlen = df.PREAMBLE.unpack_from(raw)
-    header = json.loads(raw[df.PREAMBLE.size : df.PREAMBLE.size + hlen])
+    text = raw[df.PREAMBLE.size : df.PREAMBLE.size + hlen]
+    if flags & df.FLAG_HEADER_ZLIB:
+        text = zlib.decompress(text)
+    header = json.loads(text)
+    flags = 0  # the forged header is written uncompressed
     p0 = df.PREAMBLE.size + hlen
     payload = bytearray(raw[p0 : p0 + header["payload_bytes"]])
     mutate(header, payload)

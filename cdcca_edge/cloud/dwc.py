@@ -1,0 +1,516 @@
+"""DWC, dynamic weight-update compression: the smallest delta that moves the device's
+exact model to the cloud's target, within a byte budget or a quality bound.
+
+The update is computed against a **mirror**: the cloud's byte-exact copy of the device
+artefact, advanced with the same patch code after every delta (``cdcca-edge patch
+MIRROR DELTA``). Quantisation error therefore never accumulates: each delta aims at the
+current target from what the device really holds.
+
+Per tensor, in the artefact's own layout (GGUF row permutation, ONNX transposes, via the
+converters' tables):
+
+1. ``delta = target - dequantise(mirror)``; a quant block whose largest change is below
+   half its quantisation step is left alone (requantising would give back the old bytes);
+2. the remaining blocks are ranked by how much they matter, ``|delta|^2`` (optionally times
+   the squared activation of their input columns, from calibration prompts);
+3. encodings are priced in bytes: low-rank (the adapter's own LoRA factors, mapped into
+   the artefact layout), quantised additive blocks (int4 when 4 bits are within the
+   block's quantisation step, else int8), or block replacement; the cheapest that carries
+   the update is used;
+4. with a byte budget, blocks (and low-rank updates) are taken greedily by error removed
+   per byte until it is spent; with a KL bound, the smallest budget meeting it on the probe
+   prompts is searched for, measured on the device runtime.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import tempfile
+import zlib
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from cdcca_edge.core.artifact import Artifact, TensorInfo, iter_tensor_bytes, open_artifact
+from cdcca_edge.core.delta_build import DeltaBuilder, changed_runs
+from cdcca_edge.core.encodings import REQUANT_TYPES, dequantize, quantize
+from cdcca_edge.core.errors import UsageError, require
+from cdcca_edge.core.ggml import type_layout
+
+RECORD_OVERHEAD = 250  # bytes of (compressed) header per record, measured 200-260
+MIN_STEP_FRACTION = 0.5  # block changes below this many quantisation steps are skipped
+
+
+@dataclass
+class DWCConfig:
+    """How to compress. Without budget or KL bound: the whole update, as cheaply as possible."""
+
+    budget_bytes: int | None = None  # spend at most this much (approximately: headers estimated)
+    max_kl: float | None = None  # smallest delta whose probe KL vs the target is at most this
+    lowrank: bool = True  # allow low-rank records for LoRA-shaped updates
+    max_bits: int = 8  # 8: int8 or int4 per tensor; 4: int4 only
+    min_step_fraction: float = MIN_STEP_FRACTION
+
+    def __post_init__(self) -> None:
+        if self.budget_bytes is not None and self.max_kl is not None:
+            raise UsageError("give a byte budget or a KL bound, not both")
+        if self.budget_bytes is not None and self.budget_bytes <= 0:
+            raise UsageError("the byte budget must be > 0")
+        if self.max_kl is not None and self.max_kl <= 0:
+            raise UsageError("the KL bound must be > 0")
+        if self.max_bits not in (4, 8):
+            raise UsageError("max_bits must be 4 or 8")
+
+
+@dataclass
+class TensorTarget:
+    """One artefact tensor and what the cloud wants it to hold."""
+
+    info: TensorInfo
+    target: np.ndarray  # (n_elements,) float32, artefact layout, C order
+    lowrank: list[tuple[np.ndarray, np.ndarray, float]] = field(default_factory=list)  # (A, B, s)
+
+
+# --- targets ------------------------------------------------------------------------------
+
+
+def load_targets(art: Artifact, target: str | Path, target_base: str | Path | None = None) -> tuple[list[TensorTarget], Any]:
+    """Read the cloud target (an HF directory, or a PEFT adapter and its base) into the
+    artefact's layout. Returns (targets, HF config).
+
+    Raises:
+        MissingTensorError: a changed parameter has no tensor in the artefact.
+    """
+    torch = require("torch", "cloud")
+    transformers = require("transformers", "cloud")
+    from cdcca_edge.converters.hf import SUPPORTED_MODEL_TYPES, merge_adapter, model_type_of
+    from cdcca_edge.converters.mapping import slots_for
+
+    target = Path(target)
+    lora: dict[str, tuple[np.ndarray, np.ndarray, float]] = {}
+    if target_base is not None:
+        base_dir = Path(target_base)
+        model = transformers.AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+        base_sd = {k: v.detach().float().numpy().copy() for k, v in model.state_dict().items()}
+        lora = _lora_factors(target)
+        model = merge_adapter(model, target)
+    else:
+        base_dir = target
+        model = transformers.AutoModelForCausalLM.from_pretrained(target, dtype=torch.float32)
+        base_sd = None
+    cfg = model.config
+    arch = SUPPORTED_MODEL_TYPES[model_type_of(base_dir)]
+    sd = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
+    # With an adapter, only the parameters it changed need a slot; with full weights, all.
+    names = [k for k in sd if base_sd is None or not np.array_equal(sd[k], base_sd[k])]
+    slots = slots_for(art, arch, cfg, names)
+    out: dict[str, TensorTarget] = {}
+    for hf, places in slots.items():
+        for slot in places:
+            t = art.tensor(slot.tensor)
+            w = slot.to_artifact(sd[hf]).astype(np.float32).reshape(-1)
+            tt = out.setdefault(t.name, TensorTarget(t, w))
+            tt.target = w
+            if hf in lora:
+                a, b, s = lora[hf]
+                a2, b2 = slot.factors(a, b)
+                tt.lowrank.append((a2, b2, s))
+    return list(out.values()), cfg
+
+
+def _lora_factors(adapter_dir: Path) -> dict[str, tuple[np.ndarray, np.ndarray, float]]:
+    """HF weight name -> (A (r, in), B (out, r), scale) of a LoRA adapter; empty for other
+    adapter types."""
+    cfg_path = adapter_dir / "adapter_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    if cfg.get("peft_type") != "LORA":
+        return {}
+    safetensors = require("safetensors.numpy", "cloud")
+    sd = safetensors.load_file(str(adapter_dir / "adapter_model.safetensors"))
+    r = cfg["r"]
+    scale = cfg["lora_alpha"] / (math.sqrt(r) if cfg.get("use_rslora") else r)
+    out = {}
+    for k, a in sd.items():
+        if k.endswith("lora_A.weight"):
+            mod = k.replace("base_model.model.", "", 1).replace(".lora_A.weight", "")
+            out[mod + ".weight"] = (a.astype(np.float32), sd[k.replace("lora_A", "lora_B")].astype(np.float32), scale)
+    return out
+
+
+# --- per-tensor pricing -------------------------------------------------------------------
+
+
+def _read(t: TensorInfo) -> bytes:
+    return b"".join(bytes(p) for p in iter_tensor_bytes(t))
+
+
+def quant_steps(type_name: str, raw: bytes, mirror: np.ndarray, group: int) -> np.ndarray:
+    """Quantisation step of every group of ``group`` elements (G,): the block scale for
+    Q8_0/Q4_0, the float spacing near the group's largest value otherwise."""
+    if type_name in ("Q8_0", "Q4_0"):
+        _, size = type_layout(type_name)
+        d = np.frombuffer(raw, np.uint8).reshape(-1, size)[:, :2].copy().view(np.float16)
+        return np.abs(d.astype(np.float32)).reshape(-1)
+    mags = np.abs(mirror.reshape(-1, group)).max(1)
+    eps = {"F32": 2.0**-23, "F16": 2.0**-10, "BF16": 2.0**-7}.get(type_name, 2.0**-23)
+    return np.maximum(mags * eps, np.finfo(np.float32).tiny)
+
+
+@dataclass
+class Plan:
+    """A tensor's candidate update: which groups, how encoded, what it costs, what it fixes."""
+
+    t: TensorTarget
+    group: int  # elements per group (a quant block, or 32 floats)
+    order: np.ndarray  # significant groups, most important first
+    gains: np.ndarray  # (len(order),) squared error each removes
+    block_cost: float  # bytes per group for the chosen block encoding
+    encoding: str  # "qadd4", "qadd8" or "replace"
+    residual: np.ndarray  # (G, g) delta, for the qadd payload
+    mirror: np.ndarray  # (n,) dequantised mirror
+    # low-rank alternative: the update's singular components, strongest first
+    lr_a: np.ndarray | None = None  # (R, cols) sqrt(sigma) v^T
+    lr_b: np.ndarray | None = None  # (rows, R) u sqrt(sigma)
+    lr_gains: np.ndarray | None = None  # (R,) squared error each component removes
+    lr_rank_cost: float = 0.0  # bytes per component (int8 factors with row scales)
+
+    @property
+    def prefer_lowrank(self) -> bool:
+        """Whether the whole update is cheaper as low rank than as blocks."""
+        if self.lr_gains is None:
+            return False
+        full_lr = len(self.lr_gains) * self.lr_rank_cost
+        return full_lr < len(self.order) * self.block_cost
+
+
+def price(t: TensorTarget, cfg: DWCConfig, importance: np.ndarray | None = None) -> Plan | None:
+    """Work out ``t``'s candidate encodings; None when nothing would change."""
+    info = t.info
+    raw = _read(info)
+    if info.type_name not in REQUANT_TYPES:
+        raise UsageError(f"{info.name}: DWC needs a quantiser for {info.type_name}; supported: "
+                         f"{', '.join(REQUANT_TYPES)}")
+    mirror = dequantize(info.type_name, raw)  # (n,)
+    delta = t.target - mirror  # (n,)
+    block, _ = type_layout(info.type_name)
+    group = block if block > 1 else (32 if info.n_elements % 32 == 0 else info.n_elements)
+    d = delta.reshape(-1, group)  # (G, g)
+    step = quant_steps(info.type_name, raw, mirror, group)  # (G,)
+    big = np.abs(d).max(1)
+    significant = np.flatnonzero(big >= cfg.min_step_fraction * step)
+    if significant.size == 0:
+        return None
+    energy = (d.astype(np.float64) ** 2).sum(1)  # (G,)
+    weight = energy if importance is None else energy * importance
+    order = significant[np.argsort(-weight[significant], kind="stable")]
+    gains = weight[order]
+    # int4 carries the change when 1/15 of its range is within half a quantisation step
+    int4_ok = cfg.max_bits == 4 or bool(np.all(big[significant] / 15.0 <= 0.5 * step[significant]))
+    _, unit = type_layout(info.type_name)
+    replace_cost = group // block * unit * 0.7  # zsub codes updated weights at about 70%
+    qadd_cost = 2 + (group / 2 if int4_ok else group)
+    if qadd_cost <= replace_cost:
+        enc, cost = ("qadd4" if int4_ok else "qadd8"), qadd_cost
+    else:
+        enc, cost = "replace", replace_cost
+    plan = Plan(t, group, order, gains, cost + 4, enc, d, mirror)
+    if cfg.lowrank and t.lowrank:
+        cols = info.shape[-1]
+        rows = info.n_elements // cols
+        upd = sum(s * (b.astype(np.float64) @ a.astype(np.float64)) for a, b, s in t.lowrank)  # (rows, cols)
+        miss = d - upd.reshape(-1, group)  # what the factors leave undone, per group
+        # The factors describe target - base; they reach the target only while the mirror
+        # still is the quantised base (not after other updates): check, block by block.
+        if float(np.mean(np.abs(miss).max(1) <= step)) >= 0.99:
+            u, sv, vt = np.linalg.svd(upd, full_matrices=False)
+            keep = sv > sv[0] * 1e-6 if sv.size else sv > 0
+            u, sv, vt = u[:, keep], sv[keep], vt[keep]
+            root = np.sqrt(sv)
+            plan.lr_a = (root[:, None] * vt).astype(np.float32)  # (R, cols)
+            plan.lr_b = (u * root[None, :]).astype(np.float32)  # (rows, R)
+            plan.lr_gains = (sv.astype(np.float64) ** 2)
+            plan.lr_rank_cost = rows + cols + 4
+    return plan
+
+
+# --- selection ----------------------------------------------------------------------------
+
+
+@dataclass
+class Choice:
+    plan: Plan
+    n_groups: int = 0  # the first n groups of plan.order are updated (block encodings)
+    rank: int = 0  # or: the first ``rank`` singular components (low rank)
+
+    @property
+    def cost(self) -> float:
+        if self.rank:
+            return self.rank * self.plan.lr_rank_cost + RECORD_OVERHEAD
+        return self.n_groups * self.plan.block_cost + (RECORD_OVERHEAD if self.n_groups else 0)
+
+
+def select(plans: list[Plan], budget: int | None) -> list[Choice]:
+    """Greedy allocation by error removed per byte, over block prefixes (most important
+    first) or singular components (strongest first) of each tensor, whichever carries its
+    whole update more cheaply. Without a budget, every tensor gets all of it."""
+    choices = []
+    for p in plans:
+        if p.prefer_lowrank:
+            choices.append(Choice(p, rank=len(p.lr_gains)))
+        else:
+            choices.append(Choice(p, n_groups=len(p.order)))
+    if budget is None:
+        return choices
+    chunks = []  # (gain per byte, tensor index, prefix length)
+    for i, (p, c) in enumerate(zip(plans, choices)):
+        c.n_groups = c.rank = 0
+        if p.prefer_lowrank:
+            gains, unit_cost = p.lr_gains, p.lr_rank_cost
+            edges = list(range(1, len(gains) + 1))
+        else:
+            gains, unit_cost = p.gains, p.block_cost
+            n = len(gains)
+            edges = sorted({max(1, int(n * f)) for f in (0.01, 0.02, 0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 1.0)})
+        prev = 0
+        for e in edges:
+            cost = (e - prev) * unit_cost + (RECORD_OVERHEAD if prev == 0 else 0)
+            chunks.append((float(gains[prev:e].sum()) / cost, i, e))
+            prev = e
+    spent = 0.0
+    # gains per byte fall along each tensor's ladder, so ratio order takes prefixes
+    for _ratio, i, upto in sorted(chunks, key=lambda c: -c[0]):
+        c = choices[i]
+        lowrank = c.plan.prefer_lowrank
+        have = c.rank if lowrank else c.n_groups
+        if upto <= have:
+            continue
+        unit_cost = c.plan.lr_rank_cost if lowrank else c.plan.block_cost
+        cost = (upto - have) * unit_cost + (RECORD_OVERHEAD if have == 0 else 0)
+        if spent + cost > budget:
+            continue
+        spent += cost
+        if lowrank:
+            c.rank = upto
+        else:
+            c.n_groups = upto
+    return choices
+
+
+def build(base: Artifact, choices: list[Choice], builder: DeltaBuilder) -> dict[str, int]:
+    """Add the chosen records to ``builder``. Returns records per encoding."""
+    counts: dict[str, int] = {}
+    for c in choices:
+        p, info = c.plan, c.plan.t.info
+        if c.rank:
+            builder.add_low_rank(info.name, p.lr_a[: c.rank], p.lr_b[:, : c.rank], 1.0, factor_dtype="i8")
+            counts["lowrank"] = counts.get("lowrank", 0) + 1
+            continue
+        if not c.n_groups:
+            continue
+        groups = np.sort(p.order[: c.n_groups])
+        starts, lengths = changed_runs(np.isin(np.arange(p.residual.shape[0]), groups))
+        runs = list(zip(starts, lengths))
+        if p.encoding == "replace":
+            block, unit = type_layout(info.type_name)
+            per = p.group // block  # units per group
+            new = p.mirror.copy().reshape(-1, p.group)
+            new[groups] = p.t.target.reshape(-1, p.group)[groups]
+            q = np.frombuffer(quantize(info.type_name, new[groups].reshape(-1)), np.uint8)
+            builder.replace_units(info.name, [s * per for s in starts], [n * per for n in lengths], q.tobytes())
+            counts["replace"] = counts.get("replace", 0) + 1
+        else:
+            bits = 4 if p.encoding == "qadd4" else 8
+            lim = 7 if bits == 4 else 127
+            d = p.residual[groups]  # (k, g)
+            scale = (np.abs(d).max(1) / lim).astype(np.float16).astype(np.float32)
+            scale = np.where(scale > 0, scale, np.float32(1.0))
+            q = np.clip(np.round(d / scale[:, None]), -lim, lim).astype(np.int8)
+            kw = {"group": p.group} if info.type_name in ("F32", "F16", "BF16") else {}
+            builder.add_quantized(info.name, runs, scale.astype(np.float16), q.reshape(-1), bits=bits, **kw)
+            counts["qadd"] = counts.get("qadd", 0) + 1
+    return counts
+
+
+# --- measuring ----------------------------------------------------------------------------
+
+
+def weight_error(art: Artifact, targets: list[TensorTarget], mirror_before: dict[str, np.ndarray]) -> dict[str, float]:
+    """How close the artefact's weights are to the targets, over the targeted tensors."""
+    resid = upd = tnorm = 0.0
+    for t in targets:
+        now = dequantize(t.info.type_name, _read(art.tensor(t.info.name)))
+        resid += float(((now - t.target).astype(np.float64) ** 2).sum())
+        upd += float(((mirror_before[t.info.name] - t.target).astype(np.float64) ** 2).sum())
+        tnorm += float((t.target.astype(np.float64) ** 2).sum())
+    return {
+        "relative_error": math.sqrt(resid / tnorm) if tnorm else 0.0,  # ||W - W*|| / ||W*||
+        "update_left": math.sqrt(resid / upd) if upd else 0.0,  # ||W - W*|| / ||W_before - W*||
+    }
+
+
+def probe_kl(artifact: Path, target_logits: list[np.ndarray], prompt_ids: list[list[int]]) -> float:
+    """Mean KL(target || artefact) over every probe position, on the device runtime."""
+    from cdcca_edge.runtime import load
+    from cdcca_edge.runtime.scores import kl_divergence
+
+    kls = []
+    with load(artifact) as m:
+        for ids, ref in zip(prompt_ids, target_logits):
+            kls.append(kl_divergence(ref, m.prompt_logits(ids)))
+    return float(np.concatenate(kls).mean())
+
+
+def target_logits(target: Path, target_base: Path | None, prompts: Sequence[str]) -> tuple[list[np.ndarray], list[list[int]]]:
+    """Logits of the cloud target (torch) on the probe prompts, and their token ids."""
+    torch = require("torch", "cloud")
+    transformers = require("transformers", "cloud")
+    from cdcca_edge.converters.hf import merge_adapter
+
+    base = target_base or target
+    model = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    if target_base is not None:
+        model = merge_adapter(model, Path(target))
+    tok = transformers.AutoTokenizer.from_pretrained(base)
+    model.eval()
+    logits, ids = [], []
+    for p in prompts:
+        t = tok(p)["input_ids"]
+        with torch.no_grad():
+            logits.append(model(torch.tensor([t])).logits[0].float().numpy())
+        ids.append(t)
+    return logits, ids
+
+
+# --- the command --------------------------------------------------------------------------
+
+
+@dataclass
+class DWCReport:
+    delta: str
+    bytes: int
+    artifact_bytes: int
+    records: int
+    records_by_encoding: dict[str, int]
+    weights_touched: float  # fraction of the artefact's weights in rewritten blocks
+    relative_error: float  # after the patch: ||W - W*|| / ||W*|| over targeted tensors
+    update_left: float  # ... / ||W_before - W*||: 0 = the whole update arrived
+    relative_error_before: float
+    probe_kl: float | None
+    probe_kl_before: float | None
+    budget_bytes: int | None
+    base_identity: str
+    target_identity: str
+    from_version: int
+    to_version: int
+    signed: bool
+    search: list[dict[str, float]] = field(default_factory=list)  # max-kl: budgets tried
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def make_delta(
+    base: str | Path,
+    target: str | Path,
+    out: str | Path,
+    target_base: str | Path | None = None,
+    config: DWCConfig = DWCConfig(),
+    probe: Sequence[str] | None = None,
+    sign_key: Any | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> DWCReport:
+    """Compress ``target`` (HF dir, or adapter + ``target_base``) into a delta for the
+    device artefact mirrored at ``base``; the mirror is not modified.
+
+    Raises:
+        UsageError: bad configuration, or max_kl without probe prompts.
+        MissingTensorError: an update has no slot in the artefact.
+    """
+    say = progress or (lambda _m: None)
+    if config.max_kl is not None and not probe:
+        raise UsageError("--max-kl needs --probe prompts to measure the KL on")
+    art = open_artifact(base)
+    say("loading the target")
+    targets, _ = load_targets(art, target, target_base)
+    say("pricing the update")
+    plans = [p for p in (price(t, config) for t in targets) if p is not None]
+    mirror_before = {t.info.name: dequantize(t.info.type_name, _read(t.info)) for t in targets}
+    total_elems = sum(t.n_elements for t in art.tensors)
+    ref = ids = None
+    if probe:
+        say("target logits on the probe prompts")
+        ref, ids = target_logits(Path(target), Path(target_base) if target_base else None, probe)
+
+    def attempt(budget: int | None, path: Path) -> tuple[Any, dict[str, int], list[Choice]]:
+        choices = select(plans, budget)
+        builder = DeltaBuilder(art, created_by="cdcca-edge delta make (DWC)")
+        counts = build(art, choices, builder)
+        return builder.write(path, sign_key=sign_key), counts, choices
+
+    def measure(delta_path: Path) -> tuple[float | None, dict[str, float]]:
+        from cdcca_edge.core.patch import apply_delta
+
+        with tempfile.TemporaryDirectory(prefix="cdcca-dwc-") as tmp:
+            copy = Path(tmp) / Path(art.root).name
+            if art.format == "gguf":
+                shutil.copy(art.path, copy)
+            else:
+                shutil.copytree(art.root, copy)
+            apply_delta(copy, delta_path, pubkeys=[])
+            patched = open_artifact(copy)
+            err = weight_error(patched, targets, mirror_before)
+            kl = probe_kl(copy, ref, ids) if ref is not None else None
+        return kl, err
+
+    out = Path(out)
+    search: list[dict[str, float]] = []
+    if config.max_kl is not None:
+        full = sum(c.cost for c in select(plans, None)) + 1
+        lo, hi = 1024, int(full)
+        best = None
+        for _ in range(8):  # binary search on the budget, in a log scale
+            mid = int(math.sqrt(lo * hi))
+            with tempfile.NamedTemporaryFile(suffix=".cdcd", dir=out.parent, delete=False) as f:
+                trial = Path(f.name)
+            summary, counts, choices = attempt(mid, trial)
+            kl, _ = measure(trial)
+            search.append({"budget": mid, "bytes": summary.bytes, "kl": kl})
+            say(f"budget {mid:,} bytes: KL {kl:.4g}")
+            if kl is not None and kl <= config.max_kl:
+                hi = mid
+                if best:
+                    best[0].unlink(missing_ok=True)
+                best = (trial, summary, counts, choices)
+            else:
+                lo = mid
+                trial.unlink(missing_ok=True)
+            if hi / lo < 1.15:
+                break
+        if best is None:
+            summary, counts, choices = attempt(None, out)
+        else:
+            shutil.move(str(best[0]), out)
+            summary, counts, choices = best[1], best[2], best[3]
+            summary.path = out
+        budget = hi if best else None
+    else:
+        budget = config.budget_bytes
+        summary, counts, choices = attempt(budget, out)
+    say("measuring the patched model")
+    kl_after, err = measure(out)
+    kl_before = probe_kl(art.path if art.format == "gguf" else art.root, ref, ids) if ref is not None else None
+    touched = sum(c.plan.t.info.n_elements if c.rank else c.n_groups * c.plan.group for c in choices)
+    before = weight_error(art, targets, mirror_before)
+    return DWCReport(
+        delta=str(out), bytes=out.stat().st_size, artifact_bytes=art.tensor_bytes,
+        records=summary.records, records_by_encoding=counts, weights_touched=touched / total_elems,
+        relative_error=err["relative_error"], update_left=err["update_left"],
+        relative_error_before=before["relative_error"], probe_kl=kl_after, probe_kl_before=kl_before,
+        budget_bytes=budget, base_identity=summary.base_identity,
+        target_identity=summary.target_identity, from_version=summary.from_version,
+        to_version=summary.to_version, signed=summary.signed, search=search,
+    )

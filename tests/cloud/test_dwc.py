@@ -1,0 +1,145 @@
+"""DWC: deltas from cloud updates, against the device mirror, for GGUF and ONNX bases."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from cdcca_edge.cloud.dwc import DWCConfig, make_delta
+from cdcca_edge.converters.export import export
+from cdcca_edge.core.artifact import open_artifact
+from cdcca_edge.core.errors import MissingTensorError, UsageError
+from cdcca_edge.core.patch import apply_delta
+
+PROBE = ["question: what colour is the circle? answer:", "the red circle is left of the",
+         "there are three", "question: how many squares are there? answer:"]
+
+
+def make_lora(base: Path, out: Path, seed: int, targets=("q_proj", "v_proj", "down_proj"), scale=0.3) -> Path:
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    pm = get_peft_model(AutoModelForCausalLM.from_pretrained(base),
+                        LoraConfig(r=4, lora_alpha=8, target_modules=list(targets), init_lora_weights=False))
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_B" in n:
+                p.mul_(scale)
+    pm.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_models, tmp_path_factory):
+    root = tmp_path_factory.mktemp("dwc")
+    base = tiny_models["llama"]
+    lora = make_lora(base, root / "lora", seed=0)
+    return root, base, lora
+
+
+@pytest.mark.parametrize("fmt,quant", [("gguf", "q8_0"), ("gguf", "f16"), ("onnx", "f32")])
+def test_lora_update_arrives(setup, tmp_path, fmt, quant):
+    root, base, lora = setup
+    mirror = export(base, tmp_path / ("m.gguf" if fmt == "gguf" else "m"), fmt, quant=quant).path
+    rep = make_delta(mirror, lora, tmp_path / "d.cdcd", target_base=base, probe=PROBE)
+    assert rep.records_by_encoding.get("lowrank", 0) >= 1  # LoRA-shaped: low rank is cheapest
+    assert rep.probe_kl < rep.probe_kl_before * 0.05
+    assert rep.update_left < 0.05 and rep.relative_error < rep.relative_error_before
+    # the delta really takes the device (a copy of the mirror) to the target
+    device = tmp_path / ("dev.gguf" if fmt == "gguf" else "dev")
+    (shutil.copy if fmt == "gguf" else shutil.copytree)(mirror, device)
+    assert apply_delta(device, tmp_path / "d.cdcd").applied
+    assert open_artifact(mirror).tensors == open_artifact(mirror).tensors  # mirror untouched by make
+
+
+def test_full_weights_target_and_budget(setup, tmp_path):
+    """A merged HF directory as target: no factors, so block encodings; a smaller budget
+    gives a smaller delta and a larger KL."""
+    root, base, lora = setup
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    merged = tmp_path / "merged"
+    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), lora).merge_and_unload().save_pretrained(merged)
+    AutoTokenizer.from_pretrained(base).save_pretrained(merged)
+    mirror = export(base, tmp_path / "m.gguf", "gguf", quant="q8_0").path
+    full = make_delta(mirror, merged, tmp_path / "full.cdcd", probe=PROBE)
+    assert "lowrank" not in full.records_by_encoding and full.probe_kl < full.probe_kl_before * 0.05
+    small = make_delta(mirror, merged, tmp_path / "small.cdcd", config=DWCConfig(budget_bytes=full.bytes // 4),
+                       probe=PROBE)
+    assert small.bytes <= full.bytes // 4 * 1.2
+    assert full.probe_kl < small.probe_kl < small.probe_kl_before
+
+
+def test_max_kl_search(setup, tmp_path):
+    root, base, lora = setup
+    mirror = export(base, tmp_path / "m.gguf", "gguf", quant="q8_0").path
+    rep = make_delta(mirror, lora, tmp_path / "d.cdcd", target_base=base,
+                     config=DWCConfig(max_kl=0.004), probe=PROBE)
+    assert rep.probe_kl <= 0.004 and rep.search
+    with pytest.raises(UsageError, match="needs --probe"):
+        make_delta(mirror, lora, tmp_path / "x.cdcd", target_base=base, config=DWCConfig(max_kl=0.01))
+
+
+def test_missing_slot_is_an_error(tiny_models, tmp_path):
+    """An update to a parameter the artefact has no tensor for (biases on a bias-free
+    Llama export) is refused, naming the parameter."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+
+    base = tiny_models["llama"]
+    mirror = export(base, tmp_path / "m.gguf", "gguf", quant="q8_0").path
+    cfg = LlamaConfig.from_pretrained(base)
+    cfg.attention_bias = True
+    biased = AutoModelForCausalLM.from_config(cfg)
+    biased.load_state_dict(AutoModelForCausalLM.from_pretrained(base).state_dict(), strict=False)
+    biased.save_pretrained(tmp_path / "biased")
+    AutoTokenizer.from_pretrained(base).save_pretrained(tmp_path / "biased")
+    with pytest.raises(MissingTensorError, match=r"self_attn\.[qkvo]_proj\.bias"):
+        make_delta(mirror, tmp_path / "biased", tmp_path / "d.cdcd")
+
+
+def test_ten_rounds_do_not_drift(setup, tmp_path):
+    """Ten successive cloud updates (a different adapter each round, so the mirror drifts
+    from the adapters' base): each delta is computed against the mirror's exact bytes and
+    applied to it, and the weight error against each round's target stays flat at the
+    quantisation floor instead of accumulating."""
+    root, base, _ = setup
+    mirror = export(base, tmp_path / "mirror.gguf", "gguf", quant="q8_0").path
+    errors = []
+    for k in range(10):
+        lora = make_lora(base, tmp_path / f"lora{k}", seed=100 + k, scale=0.2)
+        rep = make_delta(mirror, lora, tmp_path / f"d{k}.cdcd", target_base=base)
+        apply_delta(mirror, tmp_path / f"d{k}.cdcd")  # the cloud advances its mirror
+        errors.append(rep.relative_error)
+        if k:  # after round 0 the mirror is no longer the adapters' base: low rank is refused
+            assert "lowrank" not in rep.records_by_encoding
+    assert max(errors) <= 1.5 * min(errors), errors
+    assert errors[-1] <= 1.2 * errors[0], errors
+
+
+def test_cli_delta_make(setup, tmp_path):
+    from cdcca_edge.cli import main
+
+    root, base, lora = setup
+    mirror = export(base, tmp_path / "m.gguf", "gguf", quant="q8_0").path
+    probe = tmp_path / "probe.jsonl"
+    probe.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROBE))
+    import io
+    import contextlib
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        rc = main(["delta", "make", "--base", str(mirror), "--target", str(lora), "--target-base", str(base),
+                   "--probe", str(probe), "-o", str(tmp_path / "d.cdcd"), "--advance-mirror", "--json"])
+    assert rc == 0
+    doc = json.loads(buf.getvalue())
+    assert doc["mirror_advanced"] and doc["probe_kl"] < doc["probe_kl_before"]
+    from cdcca_edge.core.state import read_state
+
+    assert read_state(open_artifact(mirror)).version == 1
