@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Callable, Iterator, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Callable, Iterator, Optional
 
 import typer
 
@@ -143,8 +143,11 @@ def inspect(
 
 @app.command()
 def run(
-    artifact: Annotated[Path, typer.Argument(help=".gguf file or ONNX export directory.")],
-    prompt: Annotated[str, typer.Option("--prompt", "-p", help="Prompt text.")],
+    artifact: Annotated[Path, typer.Argument(help=".gguf file, ONNX export directory or multimodal bundle.")],
+    prompt: Annotated[str, typer.Option("--prompt", "-p", help="Prompt text (with --image: the question).")],
+    image: Annotated[
+        Optional[Path], typer.Option(help="An image (PNG/JPEG/.npy) for a multimodal bundle to look at.")
+    ] = None,
     max_tokens: Annotated[int, typer.Option("--max-tokens", "-n", help="New tokens at most.")] = 32,
     backend: Annotated[str, typer.Option(help="auto, onnx or llama.")] = "auto",
     temperature: Annotated[float, typer.Option(help="0 = greedy.")] = 0.0,
@@ -161,12 +164,18 @@ def run(
     json_out: JsonOpt = False,
 ) -> None:
     """Answer a prompt on the device runtime, with per-token uncertainty."""
+    from cdcca_edge.core.artifact import MANIFEST_NAME
     from cdcca_edge.runtime import GenerationConfig, load
 
     config = GenerationConfig(
         max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
         score_prompt=score_prompt,
     )
+    if (artifact / MANIFEST_NAME).is_file():
+        _run_multimodal(artifact, prompt, image, backend, threads, config, show_scores, json_out)
+        return
+    if image is not None:
+        raise UsageError(f"--image needs a multimodal bundle; {artifact} is a text model")
     with load(artifact, backend=backend, n_threads=threads) as model:  # type: ignore[arg-type]
         if json_out:
             result = model.generate(prompt, config)
@@ -189,6 +198,28 @@ def run(
         f"{s.mean_entropy:.3f} nats[/dim]",
         highlight=False,
     )
+
+
+def _run_multimodal(artifact: Path, prompt: str, image: Optional[Path], backend: str, threads: Optional[int],
+                    config: Any, show_scores: bool, json_out: bool) -> None:
+    """``run`` on a multimodal bundle: the vision part in onnxruntime, the language part
+    on ``backend``; the question goes into the bundle's prompt template."""
+    from cdcca_edge.runtime.multimodal import MultimodalModel
+
+    with MultimodalModel(artifact, backend=backend, n_threads=threads) as mm:
+        text = mm.prompt(prompt) if image is not None else prompt
+        result = mm.generate(text, image, config)
+        name = mm.name
+    if json_out:
+        print_json({"backend": name, "artifact": str(artifact), "image": str(image) if image else None,
+                    **result.as_dict()})
+        return
+    out.print(result.text, highlight=False)
+    if show_scores:
+        print_score_table(result)
+    err.print(f"[dim]{name}: {len(result.tokens)} tokens ({result.finish_reason}), confidence "
+              f"{result.sample.confidence:.3f}, mean entropy {result.sample.mean_entropy:.3f} nats[/dim]",
+              highlight=False)
 
 
 @contextmanager

@@ -92,18 +92,22 @@ def load_targets(art: Artifact, target: str | Path, target_base: str | Path | No
 
     target = Path(target)
     lora: dict[str, tuple[np.ndarray, np.ndarray, float]] = {}
+    base_type = model_type_of(Path(target_base) if target_base is not None else target)
+    # a LLaVA model updates a multimodal bundle (its language and vision parts)
+    auto = (transformers.LlavaForConditionalGeneration if base_type == "llava"
+            else transformers.AutoModelForCausalLM)
     if target_base is not None:
         base_dir = Path(target_base)
-        model = transformers.AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+        model = auto.from_pretrained(base_dir, dtype=torch.float32)
         base_sd = {k: v.detach().float().numpy().copy() for k, v in model.state_dict().items()}
         lora = _lora_factors(target)
         model = merge_adapter(model, target)
     else:
         base_dir = target
-        model = transformers.AutoModelForCausalLM.from_pretrained(target, dtype=torch.float32)
+        model = auto.from_pretrained(target, dtype=torch.float32)
         base_sd = None
     cfg = model.config
-    arch = SUPPORTED_MODEL_TYPES[model_type_of(base_dir)]
+    arch = "llava" if base_type == "llava" else SUPPORTED_MODEL_TYPES[base_type]
     sd = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
     # With an adapter, only the parameters it changed need a slot; with full weights, all.
     names = [k for k in sd if base_sd is None or not np.array_equal(sd[k], base_sd[k])]

@@ -18,7 +18,8 @@ from cdcca_edge.converters.gguf_export import QUANT_TYPES, write_gguf
 from cdcca_edge.converters.hf import load_for_export
 from cdcca_edge.converters.onnx_export import write_onnx
 from cdcca_edge.converters.validate import ValidationReport, validate_export
-from cdcca_edge.core.artifact import ONNX_MODEL_NAME, open_artifact
+from cdcca_edge.converters.llava_export import is_llava
+from cdcca_edge.core.artifact import MANIFEST_NAME, ONNX_MODEL_NAME, open_artifact
 from cdcca_edge.core.state import record_export
 from cdcca_edge.core.errors import UsageError
 
@@ -38,6 +39,7 @@ class ExportResult:
     bytes: int
     seconds: float
     validation: ValidationReport | None
+    extra: dict[str, Any] | None = None  # multimodal bundles: per-part validation
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -51,6 +53,7 @@ class ExportResult:
             "bytes": self.bytes,
             "seconds": self.seconds,
             "validation": None if self.validation is None else self.validation.as_dict(),
+            "bundle_validation": self.extra,
         }
 
 
@@ -83,7 +86,7 @@ def export(
         if quant not in QUANT_TYPES:
             raise UsageError(f"--quant {quant!r} is not a GGUF export type; choose one of "
                              f"{', '.join(QUANT_TYPES)}")
-        if out.is_dir():
+        if out.is_dir() and not is_llava(Path(model_dir)):
             raise UsageError(f"{out} is a directory; GGUF export writes a file, e.g. -o model.gguf")
     elif fmt == "onnx":
         quant = quant or "f32"
@@ -92,7 +95,8 @@ def export(
                              "quantised artefacts are GGUF: use --format gguf")
         if out.exists() and not out.is_dir():
             raise UsageError(f"{out} is a file; ONNX export writes a directory")
-        if out.is_dir() and any(out.iterdir()) and not (out / ONNX_MODEL_NAME).is_file():
+        if (out.is_dir() and any(out.iterdir()) and not (out / ONNX_MODEL_NAME).is_file()
+                and not (out / MANIFEST_NAME).is_file()):
             raise UsageError(f"{out} exists and is not an ONNX export; it would be replaced "
                              "whole: remove it or pick another -o")
     else:
@@ -103,6 +107,19 @@ def export(
     loaded = load_for_export(model_dir, adapter)
     out.parent.mkdir(parents=True, exist_ok=True)
     report = None
+    if loaded.arch == "llava":
+        # a multimodal model becomes a bundle directory: vision part + language part
+        from cdcca_edge.converters.llava_export import export_llava
+
+        if out.exists() and not out.is_dir():
+            raise UsageError(f"{out} is a file; a multimodal export writes a bundle directory")
+        identity, mm_report = export_llava(loaded, out, fmt, quant, validate, tolerance, stage)
+        return ExportResult(
+            path=out, format=f"bundle/{fmt}", quant=quant, arch="llava", identity=identity,
+            source_digest=loaded.source_digest, adapter=str(adapter) if adapter else None,
+            bytes=sum(p.stat().st_size for p in out.rglob("*") if p.is_file()),
+            seconds=time.perf_counter() - t0, validation=None, extra=mm_report,
+        )
     if fmt == "gguf":
         fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
         os.close(fd)

@@ -55,6 +55,8 @@ def load_for_export(model_dir: str | Path, adapter_dir: str | Path | None = None
     if not model_dir.is_dir():
         raise UsageError(f"{model_dir}: not a directory; pass a Hugging Face model directory")
     model_type = model_type_of(model_dir)
+    if model_type == "llava":
+        return _load_llava(model_dir, adapter_dir)
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise FormatError(
             f"{model_dir}: model_type {model_type!r} is not supported; supported families: "
@@ -75,6 +77,25 @@ def load_for_export(model_dir: str | Path, adapter_dir: str | Path | None = None
         adapter_dir=Path(adapter_dir) if adapter_dir is not None else None,
         source_digest=state_dict_digest(model),
     )
+
+
+def _load_llava(model_dir: Path, adapter_dir: str | Path | None) -> LoadedModel:
+    """A LLaVA-style model (vision tower, projector, Llama/Qwen2 language model)."""
+    torch = require("torch", "cloud")
+    transformers = require("transformers", "cloud")
+    cfg = json.loads((model_dir / "config.json").read_text())
+    text_type = cfg.get("text_config", {}).get("model_type", "llama")
+    if text_type not in SUPPORTED_MODEL_TYPES:
+        raise FormatError(f"{model_dir}: LLaVA language model type {text_type!r} is not supported; "
+                          f"supported: {', '.join(sorted(SUPPORTED_MODEL_TYPES))}")
+    model = transformers.LlavaForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
+    if adapter_dir is not None:
+        model = merge_adapter(model, Path(adapter_dir))
+    model.eval()
+    return LoadedModel(model=model, tokenizer=tokenizer, arch="llava", source_dir=model_dir,
+                       adapter_dir=Path(adapter_dir) if adapter_dir is not None else None,
+                       source_digest=state_dict_digest(model))
 
 
 def merge_adapter(model: Any, adapter_dir: Path) -> Any:

@@ -41,6 +41,8 @@ def slots_for(art: Artifact, arch: str, config: Any, hf_names: list[str]) -> dic
             architecture has no slot for).
         FormatError: the artefact is neither an exported GGUF nor ONNX.
     """
+    if art.format == "bundle":
+        return _bundle_slots(art, config, hf_names)
     names = {t.name for t in art.tensors}
     tied = bool(getattr(config, "tie_word_embeddings", False))
     out: dict[str, list[Slot]] = {}
@@ -83,4 +85,45 @@ def slots_for(art: Artifact, arch: str, config: Any, hf_names: list[str]) -> dic
         else:
             raise FormatError(f"{art.path}: DWC works on exported GGUF files and ONNX directories, "
                               f"this is a {art.format}")
+    return out
+
+
+# LLaVA parameter prefixes -> (bundle part, the name the part's own export gave it)
+_LLAVA_PARTS = (
+    ("model.language_model.", "language", "model."),
+    ("lm_head.", "language", "lm_head."),
+    ("model.multi_modal_projector.", "vision", "model.multi_modal_projector."),
+    ("model.vision_tower.", "vision", "model.vision_tower."),
+)
+
+
+def _bundle_slots(art: Artifact, config: Any, hf_names: list[str]) -> dict[str, list[Slot]]:
+    """A multimodal bundle: each LLaVA parameter goes to its part, mapped by that part's
+    own exporter table, and named ``<part>/<tensor>``."""
+    from cdcca_edge.converters.hf import SUPPORTED_MODEL_TYPES
+    from cdcca_edge.core.artifact import MANIFEST_NAME, open_artifact
+
+    doc = json.loads((art.root / MANIFEST_NAME).read_text())
+    parts = {p["name"]: art.root / p["path"] for p in doc["parts"]}
+    text_cfg = getattr(config, "text_config", None)
+    if text_cfg is None:
+        raise FormatError(f"{art.path}: a bundle takes a LLaVA model's update; this config has no text_config")
+    by_part: dict[str, list[tuple[str, str]]] = {}
+    for hf in hf_names:
+        for prefix, part, renamed in _LLAVA_PARTS:
+            if hf.startswith(prefix):
+                by_part.setdefault(part, []).append((hf, renamed + hf[len(prefix):]))
+                break
+        else:
+            raise MissingTensorError(f"HF parameter {hf!r} belongs to no part of the bundle {art.root}")
+    out: dict[str, list[Slot]] = {}
+    for part, pairs in by_part.items():
+        if part not in parts:
+            raise MissingTensorError(f"{art.root}: the update touches the {part!r} part, which the bundle lacks")
+        sub = open_artifact(parts[part])
+        arch = SUPPORTED_MODEL_TYPES.get(text_cfg.model_type, text_cfg.model_type) if part == "language" else "vision"
+        sub_slots = slots_for(sub, arch, text_cfg if part == "language" else config.vision_config,
+                              [renamed for _, renamed in pairs])
+        for hf, renamed in pairs:
+            out[hf] = [Slot(f"{part}/{s.tensor}", s.to_artifact, s.factors) for s in sub_slots.get(renamed, [])]
     return out

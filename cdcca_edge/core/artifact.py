@@ -264,6 +264,9 @@ def _open_bundle(manifest: Path) -> Artifact:
             tensors.append(TensorInfo(f"{name}/{t.name}", t.type_name, t.shape, t.file.resolve(),
                                       t.offset, t.nbytes))
         metadata.update({f"{name}/{k}": v for k, v in sub.metadata.items()})
+    prov = doc.get("provenance", {})
+    if isinstance(prov, dict):
+        metadata.update({str(k): str(v) for k, v in prov.items() if str(k).startswith(META_PREFIX)})
     by_file: dict[Path, list[TensorInfo]] = {}
     for t in tensors:
         by_file.setdefault(t.file, []).append(t)

@@ -270,19 +270,45 @@ class Backend(ABC):
             raise UsageError(f"{n} tokens exceed the context of {self.n_ctx}; shorten the "
                              "prompt or load with a larger n_ctx")
 
+    def generate_with_prefix(
+        self,
+        before: Sequence[int],
+        embeds: np.ndarray,
+        after: Sequence[int],
+        config: GenerationConfig = GenerationConfig(),
+    ) -> Generation:
+        """Generate after ``before`` tokens, then positions given as embeddings (an image:
+        (N, hidden)), then ``after`` tokens. Needs a backend with ``forward_embeds``.
+        Prompt scores (when asked for) cover the ``after`` tokens."""
+        if not hasattr(self, "forward_embeds"):
+            raise UsageError(f"the {self.name} backend cannot take embeddings")
+        with self._serving:
+            gen = self._run(list(after), config, prefix=(list(before), np.asarray(embeds, np.float32)))
+            while True:
+                try:
+                    next(gen)
+                except StopIteration as stop:
+                    return stop.value
+
     def _run(
-        self, prompt: str | Sequence[int], config: GenerationConfig
+        self, prompt: str | Sequence[int], config: GenerationConfig,
+        prefix: tuple[list[int], np.ndarray] | None = None,
     ) -> Generator[StreamEvent, None, Generation]:
         if isinstance(prompt, str):
             ids = self.tokenize(prompt)
         else:
             ids = self.check_tokens(prompt)
             prompt = self.detokenize(ids).decode("utf-8", errors="replace")
-        self._check_len(len(ids))
-        max_new = min(config.max_tokens, self.n_ctx - len(ids))
+        n_prefix = 0 if prefix is None else len(prefix[0]) + len(prefix[1])
+        self._check_len(len(ids) + n_prefix)
+        max_new = min(config.max_tokens, self.n_ctx - len(ids) - n_prefix)
         rng = np.random.default_rng(config.seed)
         self.reset()
         t0 = time.perf_counter()
+        if prefix is not None:
+            if prefix[0]:
+                self.forward(prefix[0])
+            self.forward_embeds(prefix[1])  # type: ignore[attr-defined]
         logits = self.forward(ids, all_logits=config.score_prompt)
         prompt_scores = None
         if config.score_prompt:

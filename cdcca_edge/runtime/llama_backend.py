@@ -177,6 +177,45 @@ class LlamaCppBackend(Backend):
                 last = self._logits_at(m - 1)[None, :]
         return rows if rows is not None else last
 
+    def forward_embeds(self, embeds: np.ndarray, all_logits: bool = False) -> np.ndarray:
+        """Append positions given as input embeddings (T, n_embd) instead of tokens, the
+        way llama.cpp's own multimodal front ends feed image embeddings. Returns logits as
+        :meth:`forward` does."""
+        lc = self._llama_cpp
+        x = np.ascontiguousarray(embeds, dtype=np.float32)
+        n_embd = lc.llama_model_n_embd(self._llm._model.model)
+        if x.ndim != 2 or x.shape[1] != n_embd:
+            raise UsageError(f"embeddings of shape {x.shape}; this model takes (T, {n_embd})")
+        n = x.shape[0]
+        if self._n_past + n > self.n_ctx:
+            raise UsageError(f"sequence of {self._n_past + n} positions exceeds n_ctx={self.n_ctx}")
+        rows = np.empty((n, self._n_vocab), dtype=np.float32) if all_logits else None
+        last = None
+        for start in range(0, n, self._n_batch):
+            m = min(self._n_batch, n - start)
+            b = lc.llama_batch_init(m, n_embd, 1)
+            try:
+                b.n_tokens = m
+                ctypes.memmove(b.embd, x[start : start + m].ctypes.data, m * n_embd * 4)
+                for i in range(m):
+                    b.pos[i] = self._n_past + i
+                    b.n_seq_id[i] = 1
+                    b.seq_id[i][0] = 0
+                    b.logits[i] = all_logits
+                b.logits[m - 1] = True
+                rc = lc.llama_decode(self._ctx, b)
+                if rc != 0:
+                    raise CdccaError(f"{self.path}: llama_decode of embeddings failed with code {rc}")
+                self._n_past += m
+                if rows is not None:
+                    for i in range(m):
+                        rows[start + i] = self._logits_at(i)
+                elif start + m == n:
+                    last = np.array(self._logits_at(m - 1))[None, :]
+            finally:
+                lc.llama_batch_free(b)
+        return rows if rows is not None else last
+
     def close(self) -> None:
         if getattr(self, "_closed", True):
             return

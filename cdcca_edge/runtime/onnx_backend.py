@@ -79,10 +79,14 @@ class OnnxBackend(Backend):
         except self._ort_errors as exc:
             raise FormatError(f"{model_path}: onnxruntime could not load the model ({exc})") from exc
         inputs = {i.name: i for i in self._sess.get_inputs()}
-        for required in ("input_ids", "attention_mask"):
+        # a multimodal bundle's language part takes embeddings; text tokens are embedded
+        # here with the table the export left in the external data
+        self._embeds_input = "inputs_embeds" in inputs and "input_ids" not in inputs
+        for required in ("input_ids" if not self._embeds_input else "inputs_embeds", "attention_mask"):
             if required not in inputs:
                 raise FormatError(f"{model_path}: model has no {required!r} input; export with "
                                   "task text-generation-with-past")
+        self._table = self._embedding_table(model_path) if self._embeds_input else None
         self._has_position_ids = "position_ids" in inputs
         past = [n.split(".") for n in inputs if n.startswith("past_key_values.")]
         if not past or any(len(p) != 3 or not p[1].isdigit() or p[2] not in ("key", "value")
@@ -163,16 +167,43 @@ class OnnxBackend(Backend):
 
     def forward(self, tokens: Sequence[int], all_logits: bool = False) -> np.ndarray:
         tokens = self.check_tokens(tokens)  # Gather would wrap negative ids silently
-        n = len(tokens)
-        if n == 0:
+        if not tokens:
             raise UsageError("forward() needs at least one token")
+        if self._embeds_input:
+            return self.forward_embeds(self._table[np.asarray(tokens)], all_logits)
+        return self._run_model("input_ids", np.asarray(tokens, dtype=np.int64)[None, :], all_logits)
+
+    def forward_embeds(self, embeds: np.ndarray, all_logits: bool = False) -> np.ndarray:
+        """Append positions given as input embeddings (T, hidden); needs a model that takes
+        ``inputs_embeds`` (a multimodal bundle's language part)."""
+        if not self._embeds_input:
+            raise UsageError(f"{self.dir}: this model takes token ids, not embeddings")
+        x = np.ascontiguousarray(embeds, dtype=np.float32)
+        if x.ndim != 2 or x.shape[1] != self._table.shape[1]:
+            raise UsageError(f"embeddings of shape {x.shape}; this model takes (T, {self._table.shape[1]})")
+        return self._run_model("inputs_embeds", x[None], all_logits)
+
+    def _embedding_table(self, model_path: Path) -> np.ndarray:
+        from cdcca_edge.core.artifact import open_artifact
+
+        art = open_artifact(model_path)
+        try:
+            t = art.tensor("model.embed_tokens.weight")
+        except CdccaError:
+            raise FormatError(f"{model_path}: takes inputs_embeds but has no model.embed_tokens.weight "
+                              "to embed text tokens with") from None
+        dtype = {"F32": np.float32, "F16": np.float16}[t.type_name]
+        table = np.fromfile(t.file, dtype=dtype, count=t.n_elements, offset=t.offset)
+        return table.reshape(t.shape).astype(np.float32)  # (V, hidden)
+
+    def _run_model(self, input_name: str, x: np.ndarray, all_logits: bool) -> np.ndarray:
+        n = x.shape[1]
         total = self._n_past + n
         if total > self._n_ctx:
             raise UsageError(f"sequence of {total} tokens exceeds n_ctx={self._n_ctx}")
-        ids = np.asarray(tokens, dtype=np.int64)[None, :]  # (1, T)
         mask = np.ones((1, total), dtype=np.int64)  # (1, past + T)
         binding = self._sess.io_binding()
-        binding.bind_cpu_input("input_ids", ids)
+        binding.bind_cpu_input(input_name, x)
         binding.bind_cpu_input("attention_mask", mask)
         if self._has_position_ids:
             pos = np.arange(self._n_past, total, dtype=np.int64)[None, :]  # (1, T)

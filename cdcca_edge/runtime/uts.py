@@ -97,6 +97,54 @@ class VisualStats:
         return np.sort(np.argsort(-scores, kind="stable")[:k])
 
 
+def quantize_tokens(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Visual tokens (k, D) float -> int8 (k, D) and a float16 scale per token: symmetric,
+    x ~= q * scale (error <= scale / 2 per value)."""
+    x = np.asarray(x, np.float32)
+    scale = np.maximum(np.abs(x).max(-1), 1e-8) / 127.0  # (k,)
+    scale16 = scale.astype(np.float16).astype(np.float32)
+    q = np.clip(np.rint(x / scale16[:, None]), -127, 127).astype(np.int8)
+    return q, scale16.astype(np.float16)
+
+
+def dequantize_tokens(q: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    return q.astype(np.float32) * scale.astype(np.float32)[:, None]
+
+
+def is_multimodal(model: Any) -> bool:
+    return hasattr(model, "encode_image")
+
+
+def _image_of(item: dict[str, Any]) -> Any:
+    return item["image"]
+
+
+def _load_image(path: Any) -> np.ndarray:
+    from cdcca_edge.runtime.multimodal import load_image
+
+    return load_image(path)
+
+
+def answer_item(model: Any, item: dict[str, Any], cfg: GenerationConfig) -> tuple[Generation, np.ndarray | None]:
+    """Answer one input: (generation, the vision tower's tokens (N, Dv) or None)."""
+    if "image" not in item:
+        return model.generate(item["prompt"], cfg), None
+    if not is_multimodal(model):
+        raise UsageError("these inputs have images; image inputs need a multimodal artefact (a bundle "
+                         "exported from a LLaVA model)")
+    feats, embeds = model.encode_image(_image_of(item))
+    return model.generate(model.prompt(item["prompt"]), None, cfg, image_embeds=embeds), feats
+
+
+def item_uncertainty(gen: Generation, feats: np.ndarray | None, score: str, visual: "VisualStats | None") -> float:
+    """The sample score; with an image, plus the log of its tokens' mean out-of-distribution
+    score, so that an unfamiliar image raises the uncertainty as an unfamiliar prompt does."""
+    u = sample_uncertainty(gen, score)
+    if feats is not None and visual is not None:
+        u += math.log(max(float(visual.ood_scores(feats).mean()), 1e-12))
+    return u
+
+
 @dataclass
 class Calibration:
     """Thresholds fitted on in-distribution inputs; travels with the artefact."""
@@ -175,33 +223,40 @@ def read_inputs(path: str | Path) -> list[dict[str, Any]]:
 
 
 def calibrate(
-    model: Backend,
-    prompts: Iterable[str],
+    model: Any,
+    prompts: Iterable[str | dict[str, Any]],
     artifact_identity: str,
     rate: float = 0.1,
     token_rate: float = 0.2,
     score: str = DEFAULT_SCORE,
     max_tokens: int = 32,
+    keep: float = 0.5,
     progress: Callable[[int], None] | None = None,
 ) -> Calibration:
     """Fit the thresholds that upload ``rate`` of these in-distribution samples and flag
-    ``token_rate`` of their answer tokens."""
-    for name, r in (("rate", rate), ("token_rate", token_rate)):
-        if not 0.0 < r < 1.0:
+    ``token_rate`` of their answer tokens. Inputs with images (dicts with ``image``, on a
+    multimodal model) also fit the visual-token statistics; ``keep`` is the fraction of
+    visual tokens an upload carries."""
+    for name, r in (("rate", rate), ("token_rate", token_rate), ("keep", keep)):
+        if not 0.0 < r < 1.0 and not (name == "keep" and r == 1.0):
             raise UsageError(f"{name} must be in (0, 1), got {r}")
     if score not in SCORES:
         raise UsageError(f"unknown score {score!r}; choose one of {', '.join(SCORES)}")
     cfg = generation_config(score, max_tokens)
-    sample_u, token_h = [], []
-    for i, prompt in enumerate(prompts):
-        gen = model.generate(prompt, cfg)
-        sample_u.append(sample_uncertainty(gen, score))
+    answered = []
+    token_h: list[float] = []
+    for i, p in enumerate(prompts):
+        item = p if isinstance(p, dict) else {"prompt": p}
+        gen, feats = answer_item(model, item, cfg)
+        answered.append((gen, feats))
         token_h.extend(s.entropy for s in gen.scores)
         if progress:
             progress(i + 1)
-    if len(sample_u) < 10:
-        raise UsageError(f"{len(sample_u)} calibration inputs are too few; give at least 10")
-    u = np.asarray(sample_u)
+    if len(answered) < 10:
+        raise UsageError(f"{len(answered)} calibration inputs are too few; give at least 10")
+    feats_all = [f for _, f in answered if f is not None]
+    visual = VisualStats.fit(np.concatenate(feats_all), keep=keep) if feats_all else None
+    u = np.asarray([item_uncertainty(g, f, score, visual) for g, f in answered])
     h = np.asarray(token_h) if token_h else np.zeros(1)
     return Calibration(
         artifact_identity=artifact_identity, score=score, rate=rate,
@@ -209,6 +264,7 @@ def calibrate(
         token_threshold=float(np.quantile(h, 1.0 - token_rate)), max_tokens=max_tokens,
         n_samples=len(u), n_tokens=len(token_h),
         quantiles={f"q{int(q * 100)}": float(np.quantile(u, q)) for q in (0.1, 0.5, 0.9, 0.99)},
+        visual=visual,
     )
 
 
@@ -220,6 +276,7 @@ class Decision:
     generation: Generation
     uncertainty: float
     upload: bool = False
+    visual: np.ndarray | None = None  # the vision tower's tokens (N, Dv), image inputs
 
 
 def decide(decisions: list[Decision], calib: Calibration, selector: Selector, seed: int = 0) -> None:
@@ -277,16 +334,20 @@ def collect(
     """Answer every input, select uploads, write the bundle, report what it cost."""
     from cdcca_edge.core.uplink_format import UplinkSample, write_uplink
 
-    if any("image" in it for it in inputs):
-        raise UsageError("these inputs have images; image inputs need a multimodal artefact")
+    if any("image" in it for it in inputs) and not is_multimodal(model):
+        raise UsageError("these inputs have images; image inputs need a multimodal artefact (a bundle "
+                         "exported from a LLaVA model)")
+    if any("image" in it for it in inputs) and calib.visual is None:
+        raise UsageError("the calibration has no visual statistics; calibrate with image inputs "
+                         "on this multimodal artefact")
     cfg = generation_config(calib.score, calib.max_tokens)
     decisions = []
     decode = scoring = 0.0
     for i, item in enumerate(inputs):
-        gen = model.generate(item["prompt"], cfg)
+        gen, feats = answer_item(model, item, cfg)
         decode += gen.prefill_seconds + gen.decode_seconds
         scoring += gen.scoring_seconds
-        decisions.append(Decision(item, gen, sample_uncertainty(gen, calib.score)))
+        decisions.append(Decision(item, gen, item_uncertainty(gen, feats, calib.score, calib.visual), visual=feats))
         if progress:
             progress(i + 1)
     decide(decisions, calib, selector, seed)
@@ -312,6 +373,19 @@ def collect(
             "prompt": d.item["prompt"], "answer": g.text, "uncertainty": round(d.uncertainty, 6),
             "raw_bytes": d.item["raw_bytes"],
         }
+        if d.visual is not None and calib.visual is not None:
+            # token stage on the image: only the most out-of-distribution tokens go up,
+            # int8 with a scale per token, with their positions (docs/formats/uplink.md)
+            keep = calib.visual.select(d.visual)
+            q, scale = quantize_tokens(d.visual[keep])
+            arrays["visual_tokens"], arrays["visual_scales"] = q, scale
+            arrays["visual_positions"] = keep.astype(np.uint16)
+            meta["n_visual_tokens"] = int(len(d.visual))
+            # the whole prompt, its image token standing for the image's N positions
+            arrays["prompt_ids"] = np.asarray(model.language.tokenize(model.prompt(d.item["prompt"])), np.uint32)
+            if include_raw:
+                img = d.item["image"]
+                arrays["image"] = np.asarray(img if isinstance(img, np.ndarray) else _load_image(img), np.uint8)
         samples.append(UplinkSample(d.item["id"], meta, arrays))
     header = {
         "artifact_identity": artifact_identity,

@@ -1,0 +1,145 @@
+"""Multimodal bundles on the device: the vision part in onnxruntime, the language part on
+llama.cpp or onnxruntime, image embeddings fed in as embeddings.
+
+    >>> with MultimodalModel("tiny-llava-bundle") as m:
+    ...     m.answer(image, "what colour is the triangle?")
+
+The vision part outputs the vision tower's tokens (what UTS scores and uploads) and their
+projection into the language model (what the language model reads, where the prompt has
+its image token). Never imports torch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from cdcca_edge.core.artifact import MANIFEST_NAME, ONNX_MODEL_NAME
+from cdcca_edge.core.errors import FormatError, UsageError, require
+from cdcca_edge.runtime.base import Backend, Generation, GenerationConfig
+
+IMAGE_TOKEN = "<image>"
+DEFAULT_TEMPLATE = "USER: <image>\n{question} ASSISTANT:"
+
+
+def load_image(path: str | Path) -> np.ndarray:
+    """An image file as (H, W, 3) uint8 (``.npy`` arrays too)."""
+    path = Path(path)
+    if path.suffix == ".npy":
+        img = np.load(path)
+    else:
+        pil = require("PIL.Image", "device")
+        try:
+            with pil.open(path) as im:
+                img = np.asarray(im.convert("RGB"))
+        except (OSError, ValueError) as exc:
+            raise FormatError(f"{path}: not an image Pillow can read ({exc})") from exc
+    if img.ndim != 3 or img.shape[2] != 3:
+        raise FormatError(f"{path}: expected an RGB image, got an array of shape {img.shape}")
+    return img.astype(np.uint8)
+
+
+class MultimodalModel:
+    """A multimodal bundle (docs/formats/artifact.md, section 6) loaded for inference.
+
+    Args:
+        path: the bundle directory.
+        backend: for the language part: ``auto`` (by its format), ``llama`` or ``onnx``.
+    """
+
+    def __init__(self, path: str | Path, backend: str = "auto", n_threads: int | None = None) -> None:
+        ort = require("onnxruntime", "device")
+        from cdcca_edge.runtime import load
+
+        self.path = Path(path)
+        manifest = self.path / MANIFEST_NAME
+        if not manifest.is_file():
+            raise FormatError(f"{self.path}: no {MANIFEST_NAME}; not a multimodal bundle")
+        doc = json.loads(manifest.read_text())
+        info = doc.get("multimodal")
+        if not isinstance(info, dict) or info.get("kind") != "llava":
+            raise FormatError(f"{manifest}: the bundle has no LLaVA multimodal section")
+        self.info = info
+        parts = {p["name"]: self.path / p["path"] for p in doc["parts"]}
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = n_threads or os.cpu_count() or 1
+        opts.log_severity_level = 3
+        self._vision = ort.InferenceSession(str(parts["vision"] / ONNX_MODEL_NAME), opts,
+                                            providers=["CPUExecutionProvider"])
+        self.language: Backend = load(parts["language"], backend=backend, n_threads=n_threads)  # type: ignore[arg-type]
+        if not hasattr(self.language, "forward_embeds"):
+            raise FormatError(f"{self.path}: the {self.language.name} backend cannot take embeddings")
+        self._mean = np.asarray(info["image_mean"], np.float32).reshape(1, 1, 3)
+        self._std = np.asarray(info["image_std"], np.float32).reshape(1, 1, 3)
+
+    def __enter__(self) -> "MultimodalModel":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.language.close()
+        self._vision = None
+
+    @property
+    def name(self) -> str:
+        return f"{self.language.name}+onnx-vision"
+
+    # --- vision ----------------------------------------------------------------------------
+    def preprocess(self, image: np.ndarray) -> np.ndarray:
+        """(H, W, 3) uint8 -> (1, 3, H, W) float32, normalised as the vision tower expects."""
+        img = np.asarray(image)
+        size = int(self.info["image_size"])
+        if img.shape != (size, size, 3):
+            pil = require("PIL.Image", "device")
+            img = np.asarray(pil.fromarray(img.astype(np.uint8)).convert("RGB").resize((size, size)))
+        x = (img.astype(np.float32) / 255.0 - self._mean) / self._std
+        return x.transpose(2, 0, 1)[None]
+
+    def encode_image(self, image: np.ndarray | str | Path) -> tuple[np.ndarray, np.ndarray]:
+        """(vision tower tokens (N, Dv), image embeddings for the language model (N, D))."""
+        if isinstance(image, (str, Path)):
+            image = load_image(image)
+        feats, embeds = self._vision.run(None, {"pixel_values": self.preprocess(image)})
+        return feats[0], embeds[0]
+
+    # --- generation ------------------------------------------------------------------------
+    def prompt(self, question: str) -> str:
+        """``question`` in the prompt format the bundled model was trained on (the
+        manifest's template); a text already holding the image token is kept as is."""
+        if IMAGE_TOKEN in question:
+            return question
+        return str(self.info.get("prompt_template", DEFAULT_TEMPLATE)).replace("{question}", question)
+
+    def generate(self, prompt: str, image: np.ndarray | str | Path | None,
+                 config: GenerationConfig = GenerationConfig(),
+                 image_embeds: np.ndarray | None = None) -> Generation:
+        """Answer ``prompt``; its image token (or the start, if it has none) receives the
+        image's embeddings. ``image_embeds`` (N, D) may be given instead of ``image``."""
+        lm = self.language
+        if image_embeds is None:
+            if image is None:
+                return lm.generate(prompt, config)
+            _, image_embeds = self.encode_image(image)
+        ids = lm.tokenize(prompt)
+        img_id = int(self.info["image_token_id"])
+        cut = ids.index(img_id) if img_id in ids else 0
+        before, after = ids[:cut], [t for t in ids[cut:] if t != img_id]
+        if not after:
+            raise UsageError("the prompt needs text after the image")
+        return lm.generate_with_prefix(before, np.asarray(image_embeds, np.float32), after, config)
+
+    def answer(self, image: np.ndarray | str | Path, question: str, max_tokens: int = 4) -> str:
+        """The first word of the greedy answer (the shapes task's answers are one word)."""
+        gen = self.generate(self.prompt(question), image, GenerationConfig(max_tokens=max_tokens))
+        words = gen.text.replace(".", " ").split()
+        return words[0] if words else ""
+
+
+def answer_all(model: MultimodalModel, items: Sequence[tuple[Any, str]], max_tokens: int = 4) -> list[str]:
+    return [model.answer(img, q, max_tokens) for img, q in items]
