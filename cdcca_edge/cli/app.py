@@ -11,6 +11,7 @@ import typer
 
 from cdcca_edge import __version__
 from cdcca_edge.cli._output import err, out, print_json, stage_status
+from cdcca_edge.core.errors import UsageError
 
 if TYPE_CHECKING:
     from cdcca_edge.runtime import Generation, StreamEvent
@@ -471,6 +472,18 @@ def _identity_of(artifact: Path) -> tuple[str, int | None]:
     return identity, state.version if state else None
 
 
+def _load_any(artifact: Path, backend: str) -> Any:
+    """A text artefact on its backend, or a multimodal bundle (vision part + language part)."""
+    from cdcca_edge.core.artifact import MANIFEST_NAME
+    from cdcca_edge.runtime import load
+
+    if (artifact / MANIFEST_NAME).is_file():
+        from cdcca_edge.runtime.multimodal import MultimodalModel
+
+        return MultimodalModel(artifact, backend=backend)
+    return load(artifact, backend=backend)  # type: ignore[arg-type]
+
+
 @uplink_app.command("calibrate")
 def uplink_calibrate(
     artifact: Annotated[Path, typer.Argument(help=".gguf file or ONNX export directory.")],
@@ -480,19 +493,20 @@ def uplink_calibrate(
     token_rate: Annotated[float, typer.Option(help="Fraction of answer tokens to flag.")] = 0.2,
     score: Annotated[str, typer.Option(help="surprise (prompt NLL + answer entropy), prompt_nll, mean_entropy, max_entropy, neg_log_confidence or ref_confidence (the paper's).")] = "surprise",
     max_tokens: Annotated[int, typer.Option("--max-tokens", "-n", help="Answer length.")] = 32,
+    keep: Annotated[float, typer.Option(help="Images: fraction of visual tokens an upload carries.")] = 0.5,
     backend: Annotated[str, typer.Option(help="auto, onnx or llama.")] = "auto",
     json_out: JsonOpt = False,
 ) -> None:
-    """Fit the upload threshold on in-distribution inputs."""
-    from cdcca_edge.runtime import load
+    """Fit the upload threshold on in-distribution inputs (with images: also the visual-token
+    statistics)."""
     from cdcca_edge.runtime.uts import calibrate, read_inputs
 
     items = read_inputs(inputs)
     identity, _ = _identity_of(artifact)
-    with load(artifact, backend=backend) as model:  # type: ignore[arg-type]
+    with _load_any(artifact, backend) as model:
         with _progress(len(items), "calibrating", json_out) as tick:
-            cal = calibrate(model, [it["prompt"] for it in items], identity, rate=rate,
-                            token_rate=token_rate, score=score, max_tokens=max_tokens, progress=tick)
+            cal = calibrate(model, items, identity, rate=rate, token_rate=token_rate, score=score,
+                            max_tokens=max_tokens, keep=keep, progress=tick)
     cal.save(output)
     if json_out:
         print_json({"output": str(output), **{k: v for k, v in cal.__dict__.items() if k != "visual"}})
@@ -517,13 +531,12 @@ def uplink_collect(
     json_out: JsonOpt = False,
 ) -> None:
     """Answer inputs on the device, select the uncertain ones, write the uplink bundle."""
-    from cdcca_edge.runtime import load
     from cdcca_edge.runtime.uts import Calibration, collect, read_inputs
 
     items = read_inputs(inputs)
     cal = Calibration.load(calib)
     identity, version = _identity_of(artifact)
-    with load(artifact, backend=backend) as model:  # type: ignore[arg-type]
+    with _load_any(artifact, backend) as model:
         with _progress(len(items), "answering", json_out) as tick:
             report = collect(model, items, cal, output, identity, version, selector=selector,  # type: ignore[arg-type]
                              include_raw=include_raw, low_weight=low_weight, seed=seed, progress=tick)
@@ -602,6 +615,25 @@ def distill(
         kd_temperature=kd_temperature, kd_on_device_answer=device_kd,
         feature_weight=feature_weight, holdout=holdout, seed=seed,
     )
+    from cdcca_edge.converters.llava_export import is_llava
+
+    if is_llava(teacher) or is_llava(student):  # AKD on the bundles' visual tokens
+        from cdcca_edge.cloud.akd_mm import distill_multimodal
+
+        if not (is_llava(teacher) and is_llava(student)):
+            raise UsageError("teacher and student must both be LLaVA models for AKD on visual tokens")
+        with _stage_progress(json_out) as tick:
+            mm = distill_multimodal(teacher, student, bundle, output, cfg, merge=merge, progress=tick)
+        if json_out:
+            print_json(mm.as_dict())
+            return
+        out.print(f"{output}: lora adapter on the language model and projector, {mm.trainable_params:,} "
+                  f"trainable parameters, {mm.steps} steps on {mm.n_train} image samples "
+                  f"({mm.kept_token_fraction:.0%} of visual tokens kept) [{mm.seconds:.1f} s]", highlight=False)
+        for split in ("bundle", "holdout"):
+            out.print(f"  teacher answer agreement on {split}: {mm.agreement_before[split]:.1%} -> "
+                      f"{mm.agreement_after[split]:.1%}", highlight=False)
+        return
     with _stage_progress(json_out) as tick:
         report = run_distill(teacher, student, bundle, output, cfg, merge=merge, progress=tick)
     if json_out:
@@ -621,26 +653,35 @@ def distill(
 
 @app.command()
 def demo(
-    out_dir: Annotated[
-        Optional[Path], typer.Option("--out", help="Where to write the artefacts (default: a cache dir).")
-    ] = None,
-    prompt: Annotated[str, typer.Option(help="Prompt to answer.")] = "question: what colour is the circle? answer:",
+    rounds: Annotated[int, typer.Option(help="Cloud-device rounds.")] = 3,
+    backend: Annotated[str, typer.Option(help="Device language part: llama (GGUF q8_0) or onnx.")] = "llama",
+    out_dir: Annotated[Path, typer.Option("--out", help="Where to write the report, plots and artefacts.")] = Path(
+        "cdcca-demo"),
+    quick: Annotated[bool, typer.Option("--quick", help="Tiny models and sets: the whole loop in seconds.")] = False,
+    ablations: Annotated[bool, typer.Option(help="Also run the paper's ablations on round 1's data.")] = True,
+    seed: Annotated[int, typer.Option(help="Seed of the data streams.")] = 0,
     json_out: JsonOpt = False,
 ) -> None:
-    """Build the embedded tiny model, export it to GGUF and ONNX, answer on both backends."""
-    from cdcca_edge.cli.demo import run_demo
+    """Run the CDCCA loop on the embedded multimodal domain-shift benchmark: the device
+    answers and uploads (UTS), the cloud distils (AKD) and compresses (DWC), the device
+    patches in place; writes OUT/report.md, OUT/report.json and plots."""
+    from cdcca_edge.cloud.demo import DemoConfig, render_markdown, run_demo
+
+    cfg = DemoConfig(rounds=rounds, backend=backend, quick=quick, ablations=ablations, seed=seed)
+
+    def line(r: dict) -> None:
+        if not json_out:
+            err.print(f"round {r['round']}: target {r['target_accuracy']:.1%}, source {r['source_accuracy']:.1%} "
+                      f"(teacher {r['teacher_accuracy']:.1%}); up {r['uplink_bytes']:,} B "
+                      f"({r['uplink_bytes'] / r['raw_input_bytes']:.1%} of raw), down {r['downlink_bytes']:,} B "
+                      f"({r['downlink_bytes'] / r['artifact_bytes']:.1%} of the artefact), patch "
+                      f"{r['patch_seconds'] * 1000:.0f} ms", highlight=False)
 
     with stage_status(not json_out) as on_stage:
-        report = run_demo(out_dir=out_dir, prompt=prompt, on_stage=on_stage)
+        report = run_demo(out_dir, cfg, stage=on_stage, on_round=line)
     if json_out:
-        print_json(report)
+        print_json(report.as_dict())
         return
-    for name, res in report["answers"].items():
-        out.print(f"[bold]{name}[/bold] ({res['artifact']}): {prompt!r} -> {res['text']!r}", highlight=False)
-        for i, tok in enumerate(res["tokens"]):
-            eos = res["finish_reason"] == "eos" and i == len(res["tokens"]) - 1
-            label = "<eos>" if eos else repr(tok["text"])
-            out.print(f"    {label:>14}  entropy {tok['entropy']:.3f}  top-1 p {tok['top1_prob']:.3f}",
-                      highlight=False)
-    same = report["backends_agree"]
-    out.print(f"backends agree on the greedy answer: {'yes' if same else 'NO'}")
+    table = [row for row in render_markdown(report).split("\n") if row.startswith("|")]
+    out.print("\n".join(table), highlight=False)
+    out.print(f"report: {out_dir / 'report.md'} (+ report.json, accuracy.png, bytes.png)", highlight=False)

@@ -56,13 +56,13 @@ def read_visual_samples(bundles: Sequence[str | Path]) -> list[VisualSample]:
     for i, path in enumerate(bundles):
         for s in read_uplink(path).samples():
             a = s.arrays
-            if "visual_tokens" not in a:
+            if "visual_features" not in a:
                 continue
             if "visual_positions" not in a or "prompt_ids" not in a or "n_visual_tokens" not in s.meta:
                 raise FormatError(f"{path}: sample {s.id!r} has visual tokens without positions, "
                                   "prompt_ids or n_visual_tokens")
-            tokens = (dequantize_tokens(a["visual_tokens"], a["visual_scales"]) if "visual_scales" in a
-                      else np.asarray(a["visual_tokens"], np.float32))
+            tokens = (dequantize_tokens(a["visual_features"], a["visual_scales"]) if "visual_scales" in a
+                      else np.asarray(a["visual_features"], np.float32))
             pos = np.asarray(a["visual_positions"], np.int64)
             n = int(s.meta["n_visual_tokens"])
             if len(pos) != len(tokens) or (len(pos) and (pos.min() < 0 or pos.max() >= n)):

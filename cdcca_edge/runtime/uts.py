@@ -119,11 +119,6 @@ def _image_of(item: dict[str, Any]) -> Any:
     return item["image"]
 
 
-def _load_image(path: Any) -> np.ndarray:
-    from cdcca_edge.runtime.multimodal import load_image
-
-    return load_image(path)
-
 
 def answer_item(model: Any, item: dict[str, Any], cfg: GenerationConfig) -> tuple[Generation, np.ndarray | None]:
     """Answer one input: (generation, the vision tower's tokens (N, Dv) or None)."""
@@ -378,14 +373,15 @@ def collect(
             # int8 with a scale per token, with their positions (docs/formats/uplink.md)
             keep = calib.visual.select(d.visual)
             q, scale = quantize_tokens(d.visual[keep])
-            arrays["visual_tokens"], arrays["visual_scales"] = q, scale
+            arrays["visual_features"], arrays["visual_scales"] = q, scale
             arrays["visual_positions"] = keep.astype(np.uint16)
             meta["n_visual_tokens"] = int(len(d.visual))
             # the whole prompt, its image token standing for the image's N positions
             arrays["prompt_ids"] = np.asarray(model.language.tokenize(model.prompt(d.item["prompt"])), np.uint32)
-            if include_raw:
+            if include_raw:  # the image file's bytes, or the pixels of an in-memory frame
                 img = d.item["image"]
-                arrays["image"] = np.asarray(img if isinstance(img, np.ndarray) else _load_image(img), np.uint8)
+                arrays["raw_image"] = (np.asarray(img, np.uint8) if isinstance(img, np.ndarray)
+                                       else np.frombuffer(Path(img).read_bytes(), np.uint8))
         samples.append(UplinkSample(d.item["id"], meta, arrays))
     header = {
         "artifact_identity": artifact_identity,

@@ -1,0 +1,384 @@
+"""The CDCCA loop, end to end, on the embedded shapes VQA benchmark (``cdcca-edge demo``).
+
+A LLaVA-style teacher (trained on every scene domain) and a smaller student (source
+domain only) share one frozen vision tower. The student is exported to a device bundle;
+then, each round:
+
+1. the device answers a stream of target-domain image questions and UTS selects uploads
+   (an uplink bundle carrying half of each selected image's visual tokens);
+2. the cloud distils the teacher into the student from every bundle so far (AKD on visual
+   tokens) and compresses the update against its mirror of the device bundle (DWC);
+3. the device patches its bundle in place, reloads, and is evaluated on held-out target
+   and source test sets, seeing whole images.
+
+Then the ablations of the paper on the same data: UTS vs random selection at the same
+number of uploads, AKD vs pseudo-labels only and logit KD only, and the DWC delta vs a
+full re-download and the fp16 adapter. Models are trained deterministically on first use
+and cached under the cache directory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from cdcca_edge.cloud.scenes import DOMAINS, IMAGE_SIZE, Example, dataset
+from cdcca_edge.cloud.tiny_llava import TinyLlavaSpec
+from cdcca_edge.core.errors import UsageError
+from cdcca_edge.core.paths import cache_dir
+
+TARGET_DOMAINS = ("noise", "texture")  # the device's camera drifts to these
+TEACHER = TinyLlavaSpec(hidden_size=96, intermediate_size=192, num_hidden_layers=2, domains=DOMAINS,
+                        train_steps=1500)
+STUDENT = TinyLlavaSpec(hidden_size=64, intermediate_size=128, num_hidden_layers=2, domains=("source",),
+                        train_steps=800)
+QUICK_TEACHER = replace(TEACHER, train_steps=120, vision_pretrain_steps=60)
+QUICK_STUDENT = replace(STUDENT, train_steps=80)
+RAW_IMAGE_BYTES = IMAGE_SIZE * IMAGE_SIZE * 3  # an uncompressed RGB frame
+
+
+@dataclass
+class DemoConfig:
+    rounds: int = 3
+    backend: str = "llama"  # the device's language part: llama (GGUF q8_0) or onnx (ONNX f32)
+    quick: bool = False  # small models and sets: a smoke test of the whole loop
+    stream: int = 160  # target-domain inputs the device sees per round
+    test: int = 200  # held-out examples per test set (target, source)
+    calibration: int = 60  # source-domain inputs for UTS calibration
+    rate: float = 0.2  # UTS: fraction of in-distribution inputs that would be uploaded
+    keep: float = 0.5  # fraction of visual tokens an upload carries
+    epochs: int = 4
+    ablations: bool = True
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.backend not in ("llama", "onnx"):
+            raise UsageError(f"--backend must be llama or onnx, got {self.backend!r}")
+        if self.rounds < 1:
+            raise UsageError("--rounds must be >= 1")
+        if self.quick:
+            self.stream, self.test, self.calibration, self.epochs = (min(self.stream, 32), min(self.test, 24),
+                                                                     min(self.calibration, 12), min(self.epochs, 2))
+
+
+Stage = Callable[[str], None]
+
+
+def _spec_key(*specs: TinyLlavaSpec) -> str:
+    return hashlib.sha256(json.dumps([asdict(s) for s in specs], sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _cached(target: Path, build: Callable[[Path], Any]) -> Path:
+    if (target / "config.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        build(tmp)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def models(quick: bool, stage: Stage) -> tuple[Path, Path]:
+    """(teacher dir, student dir), trained on first use and cached."""
+    from cdcca_edge.cloud.tiny_llava import build_tiny_llava
+
+    t_spec, s_spec = (QUICK_TEACHER, QUICK_STUDENT) if quick else (TEACHER, STUDENT)
+    root = cache_dir() / "demo"
+    t_dir = root / f"llava-teacher-{_spec_key(t_spec)}"
+    s_dir = root / f"llava-student-{_spec_key(t_spec, s_spec)}"
+    if not (t_dir / "config.json").is_file():
+        stage(f"training the teacher: vision tower + {t_spec.train_steps} steps on every domain (first run only)")
+    _cached(t_dir, lambda d: build_tiny_llava(d, t_spec))
+    if not (s_dir / "config.json").is_file():
+        stage(f"training the student: {s_spec.train_steps} steps on the source domain (first run only)")
+    _cached(s_dir, lambda d: build_tiny_llava(d, s_spec, vision_from=t_dir))
+    return t_dir, s_dir
+
+
+def _items(examples: list[Example], prefix: str) -> list[dict[str, Any]]:
+    return [{"id": f"{prefix}{i}", "prompt": e.question.text, "image": e.image, "domain": e.domain,
+             "raw_bytes": RAW_IMAGE_BYTES + len(e.question.text.encode())} for i, e in enumerate(examples)]
+
+
+def _domain_of(items: list[dict[str, Any]], item_id: str) -> str:
+    return next(it["domain"] for it in items if it["id"] == item_id)
+
+
+def device_accuracy(mm: Any, examples: list[Example]) -> float:
+    return float(np.mean([mm.answer(e.image, e.question.text) == e.question.answer for e in examples]))
+
+
+def torch_accuracy(model_dir: Path, examples: list[Example]) -> float:
+    import torch
+    from transformers import AutoTokenizer, LlavaForConditionalGeneration
+
+    from cdcca_edge.cloud.tiny_llava import accuracy, answer
+
+    torch.manual_seed(0)
+    model = LlavaForConditionalGeneration.from_pretrained(model_dir).eval()
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    return accuracy(answer(model, tok, examples), examples)
+
+
+def _adapter_fp16_bytes(adapter_dir: Path) -> int:
+    from safetensors.numpy import load_file
+
+    return sum(v.size * 2 for v in load_file(str(adapter_dir / "adapter_model.safetensors")).values())
+
+
+@dataclass
+class DemoReport:
+    config: dict[str, Any]
+    teacher: str
+    student: str
+    device_artifact: str
+    artifact_bytes: int
+    baseline: dict[str, float]  # round 0: before any update
+    rounds: list[dict[str, Any]] = field(default_factory=list)
+    ablations: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def run_demo(out_dir: str | Path, config: DemoConfig = DemoConfig(), stage: Stage | None = None,
+             on_round: Callable[[dict[str, Any]], None] | None = None) -> DemoReport:
+    """Run the loop; write ``out_dir/report.{md,json}`` and plots. Returns the report."""
+    from cdcca_edge.cloud.akd import AKDConfig
+    from cdcca_edge.cloud.akd_mm import distill_multimodal
+    from cdcca_edge.cloud.dwc import make_delta
+    from cdcca_edge.converters.export import export
+    from cdcca_edge.core.artifact import compute_identity, open_artifact
+    from cdcca_edge.core.patch import apply_delta
+    from cdcca_edge.runtime.multimodal import MultimodalModel
+    from cdcca_edge.runtime.uts import calibrate, collect
+
+    say = stage or (lambda _m: None)
+    t0 = time.perf_counter()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    work = out / "work"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir()
+    teacher, student = models(config.quick, say)
+
+    fmt, quant = ("gguf", "q8_0") if config.backend == "llama" else ("onnx", "f32")
+    device = out / "device"
+    mirror = work / "cloud-mirror"
+    say(f"exporting the student to a {fmt} bundle (validated against torch)")
+    export(student, device, fmt, quant=quant)
+    shutil.copytree(device, mirror)
+    artifact_bytes = sum(p.stat().st_size for p in device.rglob("*") if p.is_file() and "cdcca-" not in p.name)
+
+    s = config.seed
+    target_test = dataset(config.test, seed=s + 101, domains=TARGET_DOMAINS)
+    source_test = dataset(config.test, seed=s + 102, domains=("source",))
+    calib_set = dataset(config.calibration, seed=s + 103, domains=("source",))
+    say("teacher accuracy (torch)")
+    teacher_acc = {"target": torch_accuracy(teacher, target_test), "source": torch_accuracy(teacher, source_test)}
+
+    def evaluate() -> dict[str, float]:
+        with MultimodalModel(device, backend=config.backend) as mm:
+            return {"target": device_accuracy(mm, target_test), "source": device_accuracy(mm, source_test)}
+
+    say("calibrating UTS on source-domain images")
+    identity = compute_identity(open_artifact(device)).digest
+    with MultimodalModel(device, backend=config.backend) as mm:
+        calib = calibrate(mm, _items(calib_set, "c"), identity, rate=config.rate, max_tokens=4, keep=config.keep)
+        base = {"target": device_accuracy(mm, target_test), "source": device_accuracy(mm, source_test)}
+    calib.save(work / "calibration.json")
+    report = DemoReport(config=asdict(config), teacher=str(teacher), student=str(student), device_artifact=str(device),
+                        artifact_bytes=artifact_bytes,
+                        baseline={"target_accuracy": base["target"], "source_accuracy": base["source"],
+                                  "teacher_accuracy": teacher_acc["target"],
+                                  "teacher_source_accuracy": teacher_acc["source"]})
+    akd_cfg = AKDConfig(epochs=config.epochs, lr=2e-3, batch_size=8, max_new_tokens=4, holdout=0.0,
+                        seed=config.seed)
+    cloud_student = student
+    bundles: list[Path] = []
+    first_stream: list[dict[str, Any]] = []
+    for r in range(1, config.rounds + 1):
+        # the device's world: half still the source domain, half drifted (UTS should pick the latter)
+        stream = _items(dataset(config.stream, seed=s + 1000 + r, domains=("source", *TARGET_DOMAINS)), f"r{r}-")
+        if r == 1:
+            first_stream = stream
+        bundle = work / f"uplink-{r}.cdcu"
+        say(f"round {r}: the device answers {len(stream)} questions (half from drifted domains); UTS selects uploads")
+        identity = compute_identity(open_artifact(device)).digest
+        with MultimodalModel(device, backend=config.backend) as mm:
+            up = collect(mm, stream, calib, bundle, identity, selector="uts")
+        bundles.append(bundle)
+        say(f"round {r}: AKD from {len(bundles)} bundle(s) ({up.n_uploaded} new uploads)")
+        akd = distill_multimodal(teacher, cloud_student, bundles, work / f"akd-{r}", akd_cfg)
+        merged = Path(akd.merged or "")
+        say(f"round {r}: DWC delta against the cloud's mirror")
+        delta = work / f"delta-{r}.cdcd"
+        # the adapter on the cloud's current student: only what it changed, LoRA-shaped
+        dwc = make_delta(mirror, work / f"akd-{r}", delta, target_base=cloud_student)
+        apply_delta(mirror, delta, pubkeys=[])
+        say(f"round {r}: the device patches its bundle in place")
+        t = time.perf_counter()
+        apply_delta(device, delta, pubkeys=[])
+        patch_seconds = time.perf_counter() - t
+        acc = evaluate()
+        row = {
+            "round": r, "target_accuracy": acc["target"], "source_accuracy": acc["source"],
+            "teacher_accuracy": teacher_acc["target"], "uplink_bytes": up.bundle_bytes,
+            "raw_input_bytes": up.raw_input_bytes, "uploaded_raw_bytes": up.uploaded_raw_bytes,
+            "n_seen": up.n_seen, "n_uploaded": up.n_uploaded,
+            "uploaded_target_fraction": float(np.mean([_domain_of(stream, i) != "source"
+                                                       for i in up.uploaded_ids])) if up.uploaded_ids else 0.0,
+            "uplink_bytes_per_sample": up.bundle_bytes / max(1, up.n_uploaded),
+            "downlink_bytes": dwc.bytes, "artifact_bytes": artifact_bytes, "patch_seconds": patch_seconds,
+            "akd_steps": akd.steps, "akd_seconds": akd.seconds, "dwc_update_left": dwc.update_left,
+        }
+        report.rounds.append(row)
+        if on_round:
+            on_round(row)
+        cloud_student = merged
+    if config.ablations:
+        report.ablations = ablations(config, teacher, student, first_stream, calib, target_test, work, akd_cfg,
+                                     report, say)
+    report.seconds = time.perf_counter() - t0
+    (out / "report.json").write_text(json.dumps(report.as_dict(), indent=1) + "\n")
+    write_plots(report, out)
+    (out / "report.md").write_text(render_markdown(report))
+    return report
+
+
+def ablations(config: DemoConfig, teacher: Path, student: Path, stream: list[dict[str, Any]], calib: Any,
+              target_test: list[Example], work: Path, akd_cfg: Any, report: DemoReport, say: Stage) -> dict[str, Any]:
+    """The paper's ablations on round 1's data, from the original student, evaluated in
+    torch on the target test set (whole images)."""
+    from cdcca_edge.cloud.akd_mm import distill_multimodal
+    from cdcca_edge.core.artifact import compute_identity, open_artifact
+    from cdcca_edge.runtime.multimodal import MultimodalModel
+    from cdcca_edge.runtime.uts import collect
+
+    abl = work / "ablations"
+    abl.mkdir(exist_ok=True)
+    # a fresh export of the original student answers the same stream
+    from cdcca_edge.converters.export import export
+
+    fmt, quant = ("gguf", "q8_0") if config.backend == "llama" else ("onnx", "f32")
+    original = abl / "device-original"
+    export(student, original, fmt, quant=quant, validate=False)
+    identity = compute_identity(open_artifact(original)).digest
+    bundles = {}
+    with MultimodalModel(original, backend=config.backend) as mm:
+        for sel in ("uts", "random"):
+            say(f"ablation: {sel} selection on round 1's stream")
+            rep = collect(mm, stream, calib, abl / f"uplink-{sel}.cdcu", identity, selector=sel, seed=config.seed)
+            bundles[sel] = rep
+    variants = {
+        "akd": (akd_cfg, "uts"),
+        "akd_random_selection": (akd_cfg, "random"),
+        "pseudo_label_only": (replace(akd_cfg, kd_weight=0.0, feature_weight=0.0), "uts"),
+        "logit_kd_only": (replace(akd_cfg, ce_weight=0.0, feature_weight=0.0), "uts"),
+    }
+    out: dict[str, Any] = {"student_before": report.baseline["target_accuracy"],
+                           "teacher": report.baseline["teacher_accuracy"], "variants": {}}
+    first_adapter = None
+    for name, (cfg, sel) in variants.items():
+        say(f"ablation: {name}")
+        res = distill_multimodal(teacher, student, [abl / f"uplink-{sel}.cdcu"], abl / name, cfg)
+        out["variants"][name] = {
+            "target_accuracy": torch_accuracy(Path(res.merged or ""), target_test),
+            "selector": sel, "uplink_bytes": bundles[sel].bundle_bytes, "n_uploaded": bundles[sel].n_uploaded,
+        }
+        if name == "akd":
+            first_adapter = abl / name
+    r1 = report.rounds[0]
+    out["downlink"] = {
+        "dwc_delta_bytes": r1["downlink_bytes"],
+        "fp16_adapter_bytes": _adapter_fp16_bytes(first_adapter) if first_adapter else None,
+        "full_redownload_bytes": report.artifact_bytes,
+    }
+    return out
+
+
+def write_plots(report: DemoReport, out: Path) -> None:
+    """accuracy.png and bytes.png (matplotlib, headless)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rounds = [0] + [r["round"] for r in report.rounds]
+    tgt = [report.baseline["target_accuracy"]] + [r["target_accuracy"] for r in report.rounds]
+    src = [report.baseline["source_accuracy"]] + [r["source_accuracy"] for r in report.rounds]
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    ax.plot(rounds, tgt, "o-", label="student, target domain")
+    ax.plot(rounds, src, "s-", label="student, source domain")
+    ax.axhline(report.baseline["teacher_accuracy"], ls="--", c="grey", label="teacher, target domain")
+    ax.set_xlabel("round")
+    ax.set_ylabel("accuracy")
+    ax.set_xticks(rounds)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "accuracy.png", dpi=120)
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    x = np.array([r["round"] for r in report.rounds], dtype=float)
+    ax.bar(x - 0.2, [r["uplink_bytes"] for r in report.rounds], 0.2, label="uplink (bundle)")
+    ax.bar(x, [r["raw_input_bytes"] for r in report.rounds], 0.2, label="raw inputs seen")
+    ax.bar(x + 0.2, [r["downlink_bytes"] for r in report.rounds], 0.2, label="downlink (delta)")
+    ax.axhline(report.artifact_bytes, ls="--", c="grey", label="full re-download")
+    ax.set_yscale("log")
+    ax.set_xlabel("round")
+    ax.set_ylabel("bytes")
+    ax.set_xticks(x)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "bytes.png", dpi=120)
+    plt.close(fig)
+
+
+def render_markdown(report: DemoReport) -> str:
+    b = report.baseline
+    lines = [
+        "# cdcca-edge demo report", "",
+        f"Device: student bundle `{report.device_artifact}` ({report.artifact_bytes:,} bytes), backend "
+        f"`{report.config['backend']}`; target domains {', '.join(TARGET_DOMAINS)}; "
+        f"{report.config['stream']} inputs per round; total {report.seconds:.0f} s.", "",
+        "| round | target acc | source acc | teacher acc | uplink B (% raw) | downlink B (% artefact) | patch s |",
+        "|---|---|---|---|---|---|---|",
+        f"| 0 | {b['target_accuracy']:.1%} | {b['source_accuracy']:.1%} | {b['teacher_accuracy']:.1%} | - | - | - |",
+    ]
+    for r in report.rounds:
+        lines.append(
+            f"| {r['round']} | {r['target_accuracy']:.1%} | {r['source_accuracy']:.1%} | {r['teacher_accuracy']:.1%} "
+            f"| {r['uplink_bytes']:,} ({r['uplink_bytes'] / r['raw_input_bytes']:.1%}) "
+            f"| {r['downlink_bytes']:,} ({r['downlink_bytes'] / r['artifact_bytes']:.1%}) | {r['patch_seconds']:.3f} |")
+    lines += ["", "Each round the device sees a stream drawn half from the source domain and half from the "
+              "target domains; the uploaded share that came from the target domains: "
+              + ", ".join(f"round {r['round']} {r['uploaded_target_fraction']:.0%} of {r['n_uploaded']}"
+                          for r in report.rounds) + ".", "",
+              "![accuracy](accuracy.png) ![bytes](bytes.png)", ""]
+    a = report.ablations
+    if a:
+        lines += ["## Ablations (round 1's data, from the original student; target accuracy in torch)", "",
+                  "| variant | selection | uploads | uplink B | target acc |", "|---|---|---|---|---|",
+                  f"| student before | - | - | - | {a['student_before']:.1%} |"]
+        for name, v in a["variants"].items():
+            lines.append(f"| {name} | {v['selector']} | {v['n_uploaded']} | {v['uplink_bytes']:,} "
+                         f"| {v['target_accuracy']:.1%} |")
+        lines.append(f"| teacher | - | - | - | {a['teacher']:.1%} |")
+        d = a["downlink"]
+        lines += ["", "| downlink | bytes |", "|---|---|", f"| DWC delta | {d['dwc_delta_bytes']:,} |",
+                  f"| fp16 LoRA adapter | {d['fp16_adapter_bytes']:,} |",
+                  f"| full re-download | {d['full_redownload_bytes']:,} |", ""]
+    return "\n".join(lines) + "\n"

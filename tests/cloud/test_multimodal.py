@@ -1,0 +1,226 @@
+"""Multimodal end to end on tiny LLaVA models built here: bundle export (both language
+formats) against torch, the runtime on images, UTS visual tokens in the uplink bundle,
+AKD on partial visual tokens, DWC deltas for bundles, and the quick demo loop."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("llama_cpp")
+
+from cdcca_edge.cli import main  # noqa: E402
+from cdcca_edge.cloud.scenes import DOMAINS, dataset  # noqa: E402
+from cdcca_edge.cloud.tiny_llava import TinyLlavaSpec, build_tiny_llava  # noqa: E402
+
+SPEC_T = TinyLlavaSpec(hidden_size=48, intermediate_size=96, num_hidden_layers=2, domains=DOMAINS,
+                       train_steps=40, vision_pretrain_steps=20, batch_size=16)
+SPEC_S = replace(SPEC_T, hidden_size=32, intermediate_size=64, num_hidden_layers=1, domains=("source",),
+                 num_attention_heads=2, num_key_value_heads=1)
+
+
+@pytest.fixture(scope="module")
+def llava(tmp_path_factory):
+    root = tmp_path_factory.mktemp("llava")
+    teacher = build_tiny_llava(root / "teacher", SPEC_T)
+    student = build_tiny_llava(root / "student", SPEC_S, vision_from=teacher)
+    return teacher, student
+
+
+@pytest.fixture(scope="module")
+def bundles(llava, tmp_path_factory):
+    from cdcca_edge.converters.export import export
+
+    _, student = llava
+    root = tmp_path_factory.mktemp("bundles")
+    out = {}
+    for fmt, quant in (("gguf", "f32"), ("onnx", "f32")):
+        res = export(student, root / fmt, fmt, quant=quant)
+        out[fmt] = (root / fmt, res)
+    return out
+
+
+def test_students_share_the_frozen_tower(llava):
+    from transformers import LlavaForConditionalGeneration
+
+    t = LlavaForConditionalGeneration.from_pretrained(llava[0]).model.vision_tower.state_dict()
+    s = LlavaForConditionalGeneration.from_pretrained(llava[1]).model.vision_tower.state_dict()
+    assert all(torch.equal(t[k], s[k]) for k in t)
+
+
+@pytest.mark.parametrize("fmt", ["gguf", "onnx"])
+def test_bundle_export_parity(bundles, fmt):
+    path, res = bundles[fmt]
+    assert res.format == f"bundle/{fmt}"
+    v = res.extra
+    assert v["vision"]["normalized_diff"] < v["vision"]["tolerance"]
+    assert v["answers_equal_torch"] == 1.0 and v["answers_checked"] >= 4
+    manifest = json.loads((path / "cdcca-artifact.json").read_text())
+    assert [p["name"] for p in manifest["parts"]] == ["vision", "language"]
+    assert "{question}" in manifest["multimodal"]["prompt_template"]
+
+
+@pytest.mark.parametrize("fmt,backend", [("gguf", "llama"), ("onnx", "onnx")])
+def test_run_image_equals_torch_greedy(bundles, llava, fmt, backend, tmp_path, capsys):
+    from PIL import Image
+    from transformers import AutoTokenizer, LlavaForConditionalGeneration
+
+    from cdcca_edge.converters.llava_export import torch_greedy
+
+    path, _ = bundles[fmt]
+    model = LlavaForConditionalGeneration.from_pretrained(llava[1]).eval()
+    tok = AutoTokenizer.from_pretrained(llava[1])
+    info = json.loads((path / "cdcca-artifact.json").read_text())["multimodal"]
+    for k, ex in enumerate(dataset(3, seed=7, domains=DOMAINS)):
+        img = tmp_path / f"img{k}.png"
+        Image.fromarray(ex.image).save(img)
+        assert main(["run", str(path), "--image", str(img), "-p", ex.question.text, "--backend", backend,
+                     "-n", "6", "--json"]) == 0
+        got = json.loads(capsys.readouterr().out)
+        prompt = info["prompt_template"].replace("{question}", ex.question.text)
+        want = torch_greedy(model, tok, prompt, ex.image, info["image_mean"], info["image_std"], 6)
+        assert [t["token"] for t in got["tokens"]] == want
+
+
+def test_image_needs_a_bundle(tmp_path, capsys):
+    from tests.core.delta_helpers import make_gguf
+
+    gguf = make_gguf(tmp_path / "m.gguf")
+    assert main(["run", str(gguf), "--image", "x.png", "-p", "hi"]) != 0
+    assert "multimodal bundle" in capsys.readouterr().err
+
+
+def test_uplink_visual_tokens(bundles, tmp_path):
+    from cdcca_edge.core.artifact import compute_identity, open_artifact
+    from cdcca_edge.core.uplink_format import read_uplink
+    from cdcca_edge.runtime.multimodal import MultimodalModel
+    from cdcca_edge.runtime.uts import calibrate, collect, dequantize_tokens
+
+    path, _ = bundles["gguf"]
+    ident = compute_identity(open_artifact(path)).digest
+    calib_items = [{"prompt": e.question.text, "image": e.image} for e in dataset(12, seed=1, domains=("source",))]
+    stream = [{"id": str(i), "prompt": e.question.text, "image": e.image, "raw_bytes": e.image.nbytes}
+              for i, e in enumerate(dataset(16, seed=2, domains=DOMAINS))]
+    with MultimodalModel(path) as mm:
+        calib = calibrate(mm, calib_items, ident, rate=0.5, max_tokens=4, keep=0.5)
+        assert calib.visual is not None
+        rep = collect(mm, stream, calib, tmp_path / "up.cdcu", ident)
+        rep_raw = collect(mm, stream, calib, tmp_path / "raw.cdcu", ident, include_raw=True)
+        feats = {it["id"]: mm.encode_image(it["image"])[0] for it in stream}
+    assert rep.n_uploaded > 0
+    b = read_uplink(tmp_path / "up.cdcu")
+    for s in b.samples():
+        n = s.meta["n_visual_tokens"]
+        pos = s.arrays["visual_positions"]
+        assert s.arrays["visual_features"].dtype == np.int8 and "raw_image" not in s.arrays
+        assert len(pos) == n // 2 and list(pos) == sorted(set(pos.tolist()))
+        # the kept tokens are the most out-of-distribution ones, and dequantise closely
+        f = feats[s.id]
+        scores = calib.visual.ood_scores(f)
+        assert scores[pos].min() >= np.delete(scores, pos).max() - 1e-9
+        err = np.abs(dequantize_tokens(s.arrays["visual_features"], s.arrays["visual_scales"]) - f[pos])
+        assert err.max() <= np.abs(f[pos]).max() / 127
+    assert rep.bundle_bytes / rep.n_uploaded < 0.5 * stream[0]["raw_bytes"]
+    assert all("raw_image" in s.arrays for s in read_uplink(tmp_path / "raw.cdcu").samples())
+    assert rep_raw.bundle_bytes > rep.bundle_bytes
+
+
+def test_akd_visual_tokens(llava, bundles, tmp_path):
+    """Dropped tokens are masked (their values do not matter); a distillation step lowers
+    the loss; the adapter touches the language model and projector only; DWC expresses it
+    as a delta for the bundle, which patches in place."""
+    from transformers import LlavaForConditionalGeneration
+
+    from cdcca_edge.cloud.akd import AKDConfig
+    from cdcca_edge.cloud.akd_mm import VisualSample, build_inputs, distill_multimodal, visual_batch_losses
+    from cdcca_edge.cloud.dwc import make_delta
+    from cdcca_edge.core.artifact import compute_identity, open_artifact
+    from cdcca_edge.core.patch import apply_delta
+    from cdcca_edge.runtime.multimodal import MultimodalModel
+    from cdcca_edge.runtime.uts import calibrate, collect
+
+    teacher_dir, student_dir = llava
+    student = LlavaForConditionalGeneration.from_pretrained(student_dir).eval()
+    rng = np.random.default_rng(0)
+    n, dv = student.config.image_seq_length, student.config.vision_config.hidden_size
+    img = student.config.image_token_index
+    pos = np.sort(rng.choice(n, n // 2, replace=False))
+    s1 = VisualSample("a", [3, img, 5, 6], rng.standard_normal((n // 2, dv)).astype(np.float32), pos, n)
+    full = np.zeros((n, dv), np.float32)
+    full[pos] = s1.tokens
+    with torch.no_grad():
+        outs = []
+        for fill in (0.0, 9.0):  # what sits at the dropped positions must not matter
+            s = VisualSample("a", s1.prompt_ids, np.where(np.isin(np.arange(n), pos)[:, None], full, fill)
+                             .astype(np.float32), np.arange(n), n)
+            inp = build_inputs(student, [s], [[7, 8]], 0)
+            inp["attention_mask"][0, 1:1 + n] = torch.from_numpy(np.isin(np.arange(n), pos)).long()
+            outs.append(student(inputs_embeds=inp["inputs_embeds"], attention_mask=inp["attention_mask"],
+                                position_ids=inp["position_ids"]).logits)
+        inp = build_inputs(student, [s1], [[7, 8]], 0)
+        masked = student(inputs_embeds=inp["inputs_embeds"], attention_mask=inp["attention_mask"],
+                         position_ids=inp["position_ids"]).logits
+    assert torch.allclose(outs[0], outs[1], atol=1e-5) and torch.allclose(outs[0], masked, atol=1e-5)
+
+    gguf, _ = bundles["gguf"]
+    device = tmp_path / "device"
+    import shutil
+
+    shutil.copytree(gguf, device)
+    ident = compute_identity(open_artifact(device)).digest
+    with MultimodalModel(device) as mm:
+        calib = calibrate(mm, [{"prompt": e.question.text, "image": e.image}
+                               for e in dataset(12, seed=1, domains=("source",))], ident, rate=0.5, max_tokens=4)
+        collect(mm, [{"id": str(i), "prompt": e.question.text, "image": e.image, "raw_bytes": 1}
+                     for i, e in enumerate(dataset(24, seed=3, domains=("noise", "texture")))],
+                calib, tmp_path / "up.cdcu", ident)
+    cfg = AKDConfig(epochs=3, lr=5e-3, batch_size=8, max_new_tokens=4, holdout=0.0)
+    rep = distill_multimodal(teacher_dir, student_dir, [tmp_path / "up.cdcu"], tmp_path / "akd", cfg)
+    assert rep.losses[-1]["total"] < rep.losses[0]["total"]
+    assert 0.4 < rep.kept_token_fraction < 0.6
+    adapter = json.loads((tmp_path / "akd" / "adapter_config.json").read_text())
+    assert "vision_tower" not in str(adapter["target_modules"])
+    from safetensors.numpy import load_file
+
+    keys = load_file(str(tmp_path / "akd" / "adapter_model.safetensors"))
+    assert keys and not any("vision_tower" in k for k in keys)
+    assert any("multi_modal_projector" in k for k in keys) and any("language_model" in k for k in keys)
+    dwc = make_delta(device, tmp_path / "akd", tmp_path / "d.cdcd", target_base=student_dir)
+    assert dwc.update_left < 0.5
+    touched = {r.split("/")[0] for r in _delta_tensors(tmp_path / "d.cdcd")}
+    assert touched == {"vision", "language"}  # projector and language model
+    apply_delta(device, tmp_path / "d.cdcd", pubkeys=[])
+    assert compute_identity(open_artifact(device)).digest == dwc.target_identity
+    with MultimodalModel(device) as mm:  # the patched bundle loads and answers
+        ex = dataset(1, seed=9, domains=("noise",))[0]
+        assert mm.answer(ex.image, ex.question.text)
+
+
+def _delta_tensors(path: Path) -> list[str]:
+    from cdcca_edge.core.delta_format import read_delta
+
+    return [r.tensor for r in read_delta(path).header.records]
+
+
+def test_demo_quick(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("CDCCA_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "demo"
+    assert main(["demo", "--quick", "--rounds", "2", "--out", str(out), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert [r["round"] for r in report["rounds"]] == [1, 2]
+    for r in report["rounds"]:
+        for key in ("target_accuracy", "source_accuracy", "teacher_accuracy", "uplink_bytes", "raw_input_bytes",
+                    "downlink_bytes", "artifact_bytes", "patch_seconds"):
+            assert key in r
+        assert 0 < r["uplink_bytes"] < r["raw_input_bytes"]
+        assert 0 < r["downlink_bytes"] < r["artifact_bytes"]
+    assert set(report["ablations"]["variants"]) == {"akd", "akd_random_selection", "pseudo_label_only",
+                                                   "logit_kd_only"}
+    for name in ("report.md", "report.json", "accuracy.png", "bytes.png"):
+        assert (out / name).stat().st_size > 0
+    assert json.loads((out / "report.json").read_text())["rounds"] == report["rounds"]
