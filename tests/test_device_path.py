@@ -35,7 +35,8 @@ def _python(code: str) -> subprocess.CompletedProcess:
 def test_import_runtime_and_core_is_torch_free():
     proc = _python(
         "import sys, cdcca_edge.runtime, cdcca_edge.core.artifact, cdcca_edge.core.gguf_file, "
-        "cdcca_edge.runtime.onnx_backend, cdcca_edge.runtime.llama_backend, cdcca_edge.cli\n"
+        "cdcca_edge.runtime.onnx_backend, cdcca_edge.runtime.llama_backend, cdcca_edge.cli, "
+        "cdcca_edge.runtime.multimodal, cdcca_edge.runtime.uts\n"
         f"print([m for m in {HEAVY!r} if m in sys.modules])"
     )
     assert proc.returncode == 0, proc.stderr

@@ -81,24 +81,6 @@ def test_missing_backend_exit_code(exports):
     assert "cdcca-edge[llama]" in proc.stderr
 
 
-def test_demo(tmp_path, monkeypatch, capsys):
-    from tests.converters.test_export import torch_greedy, torch_rank
-
-    monkeypatch.setenv("CDCCA_CACHE", str(tmp_path / "cache"))
-    assert main(["demo", "--json"]) == 0
-    report = _json(capsys)
-    assert set(report["answers"]) == {"llama", "onnx"}
-    for ans in report["answers"].values():
-        assert ans["tokens"] and all("entropy" in t for t in ans["tokens"])
-    assert all(e["validation"]["passed"] for e in report["exports"].values())
-    # the f32 ONNX answer is torch's greedy answer; the q8_0 one stays within torch's top 3
-    model_dir = Path(report["model_dir"])
-    onnx_ans, llama_ans = report["answers"]["onnx"], report["answers"]["llama"]
-    assert [t["token"] for t in onnx_ans["tokens"]] == torch_greedy(model_dir, report["prompt"], 16)
-    assert torch_rank(model_dir, llama_ans["prompt_tokens"], [t["token"] for t in llama_ans["tokens"]]) <= 2
-    assert (tmp_path / "cache" / "demo" / "tiny-q8_0.gguf").is_file()
-
-
 def test_patch_commands(tmp_path, capsys):
     """delta keygen / diff --sign-key / inspect, then patch with --dry-run, --pubkey,
     --undo-out, and the exit codes of refused deltas."""

@@ -70,10 +70,9 @@ def test_limits(backend):
     with pytest.raises(UsageError, match="exceed the context"):
         backend.generate(long)
     # max_tokens stops at the context end instead of overflowing it
-    ids = backend.tokenize("the red circle is left of the blue square. " * 23)
-    assert len(ids) < backend.n_ctx
-    gen = backend.generate("the red circle is left of the blue square. " * 23,
-                           GenerationConfig(max_tokens=500, stop_at_eos=False))
+    unit = "the red circle is left of the blue square. "
+    k = max(k for k in range(1, 60) if len(backend.tokenize(unit * k)) < backend.n_ctx - 4)
+    gen = backend.generate(unit * k, GenerationConfig(max_tokens=500, stop_at_eos=False))
     assert len(gen.prompt_tokens) + len(gen.tokens) == backend.n_ctx
 
 
