@@ -52,11 +52,12 @@ class DemoConfig:
     backend: str = "llama"  # the device's language part: llama (GGUF q8_0) or onnx (ONNX f32)
     quick: bool = False  # small models and sets: a smoke test of the whole loop
     stream: int = 160  # target-domain inputs the device sees per round
-    test: int = 200  # held-out examples per test set (target, source)
+    test: int = 300  # held-out examples per test set (target, source)
     calibration: int = 60  # source-domain inputs for UTS calibration
     rate: float = 0.2  # UTS: fraction of in-distribution inputs that would be uploaded
     keep: float = 0.5  # fraction of visual tokens an upload carries
     epochs: int = 4
+    lr: float = 2e-3  # AKD learning rate
     ablations: bool = True
     seed: int = 0
 
@@ -205,7 +206,7 @@ def run_demo(out_dir: str | Path, config: DemoConfig = DemoConfig(), stage: Stag
                         baseline={"target_accuracy": base["target"], "source_accuracy": base["source"],
                                   "teacher_accuracy": teacher_acc["target"],
                                   "teacher_source_accuracy": teacher_acc["source"]})
-    akd_cfg = AKDConfig(epochs=config.epochs, lr=2e-3, batch_size=8, max_new_tokens=4, holdout=0.0,
+    akd_cfg = AKDConfig(epochs=config.epochs, lr=config.lr, batch_size=8, max_new_tokens=4, holdout=0.0,
                         seed=config.seed)
     cloud_student = student
     bundles: list[Path] = []
