@@ -12,7 +12,7 @@ from __future__ import annotations
 import ctypes
 import os
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -140,22 +140,49 @@ class LlamaCppBackend(Backend):
         self._n_past = 0
 
     def forward(self, tokens: Sequence[int], all_logits: bool = False) -> np.ndarray:
-        lc = self._llama_cpp
         tokens = self.check_tokens(tokens)  # an out-of-range id aborts llama.cpp's process
-        n = len(tokens)
-        if n == 0:
+        if not tokens:
             raise UsageError("forward() needs at least one token")
+
+        def fill(b: Any, start: int, m: int) -> None:
+            for i, tok in enumerate(tokens[start : start + m]):
+                b.token[i] = int(tok)
+
+        return self._decode(len(tokens), fill, self._batch, all_logits)
+
+    def forward_embeds(self, embeds: np.ndarray, all_logits: bool = False) -> np.ndarray:
+        """Append positions given as input embeddings (T, n_embd) instead of tokens, the
+        way llama.cpp's own multimodal front ends feed image embeddings. Returns logits as
+        :meth:`forward` does."""
+        lc = self._llama_cpp
+        x = np.ascontiguousarray(embeds, dtype=np.float32)  # (T, n_embd)
+        n_embd = lc.llama_model_n_embd(self._llm._model.model)
+        if x.ndim != 2 or x.shape[1] != n_embd or len(x) == 0:
+            raise UsageError(f"embeddings of shape {x.shape}; this model takes (T, {n_embd}), T >= 1")
+
+        def fill(b: Any, start: int, m: int) -> None:
+            ctypes.memmove(b.embd, x[start : start + m].ctypes.data, m * n_embd * 4)
+
+        b = lc.llama_batch_init(self._n_batch, n_embd, 1)  # a batch carrying embd, not tokens
+        try:
+            # copied out: the batch (and llama.cpp's view of the logits) goes away here
+            return np.array(self._decode(len(x), fill, b, all_logits))
+        finally:
+            lc.llama_batch_free(b)
+
+    def _decode(self, n: int, fill: Callable[[Any, int, int], None], b: Any, all_logits: bool) -> np.ndarray:
+        """Decode ``n`` positions in batches of ``n_batch``; ``fill(batch, start, m)`` sets
+        their tokens or embeddings. Logits (T, V) with ``all_logits``, else the last (1, V)."""
+        lc = self._llama_cpp
         if self._n_past + n > self.n_ctx:
-            raise UsageError(f"sequence of {self._n_past + n} tokens exceeds n_ctx={self.n_ctx}")
+            raise UsageError(f"sequence of {self._n_past + n} positions exceeds n_ctx={self.n_ctx}")
         rows = np.empty((n, self._n_vocab), dtype=np.float32) if all_logits else None  # (T, V)
         last = None
-        b = self._batch
         for start in range(0, n, self._n_batch):
-            chunk = tokens[start : start + self._n_batch]
-            m = len(chunk)
+            m = min(self._n_batch, n - start)
             b.n_tokens = m
-            for i, tok in enumerate(chunk):
-                b.token[i] = int(tok)
+            fill(b, start, m)
+            for i in range(m):
                 b.pos[i] = self._n_past + i
                 b.n_seq_id[i] = 1
                 b.seq_id[i][0] = 0
@@ -175,45 +202,6 @@ class LlamaCppBackend(Backend):
                 # llama.cpp's own buffer, no copy: the decode loop scores it while it is
                 # still in cache. Valid until the next decode (the interface's contract).
                 last = self._logits_at(m - 1)[None, :]
-        return rows if rows is not None else last
-
-    def forward_embeds(self, embeds: np.ndarray, all_logits: bool = False) -> np.ndarray:
-        """Append positions given as input embeddings (T, n_embd) instead of tokens, the
-        way llama.cpp's own multimodal front ends feed image embeddings. Returns logits as
-        :meth:`forward` does."""
-        lc = self._llama_cpp
-        x = np.ascontiguousarray(embeds, dtype=np.float32)
-        n_embd = lc.llama_model_n_embd(self._llm._model.model)
-        if x.ndim != 2 or x.shape[1] != n_embd:
-            raise UsageError(f"embeddings of shape {x.shape}; this model takes (T, {n_embd})")
-        n = x.shape[0]
-        if self._n_past + n > self.n_ctx:
-            raise UsageError(f"sequence of {self._n_past + n} positions exceeds n_ctx={self.n_ctx}")
-        rows = np.empty((n, self._n_vocab), dtype=np.float32) if all_logits else None
-        last = None
-        for start in range(0, n, self._n_batch):
-            m = min(self._n_batch, n - start)
-            b = lc.llama_batch_init(m, n_embd, 1)
-            try:
-                b.n_tokens = m
-                ctypes.memmove(b.embd, x[start : start + m].ctypes.data, m * n_embd * 4)
-                for i in range(m):
-                    b.pos[i] = self._n_past + i
-                    b.n_seq_id[i] = 1
-                    b.seq_id[i][0] = 0
-                    b.logits[i] = all_logits
-                b.logits[m - 1] = True
-                rc = lc.llama_decode(self._ctx, b)
-                if rc != 0:
-                    raise CdccaError(f"{self.path}: llama_decode of embeddings failed with code {rc}")
-                self._n_past += m
-                if rows is not None:
-                    for i in range(m):
-                        rows[start + i] = self._logits_at(i)
-                elif start + m == n:
-                    last = np.array(self._logits_at(m - 1))[None, :]
-            finally:
-                lc.llama_batch_free(b)
         return rows if rows is not None else last
 
     def close(self) -> None:

@@ -29,6 +29,8 @@ DEFAULT_TEMPLATE = "USER: <image>\n{question} ASSISTANT:"
 def load_image(path: str | Path) -> np.ndarray:
     """An image file as (H, W, 3) uint8 (``.npy`` arrays too)."""
     path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"{path}: no such image file; pass --image PATH to a PNG, JPEG or .npy (H, W, 3) array")
     if path.suffix == ".npy":
         img = np.load(path)
     else:

@@ -248,3 +248,15 @@ def test_run_image_without_heavy_packages(bundles, fmt, tmp_path):
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["tokens"]
+
+
+@pytest.mark.parametrize("fmt", ["gguf", "onnx"])
+def test_qwen2_language_model_bundle(llava, tmp_path, fmt):
+    """A LLaVA whose language model is Qwen2 (q/k/v biases) exports and answers as torch."""
+    from cdcca_edge.converters.export import export
+
+    spec = replace(SPEC_S, arch="qwen2", train_steps=10)
+    student = build_tiny_llava(tmp_path / "qwen2", spec, vision_from=llava[0])
+    res = export(student, tmp_path / fmt, fmt, quant="f32")
+    assert res.extra["answers_equal_torch"] == 1.0
+    assert res.extra["vision"]["normalized_diff"] < res.extra["vision"]["tolerance"]
