@@ -61,7 +61,8 @@ def export(
     ] = None,
     json_out: JsonOpt = False,
 ) -> None:
-    """Export a HF causal LM (+ LoRA adapter) to a validated GGUF file or ONNX directory."""
+    """Export a HF causal LM (+ LoRA adapter) to a validated GGUF file or ONNX directory; a
+    LLaVA model to a bundle directory (vision ONNX + language GGUF/ONNX)."""
     from cdcca_edge.converters.export import export as do_export
 
     with stage_status(not json_out) as on_stage:
@@ -72,14 +73,18 @@ def export(
     if json_out:
         print_json(result.as_dict())
         return
-    v = result.validation
-    check = (
-        f"validated on {v.backend}: max |Δlogit| {v.max_abs_diff:.3g} "
-        f"({v.normalized_diff:.3g} x std, tolerance {v.tolerance}), top-1 agreement "
-        f"{v.top1_agreement:.0%}"
-        if v
-        else "not validated (--no-validate)"
-    )
+    v, mm = result.validation, result.extra
+    if mm:  # a multimodal bundle: each part, then whole image questions
+        lang = mm["language"]
+        check = (f"validated: vision {mm['vision']['normalized_diff']:.2g} x std; language "
+                 f"{lang['normalized_diff']:.3g} x std (tolerance {lang['tolerance']}); image questions "
+                 f"answered as torch: {mm['answers_equal_torch']:.0%} of {mm['answers_checked']}")
+    elif v:
+        check = (f"validated on {v.backend}: max |Δlogit| {v.max_abs_diff:.3g} "
+                 f"({v.normalized_diff:.3g} x std, tolerance {v.tolerance}), top-1 agreement "
+                 f"{v.top1_agreement:.0%}")
+    else:
+        check = "not validated (--no-validate)"
     out.print(f"{result.path}  {result.format}/{result.quant}  {result.bytes / 1e6:.1f} MB  "
               f"identity {result.identity[:16]}", highlight=False)
     out.print(f"  {check}  [{result.seconds:.1f} s]", highlight=False)

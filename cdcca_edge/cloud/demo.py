@@ -147,6 +147,7 @@ class DemoReport:
     device_artifact: str
     artifact_bytes: int
     baseline: dict[str, float]  # round 0: before any update
+    export: dict[str, Any]  # the device bundle's export, with its validation against torch
     rounds: list[dict[str, Any]] = field(default_factory=list)
     ablations: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
@@ -180,7 +181,7 @@ def run_demo(out_dir: str | Path, config: DemoConfig = DemoConfig(), stage: Stag
     device = out / "device"
     mirror = work / "cloud-mirror"
     say(f"exporting the student to a {fmt} bundle (validated against torch)")
-    export(student, device, fmt, quant=quant)
+    exported = export(student, device, fmt, quant=quant)
     shutil.copytree(device, mirror)
     artifact_bytes = sum(p.stat().st_size for p in device.rglob("*") if p.is_file() and "cdcca-" not in p.name)
 
@@ -202,7 +203,7 @@ def run_demo(out_dir: str | Path, config: DemoConfig = DemoConfig(), stage: Stag
         base = {"target": device_accuracy(mm, target_test), "source": device_accuracy(mm, source_test)}
     calib.save(work / "calibration.json")
     report = DemoReport(config=asdict(config), teacher=str(teacher), student=str(student), device_artifact=str(device),
-                        artifact_bytes=artifact_bytes,
+                        artifact_bytes=artifact_bytes, export=exported.as_dict(),
                         baseline={"target_accuracy": base["target"], "source_accuracy": base["source"],
                                   "teacher_accuracy": teacher_acc["target"],
                                   "teacher_source_accuracy": teacher_acc["source"]})
