@@ -36,6 +36,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/uts.py
 	$(BIN)/python bench/akd.py
 	$(BIN)/python bench/dwc.py
+	$(BIN)/python bench/demo.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis
