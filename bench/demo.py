@@ -28,6 +28,13 @@ def section(r: dict) -> str:
                     f"{x['teacher_accuracy']:.1%} | {x['uplink_bytes']:,} ({x['uplink_bytes'] / x['raw_input_bytes']:.1%}) "
                     f"/ {x['n_uploaded']} of {x['n_seen']} | {x['downlink_bytes']:,} "
                     f"({x['downlink_bytes'] / x['artifact_bytes']:.1%}) | {x['patch_seconds'] * 1000:.0f} |")
+    src = [x["source_accuracy"] for x in rounds]
+    worst = min(range(len(src)), key=lambda i: src[i])
+    drift = (f"Target accuracy {b['target_accuracy']:.1%} -> {rounds[-1]['target_accuracy']:.1%} (teacher "
+             f"{b['teacher_accuracy']:.1%}: {(rounds[-1]['target_accuracy'] - b['target_accuracy']) / max(1e-9, b['teacher_accuracy'] - b['target_accuracy']):.0%} "
+             f"of the gap closed); source accuracy {b['source_accuracy']:.1%} -> {src[-1]:.1%} at the end, "
+             f"lowest {src[worst]:.1%} after round {rounds[worst]['round']} (each test set: {r['config']['test']} "
+             f"questions, one standard error about {100 * (0.25 / r['config']['test']) ** 0.5:.1f} points).")
     per_sample = sum(x["uplink_bytes"] for x in rounds) / max(1, sum(x["n_uploaded"] for x in rounds))
     v = a["variants"]
     abl = [f"| student before | - | - | {a['student_before']:.1%} |"]
@@ -51,13 +58,16 @@ def section(r: dict) -> str:
 
 {r['config']['rounds']} rounds, device backend `{r['config']['backend']}`, {r['config']['stream']} questions per round
 (half source domain, half drifted: noise, texture), evaluation on {r['config']['test']} held-out target and
-{r['config']['test']} source questions with whole images; whole run {r['seconds']:.0f} s (models cached).
+{r['config']['test']} source questions with whole images; whole run {r['seconds']:.0f} s (training the models
+included when they are not cached yet).
 Bundle: {r['artifact_bytes']:,} bytes (vision ONNX f32 + language GGUF q8_0). Raw inputs = uncompressed
 64x64 RGB frame (12,288 B) + question.
 {parity}
 | round | target acc | source acc | teacher acc (target) | uplink B (% of raw seen) / uploads | downlink B (% of bundle) | patch ms |
 |---|---:|---:|---:|---:|---:|---:|
 {chr(10).join(rows)}
+
+{drift}
 
 Uplink: {per_sample:,.0f} bytes per uploaded sample (50% of its 64 visual tokens, int8, plus prompt,
 answer and scores) against 12,288 bytes of raw pixels ({per_sample / 12288:.1%}).
