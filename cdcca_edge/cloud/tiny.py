@@ -14,7 +14,7 @@ import json
 import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Callable, Literal
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerFast
@@ -209,3 +209,29 @@ def _train(model: "PreTrainedModel", tokenizer: "PreTrainedTokenizerFast", texts
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
+
+
+def tiny_model_dir(spec: TinySpec = TinySpec(), on_stage: Callable[[str], None] | None = None) -> Path:
+    """The tiny text model for ``spec``, built on first use and cached (by its spec) under
+    the cache directory; benchmarks and examples share it."""
+    import hashlib
+    import os
+    import shutil
+    import tempfile
+
+    from cdcca_edge.core.paths import cache_dir
+
+    key = hashlib.sha256(json.dumps(asdict(spec), sort_keys=True).encode()).hexdigest()[:12]
+    target = cache_dir() / "models" / f"tiny-{spec.arch}-{key}"
+    if (target / "config.json").is_file():
+        return target
+    if on_stage:
+        on_stage(f"training the tiny {spec.arch} model (first run only)")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tiny-", dir=target.parent))
+    try:
+        build_tiny_model(tmp, spec)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
