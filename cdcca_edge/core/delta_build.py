@@ -202,8 +202,10 @@ class DeltaBuilder:
         self._add(t, ENC_QADD, params, payload, _unit_ranges(runs, g_elems, t))
 
     def add_low_rank(self, tensor: str, a: Any, b: Any, scale: float,
-                     factor_dtype: str = "f16") -> None:
-        """W += scale * B @ A with A (r, cols), B (rows, r), in the artefact's layout."""
+                     factor_dtype: str = "f16", rounding: str = "nearest", seed: int = 0) -> None:
+        """W += scale * B @ A with A (r, cols), B (rows, r), in the artefact's layout.
+        ``rounding="stochastic"`` (Q8_0 only) keeps block scales and rounds the codes
+        without bias (docs/formats/delta.md, section 5.4)."""
         import numpy as np
 
         t = self.base.tensor(tensor)
@@ -218,7 +220,13 @@ class DeltaBuilder:
             raise UsageError(f"{tensor}: factors A {a.shape}, B {b.shape} do not fit a "
                              f"({rows}, {cols}) matrix (A: (r, {cols}), B: ({rows}, r))")
         payload = encode_factors(a, b, factor_dtype)
-        params = {"rank": int(a.shape[0]), "scale": float(scale), "factor_dtype": factor_dtype}
+        params: dict[str, Any] = {"rank": int(a.shape[0]), "scale": float(scale), "factor_dtype": factor_dtype}
+        if rounding != "nearest":
+            if rounding != "stochastic" or t.type_name != "Q8_0":
+                raise UsageError(f"{tensor}: rounding must be 'nearest', or 'stochastic' for Q8_0 tensors")
+            if not 0 <= seed < 2**32:
+                raise UsageError("seed must be in [0, 2**32)")
+            params.update(rounding=rounding, seed=int(seed))
         _, unit = type_layout(t.type_name)
         self._add(t, ENC_LOWRANK, params, payload, [(0, t.nbytes // unit)])
 

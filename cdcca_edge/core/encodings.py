@@ -311,6 +311,48 @@ def _plan_qadd(rec: Record, payload: bytes, base: int, n_elems: int, piece: int,
     return Plan(rec, base, offs, lens, new_bytes, needs_old=True)
 
 
+ROUNDINGS = ("nearest", "stochastic")
+_SPLITMIX = (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB)
+
+
+def uniform_at(seed: int, index: Any) -> Any:
+    """A uniform number in [0, 1) for each element index (uint64): splitmix64 of
+    ``(seed * 2**40 + index) mod 2**64``, top 53 bits. Counter-based, so any partition of a tensor
+    draws the same numbers (docs/formats/delta.md, section 5.4)."""
+    import numpy as np
+
+    with np.errstate(over="ignore"):
+        z = np.asarray(index, dtype=np.uint64) + np.uint64((seed << 40) % 2**64) + np.uint64(_SPLITMIX[0])
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(_SPLITMIX[1])
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(_SPLITMIX[2])
+        z = z ^ (z >> np.uint64(31))
+    return (z >> np.uint64(11)).astype(np.float64) * 2.0**-53
+
+
+def q8_stochastic_add(old: Any, add: Any, first_index: int, seed: int) -> Any:
+    """Q8_0 blocks plus ``add`` (float32, the blocks' elements in order), keeping each
+    block's scale and rounding the codes stochastically: unbiased, so an update far
+    smaller than the quantisation step still arrives on average, where requantising
+    ``dequantise(old) + add`` would round most of it away (the device does not know the
+    float weights the cloud quantised from). Blocks with scale 0 are requantised."""
+    import numpy as np
+
+    blocks = np.frombuffer(old, dtype=np.uint8).reshape(-1, 34).copy()
+    d = blocks[:, :2].copy().view(np.float16).astype(np.float32).reshape(-1)  # (G,)
+    q = blocks[:, 2:].view(np.int8).astype(np.float64)  # (G, 32)
+    x = np.asarray(add, dtype=np.float32).reshape(-1, 32)  # (G, 32)
+    safe = np.where(d > 0, d, np.float32(1.0))
+    steps = (x / safe[:, None]).astype(np.float64)  # float32 division, then exact widening
+    u = uniform_at(seed, np.arange(first_index, first_index + q.size, dtype=np.uint64)).reshape(q.shape)
+    codes = np.clip(np.floor(q + steps + u), -127, 127).astype(np.int8)
+    blocks[:, 2:] = codes.view(np.uint8)
+    zero = d == 0
+    if zero.any():
+        w = dequantize("Q8_0", blocks[zero].tobytes()) + x[zero].reshape(-1)
+        blocks[zero] = np.frombuffer(quantize("Q8_0", w), np.uint8).reshape(-1, 34)
+    return blocks.reshape(-1)
+
+
 def factor_bytes(fdt: str, rank: int, rows: int, cols: int) -> int:
     """Payload size of low-rank factors A (rank, cols), B (rows, rank)."""
     n = rank * cols + rows * rank
@@ -379,6 +421,11 @@ def _plan_lowrank(rec: Record, payload: bytes, base: int, piece: int, what: str)
     a, b = decode_factors(payload, fdt, rank, rows, cols, what)
     if not (np.all(np.isfinite(a)) and np.all(np.isfinite(b))):
         raise FormatError(f"{what}: lowrank factors are not all finite")
+    rounding, seed = p.get("rounding", "nearest"), p.get("seed", 0)
+    if rounding not in ROUNDINGS or not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**32:
+        raise FormatError(f"{what}: bad lowrank rounding {rounding!r} / seed {seed!r}")
+    if rounding == "stochastic" and rec.type != "Q8_0":
+        raise FormatError(f"{what}: stochastic rounding is defined for Q8_0 only, not {rec.type}")
     row_bytes = cols // block * unit
     # piece bounds the float32 rows held at once
     offs, lens, first = _split(np.array([0]), np.array([rows]), row_bytes, base,
@@ -392,6 +439,8 @@ def _plan_lowrank(rec: Record, payload: bytes, base: int, piece: int, what: str)
         acc = np.zeros((r1 - r0, cols), dtype=np.float32)  # (rows, C)
         for k in range(rank):  # fixed order: bit-reproducible, unlike a BLAS matmul
             acc += b[r0:r1, k : k + 1] * a[k : k + 1, :]
+        if rounding == "stochastic":
+            return q8_stochastic_add(old, acc * s, r0 * cols, seed)
         w = dequantize(type_name, old).reshape(r1 - r0, cols)
         return np.frombuffer(quantize(type_name, (w + acc * s).reshape(-1)), np.uint8)
 

@@ -151,6 +151,65 @@ def test_lowrank_round_trip(model, tmp_path, type_name):
     assert compute_identity(open_artifact(model)).digest == summary.target_identity
 
 
+def test_lowrank_stochastic_rounding_q8_0(model, tmp_path):
+    """Stochastic rounding keeps block scales, follows the spec's formula bit for bit,
+    gives the same bytes whatever the chunking, undoes exactly, and is unbiased: an
+    update of a fifth of a quantisation step arrives on average instead of rounding away."""
+    from cdcca_edge.core.encodings import uniform_at
+
+    name = "Q8_0.w"
+    t = open_artifact(model).tensor(name)
+    rows, cols = t.shape
+    before = raw_tensor(model, name)
+    blocks = np.frombuffer(before, np.uint8).reshape(-1, 34)
+    d = blocks[:, :2].copy().view(np.float16).astype(np.float32).reshape(-1)
+    # a rank-1 update of +0.2 step in every block (B = the row's step, A = 0.2)
+    a = np.full((1, cols), 0.2, np.float32)
+    step_rows = d.reshape(rows, cols // 32).max(1)  # one block scale per row, roughly
+    bm = step_rows[:, None].astype(np.float32)
+    outs = []
+    for chunk in (1 << 20, 2 << 20):
+        copy = tmp_path / f"m{chunk}.gguf"
+        shutil.copy(model, copy)
+        b = DeltaBuilder(copy)
+        b.add_low_rank(name, a, bm, scale=1.0, factor_dtype="f32", rounding="stochastic", seed=7)
+        summary = b.write(tmp_path / f"d{chunk}.cdcd")
+        apply_delta(copy, tmp_path / f"d{chunk}.cdcd", chunk_size=chunk, undo_out=tmp_path / f"u{chunk}.cdcd")
+        assert compute_identity(open_artifact(copy)).digest == summary.target_identity
+        outs.append(raw_tensor(copy, name))
+        apply_delta(copy, tmp_path / f"u{chunk}.cdcd")
+        assert raw_tensor(copy, name) == before
+    assert outs[0] == outs[1]
+    # any partition of the blocks gives the same bytes (the draws are indexed by element)
+    from cdcca_edge.core.encodings import q8_stochastic_add
+
+    add_all = (bm * a).reshape(-1)
+    whole = q8_stochastic_add(before, add_all, 0, 7)
+    half = len(blocks) // 2
+    parts = np.concatenate([q8_stochastic_add(before[: half * 34], add_all[: half * 32], 0, 7),
+                            q8_stochastic_add(before[half * 34 :], add_all[half * 32 :], half * 32, 7)])
+    assert np.array_equal(whole, parts) and whole.tobytes() == outs[0]
+    new = np.frombuffer(outs[0], np.uint8).reshape(-1, 34)
+    assert np.array_equal(new[:, :2], blocks[:, :2])  # scales kept
+    # the spec's formula, recomputed here
+    add = (bm * a).reshape(-1, 32)
+    safe = np.where(d > 0, d, np.float32(1))
+    u = uniform_at(7, np.arange(rows * cols, dtype=np.uint64)).reshape(-1, 32)
+    q = blocks[:, 2:].view(np.int8).astype(np.float64)
+    want = np.clip(np.floor(q + (add / safe[:, None]).astype(np.float64) + u), -127, 127).astype(np.int8)
+    assert np.array_equal(new[:, 2:].view(np.int8)[d > 0], want[d > 0])
+    # unbiased: the mean code change is the update in steps, not 0 as nearest rounding gives
+    moved = (new[:, 2:].view(np.int8).astype(np.float64) - q)[d > 0]
+    expect = (add / safe[:, None])[d > 0]
+    assert abs(moved.mean() - expect.mean()) < 0.05 and expect.mean() > 0.1
+    # nearest rounding would have erased it
+    b = DeltaBuilder(model)
+    with pytest.raises(UsageError, match="Q8_0"):
+        b.add_low_rank("F32.w", np.zeros((1, open_artifact(model).tensor("F32.w").shape[1]), np.float32),
+                       np.zeros((open_artifact(model).tensor("F32.w").shape[0], 1), np.float32), 1.0,
+                       rounding="stochastic")
+
+
 @pytest.mark.parametrize("init", ["w32", "w16"])
 @pytest.mark.parametrize("encoding", ["replace", "qadd", "lowrank"])
 def test_onnx_initializers_patched_and_run(tmp_path, init, encoding):
