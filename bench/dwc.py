@@ -25,7 +25,6 @@ Methods:
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import shutil
 import subprocess

@@ -25,7 +25,6 @@ import json
 import random
 import statistics
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np

@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import tempfile
 import zlib
-from array import array
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence

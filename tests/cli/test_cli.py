@@ -6,9 +6,7 @@ import json
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
-import pytest
 
 from cdcca_edge.cli import main
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,7 +13,6 @@ import torch
 from cdcca_edge.cloud.akd import (
     BIAS_ADAPTER_DIR,
     AKDConfig,
-    check_vocab,
     distill,
     kd_divergence,
     weighted_mean,

@@ -137,7 +137,7 @@ def test_akd_visual_tokens(llava, bundles, tmp_path):
     from transformers import LlavaForConditionalGeneration
 
     from cdcca_edge.cloud.akd import AKDConfig
-    from cdcca_edge.cloud.akd_mm import VisualSample, build_inputs, distill_multimodal, visual_batch_losses
+    from cdcca_edge.cloud.akd_mm import VisualSample, build_inputs, distill_multimodal
     from cdcca_edge.cloud.dwc import make_delta
     from cdcca_edge.core.artifact import compute_identity, open_artifact
     from cdcca_edge.core.patch import apply_delta

@@ -4,7 +4,6 @@ writing, crash safety, hostile input. Digests of whole files decide "unchanged".
 from __future__ import annotations
 
 import fcntl
-import json
 import os
 import random
 import shutil

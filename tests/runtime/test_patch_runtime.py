@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from cdcca_edge.converters.export import export
 from cdcca_edge.converters.gguf_export import hf_tensor_transform, hf_to_gguf_name
