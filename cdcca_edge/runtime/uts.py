@@ -26,7 +26,7 @@ from cdcca_edge.runtime.base import Backend, Generation, GenerationConfig
 SAMPLE_SCORES = ("confidence", "ref_confidence", "mean_entropy", "max_entropy")
 CALIB_FORMAT = "cdcca-calibration"
 CALIB_VERSION = 1
-Selector = Literal["uts", "random"]
+Selector = Literal["uts", "random", "all"]
 
 def _prompt_nll(g: Generation) -> float:
     """Mean negative log-likelihood of the prompt's tokens under the model (nats)."""
@@ -274,15 +274,18 @@ class Decision:
 
 
 def decide(decisions: list[Decision], calib: Calibration, selector: Selector, seed: int = 0) -> None:
-    """Mark uploads: ``uts`` above the threshold; ``random`` the same number at random."""
+    """Mark uploads: ``uts`` above the threshold; ``random`` the same number at random;
+    ``all`` every input (an anchor set of in-distribution samples, sent once)."""
     chosen = [d.uncertainty > calib.threshold for d in decisions]
-    if selector == "random":
+    if selector == "all":
+        chosen = [True] * len(decisions)
+    elif selector == "random":
         k = sum(chosen)
         rng = np.random.default_rng(seed)
         picks = set(rng.choice(len(decisions), size=k, replace=False).tolist()) if k else set()
         chosen = [i in picks for i in range(len(decisions))]
     elif selector != "uts":
-        raise UsageError(f"unknown selector {selector!r}; choose uts or random")
+        raise UsageError(f"unknown selector {selector!r}; choose uts, random or all")
     for d, c in zip(decisions, chosen):
         d.upload = c
 
