@@ -528,7 +528,7 @@ def uplink_collect(
     inputs: Annotated[Path, typer.Option(help="Inputs, JSON Lines {\"id\"?, \"prompt\", \"image\"?}.")],
     calib: Annotated[Path, typer.Option(help="Calibration file from `uplink calibrate`.")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Uplink bundle to write (.cdcu).")],
-    selector: Annotated[str, typer.Option(help="uts, or random (same count, for comparison).")] = "uts",
+    selector: Annotated[str, typer.Option(help="uts; random (same count, for comparison); all (an anchor set).")] = "uts",
     include_raw: Annotated[bool, typer.Option("--include-raw", help="Also upload raw images.")] = False,
     low_weight: Annotated[float, typer.Option(help="Loss weight of unflagged answer tokens.")] = 0.1,
     seed: Annotated[int, typer.Option(help="Seed of the random selector.")] = 0,
