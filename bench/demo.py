@@ -35,7 +35,10 @@ def section(r: dict) -> str:
              f"of the gap closed); source accuracy {b['source_accuracy']:.1%} -> {src[-1]:.1%} at the end, "
              f"lowest {src[worst]:.1%} after round {rounds[worst]['round']} (each test set: {r['config']['test']} "
              f"questions, one standard error about {100 * (0.25 / r['config']['test']) ** 0.5:.1f} points).")
-    per_sample = sum(x["uplink_bytes"] for x in rounds) / max(1, sum(x["n_uploaded"] for x in rounds))
+    anchor = sum(x.get("anchor_bytes", 0) for x in rounds)
+    per_sample = (sum(x["uplink_bytes"] for x in rounds) - anchor) / max(1, sum(x["n_uploaded"] for x in rounds))
+    anchor_line = (f" Round 1's uplink includes the anchor set sent once ({r['config']['calibration']} source-domain "
+                   f"calibration images, {anchor:,} bytes).") if anchor else ""
     v = a["variants"]
     abl = [f"| student before | - | - | {a['student_before']:.1%} |"]
     for name, label in (("akd", "AKD (CE + logit KD + feature KD), UTS uploads"),
@@ -70,9 +73,9 @@ Bundle: {r['artifact_bytes']:,} bytes (vision ONNX f32 + language GGUF q8_0). Ra
 {drift}
 
 Uplink: {per_sample:,.0f} bytes per uploaded sample (50% of its 64 visual tokens, int8, plus prompt,
-answer and scores) against 12,288 bytes of raw pixels ({per_sample / 12288:.1%}).
+answer and scores) against 12,288 bytes of raw pixels ({per_sample / 12288:.1%}).{anchor_line}
 
-Ablations (the paper's, on round 1's stream, from the original student; target accuracy in torch on whole images):
+Ablations (the paper's, on round 1's stream, from the original student, each variant also distilling on the anchor set as the loop does; target accuracy in torch on whole images):
 
 | variant | uploads | uplink B | target acc |
 |---|---:|---:|---:|

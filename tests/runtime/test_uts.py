@@ -113,6 +113,11 @@ def test_collect_selects_out_of_distribution_inputs(model, tmp_path):
     # random selection: as many samples, chosen without looking at uncertainty
     rnd = collect(m, items, cal, tmp_path / "r.cdcu", identity, selector="random", seed=1)
     assert rnd.n_uploaded == report.n_uploaded and rnd.uploaded_ids != report.uploaded_ids
+    # all: an anchor set, every input goes up
+    every = collect(m, items, cal, tmp_path / "a.cdcu", identity, selector="all")
+    assert every.n_uploaded == len(mixed) == len(read_uplink(tmp_path / "a.cdcu"))
+    with pytest.raises(UsageError, match="uts, random or all"):
+        collect(m, items[:2], cal, tmp_path / "x.cdcu", identity, selector="best")  # type: ignore[arg-type]
 
 
 def test_token_flags_follow_the_threshold(model, tmp_path):
