@@ -54,7 +54,7 @@ class DemoConfig:
     stream: int = 160  # target-domain inputs the device sees per round
     test: int = 300  # held-out examples per test set (target, source)
     calibration: int = 60  # source-domain inputs for UTS calibration
-    rate: float = 0.2  # UTS: fraction of in-distribution inputs that would be uploaded
+    rate: float = 0.1  # UTS: fraction of in-distribution inputs that would be uploaded
     keep: float = 0.5  # fraction of visual tokens an upload carries
     epochs: int = 4
     lr: float = 2e-3  # AKD learning rate
