@@ -21,9 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -34,7 +32,7 @@ import numpy as np
 from cdcca_edge.cloud.scenes import DOMAINS, IMAGE_SIZE, Example, dataset
 from cdcca_edge.cloud.tiny_llava import TinyLlavaSpec
 from cdcca_edge.core.errors import UsageError
-from cdcca_edge.core.paths import cache_dir
+from cdcca_edge.core.paths import build_cached, cache_dir
 
 TARGET_DOMAINS = ("noise", "texture")  # the device's camera drifts to these
 TEACHER = TinyLlavaSpec(hidden_size=96, intermediate_size=192, num_hidden_layers=2, domains=DOMAINS,
@@ -82,19 +80,6 @@ def _spec_key(*specs: TinyLlavaSpec) -> str:
     return hashlib.sha256(json.dumps([asdict(s) for s in specs], sort_keys=True).encode()).hexdigest()[:12]
 
 
-def _cached(target: Path, build: Callable[[Path], Any]) -> Path:
-    if (target / "config.json").is_file():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
-        build(tmp)
-        os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
-
-
 def models(quick: bool, stage: Stage) -> tuple[Path, Path]:
     """(teacher dir, student dir), trained on first use and cached."""
     from cdcca_edge.cloud.tiny_llava import build_tiny_llava
@@ -105,10 +90,10 @@ def models(quick: bool, stage: Stage) -> tuple[Path, Path]:
     s_dir = root / f"llava-student-{_spec_key(t_spec, s_spec)}"
     if not (t_dir / "config.json").is_file():
         stage(f"training the teacher: vision tower + {t_spec.train_steps} steps on every domain (first run only)")
-    _cached(t_dir, lambda d: build_tiny_llava(d, t_spec))
+    build_cached(t_dir, lambda d: build_tiny_llava(d, t_spec))
     if not (s_dir / "config.json").is_file():
         stage(f"training the student: {s_spec.train_steps} steps on the source domain (first run only)")
-    _cached(s_dir, lambda d: build_tiny_llava(d, s_spec, vision_from=t_dir))
+    build_cached(s_dir, lambda d: build_tiny_llava(d, s_spec, vision_from=t_dir))
     return t_dir, s_dir
 
 
@@ -187,6 +172,7 @@ def run_demo(out_dir: str | Path, config: DemoConfig = DemoConfig(), stage: Stag
     say(f"exporting the student to a {fmt} bundle (validated against torch)")
     exported = export(student, device, fmt, quant=quant)
     shutil.copytree(device, mirror)
+    shutil.copytree(device, work / "device-original")  # for the ablations, as exported
     artifact_bytes = sum(p.stat().st_size for p in device.rglob("*") if p.is_file() and "cdcca-" not in p.name)
 
     s = config.seed
@@ -288,12 +274,7 @@ def ablations(config: DemoConfig, teacher: Path, student: Path, stream: list[dic
 
     abl = work / "ablations"
     abl.mkdir(exist_ok=True)
-    # a fresh export of the original student answers the same stream
-    from cdcca_edge.converters.export import export
-
-    fmt, quant = ("gguf", "q8_0") if config.backend == "llama" else ("onnx", "f32")
-    original = abl / "device-original"
-    export(student, original, fmt, quant=quant, validate=False)
+    original = work / "device-original"  # the student as first exported
     identity = compute_identity(open_artifact(original)).digest
     bundles = {}
     with MultimodalModel(original, backend=config.backend) as mm:

@@ -215,23 +215,11 @@ def tiny_model_dir(spec: TinySpec = TinySpec(), on_stage: Callable[[str], None] 
     """The tiny text model for ``spec``, built on first use and cached (by its spec) under
     the cache directory; benchmarks and examples share it."""
     import hashlib
-    import os
-    import shutil
-    import tempfile
 
-    from cdcca_edge.core.paths import cache_dir
+    from cdcca_edge.core.paths import build_cached, cache_dir
 
     key = hashlib.sha256(json.dumps(asdict(spec), sort_keys=True).encode()).hexdigest()[:12]
     target = cache_dir() / "models" / f"tiny-{spec.arch}-{key}"
-    if (target / "config.json").is_file():
-        return target
-    if on_stage:
+    if on_stage and not (target / "config.json").is_file():
         on_stage(f"training the tiny {spec.arch} model (first run only)")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tiny-", dir=target.parent))
-    try:
-        build_tiny_model(tmp, spec)
-        os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+    return build_cached(target, lambda d: build_tiny_model(d, spec))

@@ -36,9 +36,11 @@ VISION_TOLERANCE = 1e-3
 
 
 def is_llava(model_dir: Path) -> bool:
+    from cdcca_edge.converters.hf import model_type_of
+
     try:
-        return json.loads((Path(model_dir) / "config.json").read_text()).get("model_type") == "llava"
-    except (OSError, ValueError):
+        return model_type_of(Path(model_dir)) == "llava"
+    except FormatError:
         return False
 
 

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from pathlib import Path
+from typing import Any, Callable
 
 
 def cache_dir() -> Path:
@@ -23,3 +26,18 @@ def config_file() -> Path:
         return Path(env)
     base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
     return Path(base) / "cdcca-edge" / "config.json"
+
+
+def build_cached(target: Path, build: Callable[[Path], Any]) -> Path:
+    """``target`` (a model directory), built by ``build(tmp_dir)`` on first use and moved
+    into place whole, so an interrupted build never leaves a half-written cache entry."""
+    if (target / "config.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        build(tmp)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target

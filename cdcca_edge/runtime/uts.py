@@ -114,10 +114,6 @@ def is_multimodal(model: Any) -> bool:
     return hasattr(model, "encode_image")
 
 
-def _image_of(item: dict[str, Any]) -> Any:
-    return item["image"]
-
-
 
 def answer_item(model: Any, item: dict[str, Any], cfg: GenerationConfig) -> tuple[Generation, np.ndarray | None]:
     """Answer one input: (generation, the vision tower's tokens (N, Dv) or None)."""
@@ -126,7 +122,7 @@ def answer_item(model: Any, item: dict[str, Any], cfg: GenerationConfig) -> tupl
     if not is_multimodal(model):
         raise UsageError("these inputs have images; image inputs need a multimodal artefact (a bundle "
                          "exported from a LLaVA model)")
-    feats, embeds = model.encode_image(_image_of(item))
+    feats, embeds = model.encode_image(item["image"])
     return model.generate(model.prompt(item["prompt"]), None, cfg, image_embeds=embeds), feats
 
 
