@@ -58,6 +58,7 @@ def _patched_kl(mirror: Path, new_weights: dict[str, np.ndarray], ref, ids) -> f
     from cdcca_edge.core.delta_build import DeltaBuilder
     from cdcca_edge.core.encodings import quantize
     from cdcca_edge.core.patch import apply_delta
+    from cdcca_edge.core.trust import Trust
 
     with tempfile.TemporaryDirectory() as tmp:
         copy = Path(tmp) / "m.gguf"
@@ -67,7 +68,7 @@ def _patched_kl(mirror: Path, new_weights: dict[str, np.ndarray], ref, ids) -> f
         for name, w in new_weights.items():
             b.replace_tensor(name, quantize(art.tensor(name).type_name, w))
         b.write(Path(tmp) / "d.cdcd")
-        apply_delta(copy, Path(tmp) / "d.cdcd", pubkeys=[])
+        apply_delta(copy, Path(tmp) / "d.cdcd", trust=Trust.none())
         return probe_kl(copy, ref, ids)
 
 

@@ -10,8 +10,18 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 from cdcca_edge.cloud.tiny import TinySpec, build_tiny_model
+from tests.hostile import COUNTS
+
+# A fixed seed profile: CI runs the same generated cases every time (a failure found once
+# is found again), and no example database is written into the checkout.
+settings.register_profile(
+    "ci", derandomize=True, database=None, deadline=None, print_blob=True,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+settings.load_profile("ci")
 
 ARCHS = ("llama", "qwen2")
 GGUF_QUANTS = ("f32", "f16", "q8_0", "q4_0")
@@ -60,3 +70,10 @@ def lora_adapter(tiny_models: dict[str, Path], tmp_path_factory: pytest.TempPath
     out = tmp_path_factory.mktemp("adapter") / "lora"
     get_peft_model(base, cfg).save_pretrained(out)
     return out
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:  # noqa: ARG001
+    """Print how many hostile cases this run fed the readers (tests/hostile.py)."""
+    if COUNTS:
+        by = ", ".join(f"{k} {v}" for k, v in sorted(COUNTS.items()))
+        terminalreporter.write_line(f"hostile cases: {sum(COUNTS.values())} ({by})")

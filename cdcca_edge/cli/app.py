@@ -12,6 +12,7 @@ import typer
 from cdcca_edge import __version__
 from cdcca_edge.cli._output import err, out, print_json, stage_status
 from cdcca_edge.core.errors import UsageError
+from cdcca_edge.core.patch import DEFAULT_CHUNK
 
 if TYPE_CHECKING:
     from cdcca_edge.runtime import Generation, StreamEvent
@@ -183,6 +184,7 @@ def run(
     if image is not None:
         raise UsageError(f"--image needs a multimodal bundle; {artifact} is a text model")
     with load(artifact, backend=backend, n_threads=threads) as model:  # type: ignore[arg-type]
+        _report_recovery(artifact, model.recovered)
         if json_out:
             result = model.generate(prompt, config)
             print_json({"backend": model.name, "artifact": str(artifact), **result.as_dict()})
@@ -213,6 +215,7 @@ def _run_multimodal(artifact: Path, prompt: str, image: Optional[Path], backend:
     from cdcca_edge.runtime.multimodal import MultimodalModel
 
     with MultimodalModel(artifact, backend=backend, n_threads=threads) as mm:
+        _report_recovery(artifact, mm.recovered)
         text = mm.prompt(prompt) if image is not None else prompt
         result = mm.generate(text, image, config)
         name = mm.name
@@ -226,6 +229,11 @@ def _run_multimodal(artifact: Path, prompt: str, image: Optional[Path], backend:
     err.print(f"[dim]{name}: {len(result.tokens)} tokens ({result.finish_reason}), confidence "
               f"{result.sample.confidence:.3f}, mean entropy {result.sample.mean_entropy:.3f} nats[/dim]",
               highlight=False)
+
+
+def _report_recovery(artifact: Path, outcome: str | None) -> None:
+    if outcome:
+        err.print(f"{artifact}: an interrupted patch was found first: {outcome}", highlight=False)
 
 
 @contextmanager
@@ -288,17 +296,25 @@ def patch(
     undo_out: Annotated[
         Optional[Path], typer.Option(help="Also write a delta that reverts this patch.")
     ] = None,
+    allow_downgrade: Annotated[
+        bool, typer.Option("--allow-downgrade",
+                           help="Accept a delta that does not move the version forward (undo deltas).")
+    ] = False,
+    wait: Annotated[
+        float, typer.Option(help="Seconds to wait for a process serving or patching the model (0: fail at once).")
+    ] = 0.0,
     chunk_size: Annotated[
         int, typer.Option(help="Bytes of model data mapped at once (memory bound).")
-    ] = 8 << 20,
+    ] = DEFAULT_CHUNK,
     json_out: JsonOpt = False,
 ) -> None:
     """Apply a delta to a model in place: verified, journaled, crash-safe."""
     from cdcca_edge.core.errors import UsageError
     from cdcca_edge.core.patch import apply_delta, recover
+    from cdcca_edge.core.trust import Trust
 
     if recover_only:
-        outcome = recover(model)
+        outcome = recover(model, wait=wait)
         doc = {"artifact": str(model), "recovered": outcome}
         if json_out:
             print_json(doc)
@@ -308,8 +324,10 @@ def patch(
     if delta is None:
         raise UsageError("missing DELTA: cdcca-edge patch MODEL DELTA (or --recover MODEL)")
     with stage_status(not json_out) as on_stage:
-        result = apply_delta(model, delta, pubkeys=pubkey, dry_run=dry_run, chunk_size=chunk_size,
-                             undo_out=undo_out, progress=on_stage)
+        trust = Trust.keys(pubkey) if pubkey else Trust.configured()
+        result = apply_delta(model, delta, trust=trust, dry_run=dry_run, chunk_size=chunk_size,
+                             undo_out=undo_out, allow_downgrade=allow_downgrade, wait=wait,
+                             progress=on_stage)
     if json_out:
         print_json(result.as_dict())
         return
@@ -397,9 +415,10 @@ def delta_make(
                             sign_key=key, progress=on_stage)
         if advance_mirror:
             from cdcca_edge.core.patch import apply_delta
+            from cdcca_edge.core.trust import Trust
 
             on_stage("advancing the mirror")
-            apply_delta(base, output, pubkeys=[])
+            apply_delta(base, output, trust=Trust.none())  # the delta this process just made
     doc = {**report.as_dict(), "mirror_advanced": advance_mirror}
     if json_out:
         print_json(doc)

@@ -154,6 +154,7 @@ def run_demo(out_dir: str | Path, config: DemoConfig = DemoConfig(), stage: Stag
     from cdcca_edge.converters.export import export
     from cdcca_edge.core.artifact import compute_identity, open_artifact
     from cdcca_edge.core.patch import apply_delta
+    from cdcca_edge.core.trust import Trust
     from cdcca_edge.runtime.multimodal import MultimodalModel
     from cdcca_edge.runtime.uts import calibrate, collect
 
@@ -228,10 +229,10 @@ def run_demo(out_dir: str | Path, config: DemoConfig = DemoConfig(), stage: Stag
         delta = work / f"delta-{r}.cdcd"
         # the adapter on the cloud's current student: only what it changed, LoRA-shaped
         dwc = make_delta(mirror, work / f"akd-{r}", delta, target_base=cloud_student)
-        apply_delta(mirror, delta, pubkeys=[])
+        apply_delta(mirror, delta, trust=Trust.none())
         say(f"round {r}: the device patches its bundle in place")
         t = time.perf_counter()
-        apply_delta(device, delta, pubkeys=[])
+        apply_delta(device, delta, trust=Trust.none())
         patch_seconds = time.perf_counter() - t
         acc = evaluate()
         # the anchor set goes up with the first round's bundle

@@ -483,6 +483,7 @@ def make_delta(
 
     def measure(delta_path: Path) -> tuple[float | None, dict[str, float]]:
         from cdcca_edge.core.patch import apply_delta
+        from cdcca_edge.core.trust import Trust
 
         with tempfile.TemporaryDirectory(prefix="cdcca-dwc-") as tmp:
             copy = Path(tmp) / Path(art.root).name
@@ -490,7 +491,7 @@ def make_delta(
                 shutil.copy(art.path, copy)
             else:
                 shutil.copytree(art.root, copy)
-            apply_delta(copy, delta_path, pubkeys=[])
+            apply_delta(copy, delta_path, trust=Trust.none())  # our own delta, just made
             patched = open_artifact(copy)
             err = weight_error(patched, targets, mirror_before)
             kl = probe_kl(copy, ref, ids) if ref is not None else None

@@ -102,7 +102,7 @@ class DeltaBuilder:
     ) -> None:
         self.base = base if isinstance(base, Artifact) else open_artifact(base)
         self.base_identity, state, _ = current_identity(self.base)
-        self.from_version = from_version if from_version is not None else (state.version if state else 0)
+        self.from_version = from_version if from_version is not None else (state.version if state and state.version >= 0 else 0)
         self.to_version = to_version if to_version is not None else self.from_version + 1
         self.created_by = created_by
         self._payload = tempfile.SpooledTemporaryFile(max_size=64 << 20)

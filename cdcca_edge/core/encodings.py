@@ -296,16 +296,24 @@ def _plan_qadd(rec: Record, payload: bytes, base: int, n_elems: int, piece: int,
                           f"groups of {g_elems} at {bits} bits need {2 * n_groups + v_bytes}")
     scales = np.frombuffer(payload, dtype=np.float16, count=n_groups, offset=used).astype(np.float32)
     raw_q = memoryview(payload)[used + 2 * n_groups :]
-    values = (np.frombuffer(raw_q, dtype=np.int8) if bits == 8 else unpack_int4(raw_q, n_vals))
     if not np.all(np.isfinite(scales)):
         raise FormatError(f"{what}: qadd scales are not all finite")
-    delta = (values.reshape(n_groups, g_elems).astype(np.float32) * scales[:, None]).reshape(-1)
     offs, lens, _ = _split(starts, lengths, g_bytes, base, max(1, piece // g_bytes))
     gpos = _cum(lens // g_bytes)  # each span's first group, in payload order
     type_name = rec.type
 
+    def values(v0: int, v1: int) -> Any:
+        """The update's quantised values v0..v1-1, decoded only now: memory follows the
+        window, not the record."""
+        if bits == 8:
+            return np.frombuffer(raw_q, dtype=np.int8, count=v1 - v0, offset=v0)
+        b0, b1 = v0 // 2, (v1 + 1) // 2
+        return unpack_int4(raw_q[b0:b1], 2 * (b1 - b0))[v0 - 2 * b0 : v0 - 2 * b0 + v1 - v0]
+
     def new_bytes(i: int, j: int, old: Any) -> Any:
-        seg = delta[gpos[i] * g_elems : gpos[j] * g_elems]
+        g0, g1 = int(gpos[i]), int(gpos[j])
+        q = values(g0 * g_elems, g1 * g_elems).reshape(g1 - g0, g_elems).astype(np.float32)
+        seg = (q * scales[g0:g1, None]).reshape(-1)  # (groups * g_elems,)
         return np.frombuffer(quantize(type_name, dequantize(type_name, old) + seg), np.uint8)
 
     return Plan(rec, base, offs, lens, new_bytes, needs_old=True)
@@ -351,6 +359,47 @@ def q8_stochastic_add(old: Any, add: Any, first_index: int, seed: int) -> Any:
         w = dequantize("Q8_0", blocks[zero].tobytes()) + x[zero].reshape(-1)
         blocks[zero] = np.frombuffer(quantize("Q8_0", w), np.uint8).reshape(-1, 34)
     return blocks.reshape(-1)
+
+
+def _nonfinite(type_name: str, raw: Any) -> Any:
+    """Per unit (element or quant block): does it decode to a non-finite value? (n_units,)
+    bool, or None for a type this module cannot decode (nothing is refused for it)."""
+    import numpy as np
+
+    buf = np.frombuffer(raw, dtype=np.uint8)
+    if type_name == "F32":
+        return ~np.isfinite(buf.view(np.float32))
+    if type_name == "F16":
+        return ~np.isfinite(buf.view(np.float16))
+    if type_name == "BF16":
+        return (buf.view("<u2") & 0x7F80) == 0x7F80  # exponent all ones: inf or nan
+    block, size = type_layout(type_name)
+    if type_name in ("Q8_0", "Q4_0"):  # one float16 scale at the start of each block
+        return ~np.isfinite(buf.reshape(-1, size)[:, :2].copy().view(np.float16).reshape(-1))
+    try:
+        vals = dequantize(type_name, raw)
+    except (NotImplementedError, KeyError, ValueError):
+        return None
+    with np.errstate(invalid="ignore"):
+        return ~np.isfinite(vals.reshape(-1, block)).all(axis=1)
+
+
+def check_finite(rec: Record, old: Any, new: Any) -> None:
+    """Refuse new bytes that turn a finite value non-finite (peft's safe merge: compute,
+    check, then commit). A unit that was already non-finite may stay so (a mask constant).
+
+    Raises:
+        FormatError: naming the tensor and how many units the record would break.
+    """
+    bad_new = _nonfinite(rec.type, new)
+    if bad_new is None or not bad_new.any():
+        return
+    bad = bad_new & ~_nonfinite(rec.type, old)
+    if bad.any():
+        raise FormatError(f"record for {rec.tensor!r} ({rec.encoding}) would write non-finite "
+                          f"values into {int(bad.sum())} finite {rec.type} unit(s); the update "
+                          "overflows the tensor's type or is corrupt. Nothing was written; ask "
+                          "the sender for a delta built from finite weights")
 
 
 def factor_bytes(fdt: str, rank: int, rows: int, cols: int) -> int:

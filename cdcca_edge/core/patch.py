@@ -2,42 +2,57 @@
 
 Protocol (docs/formats/delta.md, section 6):
 
-1. take an exclusive lock on the artefact; recover any journal a crash left behind;
-2. read the delta (format, digest), check its signature when keys are trusted, the
-   artefact format, the base identity, and decode every record against its tensor;
-3. journal pass: read each touched region, check its pre-image digest, append its
-   original bytes to the undo journal; fsync the journal and its directory;
-4. write pass: compute the new bytes, check them against each record's post-image digest,
-   write them in place (through bounded memory maps); fsync the data files;
-5. commit: atomically replace the state sidecar (new identity and version);
-6. remove the journal.
+1. take an exclusive lock on the artefact (a server holds a shared one while it has the
+   model mapped, so a patch never runs under a live reader); recover any journal a crash
+   left behind;
+2. read the delta (format, digest), check its signature against the trust policy, the
+   artefact format, the base identity and the version rule, and decode every record
+   against its tensor;
+3. journal pass, one record at a time: read each touched region, compute its new bytes,
+   check that no finite value becomes non-finite, check both the pre- and post-image
+   digests, and append the original *and* new bytes to the journal; fsync it. Nothing
+   in the model has been written yet, so any failure here only deletes the journal;
+4. write pass: copy the new bytes from the journal into place through the file
+   descriptor (a full disk is an error, never a SIGBUS); fsync the data files;
+5. check that the touched tensors now give the delta's target identity (else roll back);
+6. commit: atomically replace the state sidecar (identity, per-tensor digests, version);
+7. remove the journal.
 
-Any failure before step 5 restores the journal's bytes. After a crash, :func:`recover`
-(run automatically by the next patch and by ``runtime.load``) rolls back, or forward
-when the commit is on disk. Memory is bounded by the map window (``chunk_size``) and the
-record limit, not by the model.
+Any failure before step 6 restores the journal's bytes. After a crash, :func:`recover`
+(run by the next patch and by every path that opens the model for serving) rolls back, or
+forward when the commit is on disk — but only when the journal is bound to the artefact
+at that path and every byte it would touch is either the original or the new one; any
+other journal is quarantined, never applied. Memory is bounded by the map window
+(``chunk_size``) and one record, not by the model or the delta.
 """
 
 from __future__ import annotations
 
 import errno
-import fcntl
 import hashlib
 import io
 import json
 import mmap
 import os
+import re
 import shutil
 import signal
+import stat
 import struct
 import tempfile
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Iterator
 
-from cdcca_edge.core.artifact import Artifact, open_artifact
+from cdcca_edge.core.artifact import (
+    MANIFEST_NAME,
+    ONNX_MODEL_NAME,
+    Artifact,
+    identity_digest,
+    open_artifact,
+    tensor_digest,
+)
 from cdcca_edge.core.delta_format import (
     ENC_REPLACE,
     MAX_RECORD_PAYLOAD,
@@ -48,7 +63,7 @@ from cdcca_edge.core.delta_format import (
     read_delta,
     write_delta,
 )
-from cdcca_edge.core.encodings import Plan, encode_runs, make_plan
+from cdcca_edge.core.encodings import Plan, check_finite, encode_runs, make_plan
 from cdcca_edge.core.errors import (
     CdccaError,
     FormatError,
@@ -57,23 +72,33 @@ from cdcca_edge.core.errors import (
     UsageError,
 )
 from cdcca_edge.core.ggml import type_layout
+from cdcca_edge.core.lock import ArtifactLock, owner_path
 from cdcca_edge.core.state import (
     ArtifactState,
     cached_artifact,
     current_identity,
     fsync_dir,
-    read_state,
+    layout_digest,
+    state_path,
     write_state,
 )
+from cdcca_edge.core.trust import Trust
 
 DEFAULT_CHUNK = 8 << 20  # bytes of model mapped at once; see docs/formats/delta.md
-PIECE = 1 << 20  # largest span handed to an encoding at once
-JOURNAL_MAGIC = b"CDCJRNL1"
-JOURNAL_END = b"CDCJEND1"
+PIECE = 1 << 20  # largest span handed to an encoding at once (and journaled as one)
+JOURNAL_NAME = "cdcca-journal"  # inside an ONNX or bundle directory
+JOURNAL_SUFFIX = ".cdcca-journal"  # beside a GGUF file
+JOURNAL_MAGIC = b"CDCJRNL2"
+JOURNAL_END = b"CDCJEND2"
 JOURNAL_ENTRY = struct.Struct("<HI")  # file index, number of spans; then u64 offsets[n],
-# u32 lengths[n] and the spans' original bytes, concatenated
+# u32 lengths[n], the spans' original bytes, then their new bytes (each concatenated)
+MAX_JOURNAL_META = 1 << 20
+MAX_JOURNAL_FILES = 1 << 12
+MAX_ENTRY_SPANS = 1 << 22
+UNDO_KIND = "undo"  # header["created"]["kind"] of the undo deltas a device writes itself
+DEFAULT_SERVE_WAIT = 60.0  # seconds a server waits for a running patch before giving up
 _U64 = struct.Struct("<Q")
-_PAGE = mmap.ALLOCATIONGRANULARITY
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
 
 @dataclass
@@ -89,7 +114,8 @@ class PatchResult:
     to_version: int
     records: list[dict[str, Any]] = field(default_factory=list)
     region_bytes: int = 0  # bytes of the artefact rewritten
-    identity_check: str = ""  # "state" (trusted sidecar) or "computed"
+    identity_check: str = ""  # "state" (verified sidecar) or "computed"
+    version_before: int | None = None  # the state's version; None when unknown
     recovered: str | None = None  # what recovery did first, if a journal was found
     seconds: float = 0.0
     undo: Path | None = None
@@ -104,30 +130,24 @@ class PatchResult:
 # --- locations ---------------------------------------------------------------------------
 
 
+def journal_path_for(path: str | Path) -> Path:
+    """``MODEL.gguf.cdcca-journal`` beside a GGUF file; ``cdcca-journal`` inside an ONNX
+    or bundle directory (given as the directory, its model.onnx or its manifest)."""
+    p = Path(path)
+    if p.is_dir():
+        return p / JOURNAL_NAME
+    if p.name in (ONNX_MODEL_NAME, MANIFEST_NAME):
+        return p.parent / JOURNAL_NAME
+    return p.with_name(p.name + JOURNAL_SUFFIX)
+
+
 def journal_path(art: Artifact) -> Path:
-    if art.format == "gguf":
-        return art.path.with_name(art.path.name + ".cdcca-journal")
-    return art.root / "cdcca-journal"
+    return journal_path_for(art.path)
 
 
-def _lock_target(art: Artifact) -> Path:
-    """The GGUF file, ``model.onnx``, or a bundle's manifest (``art.path`` in every case)."""
-    return art.path
-
-
-@contextmanager
-def artifact_lock(art: Artifact) -> Iterator[None]:
-    """Exclusive advisory lock (flock) on the artefact's main file: one patcher at a time."""
-    fd = os.open(_lock_target(art), os.O_RDONLY)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise UsageError(f"{art.path}: another cdcca-edge process is patching this model; "
-                             "wait for it to finish") from None
-        yield
-    finally:
-        os.close(fd)  # closing releases the lock
+def _present(p: Path) -> bool:
+    """Anything at ``p``, a dangling symlink or a FIFO included (they are quarantined)."""
+    return os.path.lexists(p)
 
 
 # --- test hook: crash injection ------------------------------------------------------------
@@ -137,7 +157,7 @@ _crash_budget: list[int] = []
 
 def _crash_point() -> None:
     """Test hook: with CDCCA_TEST_CRASH_AFTER=N set, the process SIGKILLs itself at the
-    N-th crash point (each journal entry, each window written, each fsync, the commit)."""
+    N-th crash point (each journal entry, each entry written, each fsync, the commit)."""
     if not _crash_budget:
         return
     _crash_budget[0] -= 1
@@ -155,50 +175,100 @@ def _arm_crash_hook() -> None:
 # --- journal -------------------------------------------------------------------------------
 
 
+@dataclass
+class _Entry:
+    """One journal entry: spans of one data file, their old bytes at ``data_pos`` in the
+    journal and their new bytes right after."""
+
+    fi: int
+    offsets: Any  # (n,) int64 absolute file offsets
+    lengths: Any  # (n,) int64
+    data_pos: int
+
+    @property
+    def total(self) -> int:
+        return int(self.lengths.sum())
+
+
 class _JournalWriter:
     def __init__(self, path: Path, meta: dict[str, Any]) -> None:
         self.path = path
         self.f: BinaryIO = open(path, "xb")  # x: never clobber a journal we did not recover
         self.h = hashlib.sha256()
-        self.n = 0
+        self.entries: list[_Entry] = []
+        self.pos = 0
         raw = json.dumps(meta, sort_keys=True).encode()
         self._write(JOURNAL_MAGIC + _U64.pack(len(raw)) + raw)
 
     def _write(self, b: bytes | memoryview) -> None:
         self.f.write(b)
         self.h.update(b)
+        self.pos += len(b)
 
-    def entry(self, file_index: int, offsets: Any, lengths: Any, data: bytes) -> None:
-        """One window's spans: absolute offsets (n,), lengths (n,), original bytes."""
+    def entry(self, file_index: int, offsets: Any, lengths: Any, old: bytes, new: bytes) -> None:
+        """One window's spans: absolute offsets (n,), lengths (n,), old and new bytes."""
         import numpy as np
 
         self._write(JOURNAL_ENTRY.pack(file_index, len(offsets)))
         self._write(np.asarray(offsets, "<u8").tobytes() + np.asarray(lengths, "<u4").tobytes())
-        self._write(data)
-        self.n += 1
+        self.entries.append(_Entry(file_index, np.asarray(offsets, np.int64),
+                                   np.asarray(lengths, np.int64), self.pos))
+        self._write(old)
+        self._write(new)
 
     def finish(self) -> None:
-        self.f.write(JOURNAL_END + _U64.pack(self.n) + self.h.digest())
+        self.f.write(JOURNAL_END + _U64.pack(len(self.entries)) + self.h.digest())
         self.f.flush()
         os.fsync(self.f.fileno())
         self.f.close()
         fsync_dir(self.path.parent)
 
 
-def _read_journal(path: Path) -> tuple[dict[str, Any], list[tuple[int, Any, Any, int]]] | None:
-    """(meta, entries) of a complete journal, each entry (file index, offsets, lengths,
-    position of its bytes in the journal); None if the journal is incomplete (the crash
-    came before it was finished, so no model byte had been written)."""
+class _Unusable(Exception):
+    """A journal that must not be applied to the artefact at this path (the reason)."""
+
+
+def _open_regular(path: Path) -> int:
+    """A read-only descriptor on ``path`` if it is a regular file (no symlink, FIFO,
+    device or directory: opening a FIFO would block forever).
+
+    Raises:
+        _Unusable: anything else.
+    """
+    try:
+        st = os.lstat(path)
+    except OSError as exc:
+        raise _Unusable(f"cannot stat it ({exc.strerror})") from exc
+    if not stat.S_ISREG(st.st_mode):
+        raise _Unusable("it is not a regular file")
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        raise _Unusable(f"cannot open it ({exc.strerror})") from exc
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise _Unusable("it is not a regular file")
+    return fd
+
+
+def _read_journal(path: Path) -> tuple[dict[str, Any], list[_Entry]] | None:
+    """(meta, entries) of a complete journal; None if it is incomplete (the crash came
+    before it was finished, so no model byte had been written).
+
+    Raises:
+        _Unusable: not a regular file, or complete but malformed.
+    """
     import numpy as np
 
-    size = path.stat().st_size
-    tail = len(JOURNAL_END) + _U64.size + 32
-    with open(path, "rb") as f:
+    fd = _open_regular(path)
+    with os.fdopen(fd, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        tail = len(JOURNAL_END) + _U64.size + 32
         head = f.read(len(JOURNAL_MAGIC) + _U64.size)
         if len(head) < len(JOURNAL_MAGIC) + _U64.size or head[:8] != JOURNAL_MAGIC:
             return None
         (mlen,) = _U64.unpack(head[8:])
-        if len(head) + mlen + tail > size:
+        if mlen > MAX_JOURNAL_META or len(head) + mlen + tail > size:
             return None
         h = hashlib.sha256(head)
         raw = f.read(mlen)
@@ -210,43 +280,172 @@ def _read_journal(path: Path) -> tuple[dict[str, Any], list[tuple[int, Any, Any,
             if len(eh) < JOURNAL_ENTRY.size:
                 return None
             fi, n = JOURNAL_ENTRY.unpack(eh)
-            arrays = f.read(12 * n)
-            if len(arrays) < 12 * n:
+            if n > MAX_ENTRY_SPANS or pos + JOURNAL_ENTRY.size + 12 * n > size - tail:
                 return None
+            arrays = f.read(12 * n)
             h.update(eh)
             h.update(arrays)
             offsets = np.frombuffer(arrays, "<u8", count=n).astype(np.int64)
             lengths = np.frombuffer(arrays, "<u4", offset=8 * n).astype(np.int64)
             data_pos = pos + JOURNAL_ENTRY.size + 12 * n
             total = int(lengths.sum())
-            if data_pos + total > size - tail:
+            if data_pos + 2 * total > size - tail:
                 return None
-            left = total
+            left = 2 * total
             while left:
                 chunk = f.read(min(left, 1 << 20))
                 h.update(chunk)
                 left -= len(chunk)
-            entries.append((fi, offsets, lengths, data_pos))
-            pos = data_pos + total
+            entries.append(_Entry(fi, offsets, lengths, data_pos))
+            pos = data_pos + 2 * total
         end = f.read(tail)
         if end[:8] != JOURNAL_END or _U64.unpack(end[8:16])[0] != len(entries) or end[16:] != h.digest():
             return None
     try:
         meta = json.loads(raw)
-    except ValueError:
-        return None
+    except (ValueError, RecursionError) as exc:
+        raise _Unusable(f"its header is not JSON ({exc})") from exc
+    _check_meta(meta)
     return meta, entries
 
 
-def _restore(path: Path, art: Artifact, meta: dict[str, Any], entries: list) -> None:
-    files = [art.file_for_key(k) for k in meta["files"]]
+def _check_meta(meta: Any) -> None:
+    def bad(why: str) -> _Unusable:
+        return _Unusable(f"its header {why}")
+
+    if not isinstance(meta, dict):
+        raise bad("is not a JSON object")
+    for k in ("delta_digest", "base_identity", "target_identity", "layout"):
+        if not isinstance(meta.get(k), str) or not _HEX64.match(meta[k]):
+            raise bad(f"has no valid {k!r}")
+    for k in ("from_version", "to_version"):
+        if not isinstance(meta.get(k), int) or isinstance(meta[k], bool):
+            raise bad(f"has no integer {k!r}")
+    if meta.get("artifact_format") not in ("gguf", "onnx", "bundle"):
+        raise bad("names no artefact format")
+    files = meta.get("files")
+    if not isinstance(files, list) or not 0 < len(files) <= MAX_JOURNAL_FILES:
+        raise bad("lists no files")
+    for f in files:
+        if not (isinstance(f, dict) and isinstance(f.get("key"), str)
+                and all(isinstance(f.get(k), int) and not isinstance(f.get(k), bool)
+                        for k in ("size", "ino", "dev"))):
+            raise bad("has a malformed file entry")
+
+
+def _bind(art: Artifact, meta: dict[str, Any], entries: list[_Entry]) -> list[Path]:
+    """Check that the journal was written for exactly this artefact and that every span
+    lies inside one of its tensors; returns the data files, by index.
+
+    Raises:
+        _Unusable: naming the first mismatch.
+    """
+    import numpy as np
+
+    if meta["artifact_format"] != art.format:
+        raise _Unusable(f"it was written for a {meta['artifact_format']} artefact, this is {art.format}")
+    if layout_digest(art) != meta["layout"]:
+        raise _Unusable("the model at this path has another tensor layout than the one it "
+                        "was written for (another model was put here)")
+    files = []
+    for f in meta["files"]:
+        try:
+            path = art.file_for_key(f["key"])
+        except CdccaError:
+            raise _Unusable(f"it names data file {f['key']!r}, which this artefact lacks") from None
+        st = os.stat(path)
+        if (st.st_size, st.st_ino, st.st_dev) != (f["size"], f["ino"], f["dev"]):
+            raise _Unusable(f"{path.name} is not the file it was written for (size or inode "
+                            "differ: the file was replaced)")
+        files.append(path)
+    regions: dict[int, tuple[Any, Any]] = {}
+    for i, p in enumerate(files):
+        spans = sorted((t.offset, t.offset + t.nbytes) for t in art.tensors if t.file == p and t.nbytes)
+        regions[i] = (np.array([a for a, _ in spans], np.int64), np.array([b for _, b in spans], np.int64))
+    for e in entries:
+        if e.fi >= len(files):
+            raise _Unusable(f"an entry names file index {e.fi} of {len(files)}")
+        if not len(e.offsets):
+            continue
+        if (e.lengths <= 0).any() or (e.lengths > PIECE).any():
+            raise _Unusable("an entry has a span of a length no patcher writes")
+        starts, ends = regions[e.fi]
+        k = np.searchsorted(starts, e.offsets, side="right") - 1
+        ok = (k >= 0) & (e.offsets + e.lengths <= ends[np.maximum(k, 0)]) if len(starts) else k < -1
+        if not np.all(ok):
+            raise _Unusable("a span lies outside every tensor of the model (it would write "
+                            "into the header or past the end)")
+    return files
+
+
+def _classify(path: Path, files: list[Path], entries: list[_Entry]) -> str:
+    """"old" (no span written yet), "new" (every span written) or "mixed"; every byte
+    of every span must be its original or its new value.
+
+    Raises:
+        _Unusable: a byte is neither (the file holds other bytes than the journal's model).
+    """
+    import numpy as np
+
+    seen_old = seen_new = True
+    fds = [os.open(f, os.O_RDONLY) for f in files]
+    try:
+        jfd = _open_regular(path)
+        try:
+            for e in entries:
+                total = e.total
+                old = np.frombuffer(os.pread(jfd, total, e.data_pos), np.uint8)
+                new = np.frombuffer(os.pread(jfd, total, e.data_pos + total), np.uint8)
+                cur = np.frombuffer(b"".join(os.pread(fds[e.fi], n, off) for off, n in
+                                             zip(e.offsets.tolist(), e.lengths.tolist())), np.uint8)
+                if cur.size != total:
+                    raise _Unusable("a span runs past the end of its file")
+                is_old, is_new = cur == old, cur == new
+                if not np.all(is_old | is_new):
+                    raise _Unusable("the model's bytes are neither the original nor the new "
+                                    "ones (another model was put here)")
+                seen_old &= bool(is_old.all())
+                seen_new &= bool(is_new.all())
+        finally:
+            os.close(jfd)
+    finally:
+        for fd in fds:
+            os.close(fd)
+    return "old" if seen_old else ("new" if seen_new else "mixed")
+
+
+def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    while len(data):
+        n = os.pwrite(fd, data, offset)
+        data, offset = data[n:], offset + n
+
+
+def _write_spans(fd: int, offsets: Any, lengths: Any, data: bytes | memoryview) -> None:
+    """Write ``data`` (the spans' bytes, concatenated) at the spans, one pwrite per run of
+    contiguous spans: through the descriptor, so a full disk raises ENOSPC instead of
+    killing the process with SIGBUS as a write through a map would."""
+    import numpy as np
+
+    mv = memoryview(data)
+    offs, lens = offsets, lengths
+    if not len(offs):
+        return
+    breaks = np.flatnonzero(offs[1:] != offs[:-1] + lens[:-1]) + 1
+    starts = np.concatenate([[0], breaks])
+    stops = np.concatenate([breaks, [len(offs)]])
+    cum = np.concatenate([[0], np.cumsum(lens)])
+    for a, b in zip(starts.tolist(), stops.tolist()):
+        _pwrite_all(fd, mv[int(cum[a]) : int(cum[b])], int(offs[a]))
+
+
+def _restore(path: Path, files: list[Path], entries: list[_Entry], which: int = 0) -> None:
+    """Write each entry's old (``which`` 0) or new (1) bytes back, then fsync."""
     fds = [os.open(f, os.O_RDWR) for f in files]
     try:
         with open(path, "rb") as j:
-            for fi, offsets, lengths, data_pos in entries:
-                j.seek(data_pos)
-                for off, n in zip(offsets.tolist(), lengths.tolist()):
-                    os.pwrite(fds[fi], j.read(n), off)
+            for e in entries:
+                j.seek(e.data_pos + which * e.total)
+                _write_spans(fds[e.fi], e.offsets, e.lengths, j.read(e.total))
         for fd in fds:
             os.fsync(fd)
     finally:
@@ -254,111 +453,143 @@ def _restore(path: Path, art: Artifact, meta: dict[str, Any], entries: list) -> 
             os.close(fd)
 
 
-def recover(model: str | Path | Artifact, _locked: bool = False) -> str | None:
+def _quarantine(jp: Path, why: str) -> str:
+    aside = jp.with_name(f"{jp.name}.quarantined-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
+                         f"-{os.getpid()}")
+    os.rename(jp, aside)
+    fsync_dir(jp.parent)
+    return f"quarantined: {why}; set aside as {aside.name}, the model was not touched"
+
+
+def recover(model: str | Path | Artifact, _locked: bool = False, wait: float = 0.0) -> str | None:
     """Finish or undo a patch that a crash interrupted. Returns what was done
-    (``"discarded"``, ``"rolled back"``, ``"rolled forward"``) or None if there was no
-    journal.
+    (``"discarded"``, ``"rolled back"``, ``"rolled forward"``, or ``"quarantined: ..."``
+    for a journal that does not belong to this artefact) or None if there was no journal.
 
     Raises:
-        UsageError: another process holds the lock.
+        UsageError: another process holds the lock (after ``wait`` seconds).
     """
-    art = model if isinstance(model, Artifact) else open_artifact(model)
-    jp = journal_path(art)
-    if not jp.exists():
-        return None
-    if not _locked:
-        with artifact_lock(art):
-            return recover(art, _locked=True)
-    parsed = _read_journal(jp)
-    if parsed is None:
-        outcome = "discarded"  # unfinished journal: no model byte was written yet
+    if not isinstance(model, Artifact):
+        model = owner_path(model)
+        jp = journal_path_for(model)
+        if not _present(jp):
+            return None
+        art = open_artifact(model)
     else:
-        meta, entries = parsed
-        state = read_state(art)
-        committed = (
-            state is not None
-            and state.identity == meta["target_identity"]
-            and any(h.get("delta_digest") == meta["delta_digest"] for h in state.history[-1:])
-        )
-        if committed:
-            outcome = "rolled forward"
+        art = model
+        jp = journal_path(art)
+        if not _present(jp):
+            return None
+    if not _locked:
+        with ArtifactLock(art.path, exclusive=True, wait=wait):
+            return recover(art, _locked=True)
+    try:
+        parsed = _read_journal(jp)
+        if parsed is None:
+            outcome = "discarded"  # unfinished journal: no model byte was written yet
         else:
-            _restore(jp, art, meta, entries)
-            outcome = "rolled back"
+            meta, entries = parsed
+            files = _bind(art, meta, entries)
+            where = _classify(jp, files, entries)
+            from cdcca_edge.core.state import read_state
+
+            state = read_state(art)
+            committed = (
+                state is not None
+                and state.identity == meta["target_identity"]
+                and any(h.get("delta_digest") == meta["delta_digest"] for h in state.history[-1:])
+            )
+            if committed and where == "new":
+                outcome = "rolled forward"
+            else:
+                if where != "old":
+                    _restore(jp, files, entries)
+                outcome = "rolled back"
+    except _Unusable as exc:
+        return _quarantine(jp, f"journal {jp.name}: {exc}")
     jp.unlink()
     fsync_dir(jp.parent)
     return outcome
 
 
+def hold_for_serving(path: str | Path, wait: float = DEFAULT_SERVE_WAIT) -> tuple[ArtifactLock, str | None]:
+    """What every path that opens a model for serving calls first: a shared lock on the
+    model (held until released: patchers then fail fast or wait), taken only once no
+    journal is left, so a half-written model is never served. Returns the lock and what
+    recovery did (None if nothing was interrupted).
+
+    Raises:
+        UsageError: a patch held the model for more than ``wait`` seconds.
+    """
+    owner = owner_path(path)
+    jp = journal_path_for(owner)
+    outcome = None
+    for _ in range(8):
+        lock = ArtifactLock(owner, exclusive=False, wait=wait)
+        if not _present(jp):
+            return lock, outcome
+        lock.release()
+        outcome = recover(owner, wait=wait) or outcome
+    raise UsageError(f"{owner}: an interrupted patch's journal keeps reappearing at {jp}; "
+                     "stop the process that patches this model")
+
+
 # --- applying ------------------------------------------------------------------------------
-
-
-def trusted_keys(pubkeys: list[str | Path] | None = None) -> list[bytes]:
-    """Keys from ``--pubkey`` files, else from $CDCCA_TRUSTED_KEYS (paths joined by
-    os.pathsep), else from the config file's ``trusted_keys`` (docs/cli.md)."""
-    from cdcca_edge.core.delta_format import load_public_key
-    from cdcca_edge.core.paths import config_file
-
-    paths: list[str | Path] = list(pubkeys or [])
-    if not paths and os.environ.get("CDCCA_TRUSTED_KEYS"):
-        paths = [p for p in os.environ["CDCCA_TRUSTED_KEYS"].split(os.pathsep) if p]
-    if not paths:
-        cfg = config_file()
-        if cfg.is_file():
-            try:
-                paths = list(json.loads(cfg.read_text()).get("trusted_keys", []))
-            except (ValueError, AttributeError) as exc:
-                raise FormatError(f"{cfg}: not a JSON object with 'trusted_keys' ({exc})") from exc
-    return [load_public_key(p) for p in paths]
 
 
 def apply_delta(
     model: str | Path,
     delta: str | Path,
-    pubkeys: list[str | Path] | None = None,
+    *,
+    trust: Trust,
     dry_run: bool = False,
     chunk_size: int = DEFAULT_CHUNK,
     undo_out: str | Path | None = None,
+    allow_downgrade: bool = False,
+    wait: float = 0.0,
     progress: Callable[[str], None] | None = None,
 ) -> PatchResult:
     """Apply ``delta`` to the artefact at ``model`` in place.
 
     Args:
-        pubkeys: trusted public key files; None: the configured ones (:func:`trusted_keys`).
-            With any key trusted, unsigned or foreign-signed deltas are refused.
-        dry_run: check everything read-only and report; write nothing.
+        trust: which signers to accept (:class:`~cdcca_edge.core.trust.Trust`); with any
+            key, unsigned or foreign-signed deltas are refused.
+        dry_run: check everything read-only (new bytes and digests included); write nothing.
         chunk_size: bytes of model data mapped at once (memory bound).
-        undo_out: also write a delta that reverts this one.
+        undo_out: also write a delta that reverts this one (validated before any write).
+        allow_downgrade: accept a delta whose ``to_version`` is not above the model's.
+        wait: seconds to wait for a process serving or patching the model.
 
     Raises:
         FormatError, IntegrityError: a check failed; nothing was written.
-        UsageError: locked, or bad arguments. OSError: I/O failure (the model is restored).
+        UsageError: locked, or bad arguments. StorageError: I/O failure (the model is restored).
     """
     t0 = time.perf_counter()
     say = progress or (lambda _m: None)
     if chunk_size < PIECE:
         raise UsageError(f"chunk size {chunk_size} is below the {PIECE}-byte minimum")
-    cached = cached_artifact(model)
-    art, state = cached if cached else (open_artifact(model), None)
     d = read_delta(delta)
-    check_trust(d, trusted_keys(pubkeys))
+    check_trust(d, list(trust.public_keys))
     h = d.header
-    if h.artifact_format != art.format:
-        raise FormatError(f"{delta}: made for a {h.artifact_format} artefact, {model} is {art.format}")
-    if dry_run:
-        return _check_only(art, d, t0)
     _arm_crash_hook()
-    with artifact_lock(art):
-        recovered = recover(art, _locked=True)
-        if recovered:
-            art, state = open_artifact(model), None
+    with ArtifactLock(model, exclusive=not dry_run, wait=wait):
+        recovered = recover(model, _locked=True) if not dry_run else None
+        cached = cached_artifact(model)
+        art, state = cached if cached else (open_artifact(model), None)
+        if h.artifact_format != art.format:
+            raise FormatError(f"{delta}: made for a {h.artifact_format} artefact, {model} is {art.format}")
+        if undo_out is not None:
+            _check_output(Path(undo_out), art, d.path)
         say("checking the base identity")
         identity, state, trusted = current_identity(art, state)
+        assert state is not None
+        known = state.version if state.version >= 0 else None
         result = PatchResult(
-            artifact=art.path, delta=d.path, applied=False, already_applied=False, dry_run=False,
+            artifact=art.path, delta=d.path, applied=False, already_applied=False, dry_run=dry_run,
             base_identity=h.base_identity, target_identity=h.target_identity,
             from_version=h.from_version, to_version=h.to_version,
-            identity_check="state" if trusted else "computed", recovered=recovered,
+            identity_check="state" if trusted else "computed", version_before=known,
+            recovered=recovered,
         )
         if identity == h.target_identity and identity != h.base_identity:
             result.already_applied = True
@@ -370,32 +601,72 @@ def apply_delta(
                 f"to {h.base_identity[:16]} (version {h.from_version}); fetch the delta made for "
                 "this model's version"
             )
-        plans = _plans(art, d)
-        result.records = [_record_summary(p) for p in plans]
-        result.region_bytes = sum(p.region_bytes for p in plans)
-        _write_patch(art, d, plans, state, chunk_size, undo_out, say)
-        result.applied = True
-        result.undo = Path(undo_out) if undo_out else None
+        if known is not None and h.to_version <= known and not allow_downgrade:
+            kind = ("an undo delta" if h.created.get("kind") == UNDO_KIND
+                    else "a downgrade or a replayed old delta")
+            raise IntegrityError(
+                f"{delta}: takes the model from version {h.from_version} to {h.to_version}, but "
+                f"it is at version {known}: {kind}. Versions only move forward; pass "
+                "--allow-downgrade (allow_downgrade=True) to go back on purpose"
+            )
+        region, _ = _check_records(art, d)
+        result.region_bytes = region
+        if dry_run:
+            _journal_pass(art, d, None, None, chunk_size, result, fds=None)
+        else:
+            _write_patch(art, d, state, identity, chunk_size, undo_out, result, say)
+            result.applied = True
+            result.undo = Path(undo_out) if undo_out else None
     result.seconds = time.perf_counter() - t0
     return result
 
 
-def _plans(art: Artifact, d: DeltaFile) -> list[Plan]:
-    plans = []
+def _check_output(out: Path, art: Artifact, delta: Path) -> None:
+    """Refuse an output path that cannot be written or that aliases the model, its
+    sidecar or journal, or the delta being applied — before anything is written."""
+    parent = out.parent if str(out.parent) else Path(".")
+    if not parent.is_dir():
+        raise UsageError(f"--undo-out {out}: directory {parent} does not exist; create it first")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"--undo-out {out}: directory {parent} is not writable")
+    if out.is_dir():
+        raise UsageError(f"--undo-out {out}: is a directory; name a file")
+    protected = [*art.files, art.path, state_path(art), journal_path(art), delta]
+    target = out.resolve()
+    for p in protected:
+        same = target == Path(p).resolve()
+        if not same and out.exists() and Path(p).exists():
+            same = os.path.samefile(out, p)
+        if same:
+            raise UsageError(f"--undo-out {out}: would overwrite {p}; write the undo delta elsewhere")
+
+
+def _plan_for(art: Artifact, d: DeltaFile, rec: Record) -> Plan:
+    try:
+        t = art.tensor(rec.tensor)
+    except CdccaError:
+        raise FormatError(f"{d.path}: record names tensor {rec.tensor!r}, which {art.path} "
+                          "lacks; the delta is for another architecture") from None
+    if art.file_key(t.file) != rec.file:
+        raise FormatError(f"{d.path}: record for {rec.tensor!r} names file {rec.file!r}, "
+                          f"the tensor lives in {art.file_key(t.file)!r}")
+    if t.type_name != rec.type or tuple(t.shape) != rec.shape:
+        raise FormatError(f"{d.path}: record for {rec.tensor!r} expects {rec.type} "
+                          f"{rec.shape}, the artefact has {t.type_name} {t.shape}")
+    return make_plan(rec, d.read_payload(rec), t.offset, t.nbytes, PIECE)
+
+
+def _check_records(art: Artifact, d: DeltaFile) -> tuple[int, int]:
+    """Decode every record against its tensor, one at a time (nothing kept): returns the
+    bytes they rewrite and their number.
+
+    Raises:
+        FormatError: a record does not fit; records of a tensor overlap or are unordered.
+    """
     extent: dict[str, int] = {}
+    region = 0
     for rec in d.header.records:
-        try:
-            t = art.tensor(rec.tensor)
-        except CdccaError:
-            raise FormatError(f"{d.path}: record names tensor {rec.tensor!r}, which {art.path} "
-                              "lacks; the delta is for another architecture") from None
-        if art.file_key(t.file) != rec.file:
-            raise FormatError(f"{d.path}: record for {rec.tensor!r} names file {rec.file!r}, "
-                              f"the tensor lives in {art.file_key(t.file)!r}")
-        if t.type_name != rec.type or tuple(t.shape) != rec.shape:
-            raise FormatError(f"{d.path}: record for {rec.tensor!r} expects {rec.type} "
-                              f"{rec.shape}, the artefact has {t.type_name} {t.shape}")
-        plan = make_plan(rec, d.read_payload(rec), t.offset, t.nbytes, PIECE)
+        plan = _plan_for(art, d, rec)
         if len(plan.offsets):
             # records of one tensor must come in order and never overlap: each record's
             # pre-image is then independent of the others
@@ -403,8 +674,8 @@ def _plans(art: Artifact, d: DeltaFile) -> list[Plan]:
             if start < extent.get(rec.tensor, 0):
                 raise FormatError(f"{d.path}: records for {rec.tensor!r} overlap or are out of order")
             extent[rec.tensor] = int(plan.offsets[-1] + plan.lengths[-1])
-        plans.append(plan)
-    return plans
+        region += plan.region_bytes
+    return region, len(d.header.records)
 
 
 def _record_summary(p: Plan) -> dict[str, Any]:
@@ -423,7 +694,7 @@ def _windows(plan: Plan, chunk: int) -> Iterator[tuple[int, int, int, int]]:
     n = len(offs)
     i = 0
     while i < n:
-        start = int(offs[i]) - int(offs[i]) % _PAGE
+        start = int(offs[i]) - int(offs[i]) % mmap.ALLOCATIONGRANULARITY
         j = max(i + 1, int(np.searchsorted(ends, start + chunk, side="right")))
         yield i, j, start, int(ends[j - 1]) - start
         i = j
@@ -432,101 +703,95 @@ def _windows(plan: Plan, chunk: int) -> Iterator[tuple[int, int, int, int]]:
 _FANCY_MAX = 1 << 20  # touched bytes per window up to which spans are gathered by index
 
 
-class _Window:
-    """One memory map of ``length`` bytes at ``start`` (a multiple of the page size) over a
-    data file, with the spans of one plan inside it. Many small spans (scattered blocks)
-    are gathered and scattered with one numpy index operation; fewer, larger ones with
-    slices. Either way the map is released on exit, so memory stays at one window."""
+def _gather(fd: int, start: int, length: int, rel: Any, lens: Any) -> bytes:
+    """The bytes of spans at ``rel`` (offsets within a read-only map of ``length`` bytes
+    at ``start``), concatenated. Many small spans (scattered blocks) are gathered with
+    one numpy index operation; fewer, larger ones with slices."""
+    import numpy as np
 
-    def __init__(self, fd: int, start: int, length: int, rel: Any, lens: Any, write: bool) -> None:
-        self.mm = mmap.mmap(fd, length, access=mmap.ACCESS_WRITE if write else mmap.ACCESS_READ,
-                            offset=start)
-        self.rel, self.lens = rel, lens  # (S,) int64 offsets within the map, lengths
-        self.total = int(lens.sum())
-        self.index = None
-        if len(rel) >= 16 and self.total <= _FANCY_MAX:
-            import numpy as np
-
+    with mmap.mmap(fd, length, access=mmap.ACCESS_READ, offset=start) as mm:
+        total = int(lens.sum())
+        if len(rel) >= 16 and total <= _FANCY_MAX:
             first = np.repeat(rel - (np.cumsum(lens) - lens), lens)
-            self.index = first + np.arange(self.total)  # (total,) byte positions in the map
-
-    def __enter__(self) -> "_Window":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.mm.close()
-
-    def gather(self) -> bytes:
-        import numpy as np
-
-        if self.index is not None:
-            return np.frombuffer(self.mm, np.uint8)[self.index].tobytes()
-        mv = memoryview(self.mm)
+            return np.frombuffer(mm, np.uint8)[first + np.arange(total)].tobytes()
+        mv = memoryview(mm)
         try:
-            return b"".join([mv[a : a + n] for a, n in zip(self.rel.tolist(), self.lens.tolist())])
+            return b"".join([mv[a : a + n] for a, n in zip(rel.tolist(), lens.tolist())])
         finally:
             mv.release()
 
-    def scatter(self, new: Any) -> None:
-        import numpy as np
 
-        new = np.ascontiguousarray(new, dtype=np.uint8).reshape(-1)
-        if self.index is not None:
-            np.frombuffer(self.mm, np.uint8)[self.index] = new
-            return
-        mv = memoryview(self.mm)
-        src = memoryview(new)
-        try:
-            pos = 0
-            for a, n in zip(self.rel.tolist(), self.lens.tolist()):
-                mv[a : a + n] = src[pos : pos + n]
-                pos += n
-        finally:
-            src.release()
-            mv.release()
+def _preallocate(fd: int, start: int, length: int) -> None:
+    """Make sure the blocks about to be written exist (a sparse model file has holes; a
+    full disk must fail here, before any model byte is written)."""
+    try:
+        os.posix_fallocate(fd, start, length)
+    except OSError as exc:
+        if exc.errno in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENODEV, errno.ENOSYS):
+            return  # the file system cannot say in advance; pwrite still fails cleanly
+        raise StorageError(exc.errno, f"no space for the new bytes of the model "
+                           f"({exc.strerror}); free some space. The model is unchanged") from exc
 
 
-def _open_windows(p: Plan, fd: int, chunk: int, write: bool) -> Iterator[tuple[int, int, _Window]]:
-    for i, j, start, length in _windows(p, chunk):
-        with _Window(fd, start, length, p.offsets[i:j] - start, p.lengths[i:j], write) as w:
-            yield i, j, w
+def _journal_pass(art: Artifact, d: DeltaFile, journal: _JournalWriter | None,
+                  undo: "_UndoBuilder | None", chunk: int, result: PatchResult,
+                  fds: list[int] | None, keys: list[str] | None = None) -> set[str]:
+    """Per record, per window: old bytes, new bytes, the finite check and both digests;
+    into the journal when given (else a dry run). Returns the tensors touched."""
+    import numpy as np
+
+    touched: set[str] = set()
+    own = fds is None
+    opened: dict[str, int] = {}
+    try:
+        for rec in d.header.records:
+            p = _plan_for(art, d, rec)
+            if own:
+                key = rec.file
+                if key not in opened:
+                    opened[key] = os.open(art.file_for_key(key), os.O_RDONLY)
+                fd, fi = opened[key], 0
+            else:
+                assert keys is not None and fds is not None
+                fi = keys.index(rec.file)
+                fd = fds[fi]
+            pre, post = hashlib.sha256(), hashlib.sha256()
+            for i, j, start, length in _windows(p, chunk):
+                offs, lens = p.offsets[i:j], p.lengths[i:j]
+                old = _gather(fd, start, length, offs - start, lens)
+                new = np.ascontiguousarray(
+                    p.new_bytes(i, j, None if not p.needs_old else np.frombuffer(old, np.uint8)),
+                    dtype=np.uint8).reshape(-1)
+                if new.size != len(old):
+                    raise IntegrityError(f"tensor {rec.tensor!r}: computed {new.size} bytes for a "
+                                         f"{len(old)}-byte region")
+                check_finite(rec, old, new)
+                pre.update(old)
+                post.update(new)
+                if journal is not None:
+                    _preallocate(fd, int(offs[0]), int(offs[-1] + lens[-1] - offs[0]))
+                    journal.entry(fi, offs, lens, old, new.tobytes())
+                    if undo:
+                        undo.add(p, i, j, old)
+                    _crash_point()
+            if pre.hexdigest() != rec.pre_digest:
+                raise IntegrityError(f"{art.path}: tensor {rec.tensor!r} is not what the delta "
+                                     "expects (pre-image digest mismatch); nothing was written")
+            if post.hexdigest() != rec.post_digest:
+                raise IntegrityError(f"tensor {rec.tensor!r}: the bytes computed here differ from "
+                                     "the sender's (post-image digest mismatch); nothing was written")
+            result.records.append(_record_summary(p))
+            touched.add(rec.tensor)
+    finally:
+        for fd in opened.values():
+            os.close(fd)
+    return touched
 
 
-def _check_only(art: Artifact, d: DeltaFile, t0: float) -> PatchResult:
-    """Dry run: every check, read-only, including pre-images."""
+def _write_patch(art: Artifact, d: DeltaFile, state: ArtifactState, identity: str, chunk: int,
+                 undo_out: str | Path | None, result: PatchResult, say: Callable[[str], None]) -> None:
     h = d.header
-    identity, _, trusted = current_identity(art)
-    result = PatchResult(
-        artifact=art.path, delta=d.path, applied=False, already_applied=identity == h.target_identity,
-        dry_run=True, base_identity=h.base_identity, target_identity=h.target_identity,
-        from_version=h.from_version, to_version=h.to_version,
-        identity_check="state" if trusted else "computed",
-    )
-    if not result.already_applied:
-        if identity != h.base_identity:
-            raise IntegrityError(f"{art.path}: wrong base: the model's identity is {identity[:16]}, "
-                                 f"the delta applies to {h.base_identity[:16]}")
-        plans = _plans(art, d)
-        for p in plans:
-            f = art.file_for_key(p.record.file)
-            digest = hashlib.sha256()
-            with open(f, "rb") as fh:
-                for off, n in zip(p.offsets.tolist(), p.lengths.tolist()):
-                    fh.seek(off)
-                    digest.update(fh.read(n))
-            if digest.hexdigest() != p.record.pre_digest:
-                raise IntegrityError(f"{art.path}: tensor {p.record.tensor!r} is not what the "
-                                     "delta expects (pre-image digest mismatch)")
-        result.records = [_record_summary(p) for p in plans]
-        result.region_bytes = sum(p.region_bytes for p in plans)
-    result.seconds = time.perf_counter() - t0
-    return result
-
-
-def _write_patch(art: Artifact, d: DeltaFile, plans: list[Plan], state: ArtifactState | None,
-                 chunk: int, undo_out: str | Path | None, say: Callable[[str], None]) -> None:
-    h = d.header
-    keys = sorted({p.record.file for p in plans})
+    keys = sorted({r.file for r in h.records}) or [art.file_key(art.files[0])]
     files = [art.file_for_key(k) for k in keys]
     fds: list[int] = []
     try:
@@ -535,121 +800,107 @@ def _write_patch(art: Artifact, d: DeltaFile, plans: list[Plan], state: Artifact
     except OSError as exc:
         for fd in fds:
             os.close(fd)
-        raise StorageError(f"{f}: cannot open for writing ({exc.strerror}); make the model "
-                           "writable. The model is unchanged") from exc
+        raise StorageError(exc.errno, f"{f}: cannot open for writing ({exc.strerror}); make the "
+                           "model writable. The model is unchanged") from exc
     jp = journal_path(art)
     undo = _UndoBuilder(h, d.digest) if undo_out else None
-    kept: dict[tuple[int, int], bytes] = {}
     try:
-        need = sum(p.region_bytes + 14 * len(p.offsets) for p in plans) + (1 << 16)
+        need = 2 * result.region_bytes + 16 * sum(1 for _ in h.records) + (1 << 16)
         free = shutil.disk_usage(jp.parent).free
         if free < need:
-            raise StorageError(errno.ENOSPC, f"no space for the undo journal: {need} bytes "
+            raise StorageError(errno.ENOSPC, f"no space for the patch journal: {need} bytes "
                                f"needed, {free} free in {jp.parent}; free some space. The model "
                                "is unchanged")
-        say("journaling the original bytes")
+        say("computing and journaling the new bytes")
+        fstats = [os.fstat(fd) for fd in fds]
         try:
             journal = _JournalWriter(jp, {
-                "delta_digest": d.digest, "base_identity": h.base_identity,
-                "target_identity": h.target_identity, "from_version": h.from_version,
-                "to_version": h.to_version, "files": keys,
+                "delta_digest": d.digest, "artifact_format": art.format,
+                "base_identity": h.base_identity, "target_identity": h.target_identity,
+                "from_version": h.from_version, "to_version": h.to_version,
+                "layout": layout_digest(art),
+                "files": [{"key": k, "size": st.st_size, "ino": st.st_ino, "dev": st.st_dev}
+                          for k, st in zip(keys, fstats)],
             })
         except OSError as exc:
-            raise StorageError(exc.errno, f"cannot create the undo journal {jp} "
+            raise StorageError(exc.errno, f"cannot create the patch journal {jp} "
                                f"({exc.strerror}); make {jp.parent} writable. The model is "
                                "unchanged") from exc
         try:
-            # Old bytes are needed again to compute the new ones for all encodings but raw
-            # replacement; when they fit the memory bound, keep them instead of re-reading.
-            keep = sum(p.region_bytes for p in plans if p.needs_old) <= chunk
-            for k, p in enumerate(plans):
-                fi = keys.index(p.record.file)
-                digest = hashlib.sha256()
-                for i, j, w in _open_windows(p, fds[fi], chunk, write=False):
-                    old = w.gather()
-                    digest.update(old)
-                    journal.entry(fi, p.offsets[i:j], p.lengths[i:j], old)
-                    if undo:
-                        undo.add(p, i, j, old)
-                    if keep and p.needs_old:
-                        kept[(k, i)] = old
-                    _crash_point()
-                if digest.hexdigest() != p.record.pre_digest:
-                    raise IntegrityError(
-                        f"{art.path}: tensor {p.record.tensor!r} is not what the delta expects "
-                        "(pre-image digest mismatch); nothing was written"
-                    )
+            touched = _journal_pass(art, d, journal, undo, chunk, result, fds, keys)
             journal.finish()
         except BaseException as exc:
             journal.f.close()
             jp.unlink(missing_ok=True)
             if isinstance(exc, OSError) and not isinstance(exc, CdccaError):
-                raise StorageError(exc.errno, f"writing the undo journal {jp} failed "
+                raise StorageError(exc.errno, f"writing the patch journal {jp} failed "
                                    f"({exc.strerror}); free some space. The model is "
                                    "unchanged") from exc
             raise
         _crash_point()
         try:
             say("writing the new bytes in place")
-            for k, p in enumerate(plans):
-                _write_plan(p, fds[keys.index(p.record.file)], chunk, k, kept)
+            with open(jp, "rb") as j:
+                for e in journal.entries:
+                    j.seek(e.data_pos + e.total)
+                    _write_spans(fds[e.fi], e.offsets, e.lengths, j.read(e.total))
+                    _crash_point()
             for fd in fds:
                 os.fdatasync(fd)
             _crash_point()
+            say("checking the new identity")
+            digests = _new_identity(art, state, touched, h.target_identity)
+            if undo and undo_out:
+                undo.write(Path(undo_out))
+            _crash_point()
             new_state = ArtifactState(
                 identity=h.target_identity, version=h.to_version,
-                history=(state.history if state else []) + [{
+                history=state.history + [{
                     "event": "patch", "delta_digest": d.digest, "from_version": h.from_version,
                     "to_version": h.to_version, "base_identity": h.base_identity,
                     "target_identity": h.target_identity,
                     "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 }],
+                tensor_digests=digests,
             )
             write_state(art, new_state)  # the commit point
         except BaseException as exc:
             try:
-                parsed = _read_journal(jp)
-                assert parsed is not None, "journal unreadable"
-                _restore(jp, art, parsed[0], parsed[1])
+                _restore(jp, files, journal.entries)
                 jp.unlink()
+                fsync_dir(jp.parent)
             except BaseException as rexc:  # keep the journal for `patch --recover`
                 raise CdccaError(f"{art.path}: the patch failed ({exc}) and so did the rollback "
                                  f"({rexc}); run `cdcca-edge patch --recover {art.path}`") from exc
             if isinstance(exc, OSError) and not isinstance(exc, CdccaError):
                 raise StorageError(exc.errno, f"{art.path}: writing failed ({exc.strerror}); "
-                                   "the model was restored") from exc
+                                   "free some space. The model was restored") from exc
             raise
         _crash_point()
         jp.unlink()
         fsync_dir(jp.parent)
-        if undo and undo_out:
-            undo.write(Path(undo_out))
     finally:
         for fd in fds:
             os.close(fd)
 
 
-def _write_plan(p: Plan, fd: int, chunk: int, k: int, kept: dict[tuple[int, int], bytes]) -> None:
-    """Compute and write the plan's new bytes; their digest must be the post-image digest
-    (checked over exactly the bytes written to the file's pages)."""
-    import numpy as np
+def _new_identity(art: Artifact, state: ArtifactState, touched: set[str], target: str) -> dict[str, str]:
+    """Per-tensor digests after the write: the touched tensors re-read from the file, the
+    rest as the verified state recorded them. Their identity must be the delta's target.
 
-    digest = hashlib.sha256()
-    for i, j, w in _open_windows(p, fd, chunk, write=True):
-        old = None
-        if p.needs_old:
-            raw = kept.pop((k, i), None)
-            old = np.frombuffer(raw if raw is not None else w.gather(), np.uint8)
-        new = np.ascontiguousarray(p.new_bytes(i, j, old), dtype=np.uint8)
-        if new.size != w.total:
-            raise IntegrityError(f"tensor {p.record.tensor!r}: computed {new.size} bytes for a "
-                                 f"{w.total}-byte region")
-        w.scatter(new)
-        digest.update(new)
-        _crash_point()
-    if digest.hexdigest() != p.record.post_digest:
-        raise IntegrityError(f"tensor {p.record.tensor!r}: the bytes computed here differ from the "
-                             "sender's (post-image digest mismatch); the model was restored")
+    Raises:
+        IntegrityError: it is not (the model is then rolled back by the caller).
+    """
+    digests = dict(state.tensor_digests)
+    for t in art.tensors:
+        if t.name in touched:
+            digests[t.name] = tensor_digest(t)
+    got = identity_digest((t.name, t.type_name, t.shape, digests[t.name]) for t in art.tensors)
+    if got != target:
+        raise IntegrityError(f"{art.path}: after writing, the model's identity is {got[:16]}, not "
+                             f"the delta's target {target[:16]}: the delta's header lies about "
+                             "what it produces. The model was restored")
+    return digests
 
 
 class _UndoBuilder:
@@ -702,7 +953,7 @@ class _UndoBuilder:
             artifact_format=self.h.artifact_format, base_identity=self.h.target_identity,
             target_identity=self.h.base_identity, from_version=self.h.to_version,
             to_version=self.h.from_version, payload_bytes=self.payload.tell(),
-            records=self.records, created={"by": "cdcca-edge patch --undo-out"},
+            records=self.records, created={"by": "cdcca-edge patch --undo-out", "kind": UNDO_KIND},
         )
         self.payload.seek(0)
         write_delta(path, header, self.payload)

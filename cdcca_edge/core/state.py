@@ -2,14 +2,17 @@
 
 Computing an artefact's identity reads every tensor byte (about a second for 500 MB).
 A patch must know the identity of the model it changes, so the last known identity is
-kept in a small JSON sidecar together with a fingerprint (size, mtime, inode) of each
-file. While the fingerprints match, the recorded identity is trusted; otherwise it is
-recomputed. Writing the sidecar is the commit point of a patch (docs/formats/delta.md,
-"Applying"). Spec: docs/formats/delta.md, "Device state".
+kept in a small JSON sidecar together with a fingerprint (size, mtime, ctime, inode) of
+each file, the tensor table and each tensor's digest. The sidecar carries a digest over
+its own content; while that digest and the fingerprints match, the recorded identity is
+trusted, otherwise it is re-derived from the bytes. Writing the sidecar is the commit
+point of a patch (docs/formats/delta.md, "Applying"). Spec: docs/formats/delta.md,
+section 8.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -24,10 +27,11 @@ from cdcca_edge.core.artifact import (
     Artifact,
     TensorInfo,
     compute_identity,
+    identity_digest,
 )
 
 STATE_FORMAT = "cdcca-state"
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: per-tensor digests in the layout, a digest over the sidecar
 HISTORY_KEEP = 20  # most recent applied deltas remembered
 
 
@@ -39,9 +43,10 @@ class ArtifactState:
     history: list[dict[str, Any]] = field(default_factory=list)
     # the artefact's tensor table, so that a patch need not parse a large header again
     layout: dict[str, Any] | None = None
+    tensor_digests: dict[str, str] = field(default_factory=dict)  # name -> SHA-256 hex
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        doc = {
             "format": STATE_FORMAT,
             "version": STATE_VERSION,
             "identity": self.identity,
@@ -49,7 +54,27 @@ class ArtifactState:
             "files": self.files,
             "history": self.history[-HISTORY_KEEP:],
             "layout": self.layout,
+            "tensor_digests": self.tensor_digests,
         }
+        doc["digest"] = _content_digest(doc)
+        return doc
+
+
+def _content_digest(doc: dict[str, Any]) -> str:
+    """SHA-256 over the sidecar's canonical JSON without its ``digest`` key."""
+    body = {k: v for k, v in doc.items() if k != "digest"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def layout_digest(artifact: Artifact) -> str:
+    """SHA-256 over the tensor table (name, type, shape, file key, offset, bytes), sorted
+    by name: binds a journal or a sidecar to exactly this layout of the files."""
+    h = hashlib.sha256(b"cdcca-layout-v1\n")
+    for t in sorted(artifact.tensors, key=lambda t: t.name):
+        dims = ",".join(str(d) for d in t.shape)
+        h.update(f"{t.name}\0{t.type_name}\0{dims}\0{artifact.file_key(t.file)}\0{t.offset}\0"
+                 f"{t.nbytes}\n".encode())
+    return h.hexdigest()
 
 
 def state_path_for(path: str | Path) -> Path:
@@ -68,26 +93,42 @@ def state_path(artifact: Artifact) -> Path:
 
 
 def fingerprint(path: Path) -> dict[str, int]:
+    """Size, mtime, ctime and inode of a data file: ctime cannot be set by ``touch``, so
+    a file rewritten and re-dated by hand does not pass for the one recorded."""
     st = os.stat(path)
-    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "ino": st.st_ino}
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns,
+            "ino": st.st_ino}
+
+
+MAX_STATE_BYTES = 256 << 20  # a sidecar larger than this is not ours
 
 
 def read_state(artifact: Artifact | Path) -> ArtifactState | None:
-    """The sidecar, or ``None`` if it is missing or unreadable (never an error: the state
-    is a cache of facts that can be recomputed)."""
+    """The sidecar, or ``None`` if it is missing, unreadable, of another version, or its
+    content digest does not verify (never an error: the state is a cache of facts that
+    can be re-derived from the bytes)."""
+    import stat
+
     try:
         where = state_path(artifact) if isinstance(artifact, Artifact) else state_path_for(artifact)
+        st = os.stat(where)
+        if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_STATE_BYTES:
+            return None
         doc = json.loads(where.read_text())
         if doc.get("format") != STATE_FORMAT or doc.get("version") != STATE_VERSION:
             return None
+        if doc.get("digest") != _content_digest(doc):
+            return None  # edited or corrupt: re-derive
+        digests = doc.get("tensor_digests") or {}
         return ArtifactState(
             identity=str(doc["identity"]),
             version=int(doc.get("artifact_version", 0)),
             files={str(k): {kk: int(vv) for kk, vv in v.items()} for k, v in doc["files"].items()},
             history=list(doc.get("history", [])),
             layout=doc.get("layout"),
+            tensor_digests={str(k): str(v) for k, v in digests.items()},
         )
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError):
         return None
 
 
@@ -102,8 +143,15 @@ def cached_artifact(path: str | Path) -> tuple[Artifact, ArtifactState] | None:
     try:
         lay = state.layout
         root = path if lay["format"] == "gguf" else (path if path.is_dir() else path.parent)
+        root = root.resolve()
+
         def file(key: str) -> Path:
-            return root if lay["format"] == "gguf" else (root / key).resolve()
+            if lay["format"] == "gguf":
+                return root
+            f = (root / key).resolve()
+            if root not in f.parents:  # "../x": never follow a cached key out of the artefact
+                raise ValueError(key)
+            return f
         tensors = [
             TensorInfo(str(n), str(t), tuple(int(d) for d in shape), file(str(k)), int(o), int(b))
             for n, t, shape, k, o, b in lay["tensors"]
@@ -113,9 +161,9 @@ def cached_artifact(path: str | Path) -> tuple[Artifact, ArtifactState] | None:
             path=root if main is None else (root / main).resolve(),
             format=lay["format"], tensors=tensors, metadata=dict(lay.get("metadata", {})),
         )
-    except (KeyError, TypeError, ValueError):
+    except (KeyError, TypeError, ValueError, OSError):
         return None
-    if not state_is_current(art, state):
+    if not state_is_current(art, state) or layout_digest(art) != state.layout.get("digest"):
         return None
     return art, state
 
@@ -125,17 +173,37 @@ def state_is_current(artifact: Artifact, state: ArtifactState) -> bool:
     keys = {artifact.file_key(f): f for f in artifact.files}
     if set(keys) != set(state.files):
         return False
-    return all(fingerprint(path) == state.files[key] for key, path in keys.items())
+    try:
+        return all(fingerprint(path) == state.files[key] for key, path in keys.items())
+    except OSError:
+        return False
 
 
 def current_identity(artifact: Artifact, state: ArtifactState | None = None
                      ) -> tuple[str, ArtifactState | None, bool]:
     """(identity, state, trusted): the recorded identity if the sidecar is current, else a
-    freshly computed one (``trusted`` False). ``state``: the sidecar if already read."""
+    freshly computed one (``trusted`` False; the state's per-tensor digests are then
+    replaced by the computed ones). ``state``: the sidecar if already read."""
     state = state or read_state(artifact)
-    if state is not None and state_is_current(artifact, state):
+    if state is not None and state_is_current(artifact, state) and _digests_complete(artifact, state):
         return state.identity, state, True
-    return compute_identity(artifact).digest, state, False
+    ident = compute_identity(artifact)
+    if state is not None:
+        if state.identity != ident.digest:
+            state = None  # the state describes other bytes: its version means nothing here
+        else:
+            state.tensor_digests = dict(ident.tensors)
+    if state is None:
+        state = ArtifactState(identity=ident.digest, version=-1, tensor_digests=dict(ident.tensors))
+    return ident.digest, state, False
+
+
+def _digests_complete(artifact: Artifact, state: ArtifactState) -> bool:
+    """Does the state hold a digest for every tensor, combining to its identity?"""
+    d = state.tensor_digests
+    if set(d) != {t.name for t in artifact.tensors}:
+        return False
+    return identity_digest((t.name, t.type_name, t.shape, d[t.name]) for t in artifact.tensors) == state.identity
 
 
 def write_state(artifact: Artifact, state: ArtifactState) -> None:
@@ -146,6 +214,7 @@ def write_state(artifact: Artifact, state: ArtifactState) -> None:
         "metadata": artifact.metadata,
         "tensors": [[t.name, t.type_name, list(t.shape), artifact.file_key(t.file), t.offset, t.nbytes]
                     for t in artifact.tensors],
+        "digest": layout_digest(artifact),
     }
     path = state_path(artifact)
     fd, tmp = tempfile.mkstemp(prefix=".cdcca-state.", dir=path.parent)
@@ -164,10 +233,21 @@ def write_state(artifact: Artifact, state: ArtifactState) -> None:
 
 
 def record_export(artifact: Artifact, identity: str) -> None:
-    """Start a freshly exported artefact's state at version 0."""
+    """Start a freshly exported artefact's state at version 0, with the per-tensor digests
+    later patches update (read from the written bytes, so they must give ``identity``).
+
+    Raises:
+        IntegrityError: the bytes on disk do not have the identity the exporter computed.
+    """
+    from cdcca_edge.core.errors import IntegrityError
+
+    ident = compute_identity(artifact)
+    if ident.digest != identity:
+        raise IntegrityError(f"{artifact.path}: the written artefact's identity {ident.short} "
+                             f"differs from the exporter's {identity[:16]}; export again")
     write_state(artifact, ArtifactState(identity=identity, version=0, history=[
         {"event": "export", "identity": identity, "time": _now()}
-    ]))
+    ], tensor_digests=dict(ident.tensors)))
 
 
 def fsync_dir(path: Path) -> None:

@@ -46,13 +46,15 @@ def load(path: str | Path, backend: BackendName = "auto", **kwargs: object) -> B
         BackendUnavailableError: the backend's package is not installed.
     """
     from cdcca_edge.core.artifact import open_artifact
-    from cdcca_edge.core.patch import journal_path, recover
+    from cdcca_edge.core.patch import hold_for_serving
 
-    art = open_artifact(path)
-    if journal_path(art).exists():
-        # A patch was interrupted: never serve a half-written model.
-        recover(path)
+    # An interrupted patch is recovered first (never serve a half-written model); the
+    # backend then holds its own shared lock for as long as it has the model mapped.
+    lock, _ = hold_for_serving(path)
+    try:
         art = open_artifact(path)
+    finally:
+        lock.release()
     if art.format == "bundle":
         raise FormatError(f"{path}: a multi-part bundle; the runtime does not run bundles yet "
                           "(they come with multimodal support). Patch and inspect work on them")

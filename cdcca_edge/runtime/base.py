@@ -29,6 +29,7 @@ from cdcca_edge.runtime.scores import (
 
 if TYPE_CHECKING:
     from cdcca_edge.core.patch import PatchResult
+    from cdcca_edge.core.trust import Trust
 
 FinishReason = Literal["eos", "length"]
 
@@ -180,23 +181,40 @@ class Backend(ABC):
     def artifact_path(self) -> Path:
         """The artefact this backend serves (GGUF file or ONNX directory)."""
 
-    def apply_patch(self, delta: str | Path, **kwargs: Any) -> "PatchResult":
+    def apply_patch(self, delta: str | Path, *, trust: "Trust", **kwargs: Any) -> "PatchResult":
         """Patch the served artefact in place, safely for a live model.
 
         Stops serving (waits for a running generation, releases the engine's view of the
-        file: llama.cpp maps GGUF files shared, so it would otherwise read half-written
-        tensors), applies the delta (``core.patch.apply_delta``; ``kwargs`` as there),
-        then loads the model again. On failure the file is restored and the old model is
-        reloaded.
+        file — llama.cpp maps GGUF files shared, so it would otherwise read half-written
+        tensors — and the shared serving lock), applies the delta
+        (``core.patch.apply_delta``; ``trust`` and ``kwargs`` as there), then loads the
+        model again. On failure the file is restored and the old model is reloaded.
         """
         from cdcca_edge.core.patch import apply_delta
 
         with self._serving:
             self.close()
             try:
-                return apply_delta(self.artifact_path, delta, **kwargs)
+                return apply_delta(self.artifact_path, delta, trust=trust, **kwargs)
             finally:
                 self.reload()
+
+    # --- the serving lock (docs/formats/delta.md, section 6.4) -----------------------------
+    recovered: str | None = None  # what opening the model had to recover, if anything
+
+    def _hold(self, path: Path) -> None:
+        """Recover any interrupted patch, then hold a shared lock on the artefact while
+        the engine has it mapped: patchers fail fast (naming this pid) or wait."""
+        from cdcca_edge.core.patch import hold_for_serving
+
+        self._release_hold()
+        lock, self.recovered = hold_for_serving(path)
+        self.__dict__["_hold_lock"] = lock
+
+    def _release_hold(self) -> None:
+        lock = self.__dict__.pop("_hold_lock", None)
+        if lock is not None:
+            lock.release()
 
     # --- shared behaviour -----------------------------------------------------------------
     def __enter__(self) -> "Backend":

@@ -56,6 +56,14 @@ class LlamaCppBackend(Backend):
         self._open()
 
     def _open(self) -> None:
+        self._hold(self.path)
+        try:
+            self._load()
+        except BaseException:
+            self._release_hold()
+            raise
+
+    def _load(self) -> None:
         lc = self._llama_cpp
         n_ctx, threads, n_batch = self._args
         header = read_gguf_header(self.path)  # malformed files fail here, with a clear error
@@ -210,6 +218,7 @@ class LlamaCppBackend(Backend):
         self._closed = True
         self._llama_cpp.llama_batch_free(self._batch)
         self._llm.close()
+        self._release_hold()  # after the engine dropped its map of the file
 
     def __del__(self) -> None:  # pragma: no cover - GC timing
         try:

@@ -55,12 +55,23 @@ class MultimodalModel:
 
     def __init__(self, path: str | Path, backend: str = "auto", n_threads: int | None = None) -> None:
         ort = require("onnxruntime", "device")
+        from cdcca_edge.core.patch import hold_for_serving
         from cdcca_edge.runtime import load
 
         self.path = Path(path)
         manifest = self.path / MANIFEST_NAME
         if not manifest.is_file():
             raise FormatError(f"{self.path}: no {MANIFEST_NAME}; not a multimodal bundle")
+        # The bundle's journal covers the vision and language parts alike: recover it,
+        # then hold the bundle's shared lock for as long as either part is loaded.
+        self._lock, self.recovered = hold_for_serving(self.path)
+        try:
+            self._load(ort, load, manifest, backend, n_threads)
+        except BaseException:
+            self._lock.release()
+            raise
+
+    def _load(self, ort: Any, load: Any, manifest: Path, backend: str, n_threads: int | None) -> None:
         doc = json.loads(manifest.read_text())
         info = doc.get("multimodal")
         if not isinstance(info, dict) or info.get("kind") != "llava":
@@ -85,8 +96,10 @@ class MultimodalModel:
         self.close()
 
     def close(self) -> None:
-        self.language.close()
+        if getattr(self, "language", None) is not None:
+            self.language.close()
         self._vision = None
+        self._lock.release()
 
     @property
     def name(self) -> str:

@@ -74,10 +74,15 @@ class OnnxBackend(Backend):
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = self._threads
         opts.log_severity_level = 3
+        self._hold(self.dir)
         try:
             self._sess = ort.InferenceSession(str(model_path), opts, providers=["CPUExecutionProvider"])
         except self._ort_errors as exc:
+            self._release_hold()
             raise FormatError(f"{model_path}: onnxruntime could not load the model ({exc})") from exc
+        except BaseException:
+            self._release_hold()
+            raise
         inputs = {i.name: i for i in self._sess.get_inputs()}
         # a multimodal bundle's language part takes embeddings; text tokens are embedded
         # here with the table the export left in the external data
@@ -226,6 +231,7 @@ class OnnxBackend(Backend):
     def close(self) -> None:
         self._past = {}
         self._sess = None  # type: ignore[assignment]
+        self._release_hold()
 
 
 def _ort_errors(ort: Any) -> tuple[type[BaseException], ...]:

@@ -327,6 +327,8 @@ def collect(
     """Answer every input, select uploads, write the bundle, report what it cost."""
     from cdcca_edge.core.uplink_format import UplinkSample, write_uplink
 
+    if not (math.isfinite(low_weight) and low_weight >= 0):  # the bundle's loss weights (uplink.md)
+        raise UsageError(f"low_weight must be a finite number >= 0, got {low_weight}")
     if any("image" in it for it in inputs) and not is_multimodal(model):
         raise UsageError("these inputs have images; image inputs need a multimodal artefact (a bundle "
                          "exported from a LLaVA model)")

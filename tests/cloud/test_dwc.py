@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from cdcca_edge.core.trust import Trust
 from cdcca_edge.cloud.dwc import DWCConfig, make_delta
 from cdcca_edge.converters.export import export
 from cdcca_edge.core.artifact import open_artifact
@@ -53,7 +54,7 @@ def test_lora_update_arrives(setup, tmp_path, fmt, quant):
     # the delta really takes the device (a copy of the mirror) to the target
     device = tmp_path / ("dev.gguf" if fmt == "gguf" else "dev")
     (shutil.copy if fmt == "gguf" else shutil.copytree)(mirror, device)
-    assert apply_delta(device, tmp_path / "d.cdcd").applied
+    assert apply_delta(device, tmp_path / "d.cdcd", trust=Trust.none()).applied
     assert open_artifact(mirror).tensors == open_artifact(mirror).tensors  # mirror untouched by make
 
 
@@ -114,7 +115,7 @@ def test_ten_rounds_do_not_drift(setup, tmp_path):
     for k in range(10):
         lora = make_lora(base, tmp_path / f"lora{k}", seed=100 + k, scale=0.2)
         rep = make_delta(mirror, lora, tmp_path / f"d{k}.cdcd", target_base=base)
-        apply_delta(mirror, tmp_path / f"d{k}.cdcd")  # the cloud advances its mirror
+        apply_delta(mirror, tmp_path / f"d{k}.cdcd", trust=Trust.none())  # the cloud advances its mirror
         errors.append(rep.relative_error)
         if k:  # after round 0 the mirror is no longer the adapters' base: low rank is refused
             assert "lowrank" not in rep.records_by_encoding

@@ -14,6 +14,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("llama_cpp")
 
+from cdcca_edge.core.trust import Trust
 from cdcca_edge.cli import main  # noqa: E402
 from cdcca_edge.cloud.scenes import DOMAINS, dataset  # noqa: E402
 from cdcca_edge.cloud.tiny_llava import TinyLlavaSpec, build_tiny_llava  # noqa: E402
@@ -196,7 +197,7 @@ def test_akd_visual_tokens(llava, bundles, tmp_path):
     assert dwc.update_left < 0.5
     touched = {r.split("/")[0] for r in _delta_tensors(tmp_path / "d.cdcd")}
     assert touched == {"vision", "language"}  # projector and language model
-    apply_delta(device, tmp_path / "d.cdcd", pubkeys=[])
+    apply_delta(device, tmp_path / "d.cdcd", trust=Trust.none())
     assert compute_identity(open_artifact(device)).digest == dwc.target_identity
     with MultimodalModel(device) as mm:  # the patched bundle loads and answers
         ex = dataset(1, seed=9, domains=("noise",))[0]

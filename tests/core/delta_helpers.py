@@ -20,6 +20,25 @@ GGUF_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_K")
 REQUANT = ("F32", "F16", "BF16", "Q8_0", "Q4_0")
 
 
+def random_units(type_name: str, n_units: int, rng: np.random.Generator) -> bytes:
+    """``n_units`` units (elements or quant blocks) of random but finite values: a patcher
+    refuses bytes that make a finite weight non-finite (docs/formats/delta.md, 6.5)."""
+    qt = T[type_name]
+    block, size = gguf.GGML_QUANT_SIZES[qt]
+    x = rng.standard_normal(n_units * block).astype(np.float32)
+    if type_name == "F32":
+        return x.tobytes()
+    if type_name == "F16":
+        return x.astype(np.float16).tobytes()
+    if type_name == "BF16":
+        return (x.view(np.uint32) >> 16).astype("<u2").tobytes()
+    if type_name == "Q4_K":
+        raw = rng.integers(0, 256, (n_units, size), dtype=np.uint8)
+        raw[:, :4] = np.frombuffer(np.array([0.01, 0.001], np.float16).tobytes(), np.uint8)
+        return raw.tobytes()
+    return gguf.quants.quantize(x.reshape(-1, block), qt).tobytes()
+
+
 def make_gguf(path: Path, seed: int = 0, rows: int = 16, cols: int = 256) -> Path:
     """One (rows, cols) matrix per type, named after it ("Q8_0.w"), plus a 1-D norm."""
     rng = np.random.default_rng(seed)

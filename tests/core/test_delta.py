@@ -19,6 +19,7 @@ from gguf import GGMLQuantizationType as T
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
+from cdcca_edge.core.trust import Trust
 from cdcca_edge.core import delta_format as df
 from cdcca_edge.core.artifact import compute_identity, open_artifact
 from cdcca_edge.core.delta_build import DeltaBuilder, diff_artifacts
@@ -26,7 +27,15 @@ from cdcca_edge.core.encodings import pack_int4, unpack_int4
 from cdcca_edge.core.errors import FormatError, IntegrityError, StorageError, UsageError
 from cdcca_edge.core.patch import apply_delta, journal_path, recover
 from cdcca_edge.core.state import read_state
-from tests.core.delta_helpers import GGUF_TYPES, REQUANT, file_digest, make_gguf, make_onnx, reseal
+from tests.core.delta_helpers import (
+    GGUF_TYPES,
+    REQUANT,
+    file_digest,
+    make_gguf,
+    make_onnx,
+    random_units,
+    reseal,
+)
 
 ERRORS = (FormatError, IntegrityError)
 
@@ -80,11 +89,11 @@ def test_replace_round_trip(model, tmp_path, type_name):
     rng = np.random.default_rng(1)
     n_units = open_artifact(model).tensor(name).nbytes // size
     runs = [(0, 2), (5, 1), (n_units - 4, 3)]
-    data = rng.integers(0, 256, sum(n for _, n in runs) * size, dtype=np.uint8).tobytes()
+    data = random_units(type_name, sum(n for _, n in runs), rng)
     b = DeltaBuilder(model)
     b.replace_units(name, [s for s, _ in runs], [n for _, n in runs], data)
     summary = b.write(tmp_path / "d.cdcd")
-    apply_delta(model, tmp_path / "d.cdcd")
+    apply_delta(model, tmp_path / "d.cdcd", trust=Trust.none())
     got = raw_tensor(model, name)
     expect = bytearray(before[name])
     pos = 0
@@ -113,7 +122,7 @@ def test_qadd_round_trip(model, tmp_path, type_name, bits, dense):
     b = DeltaBuilder(model)
     b.add_quantized(name, runs, scales, q, bits=bits)
     summary = b.write(tmp_path / "d.cdcd")
-    apply_delta(model, tmp_path / "d.cdcd")
+    apply_delta(model, tmp_path / "d.cdcd", trust=Trust.none())
     # the spec, computed independently: dequantise -> add scale * q -> requantise
     _, gbytes = (g, gguf.GGML_QUANT_SIZES[T[type_name]][1] * (g // gguf.GGML_QUANT_SIZES[T[type_name]][0]))
     expect = bytearray(before)
@@ -141,7 +150,7 @@ def test_lowrank_round_trip(model, tmp_path, type_name):
     b = DeltaBuilder(model)
     b.add_low_rank(name, a, bm, scale=0.75)
     summary = b.write(tmp_path / "d.cdcd")
-    apply_delta(model, tmp_path / "d.cdcd", chunk_size=1 << 20)
+    apply_delta(model, tmp_path / "d.cdcd", chunk_size=1 << 20, trust=Trust.none())
     acc = np.zeros((rows, cols), np.float32)
     for k in range(3):  # the spec's fixed order
         acc += bm[:, k : k + 1] * a[k : k + 1, :]
@@ -173,10 +182,10 @@ def test_lowrank_stochastic_rounding_q8_0(model, tmp_path):
         b = DeltaBuilder(copy)
         b.add_low_rank(name, a, bm, scale=1.0, factor_dtype="f32", rounding="stochastic", seed=7)
         summary = b.write(tmp_path / f"d{chunk}.cdcd")
-        apply_delta(copy, tmp_path / f"d{chunk}.cdcd", chunk_size=chunk, undo_out=tmp_path / f"u{chunk}.cdcd")
+        apply_delta(copy, tmp_path / f"d{chunk}.cdcd", chunk_size=chunk, undo_out=tmp_path / f"u{chunk}.cdcd", trust=Trust.none())
         assert compute_identity(open_artifact(copy)).digest == summary.target_identity
         outs.append(raw_tensor(copy, name))
-        apply_delta(copy, tmp_path / f"u{chunk}.cdcd")
+        apply_delta(copy, tmp_path / f"u{chunk}.cdcd", trust=Trust.none(), allow_downgrade=True)
         assert raw_tensor(copy, name) == before
     assert outs[0] == outs[1]
     # any partition of the blocks gives the same bytes (the draws are indexed by element)
@@ -231,7 +240,7 @@ def test_onnx_initializers_patched_and_run(tmp_path, init, encoding):
         b.add_low_rank(init, rng.standard_normal((2, 64)) * 0.1, rng.standard_normal((8, 2)) * 0.1, 0.5)
     summary = b.write(tmp_path / "d.cdcd")
     before = (d / "model.onnx_data").read_bytes()
-    apply_delta(d, tmp_path / "d.cdcd")
+    apply_delta(d, tmp_path / "d.cdcd", trust=Trust.none())
     assert compute_identity(open_artifact(d)).digest == summary.target_identity
     assert (d / "model.onnx_data").read_bytes() != before and es
     m = onnx.load(str(d / "model.onnx"))
@@ -256,12 +265,12 @@ def test_records_split_at_the_size_limit(model, tmp_path, monkeypatch):
     import cdcca_edge.core.delta_build as db
 
     monkeypatch.setattr(db, "MAX_RECORD_PAYLOAD", 4096)
-    new = bytes(np.random.default_rng(0).integers(0, 256, 16 * 256 * 4, dtype=np.uint8))
+    new = random_units("F32", 16 * 256, np.random.default_rng(5))
     b = DeltaBuilder(model)
     b.replace_tensor("F32.w", new)
     s = b.write(tmp_path / "d.cdcd")
     assert s.records > 3
-    apply_delta(model, tmp_path / "d.cdcd")
+    apply_delta(model, tmp_path / "d.cdcd", trust=Trust.none())
     assert raw_tensor(model, "F32.w") == new
 
 
@@ -288,7 +297,7 @@ def build(model: Path, out: Path, ops) -> object:
         if enc == "replace":
             s = int(rng.integers(0, n_units - 4))
             n = int(rng.integers(1, 4))
-            b.replace_units(t.name, [s], [n], rng.integers(0, 256, n * size, dtype=np.uint8).tobytes())
+            b.replace_units(t.name, [s], [n], random_units(type_name, n, rng))
         elif enc == "qadd":
             n_groups = t.n_elements // 32
             s = int(rng.integers(0, n_groups - 3))
@@ -306,10 +315,10 @@ def test_apply_then_undo_is_identity(tmp_path_factory, ops):
     model = make_gguf(d / "m.gguf")
     original = file_digest(model)
     summary = build(model, d / "d.cdcd", ops)
-    apply_delta(model, d / "d.cdcd", undo_out=d / "undo.cdcd")
+    apply_delta(model, d / "d.cdcd", undo_out=d / "undo.cdcd", trust=Trust.none())
     assert compute_identity(open_artifact(model)).digest == summary.target_identity
     assert file_digest(model) != original or summary.base_identity == summary.target_identity
-    apply_delta(model, d / "undo.cdcd")
+    apply_delta(model, d / "undo.cdcd", trust=Trust.none(), allow_downgrade=True)
     assert file_digest(model) == original
     assert not journal_path(open_artifact(model)).exists()
 
@@ -340,7 +349,7 @@ def test_truncated_or_flipped_delta_changes_nothing(fuzz_base, tmp_path_factory,
     before = file_digest(model)
     (d / "bad.cdcd").write_bytes(bytes(raw))
     with pytest.raises(ERRORS):
-        apply_delta(model, d / "bad.cdcd")
+        apply_delta(model, d / "bad.cdcd", trust=Trust.none())
     assert file_digest(model) == before
     assert not journal_path(open_artifact(model)).exists()
 
@@ -388,7 +397,7 @@ def test_hostile_delta_changes_nothing(fuzz_base, tmp_path, case):
     forged = reseal(tmp_path / "good.cdcd", tmp_path / "forged.cdcd", mutate)
     before = file_digest(model)
     with pytest.raises(err):
-        apply_delta(model, forged)
+        apply_delta(model, forged, trust=Trust.none())
     assert file_digest(model) == before
     assert not journal_path(open_artifact(model)).exists()
 
@@ -402,15 +411,15 @@ def test_wrong_base_is_refused(tmp_path):
     build(a, tmp_path / "d.cdcd", [("Q8_0", "replace", 0)])
     before = file_digest(other)
     with pytest.raises(IntegrityError, match="wrong base"):
-        apply_delta(other, tmp_path / "d.cdcd")
+        apply_delta(other, tmp_path / "d.cdcd", trust=Trust.none())
     assert file_digest(other) == before
 
 
 def test_applying_twice_is_a_no_op(model, tmp_path):
     build(model, tmp_path / "d.cdcd", [("Q8_0", "replace", 0)])
-    assert apply_delta(model, tmp_path / "d.cdcd").applied
+    assert apply_delta(model, tmp_path / "d.cdcd", trust=Trust.none()).applied
     after = file_digest(model)
-    again = apply_delta(model, tmp_path / "d.cdcd")
+    again = apply_delta(model, tmp_path / "d.cdcd", trust=Trust.none())
     assert again.already_applied and not again.applied
     assert file_digest(model) == after
     state = read_state(open_artifact(model))
@@ -420,19 +429,19 @@ def test_applying_twice_is_a_no_op(model, tmp_path):
 def test_stale_state_is_recomputed(model, tmp_path):
     """A sidecar whose fingerprint no longer matches is not trusted."""
     build(model, tmp_path / "d.cdcd", [("F16", "qadd", 0)])
-    apply_delta(model, tmp_path / "d.cdcd")
+    apply_delta(model, tmp_path / "d.cdcd", trust=Trust.none())
     # someone rewrites the file behind cdcca's back: the recorded identity is now a lie
     make_gguf(model, seed=5)
     d2 = tmp_path / "d2.cdcd"
     build(model, d2, [("F32", "replace", 1)])
-    r = apply_delta(model, d2)
+    r = apply_delta(model, d2, trust=Trust.none())
     assert r.applied and r.identity_check == "computed"
 
 
 def test_dry_run_writes_nothing(model, tmp_path):
     build(model, tmp_path / "d.cdcd", [("Q4_0", "lowrank", 0), ("F32", "replace", 1)])
     before = file_digest(model)
-    r = apply_delta(model, tmp_path / "d.cdcd", dry_run=True)
+    r = apply_delta(model, tmp_path / "d.cdcd", dry_run=True, trust=Trust.none())
     assert r.dry_run and not r.applied and len(r.records) == 2 and r.region_bytes > 0
     assert file_digest(model) == before
 
@@ -442,11 +451,11 @@ def test_lock_excludes_a_second_patcher(model, tmp_path):
     fd = os.open(model, os.O_RDONLY)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
-        with pytest.raises(UsageError, match="another cdcca-edge process"):
-            apply_delta(model, tmp_path / "d.cdcd")
+        with pytest.raises(UsageError, match="in use.*this process holds it"):
+            apply_delta(model, tmp_path / "d.cdcd", trust=Trust.none())
     finally:
         os.close(fd)
-    assert apply_delta(model, tmp_path / "d.cdcd").applied
+    assert apply_delta(model, tmp_path / "d.cdcd", trust=Trust.none()).applied
 
 
 # --- trust -------------------------------------------------------------------------------
@@ -465,7 +474,7 @@ def test_signed_delta_with_trusted_key(model, tmp_path, keys):
     b.replace_units("Q8_0.w", [0], [1], bytes(34))
     s = b.write(tmp_path / "d.cdcd", sign_key=df.load_private_key(keys / "a.pem"))
     assert s.signed and df.read_delta(s.path).signature.key_id
-    assert apply_delta(model, s.path, pubkeys=[keys / "a.pub"]).applied
+    assert apply_delta(model, s.path, trust=Trust.keys([keys / "a.pub"])).applied
 
 
 @pytest.mark.parametrize("case", ["unsigned", "other key", "bad signature"])
@@ -483,7 +492,7 @@ def test_untrusted_delta_is_refused(model, tmp_path, keys, case, monkeypatch):
     before = file_digest(model)
     with pytest.raises(IntegrityError, match={"unsigned": "unsigned", "other key": "not trusted",
                                               "bad signature": "bad signature"}[case]):
-        apply_delta(model, path)
+        apply_delta(model, path, trust=Trust.configured())
     assert file_digest(model) == before
 
 
@@ -492,7 +501,8 @@ def test_untrusted_delta_is_refused(model, tmp_path, keys, case, monkeypatch):
 CRASH_SCRIPT = textwrap.dedent("""
     import sys
     from cdcca_edge.core.patch import apply_delta
-    apply_delta(sys.argv[1], sys.argv[2])
+    from cdcca_edge.core.trust import Trust
+    apply_delta(sys.argv[1], sys.argv[2], trust=Trust.none())
 """)
 
 
@@ -502,13 +512,13 @@ def test_kill_9_at_random_points_leaves_old_or_new(tmp_path):
     model is exactly the old or the new one, never a mixture."""
     base = make_gguf(tmp_path / "base.gguf")
     b = DeltaBuilder(base)  # 12 replaced runs, a qadd and a low-rank update: ~20 crash points
-    b.replace_units("Q8_0.w", list(range(0, 120, 10)), [2] * 12, bytes(range(256)) * 3 + bytes(48))
+    b.replace_units("Q8_0.w", list(range(0, 120, 10)), [2] * 12, random_units("Q8_0", 24, np.random.default_rng(3)))
     b.add_quantized("F16.w", [(3, 4)], [0.01] * 4, [5] * 128)
     b.add_low_rank("Q4_0.w", np.ones((2, 256)) * 0.01, np.ones((16, 2)) * 0.01, 1.0)
     b.write(tmp_path / "d.cdcd")
     done = tmp_path / "done.gguf"
     shutil.copy(base, done)
-    apply_delta(done, tmp_path / "d.cdcd")
+    apply_delta(done, tmp_path / "d.cdcd", trust=Trust.none())
     old, new = file_digest(base), file_digest(done)
     rng = random.Random(0)
     outcomes = {"old": 0, "new": 0}
@@ -525,7 +535,7 @@ def test_kill_9_at_random_points_leaves_old_or_new(tmp_path):
         outcomes["old" if digest == old else "new"] += 1
         assert not journal_path(open_artifact(model)).exists()
         # and the model is fully usable afterwards: the same delta applies or is a no-op
-        r = apply_delta(model, tmp_path / "d.cdcd")
+        r = apply_delta(model, tmp_path / "d.cdcd", trust=Trust.none())
         assert file_digest(model) == new and (r.applied or r.already_applied)
     assert outcomes["old"] and outcomes["new"]  # both sides of the commit were hit
 
@@ -553,8 +563,8 @@ def test_disk_full_before_journal(model, tmp_path, monkeypatch):
     build(model, tmp_path / "d.cdcd", [("Q8_0", "replace", 0)])
     before = file_digest(model)
     monkeypatch.setattr(patch_mod.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9 - 10, 10))
-    with pytest.raises(StorageError, match="no space for the undo journal"):
-        apply_delta(model, tmp_path / "d.cdcd")
+    with pytest.raises(StorageError, match="no space for the patch journal"):
+        apply_delta(model, tmp_path / "d.cdcd", trust=Trust.none())
     assert file_digest(model) == before and not journal_path(open_artifact(model)).exists()
 
 
@@ -562,7 +572,7 @@ def test_disk_full_while_journaling(tmp_path):
     """A real write failure (file size limit) half-way through the journal."""
     model = make_gguf(tmp_path / "m.gguf")
     b = DeltaBuilder(model)
-    b.replace_tensor("F32.w", bytes(np.random.default_rng(0).integers(0, 256, 16 * 256 * 4, dtype=np.uint8)))
+    b.replace_tensor("F32.w", random_units("F32", 16 * 256, np.random.default_rng(7)))
     b.write(tmp_path / "d.cdcd")
     before = file_digest(model)
     code = textwrap.dedent(f"""
@@ -574,7 +584,7 @@ def test_disk_full_while_journaling(tmp_path):
     """)
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr
-    assert "undo journal" in proc.stderr and "unchanged" in proc.stderr
+    assert "patch journal" in proc.stderr and "unchanged" in proc.stderr
     assert file_digest(model) == before and not journal_path(open_artifact(model)).exists()
 
 
@@ -590,7 +600,7 @@ def test_read_only_model(model, tmp_path):
         undo = None
     try:
         with pytest.raises(StorageError, match="cannot open for writing"):
-            apply_delta(model, tmp_path / "d.cdcd")
+            apply_delta(model, tmp_path / "d.cdcd", trust=Trust.none())
     finally:
         if undo:
             subprocess.run(undo, check=True)
@@ -611,7 +621,7 @@ def test_diff_is_exact_and_minimal(tmp_path):
     new.write_bytes(bytes(raw))
     s = diff_artifacts(old, new, tmp_path / "d.cdcd")
     assert s.records == 1 and s.touched_bytes == 2 * 34
-    apply_delta(old, tmp_path / "d.cdcd")
+    apply_delta(old, tmp_path / "d.cdcd", trust=Trust.none())
     assert old.read_bytes() == new.read_bytes()
     same = diff_artifacts(new, new, tmp_path / "none.cdcd")
     assert same.records == 0
@@ -626,14 +636,14 @@ def test_diff_refuses_different_layouts(tmp_path):
 
 def test_small_chunks_bound_the_maps(model, tmp_path):
     """The window never exceeds chunk_size, so many windows are needed: same result."""
-    new = bytes(np.random.default_rng(9).integers(0, 256, 16 * 256 * 4, dtype=np.uint8))
+    new = random_units("F32", 16 * 256, np.random.default_rng(9))
     b = DeltaBuilder(model)
     b.replace_tensor("F32.w", new)
     b.write(tmp_path / "d.cdcd")
-    apply_delta(model, tmp_path / "d.cdcd", chunk_size=1 << 20)
+    apply_delta(model, tmp_path / "d.cdcd", chunk_size=1 << 20, trust=Trust.none())
     assert raw_tensor(model, "F32.w") == new
     with pytest.raises(UsageError, match="minimum"):
-        apply_delta(model, tmp_path / "d.cdcd", chunk_size=4096)
+        apply_delta(model, tmp_path / "d.cdcd", chunk_size=4096, trust=Trust.none())
 
 
 def test_builder_rejects_runs_outside_the_tensor(model):

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from cdcca_edge.core.trust import Trust
 from cdcca_edge.converters.export import export
 from cdcca_edge.converters.gguf_export import hf_tensor_transform, hf_to_gguf_name
 from cdcca_edge.converters.validate import TOLERANCES
@@ -58,7 +59,7 @@ def test_block_replacement_is_bit_identical(pair, tmp_path, key):
     diff_artifacts(base, target, tmp_path / "d.cdcd")
     with load(device) as live:  # patch a model that is loaded and serving
         before = live.prompt_logits(PROMPT)
-        result = live.apply_patch(tmp_path / "d.cdcd")
+        result = live.apply_patch(tmp_path / "d.cdcd", trust=Trust.none())
         after = live.prompt_logits(PROMPT)
         assert result.applied
     fresh = _logits(target)
@@ -114,7 +115,7 @@ def test_low_rank_patch_matches_merged_export(pair, tiny_models, lora_adapter, t
             assert hf_name in transposed  # stored (in, out): (s B A)^T = s A^T B^T
             b.add_low_rank(hf_name, bm.T, a.T, scale, "f32")
     b.write(tmp_path / "lr.cdcd")
-    apply_delta(device, tmp_path / "lr.cdcd")
+    apply_delta(device, tmp_path / "lr.cdcd", trust=Trust.none())
     patched, fresh = _logits(device), _logits(target)
     tol = 1e-3 if key == ("onnx", "f32") else TOLERANCES[key]
     _close(patched, fresh, tol)
@@ -149,7 +150,7 @@ def test_quantised_additive_patch_matches_merged_export(pair, tmp_path):
         runs = [(int(g), 1) for g in changed]
         b.add_quantized(t.name, runs, scale, q, bits=8)
     b.write(tmp_path / "qa.cdcd")
-    apply_delta(device, tmp_path / "qa.cdcd")
+    apply_delta(device, tmp_path / "qa.cdcd", trust=Trust.none())
     _close(_logits(device), _logits(target), TOLERANCES[("gguf", "q8_0")])
 
 
@@ -165,7 +166,7 @@ def test_failed_live_patch_keeps_serving(pair, tmp_path):
     with load(device) as live:
         before = live.prompt_logits(PROMPT)
         with pytest.raises(IntegrityError, match="wrong base"):
-            live.apply_patch(tmp_path / "foreign.cdcd")
+            live.apply_patch(tmp_path / "foreign.cdcd", trust=Trust.none())
         np.testing.assert_array_equal(live.prompt_logits(PROMPT), before)
 
 
@@ -176,8 +177,8 @@ def test_export_records_state_so_patch_skips_hashing(tiny_models, pair, tmp_path
 
     device = export(tiny_models["llama"], tmp_path / "m.gguf", "gguf", quant="q8_0").path
     diff_artifacts(device, pair[("gguf", "q8_0")][1], tmp_path / "d.cdcd")
-    r = apply_delta(device, tmp_path / "d.cdcd")
+    r = apply_delta(device, tmp_path / "d.cdcd", trust=Trust.none())
     assert r.applied and r.identity_check == "state"
     state = read_state(open_artifact(device))
     assert state.version == 1 and state.identity == r.target_identity
-    assert apply_delta(device, tmp_path / "d.cdcd").already_applied
+    assert apply_delta(device, tmp_path / "d.cdcd", trust=Trust.none()).already_applied
