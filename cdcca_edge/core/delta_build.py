@@ -42,6 +42,7 @@ from cdcca_edge.core.encodings import (
     QADD_BITS,
     encode_runs,
     group_layout,
+    check_finite,
     make_plan,
     REQUANT_TYPES,
     pack_int4,
@@ -319,6 +320,7 @@ class DeltaBuilder:
                 f.seek(off)
                 old = f.read(n)
                 new = np.asarray(plan.new_bytes(i, i + 1, np.frombuffer(old, np.uint8))).tobytes()
+                check_finite(rec, old, new)  # never emit a record a patcher must refuse
                 pre.update(old)
                 post.update(new)
                 new_spans.append((off, new))

@@ -43,6 +43,7 @@ ED25519_PUBLIC_SIZE, ED25519_SIG_SIZE = 32, 64
 ARTIFACT_FORMATS = ("gguf", "onnx", "bundle")
 MAX_HEADER_BYTES = 64 << 20
 MAX_RECORD_PAYLOAD = 8 << 20  # writers split bigger changes; bounds a patcher's memory
+MAX_RECORDS = 1 << 16  # records per delta: bounds the parsed header (a model has far fewer tensors)
 READ_CHUNK = 1 << 20
 
 ENC_REPLACE = "replace"  # new raw bytes for whole units (quant blocks / elements)
@@ -175,7 +176,9 @@ def read_delta(path: str | Path) -> DeltaFile:
                 raise FormatError(f"{path}: compressed header is truncated, padded or too large")
         try:
             doc = json.loads(text.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        except RecursionError as exc:
+            raise FormatError(f"{path}: header is not valid JSON (nested too deeply)") from exc
+        except (UnicodeDecodeError, ValueError) as exc:  # ValueError: JSONDecodeError, huge ints
             raise FormatError(f"{path}: header is not valid JSON ({exc})") from exc
         header = parse_header(doc, path)
         payload_start = PREAMBLE.size + hlen
@@ -237,7 +240,11 @@ def parse_header(doc: Any, path: Path | str = "<delta>") -> DeltaHeader:
         raise FormatError(f"{path}: negative payload_bytes")
     records = []
     spans = []
-    for i, r in enumerate(need(doc, "records", list)):
+    raw_records = need(doc, "records", list)
+    if len(raw_records) > MAX_RECORDS:
+        raise FormatError(f"{path}: {len(raw_records)} records exceed the limit of {MAX_RECORDS}; "
+                          "merge changes to one tensor into fewer records")
+    for i, r in enumerate(raw_records):
         where = f"record {i}"
         enc = need(r, "encoding", str, where)
         if enc not in ENCODINGS:

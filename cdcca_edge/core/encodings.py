@@ -115,7 +115,8 @@ def quantize(type_name: str, values: Any) -> bytes:
     if type_name == "F32":
         return x.tobytes()
     if type_name == "F16":
-        return x.astype(np.float16).tobytes()
+        with np.errstate(over="ignore"):  # overflow to inf is refused by check_finite
+            return x.astype(np.float16).tobytes()
     from gguf import GGMLQuantizationType, quants
 
     block, _ = type_layout(type_name)
