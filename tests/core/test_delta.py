@@ -27,6 +27,7 @@ from cdcca_edge.core.encodings import pack_int4, unpack_int4
 from cdcca_edge.core.errors import FormatError, IntegrityError, StorageError, UsageError
 from cdcca_edge.core.patch import apply_delta, journal_path, recover
 from cdcca_edge.core.state import read_state
+from tests.hostile import hostile
 from tests.core.delta_helpers import (
     GGUF_TYPES,
     REQUANT,
@@ -331,9 +332,10 @@ def fuzz_base(tmp_path_factory):
     return model, (d / "d.cdcd").read_bytes()
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_truncated_or_flipped_delta_changes_nothing(fuzz_base, tmp_path_factory, data):
+    hostile("delta")
     base, original = fuzz_base
     raw = bytearray(original)
     if data.draw(st.booleans()):
@@ -389,6 +391,7 @@ HOSTILE = {
 def test_hostile_delta_changes_nothing(fuzz_base, tmp_path, case):
     """Deltas forged with a valid digest (no key needed for that) are still refused by the
     record checks, and the model is left as it was."""
+    hostile("delta")
     base, raw = fuzz_base
     model = tmp_path / "m.gguf"
     shutil.copy(base, model)
