@@ -29,13 +29,18 @@ __all__ = ["app", "exit_code_for", "main"]
 
 
 def exit_code_for(exc: BaseException) -> int:
-    """Exit code for an exception (docs/cli.md): 2 usage, 3 bad data, 4 missing backend."""
+    """Exit code for an exception (docs/cli.md): 2 usage or environment, 3 bad data, 4
+    missing backend, 1 anything else (a bug).
+
+    Every ``OSError`` is an environment problem (missing file, permission denied, read-only
+    file system, file too large, ...): its message names the file and the cause, and no
+    traceback would help the user more.
+    """
     if isinstance(exc, BackendUnavailableError):
         return EXIT_BACKEND
     if isinstance(exc, (FormatError, IntegrityError, ValidationError, MissingTensorError)):
         return EXIT_INVALID
-    if isinstance(exc, (UsageError, StorageError, FileNotFoundError, IsADirectoryError,
-                        NotADirectoryError)):
+    if isinstance(exc, (UsageError, StorageError, OSError)):
         return EXIT_USAGE
     return EXIT_UNEXPECTED
 

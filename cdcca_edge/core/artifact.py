@@ -11,7 +11,9 @@ from __future__ import annotations
 import hashlib
 import json
 import mmap
+import os
 import re
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator, Literal
@@ -19,6 +21,7 @@ from typing import Iterable, Iterator, Literal
 from cdcca_edge.core.ggml import GGUF_MAGIC
 
 from cdcca_edge.core.errors import FormatError, IntegrityError, MissingTensorError
+from cdcca_edge.core.fileio import open_regular
 from cdcca_edge.core.gguf_file import read_gguf_header
 from cdcca_edge.core.onnx_proto import ONNX_DTYPES, read_onnx_model
 
@@ -37,6 +40,7 @@ META_TRANSPOSED = "cdcca.transposed"  # ONNX: JSON list of initializers stored a
 MANIFEST_NAME = "cdcca-artifact.json"  # a bundle: several parts, one artefact (section 6)
 MANIFEST_FORMAT = "cdcca-artifact"
 MANIFEST_VERSION = 1
+MANIFEST_MAX_BYTES = 1 << 20  # a manifest lists a few parts; refuse to read a huge file
 _PART_NAME = re.compile(r"^[a-z0-9_-]+$")
 ONNX_MODEL_NAME = "model.onnx"
 ONNX_DATA_NAME = "model.onnx_data"
@@ -130,9 +134,13 @@ class Artifact:
 def open_artifact(path: str | Path) -> Artifact:
     """Open a GGUF file, an ONNX directory or a ``model.onnx`` path, read-only.
 
+    ``path`` itself may be a symbolic link; the files an artefact names (ONNX external
+    data, bundle parts) may not (docs/formats/artifact.md, section 1.1).
+
     Raises:
         FileNotFoundError: nothing at ``path``.
-        FormatError: the file(s) are not a well-formed artefact of either format.
+        FormatError: the file(s) are not a well-formed artefact of either format, or
+            ``path`` is a FIFO, device or socket.
     """
     path = Path(path)
     if not path.exists():
@@ -146,10 +154,11 @@ def open_artifact(path: str | Path) -> Artifact:
             f"{path}: directory has no {ONNX_MODEL_NAME} or {MANIFEST_NAME}; pass a .gguf "
             "file, an ONNX export directory, a bundle directory, or the .onnx file itself"
         )
+    expected = "a .gguf file, an ONNX model or a bundle manifest"
+    with open_regular(path, expected) as f:  # a FIFO would block a plain open()
+        magic = f.read(4)
     if path.name == MANIFEST_NAME:
         return _open_bundle(path)
-    with open(path, "rb") as f:
-        magic = f.read(4)
     if len(magic) == 4 and int.from_bytes(magic, "little") == GGUF_MAGIC:
         return _open_gguf(path)
     if path.suffix == ".onnx":
@@ -172,12 +181,63 @@ def _open_gguf(path: Path) -> Artifact:
     return Artifact(path=path, format="gguf", tensors=tensors, metadata=metadata)
 
 
+def _short(s: str, n: int = 80) -> str:
+    """``repr(s)``, cut to about ``n`` characters: hostile names can be any length."""
+    r = repr(s)
+    return r if len(r) <= n else f"{r[:n]}...' ({len(s)} characters)"
+
+
+def _entry_inside(root: Path, rel: str, what: str, where: str) -> tuple[Path, os.stat_result | None]:
+    """Find the file or directory ``rel`` names inside ``root`` (a resolved directory).
+
+    The rule (docs/formats/artifact.md, section 1.1): ``rel`` is relative, stays inside
+    ``root`` once normalised, and no component of it is a symbolic link, so the path
+    checked is the path later opened and patched in place.
+
+    Returns:
+        The path and its ``stat``, or ``None`` in place of the stat when nothing is there.
+
+    Raises:
+        FormatError: ``rel`` is absolute, holds a NUL byte, leaves ``root``, names
+            ``root`` itself, goes through a symbolic link, or cannot be looked up.
+        PermissionError: the file system denies the look-up (an environment problem).
+    """
+    shown = _short(rel)
+    if "\0" in rel:
+        raise FormatError(f"{what} {shown} holds a NUL byte")
+    if os.path.isabs(rel):
+        raise FormatError(f"{what} {shown} is an absolute path; it must be relative to {where}")
+    lexical = Path(os.path.normpath(root / rel))
+    if lexical == root:
+        raise FormatError(f"{what} {shown} names {where} itself, not a file in it")
+    if root not in lexical.parents:
+        raise FormatError(f"{what} {shown} points outside {where}")
+    try:
+        real = lexical.resolve()
+    except RuntimeError as exc:  # Python < 3.13: a link loop
+        raise FormatError(f"{what} {shown} goes through a symbolic link loop ({exc})") from exc
+    except OSError as exc:
+        raise FormatError(f"{what} {shown} cannot be used ({exc.strerror})") from exc
+    if real != lexical:
+        raise FormatError(f"{what} {shown} is or goes through a symbolic link (to {real}); keep "
+                          f"the real file in {where}")
+    try:
+        return real, os.stat(real)
+    except (FileNotFoundError, NotADirectoryError):
+        return real, None
+    except PermissionError:
+        raise
+    except OSError as exc:  # ENAMETOOLONG, ELOOP, ...: the name is the problem
+        raise FormatError(f"{what} {shown} cannot be used ({exc.strerror})") from exc
+
+
 def _open_onnx(model_path: Path) -> Artifact:
     info = read_onnx_model(model_path)
     model_path = model_path.resolve()
     base = model_path.parent
     tensors = []
     sizes: dict[Path, int] = {}
+    located: dict[str, tuple[Path, os.stat_result | None]] = {}
     for init in info.initializers:
         if init.typed_data:
             raise FormatError(
@@ -194,21 +254,29 @@ def _open_onnx(model_path: Path) -> Artifact:
         if init.location is None:
             file = model_path
         else:
-            file = (base / init.location).resolve()
-            if base not in file.parents:
-                raise FormatError(f"{model_path}: external data location {init.location!r} "
-                                  "points outside the model directory")
+            if init.location not in located:  # hundreds of initializers share one file
+                located[init.location] = _entry_inside(
+                    base, init.location,
+                    f"{model_path}: initializer {init.name!r} external data location",
+                    "the model directory")
+            file, st = located[init.location]
             if file == model_path:
                 raise FormatError(f"{model_path}: initializer {init.name!r} claims the model "
                                   "file itself as its external data")
+            if file not in sizes:
+                shown = _short(init.location)
+                if st is None:
+                    raise FormatError(f"{model_path}: external data file {shown} is missing; "
+                                      "keep it next to the model")
+                if not stat.S_ISREG(st.st_mode):
+                    raise FormatError(f"{model_path}: external data file {shown} is not a "
+                                      "regular file")
+                sizes[file] = st.st_size
         if init.length >= 0 and init.length != nbytes:
             raise FormatError(f"{model_path}: initializer {init.name!r} length {init.length} "
                               f"!= {nbytes} bytes implied by its shape {init.dims}")
-        if file not in sizes:
-            if not file.is_file():
-                raise FormatError(f"{model_path}: external data file {file.name!r} is missing; "
-                                  "keep it next to the model")
-            sizes[file] = file.stat().st_size
+        if file not in sizes:  # the model file itself: inline raw_data
+            sizes[file] = model_path.stat().st_size
         if init.offset + nbytes > sizes[file]:
             raise FormatError(f"{model_path}: initializer {init.name!r} runs past the end of "
                               f"{file.name}")
@@ -222,18 +290,31 @@ def _open_onnx(model_path: Path) -> Artifact:
     return Artifact(path=model_path, format="onnx", tensors=tensors, metadata=metadata)
 
 
+def _read_manifest(manifest: Path) -> object:
+    """The manifest's JSON document; every way it can fail is a FormatError."""
+    with open_regular(manifest, f"a {MANIFEST_FORMAT} manifest") as f:
+        raw = f.read(MANIFEST_MAX_BYTES + 1)
+    if len(raw) > MANIFEST_MAX_BYTES:
+        raise FormatError(f"{manifest}: larger than {MANIFEST_MAX_BYTES} bytes; not a "
+                          f"{MANIFEST_FORMAT} manifest")
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except RecursionError as exc:
+        raise FormatError(f"{manifest}: not valid JSON (nested too deeply)") from exc
+    except (UnicodeDecodeError, ValueError) as exc:  # ValueError: JSONDecodeError, huge ints
+        raise FormatError(f"{manifest}: not valid JSON ({exc})") from exc
+
+
 def _open_bundle(manifest: Path) -> Artifact:
     """A bundle: each part opened on its own, tensors renamed ``<part>/<tensor>``."""
     manifest = manifest.resolve()
     root = manifest.parent
-    try:
-        doc = json.loads(manifest.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise FormatError(f"{manifest}: not valid JSON ({exc})") from exc
+    doc = _read_manifest(manifest)
     if not isinstance(doc, dict) or doc.get("format") != MANIFEST_FORMAT:
         raise FormatError(f"{manifest}: not a {MANIFEST_FORMAT} manifest")
-    if doc.get("version") != MANIFEST_VERSION:
-        raise FormatError(f"{manifest}: manifest version {doc.get('version')!r} is not "
+    version = doc.get("version")
+    if type(version) is not int or version != MANIFEST_VERSION:  # not True, not 1.0
+        raise FormatError(f"{manifest}: manifest version {_short(str(version))} is not "
                           f"supported (expected {MANIFEST_VERSION}); upgrade cdcca-edge")
     parts = doc.get("parts")
     if not isinstance(parts, list) or not parts:
@@ -241,27 +322,38 @@ def _open_bundle(manifest: Path) -> Artifact:
     tensors: list[TensorInfo] = []
     metadata: dict[str, str] = {}
     seen: set[str] = set()
-    for part in parts:
-        name = part.get("name") if isinstance(part, dict) else None
-        rel = part.get("path") if isinstance(part, dict) else None
-        if not isinstance(name, str) or not _PART_NAME.match(name):
-            raise FormatError(f"{manifest}: part name {name!r} must match [a-z0-9_-]+")
+    for i, part in enumerate(parts):
+        if not isinstance(part, dict):
+            raise FormatError(f"{manifest}: part #{i} is a {type(part).__name__}, expected an "
+                              'object {"name": ..., "path": ...}')
+        name, rel = part.get("name"), part.get("path")
+        if not isinstance(name, str) or not _PART_NAME.fullmatch(name):
+            raise FormatError(f"{manifest}: part name {_short(str(name))} must match [a-z0-9_-]+")
         if name in seen:
-            raise FormatError(f"{manifest}: duplicate part name {name!r}")
+            raise FormatError(f"{manifest}: duplicate part name {_short(name)}")
         seen.add(name)
         if not isinstance(rel, str) or not rel:
             raise FormatError(f"{manifest}: part {name!r} has no path")
-        target = (root / rel).resolve()
-        if root not in target.parents:
-            raise FormatError(f"{manifest}: part {name!r} path {rel!r} points outside the bundle")
-        if not target.exists():
-            raise FormatError(f"{manifest}: part {name!r} is missing ({rel}); keep every part "
-                              "inside the bundle directory")
-        if (target / MANIFEST_NAME).exists() if target.is_dir() else target.name == MANIFEST_NAME:
+        target, st = _entry_inside(root, rel, f"{manifest}: part {name!r} path", "the bundle")
+        if st is None:
+            raise FormatError(f"{manifest}: part {name!r} is missing ({_short(rel)}); keep every "
+                              "part inside the bundle directory")
+        if stat.S_ISDIR(st.st_mode):
+            nested = os.path.lexists(target / MANIFEST_NAME)
+        elif stat.S_ISREG(st.st_mode):
+            nested = target.name == MANIFEST_NAME
+        else:
+            raise FormatError(f"{manifest}: part {name!r} path {_short(rel)} is not a regular "
+                              "file or directory")
+        if nested:
             raise FormatError(f"{manifest}: part {name!r} is itself a bundle; nesting is not supported")
         sub = open_artifact(target)
         for t in sub.tensors:
-            tensors.append(TensorInfo(f"{name}/{t.name}", t.type_name, t.shape, t.file.resolve(),
+            file = t.file.resolve()
+            if root not in file.parents:  # e.g. a part's model.onnx linked from elsewhere
+                raise FormatError(f"{manifest}: part {name!r} keeps tensor {t.name!r} in {file}, "
+                                  "outside the bundle")
+            tensors.append(TensorInfo(f"{name}/{t.name}", t.type_name, t.shape, file,
                                       t.offset, t.nbytes))
         metadata.update({f"{name}/{k}": v for k, v in sub.metadata.items()})
     prov = doc.get("provenance", {})

@@ -25,6 +25,7 @@ from cdcca_edge.core.ggml import (
 )
 
 from cdcca_edge.core.errors import FormatError
+from cdcca_edge.core.fileio import open_regular
 
 SUPPORTED_VERSIONS = (2, 3)
 ARRAY_KEEP_MAX = 64  # arrays up to this length are decoded; longer ones keep their length only
@@ -145,10 +146,11 @@ def read_gguf_header(path: str | Path) -> GGUFHeader:
     """Read a GGUF file's metadata and tensor table (never its tensor data).
 
     Raises:
-        FormatError: not a GGUF file, unsupported version, or malformed/truncated header.
+        FormatError: not a regular file, not a GGUF file, unsupported version, or a
+            malformed/truncated header.
     """
     path = Path(path)
-    with open(path, "rb") as f:
+    with open_regular(path, "a GGUF file") as f:
         size = f.seek(0, 2)
         if size < HEADER_MIN:
             raise FormatError(f"{path}: {size} bytes is too short to be a GGUF file")

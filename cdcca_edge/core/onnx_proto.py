@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cdcca_edge.core.errors import FormatError
+from cdcca_edge.core.fileio import open_regular
 
 # --- field numbers from onnx.proto3 -------------------------------------------------
 MODEL_GRAPH = 7
@@ -203,11 +204,11 @@ def read_onnx_model(path: str | Path) -> OnnxModelInfo:
     """Parse ``path`` (a ``model.onnx``) for its initializers and metadata_props.
 
     Raises:
-        FormatError: the file is not a well-formed ONNX protobuf.
+        FormatError: the file is not a regular file or not a well-formed ONNX protobuf.
     """
     path = Path(path)
     info = OnnxModelInfo()
-    with open(path, "rb") as f:
+    with open_regular(path, "an ONNX model") as f:
         size = f.seek(0, 2)
         if size == 0:
             raise FormatError(f"{path}: empty file, expected an ONNX model")

@@ -119,7 +119,10 @@ def test_patch_commands(tmp_path, capsys):
     assert main(["patch", str(old), str(tmp_path / "d.cdcd"), "--pubkey", str(tmp_path / "k.pem.pub"),
                  "--undo-out", str(tmp_path / "undo.cdcd"), "--json"]) == 0
     assert _json(capsys)["applied"] and file_digest(old) == file_digest(new)
-    assert main(["patch", str(old), str(tmp_path / "undo.cdcd")]) == 0
+    # going back needs saying so (docs/formats/delta.md, 6.3: versions only move forward)
+    assert main(["patch", str(old), str(tmp_path / "undo.cdcd")]) == 3
+    assert "--allow-downgrade" in capsys.readouterr().err
+    assert main(["patch", str(old), str(tmp_path / "undo.cdcd"), "--allow-downgrade"]) == 0
     assert "patched 1 records" in capsys.readouterr().out
     assert file_digest(old) == before
     assert main(["patch", "--recover", str(old), "--json"]) == 0
@@ -154,3 +157,30 @@ def test_uplink_commands(exports, tmp_path, capsys):
                  str(tmp_path / "calib.json"), "-o", str(tmp_path / "b3.cdcu")]) == 3
     (tmp_path / "b.cdcu").write_bytes((tmp_path / "b.cdcu").read_bytes()[:-1])
     assert main(["uplink", "inspect", str(tmp_path / "b.cdcu")]) == 3
+
+
+def test_os_errors_exit_2(tmp_path, capsys, monkeypatch):
+    """An OSError reaching main is an environment problem: exit 2 with its message, never
+    'unexpected error' (docs/cli.md, exit codes)."""
+    import errno
+    import os
+
+    from cdcca_edge.cli import exit_code_for
+    from cdcca_edge.core import artifact
+    from cdcca_edge.core.errors import StorageError
+
+    for code in (errno.EROFS, errno.EFBIG, errno.ENOSPC, errno.EACCES, errno.EIO, errno.ENAMETOOLONG,
+                 errno.ELOOP, errno.EMFILE):
+        exc = OSError(code, os.strerror(code), "x")
+        assert exit_code_for(exc) == 2, errno.errorcode[code]
+    assert exit_code_for(PermissionError(errno.EACCES, "denied")) == 2
+    assert exit_code_for(StorageError("disk full")) == 2
+    assert exit_code_for(RuntimeError("bug")) == 1
+
+    def efbig(path):
+        raise OSError(errno.EFBIG, os.strerror(errno.EFBIG), str(path))
+
+    monkeypatch.setattr(artifact, "open_artifact", efbig)
+    assert main(["inspect", str(tmp_path / "m.gguf")]) == 2
+    err = capsys.readouterr().err
+    assert "File too large" in err and "unexpected" not in err

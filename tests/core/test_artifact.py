@@ -66,3 +66,17 @@ def test_open_rejects_non_artifacts(tmp_path):
         open_artifact(tmp_path / "x.bin")
     with pytest.raises(FileNotFoundError):
         open_artifact(tmp_path / "missing.gguf")
+
+
+def test_open_refuses_a_fifo_without_blocking(tmp_path):
+    """A FIFO named as the artefact is refused, not read (a read would block forever)."""
+    import os
+
+    from tests.core.hostile_fs import no_hang
+    from tests.hostile import hostile
+
+    for name in ("m.gguf", "model.onnx", "cdcca-artifact.json"):
+        hostile("gguf" if name.endswith(".gguf") else "onnx" if name.endswith(".onnx") else "manifest")
+        os.mkfifo(tmp_path / name)
+        with no_hang(), pytest.raises(FormatError, match="not a regular file"):
+            open_artifact(tmp_path / name)
