@@ -507,9 +507,22 @@ def recover(model: str | Path | Artifact, _locked: bool = False, wait: float = 0
                 outcome = "rolled back"
     except _Unusable as exc:
         return _quarantine(jp, f"journal {jp.name}: {exc}")
+    _remove_stale_state_temps(art)
     jp.unlink()
     fsync_dir(jp.parent)
     return outcome
+
+
+def _remove_stale_state_temps(art: Artifact) -> None:
+    """A kill inside the commit (between the temporary sidecar's creation and its rename)
+    leaves ``.cdcca-state.*``; under the exclusive lock nobody else is writing one."""
+    sp = state_path(art)
+    for tmp in sp.parent.glob(".cdcca-state.*"):
+        try:
+            if stat.S_ISREG(os.lstat(tmp).st_mode):
+                tmp.unlink()
+        except OSError:
+            continue
 
 
 def hold_for_serving(path: str | Path, wait: float = DEFAULT_SERVE_WAIT) -> tuple[ArtifactLock, str | None]:

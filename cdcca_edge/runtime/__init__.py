@@ -10,11 +10,14 @@ Never imports torch, transformers, peft or optimum (a test checks this in a subp
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from cdcca_edge.core.errors import FormatError, UsageError
 from cdcca_edge.runtime.base import Backend, Generation, GenerationConfig, StreamEvent
 from cdcca_edge.runtime.scores import SampleScore, TokenScore, sample_score, score_logits
+
+if TYPE_CHECKING:
+    from cdcca_edge.core.artifact import Artifact
 
 BackendName = Literal["auto", "onnx", "llama"]
 
@@ -50,11 +53,18 @@ def load(path: str | Path, backend: BackendName = "auto", **kwargs: object) -> B
 
     # An interrupted patch is recovered first (never serve a half-written model); the
     # backend then holds its own shared lock for as long as it has the model mapped.
-    lock, _ = hold_for_serving(path)
+    lock, recovered = hold_for_serving(path)
     try:
         art = open_artifact(path)
     finally:
         lock.release()
+    backend_obj = _open_backend(path, art, backend, kwargs)
+    if recovered and not backend_obj.recovered:
+        backend_obj.recovered = recovered  # the caller reports it (cdcca-edge run does)
+    return backend_obj
+
+
+def _open_backend(path: str | Path, art: "Artifact", backend: BackendName, kwargs: dict) -> Backend:
     if art.format == "bundle":
         raise FormatError(f"{path}: a multi-part bundle; the runtime does not run bundles yet "
                           "(they come with multimodal support). Patch and inspect work on them")
