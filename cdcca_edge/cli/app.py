@@ -304,7 +304,7 @@ def patch(
         float, typer.Option(help="Seconds to wait for a process serving or patching the model (0: fail at once).")
     ] = 0.0,
     chunk_size: Annotated[
-        int, typer.Option(help="Bytes of model data mapped at once (memory bound).")
+        int, typer.Option(help="Bytes of model data read at once (memory bound).")
     ] = DEFAULT_CHUNK,
     json_out: JsonOpt = False,
 ) -> None:

@@ -379,32 +379,32 @@ def _check_no_overlap(path: Path, tensors: list[TensorInfo]) -> None:
 
 
 def iter_tensor_bytes(t: TensorInfo, chunk: int = HASH_CHUNK) -> Iterator[memoryview]:
-    """Yield ``t``'s bytes in chunks of at most ``chunk`` bytes, through a memory map.
+    """Yield ``t``'s bytes in chunks of at most ``chunk`` bytes, read into one reused
+    buffer (not a memory map: reading a hole of a sparse file through a map allocates it
+    on some file systems, tmpfs among them, and a fault there on a full disk is a SIGBUS).
 
-    Each chunk is released when the next is requested: copy it to keep it.
+    Each chunk is overwritten when the next is requested: copy it to keep it.
     """
     if t.nbytes == 0:
         return
-    with open(t.file, "rb") as f:
-        if f.seek(0, 2) < t.offset + t.nbytes:
-            raise IntegrityError(f"{t.file}: tensor {t.name!r} is cut short; the file changed "
-                                 "after it was opened")
-        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-            view = memoryview(mm)
-            try:
-                for start in range(t.offset, t.offset + t.nbytes, chunk):
-                    end = min(start + chunk, t.offset + t.nbytes)
-                    part = view[start:end]
-                    if len(part) != end - start:
-                        part.release()
-                        raise IntegrityError(f"{t.file}: tensor {t.name!r} is cut short; the "
-                                             "file changed after it was opened")
-                    try:
-                        yield part
-                    finally:
-                        part.release()
-            finally:
-                view.release()
+    buf = bytearray(min(chunk, t.nbytes))
+    view = memoryview(buf)
+    try:
+        with open(t.file, "rb", buffering=0) as f:
+            if f.seek(0, 2) < t.offset + t.nbytes:
+                raise IntegrityError(f"{t.file}: tensor {t.name!r} is cut short; the file changed "
+                                     "after it was opened")
+            f.seek(t.offset)
+            left = t.nbytes
+            while left:
+                n = f.readinto(view[: min(chunk, left)])
+                if not n:
+                    raise IntegrityError(f"{t.file}: tensor {t.name!r} is cut short; the "
+                                         "file changed after it was opened")
+                yield view[:n]
+                left -= n
+    finally:
+        view.release()
 
 
 def tensor_digest(t: TensorInfo) -> str:

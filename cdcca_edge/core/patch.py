@@ -22,8 +22,9 @@ Any failure before step 6 restores the journal's bytes. After a crash, :func:`re
 (run by the next patch and by every path that opens the model for serving) rolls back, or
 forward when the commit is on disk — but only when the journal is bound to the artefact
 at that path and every byte it would touch is either the original or the new one; any
-other journal is quarantined, never applied. Memory is bounded by the map window
-(``chunk_size``) and one record, not by the model or the delta.
+other journal is quarantined, never applied. Memory is bounded by the read window
+(``chunk_size``) and one record, not by the model or the delta. Model bytes are read
+and written through the file descriptor, never a writable map.
 """
 
 from __future__ import annotations
@@ -32,7 +33,6 @@ import errno
 import hashlib
 import io
 import json
-import mmap
 import os
 import re
 import shutil
@@ -71,6 +71,7 @@ from cdcca_edge.core.errors import (
     StorageError,
     UsageError,
 )
+from cdcca_edge.core.fileio import open_regular
 from cdcca_edge.core.ggml import type_layout
 from cdcca_edge.core.lock import ArtifactLock, owner_path
 from cdcca_edge.core.state import (
@@ -228,27 +229,21 @@ class _Unusable(Exception):
     """A journal that must not be applied to the artefact at this path (the reason)."""
 
 
-def _open_regular(path: Path) -> int:
-    """A read-only descriptor on ``path`` if it is a regular file (no symlink, FIFO,
-    device or directory: opening a FIFO would block forever).
+def _open_regular(path: Path) -> BinaryIO:
+    """``path`` opened for reading if it is a regular file and not a symlink (a FIFO
+    would block the reader forever; a symlink could point anywhere).
 
     Raises:
         _Unusable: anything else.
     """
     try:
-        st = os.lstat(path)
-    except OSError as exc:
-        raise _Unusable(f"cannot stat it ({exc.strerror})") from exc
-    if not stat.S_ISREG(st.st_mode):
-        raise _Unusable("it is not a regular file")
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        if not stat.S_ISREG(os.lstat(path).st_mode):
+            raise _Unusable("it is not a regular file")
+        return open_regular(path, "a patch journal")
+    except FormatError as exc:
+        raise _Unusable("it is not a regular file") from exc
     except OSError as exc:
         raise _Unusable(f"cannot open it ({exc.strerror})") from exc
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        raise _Unusable("it is not a regular file")
-    return fd
 
 
 def _read_journal(path: Path) -> tuple[dict[str, Any], list[_Entry]] | None:
@@ -260,8 +255,7 @@ def _read_journal(path: Path) -> tuple[dict[str, Any], list[_Entry]] | None:
     """
     import numpy as np
 
-    fd = _open_regular(path)
-    with os.fdopen(fd, "rb") as f:
+    with _open_regular(path) as f:
         size = os.fstat(f.fileno()).st_size
         tail = len(JOURNAL_END) + _U64.size + 32
         head = f.read(len(JOURNAL_MAGIC) + _U64.size)
@@ -390,8 +384,8 @@ def _classify(path: Path, files: list[Path], entries: list[_Entry]) -> str:
     seen_old = seen_new = True
     fds = [os.open(f, os.O_RDONLY) for f in files]
     try:
-        jfd = _open_regular(path)
-        try:
+        with _open_regular(path) as j:
+            jfd = j.fileno()
             for e in entries:
                 total = e.total
                 old = np.frombuffer(os.pread(jfd, total, e.data_pos), np.uint8)
@@ -406,8 +400,6 @@ def _classify(path: Path, files: list[Path], entries: list[_Entry]) -> str:
                                     "ones (another model was put here)")
                 seen_old &= bool(is_old.all())
                 seen_new &= bool(is_new.all())
-        finally:
-            os.close(jfd)
     finally:
         for fd in fds:
             os.close(fd)
@@ -698,16 +690,16 @@ def _record_summary(p: Plan) -> dict[str, Any]:
 
 
 def _windows(plan: Plan, chunk: int) -> Iterator[tuple[int, int, int, int]]:
-    """(first span, end span, map start, map length): consecutive spans whose extent fits
-    one map of at most ``chunk`` bytes (spans are at most PIECE, so every window holds at
-    least one)."""
+    """(first span, end span, window start, window length): consecutive spans whose
+    extent fits one read of at most ``chunk`` bytes (spans are at most PIECE, so every
+    window holds at least one)."""
     import numpy as np
 
     offs, ends = plan.offsets, plan.offsets + plan.lengths
     n = len(offs)
     i = 0
     while i < n:
-        start = int(offs[i]) - int(offs[i]) % mmap.ALLOCATIONGRANULARITY
+        start = int(offs[i])
         j = max(i + 1, int(np.searchsorted(ends, start + chunk, side="right")))
         yield i, j, start, int(ends[j - 1]) - start
         i = j
@@ -717,21 +709,31 @@ _FANCY_MAX = 1 << 20  # touched bytes per window up to which spans are gathered 
 
 
 def _gather(fd: int, start: int, length: int, rel: Any, lens: Any) -> bytes:
-    """The bytes of spans at ``rel`` (offsets within a read-only map of ``length`` bytes
-    at ``start``), concatenated. Many small spans (scattered blocks) are gathered with
-    one numpy index operation; fewer, larger ones with slices."""
+    """The bytes of spans at ``rel`` (offsets within the ``length`` bytes at ``start``),
+    concatenated. The window is read with pread, never mapped: a read fault on a hole of
+    a sparse file allocates it on some file systems (tmpfs), and on a full disk that is a
+    SIGBUS. Many small spans (scattered blocks) are gathered with one numpy index."""
     import numpy as np
 
-    with mmap.mmap(fd, length, access=mmap.ACCESS_READ, offset=start) as mm:
-        total = int(lens.sum())
-        if len(rel) >= 16 and total <= _FANCY_MAX:
-            first = np.repeat(rel - (np.cumsum(lens) - lens), lens)
-            return np.frombuffer(mm, np.uint8)[first + np.arange(total)].tobytes()
-        mv = memoryview(mm)
-        try:
-            return b"".join([mv[a : a + n] for a, n in zip(rel.tolist(), lens.tolist())])
-        finally:
-            mv.release()
+    buf = bytearray(length)
+    view = memoryview(buf)
+    got = 0
+    while got < length:
+        n = os.preadv(fd, [view[got:]], start + got)
+        if not n:
+            raise IntegrityError(f"the model file ended inside a tensor (offset {start + got}); "
+                                 "it changed while being patched")
+        got += n
+    view.release()
+    total = int(lens.sum())
+    if len(rel) >= 16 and total <= _FANCY_MAX:
+        first = np.repeat(rel - (np.cumsum(lens) - lens), lens)
+        return np.frombuffer(buf, np.uint8)[first + np.arange(total)].tobytes()
+    mv = memoryview(buf)
+    try:
+        return b"".join([mv[a : a + n] for a, n in zip(rel.tolist(), lens.tolist())])
+    finally:
+        mv.release()
 
 
 def _preallocate(fd: int, start: int, length: int) -> None:
@@ -771,6 +773,8 @@ def _journal_pass(art: Artifact, d: DeltaFile, journal: _JournalWriter | None,
             pre, post = hashlib.sha256(), hashlib.sha256()
             for i, j, start, length in _windows(p, chunk):
                 offs, lens = p.offsets[i:j], p.lengths[i:j]
+                if journal is not None:  # blocks about to be written must exist first
+                    _preallocate(fd, int(offs[0]), int(offs[-1] + lens[-1] - offs[0]))
                 old = _gather(fd, start, length, offs - start, lens)
                 new = np.ascontiguousarray(
                     p.new_bytes(i, j, None if not p.needs_old else np.frombuffer(old, np.uint8)),
@@ -782,7 +786,6 @@ def _journal_pass(art: Artifact, d: DeltaFile, journal: _JournalWriter | None,
                 pre.update(old)
                 post.update(new)
                 if journal is not None:
-                    _preallocate(fd, int(offs[0]), int(offs[-1] + lens[-1] - offs[0]))
                     journal.entry(fi, offs, lens, old, new.tobytes())
                     if undo:
                         undo.add(p, i, j, old)

@@ -534,16 +534,25 @@ def test_any_sidecar_edit_is_rederived_or_refused(tmp_path_factory, data):
 # --- disk full on a sparse model: an error, never SIGBUS -----------------------------------
 
 SPARSE = textwrap.dedent("""
-    import os, shutil, subprocess, sys
-    src, delta, mnt = sys.argv[1], sys.argv[2], sys.argv[3]
-    off, length, journal_room = int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6])
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", mnt], check=True)
+    import json, os, shutil, subprocess, sys
+    from pathlib import Path
+    from cdcca_edge.core import state
+    src, sidecar, delta, mnt, fs = sys.argv[1:6]
+    off, length, room = int(sys.argv[6]), int(sys.argv[7]), int(sys.argv[8])
+    if fs == "tmpfs":
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", mnt], check=True)
     m = os.path.join(mnt, "m.gguf")
     shutil.copy(src, m)
     subprocess.run(["fallocate", "--punch-hole", "--offset", str(off), "--length", str(length), m], check=True)
-    with open(os.path.join(mnt, "fill"), "wb") as f:  # leave room for the journal only
-        free = os.statvfs(mnt).f_bavail * os.statvfs(mnt).f_frsize
-        f.write(bytes(max(0, free - journal_room)))
+    # a sidecar bound to this copy: the patcher trusts the identity and reads no hole for it
+    doc = json.load(open(sidecar))
+    doc["files"][""] = state.fingerprint(Path(m))
+    if hasattr(state, "_content_digest"):
+        doc["digest"] = state._content_digest(doc)
+    json.dump(doc, open(m + ".cdcca-state.json", "w"))
+    with open(os.path.join(mnt, "fill"), "wb") as f:  # leave `room` bytes free
+        vfs = os.statvfs(mnt)
+        f.write(bytes(max(0, vfs.f_bavail * vfs.f_frsize - room)))
     before = open(m, "rb").read()
     code = subprocess.run([sys.executable, "-m", "cdcca_edge.cli", "patch", m, delta],
                           capture_output=True, text=True)
@@ -552,28 +561,65 @@ SPARSE = textwrap.dedent("""
 """)
 
 
-@pytest.mark.skipif(shutil.which("unshare") is None or shutil.which("fallocate") is None,
-                    reason="needs util-linux unshare and fallocate")
-def test_disk_full_on_a_sparse_model_is_exit_2_not_sigbus(tmp_path):
+def _small_ext4(tmp_path: Path) -> Path | None:
+    """An 8 MiB ext4 file system mounted from a loop image (root only), or None."""
+    if os.geteuid() != 0 or shutil.which("mkfs.ext4") is None:
+        return None
+    img, mnt = tmp_path / "fs.img", tmp_path / "mnt"
+    with open(img, "wb") as f:
+        f.truncate(8 << 20)
+    made = subprocess.run(["mkfs.ext4", "-q", "-m", "0", str(img)], capture_output=True)
+    ok = made.returncode == 0 and subprocess.run(["mount", "-o", "loop", str(img), str(mnt)],
+                                                 capture_output=True).returncode == 0
+    return mnt if ok else None
+
+
+@pytest.mark.skipif(shutil.which("fallocate") is None, reason="needs util-linux fallocate")
+@pytest.mark.parametrize("fs,room", [("tmpfs", "old journal fits"), ("tmpfs", "journal fits"),
+                                     ("ext4", "old journal fits"), ("ext4", "journal fits")])
+def test_disk_full_on_a_sparse_model_is_exit_2_not_sigbus(tmp_path, fs, room):
+    """A model file with holes (sparse, as after `cp --sparse`) on a nearly full file
+    system: writing the holes needs space. The patcher wrote through a map and died of
+    SIGBUS (exit 135, no message, model mixed until the next recovery) — on ext4 with
+    room for its journal but not for the holes."""
+    from cdcca_edge.core.state import record_export
+
     m = make_gguf(tmp_path / "m.gguf", rows=64, cols=1024)  # F32.w: 256 KiB
     t = open_artifact(m).tensor("F32.w")
     page = 4096
     off = (t.offset + page - 1) // page * page
     length = (t.offset + t.nbytes) // page * page - off
     subprocess.run(["fallocate", "--punch-hole", "--offset", str(off), "--length", str(length), str(m)], check=True)
+    record_export(open_artifact(m), identity(m))
     b = DeltaBuilder(m)  # against the holes (they read as zeros)
     b.replace_tensor("F32.w", random_units("F32", 64 * 1024, np.random.default_rng(2)))
     b.write(tmp_path / "d.cdcd")
     (tmp_path / "mnt").mkdir()
-    room = 2 * t.nbytes + 160 * 1024  # the journal fits; filling the holes does not
-    run = subprocess.run(["unshare", "-rm", sys.executable, "-c", SPARSE, str(m), str(tmp_path / "d.cdcd"),
-                          str(tmp_path / "mnt"), str(off), str(length), str(room)],
-                         capture_output=True, text=True, timeout=300)
+    # "old journal fits": room for the original bytes but not for the holes as well (the
+    # old patcher's journal; it then faulted writing the holes); "journal fits": room for
+    # this patcher's journal (old + new bytes) but not for the holes
+    free = {"old journal fits": t.nbytes + 150 * 1024, "journal fits": 2 * t.nbytes + 160 * 1024}[room]
+    args = [str(m), str(state_path(open_artifact(m))), str(tmp_path / "d.cdcd"), str(tmp_path / "mnt"),
+            fs, str(off), str(length), str(free)]
+    if fs == "tmpfs":
+        if shutil.which("unshare") is None:
+            pytest.skip("needs util-linux unshare")
+        cmd = ["unshare", "-rm", sys.executable, "-c", SPARSE, *args]
+    else:
+        if _small_ext4(tmp_path) is None:
+            pytest.skip("needs root and a loop device to mount a small ext4")
+        args[4] = "ready"
+        cmd = [sys.executable, "-c", SPARSE, *args]
+    try:
+        run = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    finally:
+        if fs == "ext4":
+            subprocess.run(["umount", str(tmp_path / "mnt")], capture_output=True)
     if run.returncode != 0 and "mount" in run.stderr and "permission" in run.stderr.lower():
         pytest.skip("cannot mount a tmpfs in a user namespace here")
     assert run.returncode == 0, run.stderr
     code, unchanged, journal_left = run.stdout.split()
-    assert code == "2", run.stderr  # was 135 (SIGBUS) with no message
+    assert code == "2", run.stderr  # was -7 (SIGBUS) with no message
     assert unchanged == "True" and journal_left == "False"
     assert "space" in run.stderr
 
