@@ -786,3 +786,44 @@ def test_any_config_is_keys_or_a_clean_error(tmp_path_factory, doc):
     finally:
         os.environ.clear()
         os.environ.update(old)
+
+
+# --- exit codes of the patch path ----------------------------------------------------------
+
+
+def _onnx_with_state(d: Path) -> tuple[Path, object]:
+    from tests.core.delta_helpers import make_onnx
+
+    m = make_onnx(d / "m")
+    from cdcca_edge.core.state import record_export
+
+    record_export(open_artifact(m), identity(m))
+    b = DeltaBuilder(m)
+    b.replace_units("w32", [3], [2], random_units("F32", 2, np.random.default_rng(3)))
+    return m, b.write(d / "d.cdcd")
+
+
+def test_sidecar_layout_key_out_of_the_directory_is_ignored(tmp_path):
+    """A cached file key "../x" must never send reads or writes out of the artefact."""
+    from cdcca_edge.core.state import _content_digest
+
+    hostile("sidecar")
+    m, s = _onnx_with_state(tmp_path)
+    sp = state_path(open_artifact(m))
+    doc = json.loads(sp.read_text())
+    for row in doc["layout"]["tensors"]:
+        row[3] = "../m.onnx_data"
+    (tmp_path / "m.onnx_data").write_bytes((m / "model.onnx_data").read_bytes())  # a decoy outside
+    doc["digest"] = _content_digest(doc)
+    sp.write_text(json.dumps(doc))
+    decoy = file_digest(tmp_path / "m.onnx_data")
+    assert main(["patch", str(m), str(tmp_path / "d.cdcd")]) == 0
+    assert identity(m) == s.target_identity and file_digest(tmp_path / "m.onnx_data") == decoy
+
+
+def test_missing_onnx_data_file_is_exit_3_from_patch_and_inspect(tmp_path):
+    hostile("onnx")
+    m, _ = _onnx_with_state(tmp_path)
+    (m / "model.onnx_data").unlink()
+    assert main(["inspect", str(m)]) == 3
+    assert main(["patch", str(m), str(tmp_path / "d.cdcd")]) == 3
