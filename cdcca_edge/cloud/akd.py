@@ -34,6 +34,9 @@ AdapterKind = Literal["lora", "bias-norm"]
 KDLoss = Literal["forward_kl", "reverse_kl", "jsd"]
 DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 NORM_TARGETS = ("input_layernorm", "post_attention_layernorm", "norm")
+# Input limits (docs/akd.md, "Input"): an uploaded bundle is hostile until checked.
+MAX_PROMPT_TOKENS = 8192  # one prompt, whatever the student's context
+MAX_TOTAL_TOKENS = 1 << 22  # prompt and answer tokens of all bundles of one run
 
 
 @dataclass
@@ -87,27 +90,75 @@ class Sample:
     teacher_answer: list[int] = field(default_factory=list)
 
 
-def read_samples(bundles: Sequence[str | Path]) -> list[Sample]:
-    """Samples from uplink bundles (ids made unique per bundle)."""
+def read_samples(bundles: Sequence[str | Path], vocab_size: int | None = None, context: int | None = None,
+                 answer_tokens: int = 0) -> list[Sample]:
+    """Samples from uplink bundles (ids made unique per bundle), checked before any
+    training: the reader checks the bundle (token weights finite and >= 0, arrays of the
+    format's types and sizes); this checks what training needs (docs/akd.md, "Input").
+
+    Args:
+        vocab_size: the student's vocabulary; every token id must be below it.
+        context: the student's context (``max_position_embeddings``); each prompt, plus the
+            longer of its device answer and ``answer_tokens``, must fit it.
+        answer_tokens: the teacher's pseudo-label length (``max_new_tokens``).
+
+    Raises:
+        FormatError: a malformed bundle, a sample without prompt tokens, token ids outside
+            the vocabulary, a prompt longer than the context or :data:`MAX_PROMPT_TOKENS`,
+            more than :data:`MAX_TOTAL_TOKENS` tokens in all.
+        UsageError: the bundles hold no samples.
+    """
     from cdcca_edge.core.uplink_format import read_uplink
 
     out = []
+    total = 0
     for i, path in enumerate(bundles):
         b = read_uplink(path)
         for s in b.samples():
-            if "prompt_ids" not in s.arrays:
-                raise FormatError(f"{path}: sample {s.id!r} has no prompt_ids")
-            answer = s.arrays.get("answer_ids")
-            weights = s.arrays.get("token_weights")
+            where = f"{path}: sample {s.id!r}"
+            prompt = s.arrays.get("prompt_ids")  # (T_p,) u32, not empty: the reader checks
+            if prompt is None:
+                raise FormatError(f"{where} has no prompt_ids; distillation needs the prompt's tokens: "
+                                  "collect the bundle with `cdcca-edge uplink collect`")
+            answer = s.arrays.get("answer_ids")  # (T_a,) u32
+            n_answer = 0 if answer is None else len(answer)
+            check_prompt_length(where, len(prompt), max(n_answer, answer_tokens), context)
+            total += len(prompt) + n_answer
+            if total > MAX_TOTAL_TOKENS:
+                raise FormatError(f"{path}: the bundles hold more than {MAX_TOTAL_TOKENS:,} prompt and answer "
+                                  "tokens, distill's maximum per run; distil from fewer bundles at a time")
+            if vocab_size is not None:
+                top = max(int(prompt.max()), int(answer.max()) if n_answer else 0)
+                if top >= vocab_size:
+                    raise FormatError(f"{where}: token id {top} is outside the student's vocabulary of "
+                                      f"{vocab_size}; the bundle was made by another model family: "
+                                      "distil it into the student its device runs")
+            weights = s.arrays.get("token_weights")  # (T_a,) f16, finite and >= 0: the reader checks
             out.append(Sample(
                 id=f"{i}:{s.id}",
-                prompt_ids=[int(t) for t in s.arrays["prompt_ids"]],
-                device_answer=[] if answer is None else [int(t) for t in answer],
-                device_weights=[] if weights is None else [float(w) for w in weights],
+                prompt_ids=prompt.tolist(),
+                device_answer=[] if answer is None else answer.tolist(),
+                device_weights=[] if weights is None else weights.astype(float).tolist(),
             ))
     if not out:
         raise UsageError("the bundles hold no samples: nothing to distil")
     return out
+
+
+def check_prompt_length(where: str, n_prompt: int, n_answer: int, context: int | None) -> None:
+    """A prompt of ``n_prompt`` tokens (a LLaVA prompt counts its image's tokens) with an
+    answer of ``n_answer`` must fit the student's ``context`` and :data:`MAX_PROMPT_TOKENS`.
+
+    Raises:
+        FormatError: naming the lengths, the limit and the fix.
+    """
+    if n_prompt > MAX_PROMPT_TOKENS:
+        raise FormatError(f"{where}: a prompt of {n_prompt:,} tokens is longer than distill's maximum of "
+                          f"{MAX_PROMPT_TOKENS:,}; collect the bundle again without such prompts")
+    if context is not None and n_prompt + n_answer > context:
+        raise FormatError(f"{where}: a prompt of {n_prompt:,} tokens and an answer of {n_answer:,} do not fit "
+                          f"the student's context of {context:,} tokens (max_position_embeddings); collect "
+                          "the bundle again without such prompts, or lower --max-new-tokens")
 
 
 # --- losses (tested against hand computations) --------------------------------------------
@@ -326,6 +377,7 @@ def distill(
     to ``out_dir/merged``.
 
     Raises:
+        FormatError: a bundle is malformed or does not fit the student (:func:`read_samples`).
         UsageError: vocabularies differ, no samples, bad configuration.
     """
     torch = require("torch", "cloud")
@@ -337,6 +389,11 @@ def distill(
 
     random.seed(config.seed)
     torch.manual_seed(config.seed)
+    # the bundles first: a bad one is refused before any model is loaded
+    s_cfg = transformers.AutoConfig.from_pretrained(student_dir)
+    samples = read_samples(bundles, vocab_size=s_cfg.vocab_size,
+                           context=getattr(s_cfg, "max_position_embeddings", None),
+                           answer_tokens=config.max_new_tokens)
     accelerator = accelerate.Accelerator()
     device = accelerator.device
 
@@ -348,12 +405,6 @@ def distill(
     for p in teacher.parameters():
         p.requires_grad_(False)
 
-    samples = read_samples(bundles)
-    vocab = student.config.vocab_size
-    for s in samples:
-        if any(not 0 <= t < vocab for t in s.prompt_ids + s.device_answer):
-            raise FormatError(f"sample {s.id}: token ids outside the student's vocabulary of {vocab}; "
-                              "the bundle was made by another model family")
     eos = tok_s.eos_token_id
     tick("pseudo-labels", 0, len(samples))
     pseudo_label(teacher, samples, config.max_new_tokens, eos, device)

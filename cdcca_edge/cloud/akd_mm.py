@@ -47,28 +47,67 @@ class VisualSample:
     teacher_answer: list[int] = field(default_factory=list)
 
 
-def read_visual_samples(bundles: Sequence[str | Path]) -> list[VisualSample]:
-    """The image samples of uplink bundles (samples without visual tokens are skipped)."""
+def read_visual_samples(bundles: Sequence[str | Path], vocab_size: int | None = None,
+                        context: int | None = None, answer_tokens: int = 0, image_token: int | None = None,
+                        vision_width: int | None = None) -> list[VisualSample]:
+    """The image samples of uplink bundles (samples without visual tokens are skipped),
+    checked before any training as :func:`cloud.akd.read_samples` checks text samples.
+
+    Args:
+        vocab_size, context, answer_tokens: as for ``read_samples``; a prompt counts its
+            image's ``n_visual_tokens`` tokens in place of the image token.
+        image_token: the student's image token id: each prompt must hold it exactly once.
+        vision_width: the vision tower's width: the uploaded tokens' last dimension.
+
+    Raises:
+        FormatError: a malformed bundle or a sample that does not fit the student.
+        UsageError: no sample has visual tokens.
+    """
+    from cdcca_edge.cloud.akd import MAX_TOTAL_TOKENS, check_prompt_length
     from cdcca_edge.core.uplink_format import read_uplink
     from cdcca_edge.runtime.uts import dequantize_tokens
 
     out = []
+    total = 0
     for i, path in enumerate(bundles):
         for s in read_uplink(path).samples():
             a = s.arrays
             if "visual_features" not in a:
                 continue
+            where = f"{path}: sample {s.id!r}"
             if "visual_positions" not in a or "prompt_ids" not in a or "n_visual_tokens" not in s.meta:
-                raise FormatError(f"{path}: sample {s.id!r} has visual tokens without positions, "
-                                  "prompt_ids or n_visual_tokens")
+                raise FormatError(f"{where} has visual tokens without positions, prompt_ids or "
+                                  "n_visual_tokens; collect the bundle again with `cdcca-edge uplink collect`")
+            # the reader checks dtypes, shapes, finite values, and positions ascending and < n
+            prompt = a["prompt_ids"]  # (T_p,) u32
+            answer = a.get("answer_ids")  # (T_a,) u32
+            n = int(s.meta["n_visual_tokens"])
+            n_answer = 0 if answer is None else len(answer)
+            check_prompt_length(where, len(prompt) - 1 + n, max(n_answer, answer_tokens), context)
+            total += len(prompt) - 1 + n + n_answer
+            if total > MAX_TOTAL_TOKENS:
+                raise FormatError(f"{path}: the bundles hold more than {MAX_TOTAL_TOKENS:,} tokens, distill's "
+                                  "maximum per run; distil from fewer bundles at a time")
+            if vocab_size is not None:
+                top = max(int(prompt.max()), int(answer.max()) if n_answer else 0)
+                if top >= vocab_size:
+                    raise FormatError(f"{where}: token id {top} is outside the student's vocabulary of "
+                                      f"{vocab_size}; distil the bundle into the student its device runs")
+            if image_token is not None and int((prompt == image_token).sum()) != 1:
+                raise FormatError(f"{where}: its prompt has {int((prompt == image_token).sum())} image tokens "
+                                  f"(id {image_token}), expected 1; distil the bundle into the student its "
+                                  "device runs, or collect it again")
+            width = a["visual_features"].shape[1]
+            if vision_width is not None and width != vision_width:
+                raise FormatError(f"{where}: visual tokens of width {width}, the student's vision tower gives "
+                                  f"{vision_width}; distil the bundle into the student its device runs")
             tokens = (dequantize_tokens(a["visual_features"], a["visual_scales"]) if "visual_scales" in a
                       else np.asarray(a["visual_features"], np.float32))
             pos = np.asarray(a["visual_positions"], np.int64)
-            n = int(s.meta["n_visual_tokens"])
-            if len(pos) != len(tokens) or (len(pos) and (pos.min() < 0 or pos.max() >= n)):
-                raise FormatError(f"{path}: sample {s.id!r}: visual positions do not fit {n} tokens")
-            out.append(VisualSample(f"{i}:{s.id}", [int(t) for t in a["prompt_ids"]], tokens, pos, n,
-                                    [int(t) for t in a.get("answer_ids", [])]))
+            if not np.isfinite(tokens).all():
+                raise FormatError(f"{where}: visual tokens overflow float32; collect the bundle again")
+            out.append(VisualSample(f"{i}:{s.id}", prompt.tolist(), tokens, pos, n,
+                                    [] if answer is None else answer.tolist()))
     if not out:
         raise UsageError("the bundles hold no samples with visual tokens: nothing to distil")
     return out
@@ -188,6 +227,14 @@ def distill_multimodal(
     if config.adapter != "lora":
         raise UsageError("multimodal distillation supports the lora adapter")
 
+    # the bundles first: a bad one is refused before any model is loaded
+    s_cfg = transformers.AutoConfig.from_pretrained(student_dir)
+    layers = s_cfg.vision_feature_layer  # the projector reads these tower layers, concatenated
+    samples = read_visual_samples(
+        bundles, vocab_size=s_cfg.text_config.vocab_size,
+        context=getattr(s_cfg.text_config, "max_position_embeddings", None),
+        answer_tokens=config.max_new_tokens, image_token=int(s_cfg.image_token_index),
+        vision_width=s_cfg.vision_config.hidden_size * (len(layers) if isinstance(layers, (list, tuple)) else 1))
     Llava = transformers.LlavaForConditionalGeneration
     teacher = Llava.from_pretrained(teacher_dir, dtype=torch.float32).eval()
     student = Llava.from_pretrained(student_dir, dtype=torch.float32)
@@ -200,7 +247,6 @@ def distill_multimodal(
         p.requires_grad_(False)
     eos = int(tok.eos_token_id)
 
-    samples = read_visual_samples(bundles)
     tick("pseudo-labels", 0, len(samples))
     for k in range(0, len(samples), 32):
         part = samples[k : k + 32]

@@ -14,6 +14,9 @@ The payload decompresses to the samples' blocks, one after the other, with the l
 the header's sample index gives (one stream: small text samples compress together). A
 block: u32 M, M bytes of JSON metadata, then the arrays the metadata lists, in order, each
 ``prod(shape) * itemsize`` raw little-endian bytes.
+
+A bundle is hostile until read: the reader inflates no more than the index declares, never
+past the ``MAX_*`` limits (spec section 4), and refuses anything else with ``FormatError``.
 """
 
 from __future__ import annotations
@@ -35,12 +38,74 @@ MAGIC = b"CDCUPLNK"
 FORMAT_VERSION = 1
 PREAMBLE = struct.Struct("<8sIIQ")
 DIGEST_SIZE = 32
-MAX_HEADER_BYTES = 64 << 20
-MAX_SAMPLE_BYTES = 256 << 20  # one decompressed sample block (a raw camera frame fits)
 COMPRESS_LEVEL = 6
 DTYPES = {"u8": ("<u1", 1), "i8": ("<i1", 1), "u16": ("<u2", 2), "u32": ("<u4", 4),
           "f16": ("<f2", 2), "f32": ("<f4", 4)}
 _U32 = struct.Struct("<I")
+
+# Limits (docs/formats/uplink.md section 4): a reader allocates nothing a hostile file
+# merely claims beyond these, and never more than the sizes the file declares.
+MAX_HEADER_BYTES = 16 << 20  # the header JSON (about 400,000 index entries)
+MAX_METADATA_BYTES = 4 << 20  # one sample's metadata JSON
+MAX_SAMPLE_BYTES = 64 << 20  # one decompressed sample block (a raw 4K RGB frame fits)
+MAX_PAYLOAD_BYTES = 1 << 30  # all sample blocks of a bundle, decompressed
+MAX_JSON_DEPTH = 32  # nesting of arrays and objects in the header and the metadata
+MAX_ARRAY_DIMS = 8  # dimensions of one array
+_CHUNK = 1 << 20  # file bytes read, and bytes inflated, per step
+_FIX = "the bundle is damaged or was not written by cdcca-edge: collect it again (`cdcca-edge uplink collect`)"
+
+# The arrays section 3 defines: allowed dtypes and dimensions. Others are ignored.
+KNOWN_ARRAYS: dict[str, tuple[tuple[str, ...], tuple[int, ...]]] = {
+    "prompt_ids": (("u32",), (1,)),
+    "answer_ids": (("u32",), (1,)),
+    "token_entropy": (("f16",), (1,)),
+    "token_flags": (("u8",), (1,)),
+    "token_weights": (("f16",), (1,)),
+    "sample_scores": (("f32",), (1,)),
+    "prompt_logprob": (("f16",), (1,)),
+    "visual_features": (("f16", "i8"), (2,)),
+    "visual_scales": (("f16",), (1,)),
+    "visual_positions": (("u16",), (1,)),
+    "raw_image": (("u8",), (1, 3)),
+}
+ANSWER_ARRAYS = ("answer_ids", "token_entropy", "token_flags", "token_weights")  # one value per answer token
+# sample metadata fields section 3 defines, and their JSON types
+KNOWN_FIELDS: dict[str, tuple[type, ...]] = {
+    "prompt": (str,), "answer": (str,), "uncertainty": (int, float), "raw_bytes": (int,),
+    "n_visual_tokens": (int,),
+}
+
+
+def _bad(where: object, problem: str, fix: str = _FIX) -> FormatError:
+    return FormatError(f"{where}: {problem}; {fix}")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def parse_json(raw: bytes, where: str) -> Any:
+    """Strict JSON for headers and metadata: UTF-8, at most :data:`MAX_JSON_DEPTH` deep.
+
+    Raises:
+        FormatError: not UTF-8, not JSON, too deeply nested, or an integer too long to
+            convert (Python's own JSON parser raises RecursionError and ValueError there).
+    """
+    try:
+        doc = json.loads(raw.decode("utf-8"))
+    except RecursionError:
+        raise _bad(where, f"JSON nested deeper than the format's maximum of {MAX_JSON_DEPTH}") from None
+    except (UnicodeDecodeError, ValueError) as exc:  # JSONDecodeError, and too-long integers
+        raise _bad(where, f"not valid JSON ({exc})") from None
+    # iterative, so that the check itself cannot exhaust the stack
+    stack = [(doc, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, (dict, list)):
+            if depth > MAX_JSON_DEPTH:
+                raise _bad(where, f"JSON nested deeper than the format's maximum of {MAX_JSON_DEPTH}")
+            stack.extend((v, depth + 1) for v in (node.values() if isinstance(node, dict) else node))
+    return doc
 
 
 @dataclass
@@ -52,20 +117,120 @@ class UplinkSample:
     arrays: dict[str, Any] = field(default_factory=dict)
 
     def encode(self) -> bytes:
-        """The uncompressed block."""
+        """The uncompressed block.
+
+        Raises:
+            ValueError: an array of a dtype the format lacks. FormatError: a sample the
+                format's limits (section 4) do not allow; a reader would refuse it.
+        """
         import numpy as np
 
         listing = []
         blobs = []
-        for name, arr in self.arrays.items():
-            a = np.asarray(arr)
+        arrays = {name: np.asarray(arr) for name, arr in self.arrays.items()}
+        for name, a in arrays.items():
             dt = next((k for k, (code, _) in DTYPES.items() if np.dtype(code) == a.dtype), None)
             if dt is None:
                 raise ValueError(f"array {name!r}: dtype {a.dtype} is not one of {list(DTYPES)}")
+            if a.ndim > MAX_ARRAY_DIMS:
+                raise FormatError(f"array {name!r} has {a.ndim} dimensions, more than the uplink "
+                                  f"format's maximum of {MAX_ARRAY_DIMS}; reshape it")
             listing.append({"name": name, "dtype": dt, "shape": list(a.shape)})
             blobs.append(np.ascontiguousarray(a, dtype=DTYPES[dt][0]).tobytes())
+        check_arrays(UplinkSample(self.id, self.meta, arrays), f"sample {self.id!r}",
+                     "fix the sample before uploading it")
         meta = json.dumps({**self.meta, "id": self.id, "arrays": listing}, separators=(",", ":")).encode()
-        return _U32.pack(len(meta)) + meta + b"".join(blobs)
+        if len(meta) > MAX_METADATA_BYTES:
+            raise FormatError(f"sample {self.id!r}: metadata of {len(meta):,} bytes is more than the uplink "
+                              f"format's maximum of {MAX_METADATA_BYTES:,}; shorten its prompt or answer")
+        block = _U32.pack(len(meta)) + meta + b"".join(blobs)
+        if len(block) > MAX_SAMPLE_BYTES:
+            raise FormatError(f"sample {self.id!r} is {len(block):,} bytes, more than the uplink format's "
+                              f"maximum of {MAX_SAMPLE_BYTES:,}; upload a smaller image or prompt")
+        return block
+
+
+class _Source:
+    """Exactly-sized reads of one sample block from memory (``decode_sample``)."""
+
+    def __init__(self, raw: bytes, where: str) -> None:
+        self.raw, self.pos, self.where = raw, 0, where
+
+    def read(self, n: int) -> bytes:
+        if self.pos + n > len(self.raw):
+            raise _bad(self.where, "sample block ends early")
+        out = self.raw[self.pos : self.pos + n]
+        self.pos += n
+        return bytes(out)
+
+    def read_array(self, n: int) -> Any:
+        import numpy as np
+
+        out = np.frombuffer(self.read(n), dtype=np.uint8)
+        return out
+
+
+class _Inflater:
+    """The payload's zlib stream, inflated on demand: each read returns exactly the bytes
+    asked for and inflates no more than that (memory: the request, plus a chunk)."""
+
+    def __init__(self, f: Any, size: int, path: Path) -> None:
+        self.f, self.left, self.path = f, size, path
+        self.d = zlib.decompressobj()
+        self.where = str(path)
+
+    def _more(self, limit: int) -> bytes:
+        """Up to ``limit`` (> 0) inflated bytes; b"" when the stream has no more."""
+        while not self.d.eof:
+            if self.d.unconsumed_tail:  # input held back by an earlier output limit
+                data = self.d.unconsumed_tail
+            elif self.left:
+                data = self.f.read(min(_CHUNK, self.left))
+                if not data:
+                    raise IntegrityError(f"{self.path}: file changed while reading it")
+                self.left -= len(data)
+            else:
+                data = b""
+            try:
+                out = self.d.decompress(data, min(limit, _CHUNK))
+            except zlib.error as exc:
+                raise _bad(self.path, f"payload is not valid zlib data ({exc})") from None
+            if out:
+                return out
+            if not data:
+                return b""
+        return b""
+
+    def read_into(self, buf: memoryview) -> None:
+        got = 0
+        while got < len(buf):
+            out = self._more(len(buf) - got)
+            if not out:
+                raise _bad(self.where, "payload ends inside a sample (shorter than the index says)")
+            buf[got : got + len(out)] = out
+            got += len(out)
+
+    def read(self, n: int) -> bytes:
+        buf = bytearray(n)
+        self.read_into(memoryview(buf))
+        return bytes(buf)
+
+    def read_array(self, n: int) -> Any:
+        import numpy as np
+
+        # np.empty: pages are only touched (resident) as inflated bytes arrive
+        out = np.empty(n, dtype=np.uint8)
+        self.read_into(memoryview(out).cast("B"))
+        return out
+
+    def finish(self) -> None:
+        """The stream must end exactly after the last block, and the file with it."""
+        if self._more(1):
+            raise _bad(self.path, "payload holds more than its samples (longer than the index says)")
+        if not self.d.eof:
+            raise _bad(self.path, "payload's zlib stream is truncated")
+        if self.left or self.d.unused_data:
+            raise _bad(self.path, "bytes follow the payload's zlib stream")
 
 
 def decode_sample(raw: bytes, where: str) -> UplinkSample:
@@ -74,42 +239,121 @@ def decode_sample(raw: bytes, where: str) -> UplinkSample:
     Raises:
         FormatError: truncated, or arrays that do not match their listing.
     """
+    return _decode_block(_Source(raw, where), len(raw), where)
+
+
+def _decode_block(src: Any, length: int, where: str) -> UplinkSample:
+    """Read one block of ``length`` bytes from ``src``: metadata first, so that arrays are
+    only allocated once the listing is known to fill the block exactly."""
     import numpy as np
 
-    if len(raw) < _U32.size:
-        raise FormatError(f"{where}: sample block too short")
-    (mlen,) = _U32.unpack_from(raw)
-    if _U32.size + mlen > len(raw):
-        raise FormatError(f"{where}: sample metadata runs past the block")
-    try:
-        meta = json.loads(raw[_U32.size : _U32.size + mlen].decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise FormatError(f"{where}: sample metadata is not valid JSON ({exc})") from exc
+    if length < _U32.size:
+        raise _bad(where, f"sample block of {length} bytes is too short")
+    (mlen,) = _U32.unpack(src.read(_U32.size))
+    if mlen > length - _U32.size:
+        raise _bad(where, f"sample metadata ({mlen:,} bytes) runs past the block ({length:,} bytes)")
+    if mlen > MAX_METADATA_BYTES:
+        raise _bad(where, f"sample metadata of {mlen:,} bytes is more than the format's maximum "
+                          f"of {MAX_METADATA_BYTES:,}")
+    meta = parse_json(src.read(mlen), f"{where} metadata")
     if not isinstance(meta, dict) or not isinstance(meta.get("id"), str):
-        raise FormatError(f"{where}: sample metadata lacks a string 'id'")
+        raise _bad(where, "sample metadata is not an object with a string 'id'")
+    for key, kinds in KNOWN_FIELDS.items():
+        v = meta.get(key)
+        if v is not None and (not isinstance(v, kinds) or isinstance(v, bool)):
+            raise _bad(where, f"sample field {key!r} is {type(v).__name__}, expected "
+                              f"{' or '.join(k.__name__ for k in kinds)}")
+    if meta.get("raw_bytes", 0) < 0 or meta.get("n_visual_tokens", 1) < 1:
+        raise _bad(where, "sample field 'raw_bytes' is negative or 'n_visual_tokens' is not positive")
     listing = meta.pop("arrays", [])
     if not isinstance(listing, list):
-        raise FormatError(f"{where}: 'arrays' is not a list")
-    pos = _U32.size + mlen
-    arrays = {}
+        raise _bad(where, "'arrays' is not a list")
+    plan = []
+    left = length - _U32.size - mlen
     for item in listing:
-        try:
-            name, dt, shape = str(item["name"]), item["dtype"], [int(s) for s in item["shape"]]
-            code, size = DTYPES[dt]
-        except (KeyError, TypeError, ValueError):
-            raise FormatError(f"{where}: bad array listing {item!r}") from None
-        if any(s < 0 for s in shape) or name in arrays:
-            raise FormatError(f"{where}: bad or duplicate array {name!r}")
-        n = 1
+        if not isinstance(item, dict):
+            raise _bad(where, f"array listing entry {item!r} is not an object")
+        name, dt, shape = item.get("name"), item.get("dtype"), item.get("shape")
+        if not isinstance(name, str) or dt not in DTYPES or not isinstance(shape, list):
+            raise _bad(where, f"bad array listing {item!r}: needs a string 'name', a 'dtype' "
+                              f"of {list(DTYPES)} and a list 'shape'")
+        if any(n == name for n, *_ in plan):
+            raise _bad(where, f"duplicate array {name!r}")
+        if len(shape) > MAX_ARRAY_DIMS:
+            raise _bad(where, f"array {name!r} has {len(shape)} dimensions, more than the format's "
+                              f"maximum of {MAX_ARRAY_DIMS}")
+        if not all(_is_int(s) and s >= 0 for s in shape):
+            raise _bad(where, f"array {name!r} has shape {shape!r}; dimensions must be integers >= 0")
+        nbytes = DTYPES[dt][1]
         for s in shape:
-            n *= s
-        if pos + n * size > len(raw):
-            raise FormatError(f"{where}: array {name!r} runs past the block")
-        arrays[name] = np.frombuffer(raw, dtype=code, count=n, offset=pos).reshape(shape)
-        pos += n * size
-    if pos != len(raw):
-        raise FormatError(f"{where}: {len(raw) - pos} stray bytes after the arrays")
-    return UplinkSample(id=meta.pop("id"), meta=meta, arrays=arrays)
+            nbytes *= s
+        if nbytes > left:
+            raise _bad(where, f"array {name!r} ({nbytes:,} bytes) runs past the block")
+        left -= nbytes
+        plan.append((name, dt, shape, nbytes))
+    if left:
+        raise _bad(where, f"{left} stray bytes after the arrays")
+    arrays = {}
+    for name, dt, shape, nbytes in plan:
+        arrays[name] = src.read_array(nbytes).view(np.dtype(DTYPES[dt][0])).reshape(shape)
+    sample = UplinkSample(id=meta.pop("id"), meta=meta, arrays=arrays)
+    check_arrays(sample, where)
+    return sample
+
+
+def check_arrays(sample: UplinkSample, where: str, fix: str = _FIX) -> None:
+    """The arrays section 3 defines: dtypes, shapes, lengths that must agree, and values
+    that must be finite. The reader and the writer both check them.
+
+    Raises:
+        FormatError: naming the array and what the format expects.
+    """
+    import numpy as np
+
+    def bad(problem: str) -> FormatError:
+        return FormatError(f"{where}: {problem}; {fix}")
+
+    a = sample.arrays
+    for name, (dtypes, ndims) in KNOWN_ARRAYS.items():
+        if name not in a:
+            continue
+        dt = next(k for k, (code, _) in DTYPES.items() if np.dtype(code) == a[name].dtype)
+        if dt not in dtypes or a[name].ndim not in ndims:
+            raise bad(f"array {name!r} is {dt} {list(a[name].shape)}; the format defines it as "
+                              f"{' or '.join(dtypes)} with {' or '.join(map(str, ndims))} dimension(s)")
+    if "prompt_ids" in a and not len(a["prompt_ids"]):
+        raise bad("'prompt_ids' is empty; a prompt has at least one token")
+    if "sample_scores" in a and a["sample_scores"].shape != (4,):
+        raise bad(f"'sample_scores' has shape {list(a['sample_scores'].shape)}, expected [4]")
+    if "raw_image" in a and a["raw_image"].ndim == 3 and a["raw_image"].shape[2] != 3:
+        raise bad(f"'raw_image' pixels have shape {list(a['raw_image'].shape)}, expected [H, W, 3]")
+    lengths = {n: len(a[n]) for n in ANSWER_ARRAYS if n in a}
+    if len(set(lengths.values())) > 1:
+        raise bad(f"the per-answer-token arrays disagree in length: {lengths}")
+    if "token_weights" in a:
+        w = a["token_weights"]
+        if not np.isfinite(w).all() or (w < 0).any():
+            raise bad("'token_weights' holds NaN, infinite or negative weights; "
+                              "loss weights must be finite and >= 0")
+    if "visual_features" in a:
+        k = len(a["visual_features"])
+        int8 = a["visual_features"].dtype == np.int8
+        if int8 != ("visual_scales" in a):
+            raise bad("'visual_scales' must accompany int8 'visual_features', and only them")
+        for name in ("visual_scales", "visual_positions"):
+            if name in a and len(a[name]) != k:
+                raise bad(f"{name!r} has {len(a[name])} entries for {k} visual tokens")
+        for name in ("visual_features", "visual_scales"):
+            if name in a and a[name].dtype == np.float16 and not np.isfinite(a[name]).all():
+                raise bad(f"{name!r} holds NaN or infinite values")
+        pos = a.get("visual_positions")
+        if pos is not None and len(pos) > 1 and not (np.diff(pos.astype(np.int64)) > 0).all():
+            raise bad("'visual_positions' are not strictly ascending")
+        n = sample.meta.get("n_visual_tokens")
+        if pos is not None and n is not None and len(pos) and int(pos[-1]) >= n:
+            raise bad(f"visual position {int(pos[-1])} is not below n_visual_tokens {n}")
+    elif "visual_scales" in a or "visual_positions" in a:
+        raise bad("'visual_scales' or 'visual_positions' without 'visual_features'")
 
 
 @dataclass
@@ -130,42 +374,25 @@ class UplinkBundle:
         return len(self.index)
 
     def samples(self) -> Iterator[UplinkSample]:
-        """Decode the samples in order, streaming the payload (memory: one sample)."""
-        d = zlib.decompressobj()
-        pending = b""
+        """Decode the samples in order, streaming the payload (memory: one sample, at most
+        its declared length, which is at most :data:`MAX_SAMPLE_BYTES`).
+
+        Raises:
+            FormatError: the payload disagrees with the index, or a block is malformed.
+        """
         with open(self.path, "rb") as f:
             f.seek(self.payload_start)
-            left = self.header["payload_bytes"]
-
-            def more() -> bytes:
-                nonlocal left
-                while left:
-                    chunk = f.read(min(1 << 20, left))
-                    if not chunk:
-                        raise IntegrityError(f"{self.path}: file changed while reading it")
-                    left -= len(chunk)
-                    try:
-                        out = d.decompress(chunk)
-                    except zlib.error as exc:
-                        raise FormatError(f"{self.path}: payload is not valid zlib data ({exc})") from exc
-                    if out:
-                        return out
-                return b""
-
+            src = _Inflater(f, self.header["payload_bytes"], self.path)
             for i, entry in enumerate(self.index):
-                n = entry["length"]
-                while len(pending) < n:
-                    got = more()
-                    if not got:
-                        raise FormatError(f"{self.path}: payload ends inside sample {i}")
-                    pending += got
-                block, pending = pending[:n], pending[n:]
-                s = decode_sample(block, f"{self.path} sample {i}")
+                where = f"{self.path} sample {i}"
+                src.where = where
+                s = _decode_block(src, entry["length"], where)
                 if s.id != entry["id"]:
-                    raise FormatError(f"{self.path}: sample {i} is {s.id!r}, the index says {entry['id']!r}")
+                    raise _bad(self.path, f"sample {i} is {s.id!r}, the index says {entry['id']!r}")
                 yield s
-            if pending or more() or not d.eof or d.unused_data:
-                raise FormatError(f"{self.path}: payload holds more than its samples")
+                del s  # let the consumer's reference be the last one
+            src.where = str(self.path)
+            src.finish()
 
 
 def read_uplink(path: str | Path) -> UplinkBundle:
@@ -188,48 +415,63 @@ def read_uplink(path: str | Path) -> UplinkBundle:
             raise FormatError(f"{path}: uplink format version {version} is not supported "
                               f"(expected {FORMAT_VERSION}); upgrade cdcca-edge")
         if flags:
-            raise FormatError(f"{path}: unknown flags {flags:#x}")
-        if hlen > MAX_HEADER_BYTES or PREAMBLE.size + hlen + DIGEST_SIZE > size:
-            raise FormatError(f"{path}: header length {hlen} does not fit the file; truncated?")
+            raise _bad(path, f"unknown flags {flags:#x}")
+        if hlen > MAX_HEADER_BYTES:
+            raise _bad(path, f"header length {hlen:,} is more than the format's maximum of {MAX_HEADER_BYTES:,}")
+        if PREAMBLE.size + hlen + DIGEST_SIZE > size:
+            raise FormatError(f"{path}: header length {hlen:,} does not fit the file of {size:,} bytes; "
+                              "truncated? Copy the bundle again")
         raw = f.read(hlen)
-        try:
-            header = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise FormatError(f"{path}: header is not valid JSON ({exc})") from exc
+        header = parse_json(raw, f"{path} header")
         _check_header(header, path)
         start = PREAMBLE.size + hlen
         if start + header["payload_bytes"] + DIGEST_SIZE != size:
             raise FormatError(f"{path}: file is {size} bytes, the header implies "
-                              f"{start + header['payload_bytes'] + DIGEST_SIZE}; truncated or padded")
+                              f"{start + header['payload_bytes'] + DIGEST_SIZE}; truncated or padded? "
+                              "Copy the bundle again")
         h = hashlib.sha256(pre)
         h.update(raw)
         left = header["payload_bytes"]
         while left:
-            chunk = f.read(min(1 << 20, left))
+            chunk = f.read(min(_CHUNK, left))
+            if not chunk:
+                raise IntegrityError(f"{path}: file changed while reading it")
             h.update(chunk)
             left -= len(chunk)
         if f.read(DIGEST_SIZE) != h.digest():
-            raise IntegrityError(f"{path}: digest mismatch: the bundle is corrupt or was altered")
+            raise IntegrityError(f"{path}: digest mismatch: the bundle is corrupt or was altered; "
+                                 "copy or collect it again")
     return UplinkBundle(path, header, start, h.hexdigest(), size)
 
 
 def _check_header(h: Any, path: Path) -> None:
-    if not isinstance(h, dict) or h.get("format") != "cdcca-uplink" or h.get("version") != FORMAT_VERSION:
-        raise FormatError(f"{path}: header does not describe a version-{FORMAT_VERSION} uplink bundle")
+    if (not isinstance(h, dict) or h.get("format") != "cdcca-uplink" or not _is_int(h.get("version"))
+            or h["version"] != FORMAT_VERSION):
+        raise _bad(path, f"header does not describe a version-{FORMAT_VERSION} uplink bundle")
     for key, kind in (("artifact_identity", str), ("payload_bytes", int), ("samples", list),
                       ("n_seen", int)):
         if not isinstance(h.get(key), kind) or isinstance(h.get(key), bool):
-            raise FormatError(f"{path}: header field {key!r} is missing or has the wrong type")
+            raise _bad(path, f"header field {key!r} is missing or has the wrong type")
+    if h["payload_bytes"] < 0 or h["n_seen"] < 0:
+        raise _bad(path, "header field 'payload_bytes' or 'n_seen' is negative")
+    ident = h["artifact_identity"]
+    if len(ident) != 64 or ident.strip("0123456789abcdef"):
+        raise _bad(path, f"header field 'artifact_identity' is {ident[:80]!r}, not 64 lowercase hex digits")
     ids = set()
+    total = 0
     for i, e in enumerate(h["samples"]):
-        if not (isinstance(e, dict) and isinstance(e.get("id"), str)
-                and isinstance(e.get("length"), int) and not isinstance(e.get("length"), bool)):
-            raise FormatError(f"{path}: sample index entry {i} is malformed")
+        if not (isinstance(e, dict) and isinstance(e.get("id"), str) and _is_int(e.get("length"))):
+            raise _bad(path, f"sample index entry {i} is not an object with a string 'id' and an integer 'length'")
         if not 0 < e["length"] <= MAX_SAMPLE_BYTES:
-            raise FormatError(f"{path}: sample {i} length {e['length']} is out of range")
+            raise _bad(path, f"sample {i} length {e['length']:,} is out of range: the format allows "
+                             f"1 to {MAX_SAMPLE_BYTES:,} bytes")
         if e["id"] in ids:
-            raise FormatError(f"{path}: duplicate sample id {e['id']!r}")
+            raise _bad(path, f"duplicate sample id {e['id']!r}")
         ids.add(e["id"])
+        total += e["length"]
+        if total > MAX_PAYLOAD_BYTES:
+            raise _bad(path, f"samples add up to more than the format's maximum of {MAX_PAYLOAD_BYTES:,} "
+                             "decompressed bytes; split the upload into several bundles")
 
 
 def write_uplink(path: str | Path, header: dict[str, Any], samples: list[UplinkSample]) -> dict[str, Any]:
@@ -238,16 +480,24 @@ def write_uplink(path: str | Path, header: dict[str, Any], samples: list[UplinkS
     path = Path(path)
     z = zlib.compressobj(COMPRESS_LEVEL)
     index, parts = [], []
+    total = 0
     for s in samples:
         block = s.encode()
         index.append({"id": s.id, "length": len(block)})
         parts.append(z.compress(block))
+        total += len(block)
+        if total > MAX_PAYLOAD_BYTES:
+            raise FormatError(f"{path}: samples add up to more than the uplink format's maximum of "
+                              f"{MAX_PAYLOAD_BYTES:,} bytes; write several smaller bundles")
     parts.append(z.flush())
     payload = b"".join(parts)
     full = {"format": "cdcca-uplink", "version": FORMAT_VERSION,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             **header, "payload_bytes": len(payload), "samples": index}
     raw = json.dumps(full, separators=(",", ":"), sort_keys=True).encode()
+    if len(raw) > MAX_HEADER_BYTES:
+        raise FormatError(f"{path}: a header of {len(raw):,} bytes is more than the uplink format's "
+                          f"maximum of {MAX_HEADER_BYTES:,}; write several smaller bundles")
     body = PREAMBLE.pack(MAGIC, FORMAT_VERSION, 0, len(raw)) + raw
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from cdcca_edge.core import uplink_format as uf
 from cdcca_edge.core.errors import FormatError, IntegrityError
+from tests.hostile import hostile
 
 
 def _samples(n=3, seed=0):
@@ -79,6 +80,7 @@ def test_truncated_or_flipped_bundle_raises_format_errors(good, tmp_path_factory
             i = data.draw(st.integers(0, len(raw) - 1))
             raw[i] ^= 1 << data.draw(st.integers(0, 7))
     assume(bytes(raw) != good)
+    hostile("uplink")
     p = tmp_path_factory.mktemp("fz") / "b.cdcu"
     p.write_bytes(bytes(raw))
     with pytest.raises((FormatError, IntegrityError)):
@@ -102,6 +104,8 @@ def _forge(raw: bytes, header_edit=None, payload=None) -> bytes:
                                   "not zlib", "extra data", "array past block", "bad dtype"])
 def test_hostile_bundles(good, tmp_path, case):
     import zlib
+
+    hostile("uplink")
 
     def meta_edit(fn):
         # decompress the payload, edit the first sample's metadata, recompress
@@ -149,6 +153,7 @@ def test_hostile_bundles(good, tmp_path, case):
 
 
 def test_not_a_bundle(tmp_path):
+    hostile("uplink")
     (tmp_path / "x").write_bytes(b"hello world, this is not a bundle at all")
     with pytest.raises(FormatError, match="not an uplink bundle"):
         uf.read_uplink(tmp_path / "x")
