@@ -67,10 +67,9 @@ ENTRY_POINTS = {
     "onnx": ("recover", "cli --recover", "cli run", "next patch", "runtime.load"),
     "bundle": ("recover", "cli --recover", "cli run --image", "next patch", "MultimodalModel"),
 }
-# Entry points that say what recovery did. `cdcca-edge run` on a text model and
-# runtime.load do not: load() recovers through hold_for_serving() and drops its outcome,
-# so Backend.recovered is always None there (reported as a library bug, not asserted).
-REPORTING = {"recover", "cli --recover", "next patch", "cli run --image", "MultimodalModel"}
+# Every entry point says what recovery did (`run` on stderr, the library in its result).
+REPORTING = {"recover", "cli --recover", "next patch", "cli run", "cli run --image", "runtime.load",
+             "MultimodalModel"}
 
 
 # --- artefacts and deltas ----------------------------------------------------------------
@@ -350,8 +349,9 @@ def _recover_via(entry: str, model: Path, case: Case, capsys) -> str | None:
     if entry == "runtime.load":
         from cdcca_edge.runtime import load
 
-        load(model, n_threads=1).close()
-        return None  # load recovers before it opens the backend and does not report it
+        backend = load(model, n_threads=1)
+        backend.close()
+        return backend.recovered
     if entry == "MultimodalModel":
         from cdcca_edge.runtime.multimodal import MultimodalModel
 
@@ -370,6 +370,8 @@ def _check(model: Path, case: Case, entry: str) -> str:
     where = model if model.is_dir() else model.parent
     aside = [p.name for p in where.iterdir() if "quarantined" in p.name]
     assert not aside, f"{entry}: recovery quarantined a genuine journal: {aside}"
+    stray = [p.name for p in where.iterdir() if p.name.startswith(".cdcca-state.")]
+    assert not stray, f"{entry}: a kill inside the commit left {stray}"
     art = open_artifact(model)
     got = compute_identity(art).digest
     assert got in (case.base_identity, case.target_identity), (
