@@ -9,12 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from cdcca_edge.core.trust import Trust
 from cdcca_edge.cloud.dwc import DWCConfig, make_delta
 from cdcca_edge.converters.export import export
 from cdcca_edge.core.artifact import open_artifact
 from cdcca_edge.core.errors import MissingTensorError, UsageError
 from cdcca_edge.core.patch import apply_delta
+from cdcca_edge.core.trust import Trust
+from tests.core.delta_helpers import file_digest
 
 PROBE = ["question: what colour is the circle? answer:", "the red circle is left of the",
          "there are three", "question: how many squares are there? answer:"]
@@ -47,6 +48,7 @@ def setup(tiny_models, tmp_path_factory):
 def test_lora_update_arrives(setup, tmp_path, fmt, quant):
     root, base, lora = setup
     mirror = export(base, tmp_path / ("m.gguf" if fmt == "gguf" else "m"), fmt, quant=quant).path
+    mirror_before = file_digest(mirror)
     rep = make_delta(mirror, lora, tmp_path / "d.cdcd", target_base=base, probe=PROBE)
     assert rep.records_by_encoding.get("lowrank", 0) >= 1  # LoRA-shaped: low rank is cheapest
     assert rep.probe_kl < rep.probe_kl_before * 0.05
@@ -55,7 +57,7 @@ def test_lora_update_arrives(setup, tmp_path, fmt, quant):
     device = tmp_path / ("dev.gguf" if fmt == "gguf" else "dev")
     (shutil.copy if fmt == "gguf" else shutil.copytree)(mirror, device)
     assert apply_delta(device, tmp_path / "d.cdcd", trust=Trust.none()).applied
-    assert open_artifact(mirror).tensors == open_artifact(mirror).tensors  # mirror untouched by make
+    assert file_digest(mirror) == mirror_before  # make_delta (without advancing) leaves the mirror alone
 
 
 def test_full_weights_target_and_budget(setup, tmp_path):
@@ -130,8 +132,8 @@ def test_cli_delta_make(setup, tmp_path):
     mirror = export(base, tmp_path / "m.gguf", "gguf", quant="q8_0").path
     probe = tmp_path / "probe.jsonl"
     probe.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROBE))
-    import io
     import contextlib
+    import io
 
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):

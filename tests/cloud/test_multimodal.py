@@ -14,10 +14,10 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("llama_cpp")
 
-from cdcca_edge.core.trust import Trust
 from cdcca_edge.cli import main  # noqa: E402
 from cdcca_edge.cloud.scenes import DOMAINS, dataset  # noqa: E402
 from cdcca_edge.cloud.tiny_llava import TinyLlavaSpec, build_tiny_llava  # noqa: E402
+from cdcca_edge.core.trust import Trust  # noqa: E402
 
 SPEC_T = TinyLlavaSpec(hidden_size=48, intermediate_size=96, num_hidden_layers=2, domains=DOMAINS,
                        train_steps=40, vision_pretrain_steps=20, batch_size=16)

@@ -19,7 +19,6 @@ from gguf import GGMLQuantizationType as T
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from cdcca_edge.core.trust import Trust
 from cdcca_edge.core import delta_format as df
 from cdcca_edge.core.artifact import compute_identity, open_artifact
 from cdcca_edge.core.delta_build import DeltaBuilder, diff_artifacts
@@ -27,7 +26,7 @@ from cdcca_edge.core.encodings import pack_int4, unpack_int4
 from cdcca_edge.core.errors import FormatError, IntegrityError, StorageError, UsageError
 from cdcca_edge.core.patch import apply_delta, journal_path, recover
 from cdcca_edge.core.state import read_state
-from tests.hostile import hostile
+from cdcca_edge.core.trust import Trust
 from tests.core.delta_helpers import (
     GGUF_TYPES,
     REQUANT,
@@ -37,6 +36,7 @@ from tests.core.delta_helpers import (
     random_units,
     reseal,
 )
+from tests.hostile import hostile
 
 ERRORS = (FormatError, IntegrityError)
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import stat
-import struct
 
 import numpy as np
 import onnx

@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cdcca_edge.core.trust import Trust
 from cdcca_edge.converters.export import export
 from cdcca_edge.converters.gguf_export import hf_tensor_transform, hf_to_gguf_name
 from cdcca_edge.converters.validate import TOLERANCES
@@ -19,6 +18,7 @@ from cdcca_edge.core.artifact import compute_identity, open_artifact
 from cdcca_edge.core.delta_build import DeltaBuilder, diff_artifacts
 from cdcca_edge.core.errors import IntegrityError
 from cdcca_edge.core.patch import apply_delta
+from cdcca_edge.core.trust import Trust
 from cdcca_edge.runtime import load
 
 PROMPT = "question: what colour is the circle? answer: red. question: how many"
