@@ -153,6 +153,7 @@ def run_demo(out_dir: str | Path, config: DemoConfig = DemoConfig(), stage: Stag
     from cdcca_edge.cloud.dwc import make_delta
     from cdcca_edge.converters.export import export
     from cdcca_edge.core.artifact import compute_identity, open_artifact
+    from cdcca_edge.core.errors import IntegrityError
     from cdcca_edge.core.patch import apply_delta
     from cdcca_edge.core.trust import Trust
     from cdcca_edge.runtime.multimodal import MultimodalModel
@@ -234,11 +235,19 @@ def run_demo(out_dir: str | Path, config: DemoConfig = DemoConfig(), stage: Stag
         t = time.perf_counter()
         apply_delta(device, delta, trust=Trust.none())
         patch_seconds = time.perf_counter() - t
+        # the central invariant: the cloud's mirror is the device's model, byte for byte
+        mirror_id = compute_identity(open_artifact(mirror)).digest
+        device_id = compute_identity(open_artifact(device)).digest
+        if mirror_id != device_id:
+            raise IntegrityError(f"round {r}: the cloud's mirror ({mirror_id[:16]}) is not the device's "
+                                 f"model ({device_id[:16]}); the next delta would be built for the "
+                                 "wrong base")
         acc = evaluate()
         # the anchor set goes up with the first round's bundle
         extra = anchor_rep.bundle_bytes if config.anchor and r == 1 else 0
         row = {
             "round": r, "target_accuracy": acc["target"], "source_accuracy": acc["source"],
+            "identity": device_id,  # the device's and the mirror's, checked equal
             "teacher_accuracy": teacher_acc["target"], "uplink_bytes": up.bundle_bytes + extra,
             "anchor_bytes": extra,
             "raw_input_bytes": up.raw_input_bytes, "uploaded_raw_bytes": up.uploaded_raw_bytes,

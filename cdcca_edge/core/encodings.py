@@ -492,6 +492,7 @@ def _plan_lowrank(rec: Record, payload: bytes, base: int, piece: int, what: str)
         if rounding == "stochastic":
             return q8_stochastic_add(old, acc * s, r0 * cols, seed)
         w = dequantize(type_name, old).reshape(r1 - r0, cols)
-        return np.frombuffer(quantize(type_name, (w + acc * s).reshape(-1)), np.uint8)
+        with np.errstate(over="ignore"):  # an overflow to inf is refused by check_finite
+            return np.frombuffer(quantize(type_name, (w + acc * s).reshape(-1)), np.uint8)
 
     return Plan(rec, base, offs, lens, new_bytes, needs_old=True)

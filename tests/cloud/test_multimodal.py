@@ -216,12 +216,19 @@ def test_demo_quick(tmp_path, monkeypatch, capsys):
     assert main(["demo", "--quick", "--rounds", "2", "--out", str(out), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert [r["round"] for r in report["rounds"]] == [1, 2]
+    from cdcca_edge.core.artifact import compute_identity, open_artifact
+
+    device = Path(report["device_artifact"])
     for r in report["rounds"]:
-        for key in ("target_accuracy", "source_accuracy", "teacher_accuracy", "uplink_bytes", "raw_input_bytes",
-                    "downlink_bytes", "artifact_bytes", "patch_seconds"):
-            assert key in r
+        for key in ("target_accuracy", "source_accuracy", "teacher_accuracy"):
+            assert 0.0 <= r[key] <= 1.0
         assert 0 < r["uplink_bytes"] < r["raw_input_bytes"]
+        assert r["anchor_bytes"] <= r["uplink_bytes"]
         assert 0 < r["downlink_bytes"] < r["artifact_bytes"]
+        assert r["patch_seconds"] > 0 and len(r["identity"]) == 64
+    # the demo raises when the mirror and the device part ways; the last identity is the device's
+    assert report["rounds"][-1]["identity"] == compute_identity(open_artifact(device)).digest
+    assert report["rounds"][0]["identity"] != report["rounds"][1]["identity"]
     assert set(report["ablations"]["variants"]) == {"akd", "akd_random_selection", "pseudo_label_only",
                                                    "logit_kd_only"}
     for name in ("report.md", "report.json", "accuracy.png", "bytes.png"):
