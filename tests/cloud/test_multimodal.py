@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
-pytest.importorskip("llama_cpp")
 
 from cdcca_edge.cli import main  # noqa: E402
 from cdcca_edge.cloud.scenes import DOMAINS, dataset  # noqa: E402
@@ -33,17 +32,36 @@ def llava(tmp_path_factory):
     return teacher, student
 
 
+def needs_llama() -> None:
+    """Skip the calling test (only it: the ONNX-only tests still run) without llama.cpp."""
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        pytest.skip("llama-cpp-python is not installed (the 'llama' extra)")
+
+
+class _Bundles(dict):
+    """Exported student bundles by format, built on first use; a GGUF one needs llama.cpp
+    (export validates it there)."""
+
+    def __init__(self, student: Path, root: Path) -> None:
+        super().__init__()
+        self.student, self.root = student, root
+
+    def __missing__(self, fmt: str):
+        from cdcca_edge.converters.export import export
+
+        if fmt == "gguf":
+            needs_llama()
+        res = export(self.student, self.root / fmt, fmt, quant="f32")
+        self[fmt] = (self.root / fmt, res)
+        return self[fmt]
+
+
 @pytest.fixture(scope="module")
 def bundles(llava, tmp_path_factory):
-    from cdcca_edge.converters.export import export
-
     _, student = llava
-    root = tmp_path_factory.mktemp("bundles")
-    out = {}
-    for fmt, quant in (("gguf", "f32"), ("onnx", "f32")):
-        res = export(student, root / fmt, fmt, quant=quant)
-        out[fmt] = (root / fmt, res)
-    return out
+    return _Bundles(student, tmp_path_factory.mktemp("bundles"))
 
 
 def test_students_share_the_frozen_tower(llava):
@@ -68,6 +86,8 @@ def test_bundle_export_parity(bundles, fmt):
 
 @pytest.mark.parametrize("fmt,backend", [("gguf", "llama"), ("onnx", "onnx")])
 def test_run_image_equals_torch_greedy(bundles, llava, fmt, backend, tmp_path, capsys):
+    if backend == "llama":
+        needs_llama()
     from PIL import Image
     from transformers import AutoTokenizer, LlavaForConditionalGeneration
 
@@ -211,6 +231,7 @@ def _delta_tensors(path: Path) -> list[str]:
 
 
 def test_demo_quick(tmp_path, monkeypatch, capsys):
+    needs_llama()  # the demo's device runs the language part on llama.cpp
     monkeypatch.setenv("CDCCA_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "demo"
     assert main(["demo", "--quick", "--rounds", "2", "--out", str(out), "--json"]) == 0
@@ -262,6 +283,9 @@ def test_run_image_without_heavy_packages(bundles, fmt, tmp_path):
 def test_qwen2_language_model_bundle(llava, tmp_path, fmt):
     """A LLaVA whose language model is Qwen2 (q/k/v biases) exports and answers as torch."""
     from cdcca_edge.converters.export import export
+
+    if fmt == "gguf":
+        needs_llama()
 
     spec = replace(SPEC_S, arch="qwen2", train_steps=10)
     student = build_tiny_llava(tmp_path / "qwen2", spec, vision_from=llava[0])
