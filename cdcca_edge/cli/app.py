@@ -412,14 +412,8 @@ def delta_make(
     key = load_private_key(sign_key) if sign_key else None
     with stage_status(not json_out) as on_stage:
         report = make_delta(base, target, output, target_base=target_base, config=cfg, probe=prompts,
-                            sign_key=key, progress=on_stage)
-        if advance_mirror:
-            from cdcca_edge.core.patch import apply_delta
-            from cdcca_edge.core.trust import Trust
-
-            on_stage("advancing the mirror")
-            apply_delta(base, output, trust=Trust.none())  # the delta this process just made
-    doc = {**report.as_dict(), "mirror_advanced": advance_mirror}
+                            sign_key=key, progress=on_stage, advance_mirror=advance_mirror)
+    doc = report.as_dict()
     if json_out:
         print_json(doc)
         return

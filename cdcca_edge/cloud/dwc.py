@@ -38,7 +38,7 @@ import numpy as np
 from cdcca_edge.core.artifact import Artifact, TensorInfo, iter_tensor_bytes, open_artifact
 from cdcca_edge.core.delta_build import DeltaBuilder, changed_runs
 from cdcca_edge.core.encodings import REQUANT_TYPES, dequantize, quantize
-from cdcca_edge.core.errors import UsageError, require
+from cdcca_edge.core.errors import IntegrityError, UsageError, require
 from cdcca_edge.core.ggml import type_layout
 
 RECORD_OVERHEAD = 250  # bytes of (compressed) header per record, measured 200-260
@@ -438,6 +438,7 @@ class DWCReport:
     to_version: int
     signed: bool
     search: list[dict[str, float]] = field(default_factory=list)  # max-kl: budgets tried
+    mirror_advanced: bool = False  # the mirror now is the delta's target
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -452,18 +453,31 @@ def make_delta(
     probe: Sequence[str] | None = None,
     sign_key: Any | None = None,
     progress: Callable[[str], None] | None = None,
+    advance_mirror: bool = False,
 ) -> DWCReport:
     """Compress ``target`` (HF dir, or adapter + ``target_base``) into a delta for the
-    device artefact mirrored at ``base``; the mirror is not modified.
+    device artefact mirrored at ``base``, in one operation: build, measure, and (with
+    ``advance_mirror``) leave the mirror at the delta's target — applied by the same
+    patch code the device runs, so the mirror stays the device's model byte for byte.
+
+    Each candidate delta is measured on the mirror itself, in place, and taken back with
+    the undo delta the patch writes (no copy of the model; ``trial_undo_path`` keeps the
+    undo across a crash, and the next call restores the mirror first). Without
+    ``advance_mirror`` the mirror ends exactly as it began.
 
     Raises:
         UsageError: bad configuration, or max_kl without probe prompts.
         MissingTensorError: an update has no slot in the artefact.
+        IntegrityError: the advanced mirror does not have the delta's target identity.
     """
     say = progress or (lambda _m: None)
     if config.max_kl is not None and not probe:
         raise UsageError("--max-kl needs --probe prompts to measure the KL on")
+    restored = restore_interrupted_trial(base)
+    if restored:
+        say(f"the mirror was left mid-measurement by an interrupted run: {restored}")
     art = open_artifact(base)
+    mirror = art.path if art.format == "gguf" else art.root
     say("loading the target")
     targets, _ = load_targets(art, target, target_base)
     say("pricing the update")
@@ -481,20 +495,24 @@ def make_delta(
         counts = build(art, choices, builder)
         return builder.write(path, sign_key=sign_key), counts, choices
 
-    def measure(delta_path: Path) -> tuple[float | None, dict[str, float]]:
+    # the mirror as it is, before any candidate touches it
+    kl_before = probe_kl(mirror, ref, ids) if ref is not None else None
+    before = weight_error(art, targets, mirror_before)
+
+    def measure(delta_path: Path, keep: bool = False) -> tuple[float | None, dict[str, float]]:
+        """Apply ``delta_path`` to the mirror in place, measure, and undo it unless ``keep``."""
         from cdcca_edge.core.patch import apply_delta
         from cdcca_edge.core.trust import Trust
 
-        with tempfile.TemporaryDirectory(prefix="cdcca-dwc-") as tmp:
-            copy = Path(tmp) / Path(art.root).name
-            if art.format == "gguf":
-                shutil.copy(art.path, copy)
-            else:
-                shutil.copytree(art.root, copy)
-            apply_delta(copy, delta_path, trust=Trust.none())  # our own delta, just made
-            patched = open_artifact(copy)
-            err = weight_error(patched, targets, mirror_before)
-            kl = probe_kl(copy, ref, ids) if ref is not None else None
+        undo = trial_undo_path(mirror)
+        try:
+            apply_delta(mirror, delta_path, trust=Trust.none(), undo_out=undo)  # our own delta
+            err = weight_error(open_artifact(mirror), targets, mirror_before)
+            kl = probe_kl(mirror, ref, ids) if ref is not None else None
+        finally:
+            if not keep:
+                restore_interrupted_trial(mirror)
+        undo.unlink(missing_ok=True)
         return kl, err
 
     out = Path(out)
@@ -531,11 +549,16 @@ def make_delta(
     else:
         budget = config.budget_bytes
         summary, counts, choices = attempt(budget, out)
-    say("measuring the patched model")
-    kl_after, err = measure(out)
-    kl_before = probe_kl(art.path if art.format == "gguf" else art.root, ref, ids) if ref is not None else None
+    say("advancing the mirror" if advance_mirror else "measuring the patched model")
+    kl_after, err = measure(out, keep=advance_mirror)
     touched = sum(c.plan.t.info.n_elements if c.rank else c.n_groups * c.plan.group for c in choices)
-    before = weight_error(art, targets, mirror_before)
+    if advance_mirror:
+        from cdcca_edge.core.state import current_identity
+
+        now, _, _ = current_identity(open_artifact(mirror))
+        if now != summary.target_identity:
+            raise IntegrityError(f"{mirror}: after advancing, the mirror's identity is {now[:16]}, "
+                                 f"not the delta's target {summary.target_identity[:16]}")
     return DWCReport(
         delta=str(out), bytes=out.stat().st_size, artifact_bytes=art.tensor_bytes,
         records=summary.records, records_by_encoding=counts, weights_touched=touched / total_elems,
@@ -544,4 +567,26 @@ def make_delta(
         budget_bytes=budget, base_identity=summary.base_identity,
         target_identity=summary.target_identity, from_version=summary.from_version,
         to_version=summary.to_version, signed=summary.signed, search=search,
+        mirror_advanced=advance_mirror,
     )
+
+
+def trial_undo_path(mirror: str | Path) -> Path:
+    """Where :func:`make_delta` keeps the undo delta of the candidate it is measuring on
+    the mirror: ``cdcca-trial-undo.cdcd`` in an ONNX or bundle directory, beside a GGUF."""
+    m = Path(mirror)
+    return m / "cdcca-trial-undo.cdcd" if m.is_dir() else m.with_name(m.name + ".cdcca-trial-undo.cdcd")
+
+
+def restore_interrupted_trial(mirror: str | Path) -> str | None:
+    """Take back a candidate delta left applied to the mirror (a crash or an error while
+    measuring it); returns what was done, or None if there was nothing to take back."""
+    from cdcca_edge.core.patch import apply_delta
+    from cdcca_edge.core.trust import Trust
+
+    undo = trial_undo_path(mirror)
+    if not undo.is_file():
+        return None
+    r = apply_delta(mirror, undo, trust=Trust.none(), allow_downgrade=True)  # written by this module
+    undo.unlink()
+    return "already as it began" if r.already_applied else f"restored to version {r.to_version}"

@@ -116,8 +116,7 @@ def test_ten_rounds_do_not_drift(setup, tmp_path):
     errors = []
     for k in range(10):
         lora = make_lora(base, tmp_path / f"lora{k}", seed=100 + k, scale=0.2)
-        rep = make_delta(mirror, lora, tmp_path / f"d{k}.cdcd", target_base=base)
-        apply_delta(mirror, tmp_path / f"d{k}.cdcd", trust=Trust.none())  # the cloud advances its mirror
+        rep = make_delta(mirror, lora, tmp_path / f"d{k}.cdcd", target_base=base, advance_mirror=True)
         errors.append(rep.relative_error)
         if k:  # after round 0 the mirror is no longer the adapters' base: low rank is refused
             assert "lowrank" not in rep.records_by_encoding
@@ -145,3 +144,38 @@ def test_cli_delta_make(setup, tmp_path):
     from cdcca_edge.core.state import read_state
 
     assert read_state(open_artifact(mirror)).version == 1
+
+
+def test_advance_mirror_is_one_call_and_keeps_mirror_equal_to_device(setup, tmp_path):
+    """Build, measure and advance in one call, with no copy of the model; a device
+    patched with the delta is then the mirror, byte for byte (the central invariant)."""
+    from cdcca_edge.core.artifact import compute_identity
+
+    root, base, lora = setup
+    mirror = export(base, tmp_path / "m.gguf", "gguf", quant="q8_0").path
+    device = tmp_path / "dev.gguf"
+    shutil.copy(mirror, device)
+    rep = make_delta(mirror, lora, tmp_path / "d.cdcd", target_base=base, probe=PROBE, advance_mirror=True)
+    assert rep.mirror_advanced and rep.probe_kl < rep.probe_kl_before
+    assert compute_identity(open_artifact(mirror)).digest == rep.target_identity
+    assert apply_delta(device, tmp_path / "d.cdcd", trust=Trust.none()).applied
+    assert file_digest(device) == file_digest(mirror)
+    assert not list(tmp_path.glob("*trial-undo*"))
+
+
+def test_interrupted_measurement_is_taken_back_first(setup, tmp_path):
+    """A candidate left applied to the mirror (the process died while measuring it) is
+    taken back by the next make_delta before it builds anything."""
+    from cdcca_edge.cloud.dwc import restore_interrupted_trial, trial_undo_path
+    from cdcca_edge.core.artifact import compute_identity
+
+    root, base, lora = setup
+    mirror = export(base, tmp_path / "m.gguf", "gguf", quant="q8_0").path
+    original = file_digest(mirror)
+    first = make_delta(mirror, lora, tmp_path / "d.cdcd", target_base=base)
+    assert file_digest(mirror) == original  # measured in place, then taken back
+    apply_delta(mirror, tmp_path / "d.cdcd", trust=Trust.none(), undo_out=trial_undo_path(mirror))
+    assert compute_identity(open_artifact(mirror)).digest == first.target_identity  # the crash state
+    again = make_delta(mirror, lora, tmp_path / "d2.cdcd", target_base=base)
+    assert again.base_identity == first.base_identity and file_digest(mirror) == original
+    assert restore_interrupted_trial(mirror) is None and not trial_undo_path(mirror).exists()
