@@ -171,30 +171,39 @@ def run(
     json_out: JsonOpt = False,
 ) -> None:
     """Answer a prompt on the device runtime, with per-token uncertainty."""
-    from cdcca_edge.core.artifact import MANIFEST_NAME
+    from cdcca_edge.core.artifact import open_artifact
     from cdcca_edge.runtime import GenerationConfig, load
 
     config = GenerationConfig(
         max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
         score_prompt=score_prompt,
     )
-    if (artifact / MANIFEST_NAME).is_file():
-        _run_multimodal(artifact, prompt, image, backend, threads, config, show_scores, json_out)
-        return
-    if image is not None:
+    if image is not None and open_artifact(artifact).format != "bundle":  # before loading it
         raise UsageError(f"--image needs a multimodal bundle; {artifact} is a text model")
     with load(artifact, backend=backend, n_threads=threads) as model:  # type: ignore[arg-type]
         _report_recovery(artifact, model.recovered)
+        multimodal = hasattr(model, "encode_image")
+        extra: dict[str, Any] = {}
+        if image is not None:
+            prompt = model.prompt(prompt)  # type: ignore[attr-defined]  # the bundle's template
+            extra = {"image": image}
         if json_out:
-            result = model.generate(prompt, config)
-            print_json({"backend": model.name, "artifact": str(artifact), **result.as_dict()})
+            result = model.generate(prompt, config, **extra)
+            doc = {"backend": model.name, "artifact": str(artifact)}
+            if multimodal:
+                doc["image"] = str(image) if image else None
+            print_json({**doc, **result.as_dict()})
             return
 
         def show(event: "StreamEvent") -> None:
             out.file.write(event.text)
             out.file.flush()
 
-        result = model.generate(prompt, config, on_token=show)
+        if image is None:
+            result = model.generate(prompt, config, on_token=show)
+        else:
+            result = model.generate(prompt, config, **extra)
+            out.file.write(result.text)
         out.file.write("\n")
     if show_scores:
         print_score_table(result)
@@ -206,29 +215,6 @@ def run(
         f"{s.mean_entropy:.3f} nats[/dim]",
         highlight=False,
     )
-
-
-def _run_multimodal(artifact: Path, prompt: str, image: Optional[Path], backend: str, threads: Optional[int],
-                    config: Any, show_scores: bool, json_out: bool) -> None:
-    """``run`` on a multimodal bundle: the vision part in onnxruntime, the language part
-    on ``backend``; the question goes into the bundle's prompt template."""
-    from cdcca_edge.runtime.multimodal import MultimodalModel
-
-    with MultimodalModel(artifact, backend=backend, n_threads=threads) as mm:
-        _report_recovery(artifact, mm.recovered)
-        text = mm.prompt(prompt) if image is not None else prompt
-        result = mm.generate(text, image, config)
-        name = mm.name
-    if json_out:
-        print_json({"backend": name, "artifact": str(artifact), "image": str(image) if image else None,
-                    **result.as_dict()})
-        return
-    out.print(result.text, highlight=False)
-    if show_scores:
-        print_score_table(result)
-    err.print(f"[dim]{name}: {len(result.tokens)} tokens ({result.finish_reason}), confidence "
-              f"{result.sample.confidence:.3f}, mean entropy {result.sample.mean_entropy:.3f} nats[/dim]",
-              highlight=False)
 
 
 def _report_recovery(artifact: Path, outcome: str | None) -> None:
@@ -490,16 +476,6 @@ def _identity_of(artifact: Path) -> tuple[str, int | None]:
     return identity, state.version if state else None
 
 
-def _load_any(artifact: Path, backend: str) -> Any:
-    """A text artefact on its backend, or a multimodal bundle (vision part + language part)."""
-    from cdcca_edge.core.artifact import MANIFEST_NAME
-    from cdcca_edge.runtime import load
-
-    if (artifact / MANIFEST_NAME).is_file():
-        from cdcca_edge.runtime.multimodal import MultimodalModel
-
-        return MultimodalModel(artifact, backend=backend)
-    return load(artifact, backend=backend)  # type: ignore[arg-type]
 
 
 @uplink_app.command("calibrate")
@@ -517,11 +493,12 @@ def uplink_calibrate(
 ) -> None:
     """Fit the upload threshold on in-distribution inputs (with images: also the visual-token
     statistics)."""
+    from cdcca_edge.runtime import load
     from cdcca_edge.runtime.uts import calibrate, read_inputs
 
     items = read_inputs(inputs)
     identity, _ = _identity_of(artifact)
-    with _load_any(artifact, backend) as model:
+    with load(artifact, backend=backend) as model:  # type: ignore[arg-type]
         with _progress(len(items), "calibrating", json_out) as tick:
             cal = calibrate(model, items, identity, rate=rate, token_rate=token_rate, score=score,
                             max_tokens=max_tokens, keep=keep, progress=tick)
@@ -549,12 +526,13 @@ def uplink_collect(
     json_out: JsonOpt = False,
 ) -> None:
     """Answer inputs on the device, select the uncertain ones, write the uplink bundle."""
+    from cdcca_edge.runtime import load
     from cdcca_edge.runtime.uts import Calibration, collect, read_inputs
 
     items = read_inputs(inputs)
     cal = Calibration.load(calib)
     identity, version = _identity_of(artifact)
-    with _load_any(artifact, backend) as model:
+    with load(artifact, backend=backend) as model:  # type: ignore[arg-type]
         with _progress(len(items), "answering", json_out) as tick:
             report = collect(model, items, cal, output, identity, version, selector=selector,  # type: ignore[arg-type]
                              include_raw=include_raw, low_weight=low_weight, seed=seed, progress=tick)

@@ -291,7 +291,7 @@ def validate_bundle(bundle: Path, loaded: Any, fmt: str, quant: str, tolerance: 
             for q in VALIDATION_QUESTIONS[: 2 if k else None]:
                 prompt = mm.prompt(q)
                 want = torch_greedy(llava, tok, prompt, im, info["image_mean"], info["image_std"], 6)
-                got = mm.generate(prompt, im, GenerationConfig(max_tokens=6)).tokens
+                got = mm.generate(prompt, GenerationConfig(max_tokens=6), image=im).tokens
                 total += 1
                 same += got == want  # both end with EOS when the answer does
         report["answers_equal_torch"] = same / total

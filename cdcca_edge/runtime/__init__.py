@@ -39,7 +39,9 @@ def load(path: str | Path, backend: BackendName = "auto", **kwargs: object) -> B
     """Open an artefact on a backend.
 
     Args:
-        path: a .gguf file, an ONNX export directory, or its model.onnx.
+        path: a .gguf file, an ONNX export directory or its model.onnx, or a multimodal
+            bundle directory (a :class:`~cdcca_edge.runtime.multimodal.MultimodalModel`,
+            whose ``backend`` is its language part's).
         backend: ``"llama"`` (GGUF), ``"onnx"`` (ONNX), or ``"auto"`` to pick by format.
         **kwargs: passed to the backend (``n_threads``; ``n_ctx`` for llama).
 
@@ -66,8 +68,14 @@ def load(path: str | Path, backend: BackendName = "auto", **kwargs: object) -> B
 
 def _open_backend(path: str | Path, art: "Artifact", backend: BackendName, kwargs: dict) -> Backend:
     if art.format == "bundle":
-        raise FormatError(f"{path}: a multi-part bundle; the runtime does not run bundles yet "
-                          "(they come with multimodal support). Patch and inspect work on them")
+        from cdcca_edge.runtime.multimodal import MultimodalModel
+
+        unknown = set(kwargs) - {"n_threads"}
+        if unknown:
+            raise UsageError(f"{path}: a multimodal bundle takes n_threads only, not {sorted(unknown)}")
+        if backend not in ("auto", "llama", "onnx"):
+            raise UsageError(f"unknown backend {backend!r}; choose auto, onnx or llama")
+        return MultimodalModel(path, backend=backend, n_threads=kwargs.get("n_threads"))  # type: ignore[arg-type]
     chosen = backend
     if backend == "auto":
         chosen = "llama" if art.format == "gguf" else "onnx"

@@ -14,13 +14,13 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
 from cdcca_edge.core.artifact import MANIFEST_NAME, ONNX_MODEL_NAME
 from cdcca_edge.core.errors import FormatError, UsageError, require
-from cdcca_edge.runtime.base import Backend, Generation, GenerationConfig
+from cdcca_edge.runtime.base import Backend, Generation, GenerationConfig, StreamEvent
 
 IMAGE_TOKEN = "<image>"
 DEFAULT_TEMPLATE = "USER: <image>\n{question} ASSISTANT:"
@@ -45,8 +45,12 @@ def load_image(path: str | Path) -> np.ndarray:
     return img.astype(np.uint8)
 
 
-class MultimodalModel:
-    """A multimodal bundle (docs/formats/artifact.md, section 6) loaded for inference.
+class MultimodalModel(Backend):
+    """A multimodal bundle (docs/formats/artifact.md, section 6) loaded for inference:
+    a :class:`Backend` whose text interface is its language part's, plus images.
+
+    ``runtime.load(bundle)`` returns one, so everything that takes a backend (the probe
+    KL of ``delta make``, ``Backend.apply_patch``, ``run``) takes a bundle too.
 
     Args:
         path: the bundle directory.
@@ -54,21 +58,23 @@ class MultimodalModel:
     """
 
     def __init__(self, path: str | Path, backend: str = "auto", n_threads: int | None = None) -> None:
+        self.path = Path(path)
+        if not (self.path / MANIFEST_NAME).is_file():
+            raise FormatError(f"{self.path}: no {MANIFEST_NAME}; not a multimodal bundle")
+        self._args = (backend, n_threads)
+        self._open()
+
+    def _open(self) -> None:
         ort = require("onnxruntime", "device")
-        from cdcca_edge.core.patch import hold_for_serving
         from cdcca_edge.runtime import load
 
-        self.path = Path(path)
-        manifest = self.path / MANIFEST_NAME
-        if not manifest.is_file():
-            raise FormatError(f"{self.path}: no {MANIFEST_NAME}; not a multimodal bundle")
         # The bundle's journal covers the vision and language parts alike: recover it,
         # then hold the bundle's shared lock for as long as either part is loaded.
-        self._lock, self.recovered = hold_for_serving(self.path)
+        self._hold(self.path)
         try:
-            self._load(ort, load, manifest, backend, n_threads)
+            self._load(ort, load, self.path / MANIFEST_NAME, *self._args)
         except BaseException:
-            self._lock.release()
+            self._release_hold()
             raise
 
     def _load(self, ort: Any, load: Any, manifest: Path, backend: str, n_threads: int | None) -> None:
@@ -89,21 +95,51 @@ class MultimodalModel:
         self._mean = np.asarray(info["image_mean"], np.float32).reshape(1, 1, 3)
         self._std = np.asarray(info["image_std"], np.float32).reshape(1, 1, 3)
 
-    def __enter__(self) -> "MultimodalModel":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
     def close(self) -> None:
         if getattr(self, "language", None) is not None:
             self.language.close()
         self._vision = None
-        self._lock.release()
+        self._release_hold()
+
+    def reload(self) -> None:
+        self.close()
+        self._open()
 
     @property
-    def name(self) -> str:
+    def name(self) -> str:  # type: ignore[override]
         return f"{self.language.name}+onnx-vision"
+
+    # --- the language part's text interface ------------------------------------------------
+    @property
+    def artifact_path(self) -> Path:
+        return self.path
+
+    @property
+    def n_vocab(self) -> int:
+        return self.language.n_vocab
+
+    @property
+    def eos_token_ids(self) -> frozenset[int]:
+        return self.language.eos_token_ids
+
+    @property
+    def n_ctx(self) -> int:
+        return self.language.n_ctx
+
+    def tokenize(self, text: str) -> list[int]:
+        return self.language.tokenize(text)
+
+    def detokenize(self, tokens: Sequence[int]) -> bytes:
+        return self.language.detokenize(tokens)
+
+    def reset(self) -> None:
+        self.language.reset()
+
+    def forward(self, tokens: Sequence[int], all_logits: bool = False) -> np.ndarray:
+        return self.language.forward(tokens, all_logits)
+
+    def forward_embeds(self, embeds: np.ndarray, all_logits: bool = False) -> np.ndarray:
+        return self.language.forward_embeds(embeds, all_logits)  # type: ignore[attr-defined]
 
     # --- vision ----------------------------------------------------------------------------
     def preprocess(self, image: np.ndarray) -> np.ndarray:
@@ -131,17 +167,26 @@ class MultimodalModel:
             return question
         return str(self.info.get("prompt_template", DEFAULT_TEMPLATE)).replace("{question}", question)
 
-    def generate(self, prompt: str, image: np.ndarray | str | Path | None,
-                 config: GenerationConfig = GenerationConfig(),
-                 image_embeds: np.ndarray | None = None) -> Generation:
-        """Answer ``prompt``; its image token (or the start, if it has none) receives the
-        image's embeddings. ``image_embeds`` (N, D) may be given instead of ``image``."""
+    def generate(
+        self,
+        prompt: str | Sequence[int],
+        config: GenerationConfig = GenerationConfig(),
+        on_token: Callable[[StreamEvent], None] | None = None,
+        *,
+        image: np.ndarray | str | Path | None = None,
+        image_embeds: np.ndarray | None = None,
+    ) -> Generation:
+        """Answer ``prompt`` (text only without an image, as any backend); with ``image``
+        (or its ``image_embeds`` (N, D)) the prompt's image token (or the start, if it has
+        none) receives the image's embeddings."""
         lm = self.language
         if image_embeds is None:
             if image is None:
-                return lm.generate(prompt, config)
+                return lm.generate(prompt, config, on_token)
             _, image_embeds = self.encode_image(image)
-        ids = lm.tokenize(prompt)
+        if on_token is not None:
+            raise UsageError("streaming is not supported for image prompts yet")
+        ids = lm.tokenize(prompt) if isinstance(prompt, str) else lm.check_tokens(prompt)
         img_id = int(self.info["image_token_id"])
         cut = ids.index(img_id) if img_id in ids else 0
         before, after = ids[:cut], [t for t in ids[cut:] if t != img_id]
@@ -151,7 +196,7 @@ class MultimodalModel:
 
     def answer(self, image: np.ndarray | str | Path, question: str, max_tokens: int = 4) -> str:
         """The first word of the greedy answer (the shapes task's answers are one word)."""
-        gen = self.generate(self.prompt(question), image, GenerationConfig(max_tokens=max_tokens))
+        gen = self.generate(self.prompt(question), GenerationConfig(max_tokens=max_tokens), image=image)
         words = gen.text.replace(".", " ").split()
         return words[0] if words else ""
 

@@ -123,7 +123,7 @@ def answer_item(model: Any, item: dict[str, Any], cfg: GenerationConfig) -> tupl
         raise UsageError("these inputs have images; image inputs need a multimodal artefact (a bundle "
                          "exported from a LLaVA model)")
     feats, embeds = model.encode_image(item["image"])
-    return model.generate(model.prompt(item["prompt"]), None, cfg, image_embeds=embeds), feats
+    return model.generate(model.prompt(item["prompt"]), cfg, image_embeds=embeds), feats
 
 
 def item_uncertainty(gen: Generation, feats: np.ndarray | None, score: str, visual: "VisualStats | None") -> float:

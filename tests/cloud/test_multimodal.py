@@ -221,7 +221,7 @@ def test_akd_visual_tokens(llava, bundles, tmp_path):
     assert compute_identity(open_artifact(device)).digest == dwc.target_identity
     with MultimodalModel(device) as mm:  # the patched bundle loads and answers
         ex = dataset(1, seed=9, domains=("noise",))[0]
-        assert mm.generate(mm.prompt(ex.question.text), ex.image).tokens
+        assert mm.generate(mm.prompt(ex.question.text), image=ex.image).tokens
 
 
 def _delta_tensors(path: Path) -> list[str]:
@@ -292,3 +292,37 @@ def test_qwen2_language_model_bundle(llava, tmp_path, fmt):
     res = export(student, tmp_path / fmt, fmt, quant="f32")
     assert res.extra["answers_equal_torch"] == 1.0
     assert res.extra["vision"]["normalized_diff"] < res.extra["vision"]["tolerance"]
+
+
+@pytest.mark.parametrize("fmt", ["gguf", "onnx"])
+def test_runtime_load_opens_bundles_and_patches_them_live(bundles, fmt, tmp_path):
+    """runtime.load takes every artefact kind the exporter writes: a bundle is a Backend
+    (its language part's text interface, plus images), so prompt logits (DWC's probe KL)
+    and the live patch path work on it as on any model."""
+    import shutil
+
+    from cdcca_edge.core.artifact import compute_identity, open_artifact
+    from cdcca_edge.core.delta_build import DeltaBuilder
+    from cdcca_edge.runtime import load
+    from cdcca_edge.runtime.base import Backend
+    from cdcca_edge.runtime.multimodal import MultimodalModel
+    from tests.core.delta_helpers import random_units
+
+    path, _ = bundles[fmt]
+    device = tmp_path / "device"
+    shutil.copytree(path, device)
+    art = open_artifact(device)
+    t = next(t for t in art.tensors if t.name.startswith("language/") and t.type_name == "F32" and len(t.shape) == 2)
+    b = DeltaBuilder(art)
+    b.replace_units(t.name, [0], [8], random_units("F32", 8, np.random.default_rng(1)))
+    target = b.write(tmp_path / "d.cdcd").target_identity
+    ex = dataset(1, seed=4, domains=("noise",))[0]
+    with load(device) as m:
+        assert isinstance(m, MultimodalModel) and isinstance(m, Backend)
+        ids = m.tokenize("is there a square?")
+        assert m.prompt_logits(ids).shape == (len(ids), m.n_vocab)
+        before = m.generate(m.prompt(ex.question.text), image=ex.image).tokens
+        r = m.apply_patch(tmp_path / "d.cdcd", trust=Trust.none())  # stop, patch, reload
+        assert r.applied and m.generate(m.prompt(ex.question.text), image=ex.image).tokens
+        assert len(before) > 0
+    assert compute_identity(open_artifact(device)).digest == target
