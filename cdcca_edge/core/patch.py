@@ -750,12 +750,14 @@ def _preallocate(fd: int, start: int, length: int) -> None:
 
 def _journal_pass(art: Artifact, d: DeltaFile, journal: _JournalWriter | None,
                   undo: "_UndoBuilder | None", chunk: int, result: PatchResult,
-                  fds: list[int] | None, keys: list[str] | None = None) -> set[str]:
+                  fds: list[int] | None, keys: list[str] | None = None) -> dict[str, str | None]:
     """Per record, per window: old bytes, new bytes, the finite check and both digests;
-    into the journal when given (else a dry run). Returns the tensors touched."""
+    into the journal when given (else a dry run). Returns the tensors touched, each with
+    its new digest where one record rewrites the whole tensor (the digest of the bytes it
+    computed and writes), else None (the tensor is re-read after the write)."""
     import numpy as np
 
-    touched: set[str] = set()
+    touched: dict[str, str | None] = {}
     own = fds is None
     opened: dict[str, int] = {}
     try:
@@ -797,7 +799,10 @@ def _journal_pass(art: Artifact, d: DeltaFile, journal: _JournalWriter | None,
                 raise IntegrityError(f"tensor {rec.tensor!r}: the bytes computed here differ from "
                                      "the sender's (post-image digest mismatch); nothing was written")
             result.records.append(_record_summary(p))
-            touched.add(rec.tensor)
+            t = art.tensor(rec.tensor)
+            whole = (len(p.offsets) > 0 and int(p.offsets[0]) == t.offset and p.region_bytes == t.nbytes
+                     and bool(np.all(p.offsets[1:] == p.offsets[:-1] + p.lengths[:-1])))
+            touched[rec.tensor] = post.hexdigest() if whole and rec.tensor not in touched else None
     finally:
         for fd in opened.values():
             os.close(fd)
@@ -900,9 +905,11 @@ def _write_patch(art: Artifact, d: DeltaFile, state: ArtifactState, identity: st
             os.close(fd)
 
 
-def _new_identity(art: Artifact, state: ArtifactState, touched: set[str], target: str) -> dict[str, str]:
-    """Per-tensor digests after the write: the touched tensors re-read from the file, the
-    rest as the verified state recorded them. Their identity must be the delta's target.
+def _new_identity(art: Artifact, state: ArtifactState, touched: dict[str, str | None],
+                  target: str) -> dict[str, str]:
+    """Per-tensor digests after the write: a tensor rewritten whole by one record has the
+    digest of the bytes written, other touched tensors are re-read from the file, the rest
+    are as the verified state recorded them. Their identity must be the delta's target.
 
     Raises:
         IntegrityError: it is not (the model is then rolled back by the caller).
@@ -910,7 +917,7 @@ def _new_identity(art: Artifact, state: ArtifactState, touched: set[str], target
     digests = dict(state.tensor_digests)
     for t in art.tensors:
         if t.name in touched:
-            digests[t.name] = tensor_digest(t)
+            digests[t.name] = touched[t.name] or tensor_digest(t)
     got = identity_digest((t.name, t.type_name, t.shape, digests[t.name]) for t in art.tensors)
     if got != target:
         raise IntegrityError(f"{art.path}: after writing, the model's identity is {got[:16]}, not "
