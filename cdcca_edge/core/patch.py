@@ -80,6 +80,7 @@ from cdcca_edge.core.state import (
     current_identity,
     fsync_dir,
     layout_digest,
+    read_state,
     state_path,
     write_state,
 )
@@ -483,8 +484,6 @@ def recover(model: str | Path | Artifact, _locked: bool = False, wait: float = 0
             meta, entries = parsed
             files = _bind(art, meta, entries)
             where = _classify(jp, files, entries)
-            from cdcca_edge.core.state import read_state
-
             state = read_state(art)
             committed = (
                 state is not None
