@@ -381,8 +381,11 @@ def delta_make(
     sign_key: Annotated[Optional[Path], typer.Option(help="Ed25519 private key (PEM) to sign with.")] = None,
     no_lowrank: Annotated[bool, typer.Option("--no-lowrank", help="Never use low-rank records.")] = False,
     advance_mirror: Annotated[
-        bool, typer.Option("--advance-mirror", help="Apply the delta to the mirror (--base) afterwards.")
+        bool, typer.Option("--advance-mirror", help="Leave the mirror (--base) at the delta's target (one operation).")
     ] = False,
+    expect_identity: Annotated[
+        Optional[str], typer.Option(help="The identity the device reports; refuse a mirror with another one.")
+    ] = None,
     json_out: JsonOpt = False,
 ) -> None:
     """DWC: compress a cloud update into the smallest delta for the device's exact model."""
@@ -398,7 +401,8 @@ def delta_make(
     key = load_private_key(sign_key) if sign_key else None
     with stage_status(not json_out) as on_stage:
         report = make_delta(base, target, output, target_base=target_base, config=cfg, probe=prompts,
-                            sign_key=key, progress=on_stage, advance_mirror=advance_mirror)
+                            sign_key=key, progress=on_stage, advance_mirror=advance_mirror,
+                            expect_identity=expect_identity)
     doc = report.as_dict()
     if json_out:
         print_json(doc)

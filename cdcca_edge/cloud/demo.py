@@ -229,7 +229,8 @@ def run_demo(out_dir: str | Path, config: DemoConfig = DemoConfig(), stage: Stag
         say(f"round {r}: DWC delta against the cloud's mirror")
         delta = work / f"delta-{r}.cdcd"
         # the adapter on the cloud's current student: only what it changed, LoRA-shaped
-        dwc = make_delta(mirror, work / f"akd-{r}", delta, target_base=cloud_student, advance_mirror=True)
+        dwc = make_delta(mirror, work / f"akd-{r}", delta, target_base=cloud_student, advance_mirror=True,
+                         expect_identity=identity)  # the identity the device reported with its uplink
         say(f"round {r}: the device patches its bundle in place")
         t = time.perf_counter()
         apply_delta(device, delta, trust=Trust.none())

@@ -78,9 +78,12 @@ class TensorTarget:
 # --- targets ------------------------------------------------------------------------------
 
 
-def load_targets(art: Artifact, target: str | Path, target_base: str | Path | None = None) -> tuple[list[TensorTarget], Any]:
+def load_targets(art: Artifact, target: str | Path, target_base: str | Path | None = None,
+                 *, return_model: bool = False) -> tuple[Any, ...]:
     """Read the cloud target (an HF directory, or a PEFT adapter and its base) into the
-    artefact's layout. Returns (targets, HF config).
+    artefact's layout. Returns (targets, HF config), and the loaded target model (adapter
+    merged) as a third item with ``return_model``, so a caller that needs its logits does
+    not load it again.
 
     Raises:
         MissingTensorError: a changed parameter has no tensor in the artefact.
@@ -123,6 +126,8 @@ def load_targets(art: Artifact, target: str | Path, target_base: str | Path | No
                 a, b, s = lora[hf]
                 a2, b2 = slot.factors(a, b)
                 tt.lowrank.append((a2, b2, s))
+    if return_model:
+        return list(out.values()), cfg, model
     return list(out.values()), cfg
 
 
@@ -394,16 +399,19 @@ def probe_kl(artifact: Path, target_logits: list[np.ndarray], prompt_ids: list[l
     return float(np.concatenate(kls).mean())
 
 
-def target_logits(target: Path, target_base: Path | None, prompts: Sequence[str]) -> tuple[list[np.ndarray], list[list[int]]]:
-    """Logits of the cloud target (torch) on the probe prompts, and their token ids."""
+def target_logits(target: Path, target_base: Path | None, prompts: Sequence[str],
+                  model: Any | None = None) -> tuple[list[np.ndarray], list[list[int]]]:
+    """Logits of the cloud target (torch) on the probe prompts, and their token ids.
+    ``model``: the target already loaded (``load_targets(..., return_model=True)``)."""
     torch = require("torch", "cloud")
     transformers = require("transformers", "cloud")
     from cdcca_edge.converters.hf import merge_adapter
 
     base = target_base or target
-    model = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    if target_base is not None:
-        model = merge_adapter(model, Path(target))
+    if model is None:
+        model = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+        if target_base is not None:
+            model = merge_adapter(model, Path(target))
     tok = transformers.AutoTokenizer.from_pretrained(base)
     model.eval()
     logits, ids = [], []
@@ -454,6 +462,7 @@ def make_delta(
     sign_key: Any | None = None,
     progress: Callable[[str], None] | None = None,
     advance_mirror: bool = False,
+    expect_identity: str | None = None,
 ) -> DWCReport:
     """Compress ``target`` (HF dir, or adapter + ``target_base``) into a delta for the
     device artefact mirrored at ``base``, in one operation: build, measure, and (with
@@ -465,10 +474,14 @@ def make_delta(
     undo across a crash, and the next call restores the mirror first). Without
     ``advance_mirror`` the mirror ends exactly as it began.
 
+    ``expect_identity``: the identity the device reports; the mirror must have it (a delta
+    built on any other bytes would not apply there).
+
     Raises:
         UsageError: bad configuration, or max_kl without probe prompts.
         MissingTensorError: an update has no slot in the artefact.
-        IntegrityError: the advanced mirror does not have the delta's target identity.
+        IntegrityError: the mirror is not the device's model (``expect_identity``), or the
+            advanced mirror does not have the delta's target identity.
     """
     say = progress or (lambda _m: None)
     if config.max_kl is not None and not probe:
@@ -478,8 +491,16 @@ def make_delta(
         say(f"the mirror was left mid-measurement by an interrupted run: {restored}")
     art = open_artifact(base)
     mirror = art.path if art.format == "gguf" else art.root
+    if expect_identity is not None:
+        from cdcca_edge.core.state import current_identity
+
+        have, _, _ = current_identity(art)
+        if have != expect_identity:
+            raise IntegrityError(f"{mirror}: the mirror's identity is {have[:16]}, the device reports "
+                                 f"{expect_identity[:16]}: they have parted ways; re-seed the mirror "
+                                 "from the device's version before building its next delta")
     say("loading the target")
-    targets, _ = load_targets(art, target, target_base)
+    targets, _, target_model = load_targets(art, target, target_base, return_model=True)  # loaded once
     say("pricing the update")
     plans = [p for p in (price(t, config) for t in targets) if p is not None]
     mirror_before = {t.info.name: dequantize(t.info.type_name, _read(t.info)) for t in targets}
@@ -487,7 +508,9 @@ def make_delta(
     ref = ids = None
     if probe:
         say("target logits on the probe prompts")
-        ref, ids = target_logits(Path(target), Path(target_base) if target_base else None, probe)
+        ref, ids = target_logits(Path(target), Path(target_base) if target_base else None, probe,
+                                 model=target_model)
+    del target_model  # the targets hold what the rest needs
 
     def attempt(budget: int | None, path: Path) -> tuple[Any, dict[str, int], list[Choice]]:
         choices = select(plans, budget)

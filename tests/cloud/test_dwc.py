@@ -179,3 +179,18 @@ def test_interrupted_measurement_is_taken_back_first(setup, tmp_path):
     again = make_delta(mirror, lora, tmp_path / "d2.cdcd", target_base=base)
     assert again.base_identity == first.base_identity and file_digest(mirror) == original
     assert restore_interrupted_trial(mirror) is None and not trial_undo_path(mirror).exists()
+
+
+def test_mirror_that_is_not_the_device_is_refused(setup, tmp_path):
+    from cdcca_edge.core.artifact import compute_identity
+    from cdcca_edge.core.errors import IntegrityError
+
+    root, base, lora = setup
+    mirror = export(base, tmp_path / "m.gguf", "gguf", quant="q8_0").path
+    before = file_digest(mirror)
+    with pytest.raises(IntegrityError, match="parted ways"):
+        make_delta(mirror, lora, tmp_path / "d.cdcd", target_base=base, expect_identity="0" * 64)
+    assert file_digest(mirror) == before and not (tmp_path / "d.cdcd").exists()
+    rep = make_delta(mirror, lora, tmp_path / "d.cdcd", target_base=base,
+                     expect_identity=compute_identity(open_artifact(mirror)).digest)
+    assert rep.base_identity == compute_identity(open_artifact(mirror)).digest
