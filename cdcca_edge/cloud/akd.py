@@ -121,18 +121,8 @@ def read_samples(bundles: Sequence[str | Path], vocab_size: int | None = None, c
                 raise FormatError(f"{where} has no prompt_ids; distillation needs the prompt's tokens: "
                                   "collect the bundle with `cdcca-edge uplink collect`")
             answer = s.arrays.get("answer_ids")  # (T_a,) u32
-            n_answer = 0 if answer is None else len(answer)
-            check_prompt_length(where, len(prompt), max(n_answer, answer_tokens), context)
-            total += len(prompt) + n_answer
-            if total > MAX_TOTAL_TOKENS:
-                raise FormatError(f"{path}: the bundles hold more than {MAX_TOTAL_TOKENS:,} prompt and answer "
-                                  "tokens, distill's maximum per run; distil from fewer bundles at a time")
-            if vocab_size is not None:
-                top = max(int(prompt.max()), int(answer.max()) if n_answer else 0)
-                if top >= vocab_size:
-                    raise FormatError(f"{where}: token id {top} is outside the student's vocabulary of "
-                                      f"{vocab_size}; the bundle was made by another model family: "
-                                      "distil it into the student its device runs")
+            total = check_sample_tokens(path, where, prompt, answer, len(prompt), answer_tokens, context,
+                                        vocab_size, total)
             weights = s.arrays.get("token_weights")  # (T_a,) f16, finite and >= 0: the reader checks
             out.append(Sample(
                 id=f"{i}:{s.id}",
@@ -143,6 +133,32 @@ def read_samples(bundles: Sequence[str | Path], vocab_size: int | None = None, c
     if not out:
         raise UsageError("the bundles hold no samples: nothing to distil")
     return out
+
+
+def check_sample_tokens(path: Path | str, where: str, prompt: Any, answer: Any | None, n_prompt: int,
+                        answer_tokens: int, context: int | None, vocab_size: int | None, total: int) -> int:
+    """One uplinked sample's token checks, shared by text and multimodal distillation:
+    the prompt (``n_prompt`` positions; a LLaVA prompt counts its image's tokens) with the
+    longer of the device's answer and ``answer_tokens`` fits the context, every id is in
+    the vocabulary, and the run's ``total`` stays within :data:`MAX_TOTAL_TOKENS`.
+    Returns the new total.
+
+    Raises:
+        FormatError: naming the sample, the limit and the fix.
+    """
+    n_answer = 0 if answer is None else len(answer)
+    check_prompt_length(where, n_prompt, max(n_answer, answer_tokens), context)
+    total += n_prompt + n_answer
+    if total > MAX_TOTAL_TOKENS:
+        raise FormatError(f"{path}: the bundles hold more than {MAX_TOTAL_TOKENS:,} prompt and answer "
+                          "tokens, distill's maximum per run; distil from fewer bundles at a time")
+    if vocab_size is not None:
+        top = max(int(prompt.max()), int(answer.max()) if n_answer else 0)
+        if top >= vocab_size:
+            raise FormatError(f"{where}: token id {top} is outside the student's vocabulary of "
+                              f"{vocab_size}; the bundle was made by another model family: "
+                              "distil it into the student its device runs")
+    return total
 
 
 def check_prompt_length(where: str, n_prompt: int, n_answer: int, context: int | None) -> None:

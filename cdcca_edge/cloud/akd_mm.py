@@ -63,7 +63,7 @@ def read_visual_samples(bundles: Sequence[str | Path], vocab_size: int | None = 
         FormatError: a malformed bundle or a sample that does not fit the student.
         UsageError: no sample has visual tokens.
     """
-    from cdcca_edge.cloud.akd import MAX_TOTAL_TOKENS, check_prompt_length
+    from cdcca_edge.cloud.akd import check_sample_tokens
     from cdcca_edge.core.uplink_format import read_uplink
     from cdcca_edge.runtime.uts import dequantize_tokens
 
@@ -82,17 +82,9 @@ def read_visual_samples(bundles: Sequence[str | Path], vocab_size: int | None = 
             prompt = a["prompt_ids"]  # (T_p,) u32
             answer = a.get("answer_ids")  # (T_a,) u32
             n = int(s.meta["n_visual_tokens"])
-            n_answer = 0 if answer is None else len(answer)
-            check_prompt_length(where, len(prompt) - 1 + n, max(n_answer, answer_tokens), context)
-            total += len(prompt) - 1 + n + n_answer
-            if total > MAX_TOTAL_TOKENS:
-                raise FormatError(f"{path}: the bundles hold more than {MAX_TOTAL_TOKENS:,} tokens, distill's "
-                                  "maximum per run; distil from fewer bundles at a time")
-            if vocab_size is not None:
-                top = max(int(prompt.max()), int(answer.max()) if n_answer else 0)
-                if top >= vocab_size:
-                    raise FormatError(f"{where}: token id {top} is outside the student's vocabulary of "
-                                      f"{vocab_size}; distil the bundle into the student its device runs")
+            # the image token stands for the image's n positions
+            total = check_sample_tokens(path, where, prompt, answer, len(prompt) - 1 + n, answer_tokens,
+                                        context, vocab_size, total)
             if image_token is not None and int((prompt == image_token).sum()) != 1:
                 raise FormatError(f"{where}: its prompt has {int((prompt == image_token).sum())} image tokens "
                                   f"(id {image_token}), expected 1; distil the bundle into the student its "
