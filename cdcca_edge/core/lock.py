@@ -141,10 +141,6 @@ class ArtifactLock:
         _flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH, self.path, wait, what)
         self._fd = fd
 
-    @property
-    def held(self) -> bool:
-        return self._fd is not None
-
     def release(self) -> None:
         if self._fd is not None:
             os.close(self._fd)  # closing the descriptor drops its flock

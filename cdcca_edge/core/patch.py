@@ -613,8 +613,7 @@ def apply_delta(
                 f"it is at version {known}: {kind}. Versions only move forward; pass "
                 "--allow-downgrade (allow_downgrade=True) to go back on purpose"
             )
-        region, _ = _check_records(art, d)
-        result.region_bytes = region
+        result.region_bytes = _check_records(art, d)
         if dry_run:
             _journal_pass(art, d, None, None, chunk_size, result, fds=None)
         else:
@@ -660,9 +659,9 @@ def _plan_for(art: Artifact, d: DeltaFile, rec: Record) -> Plan:
     return make_plan(rec, d.read_payload(rec), t.offset, t.nbytes, PIECE)
 
 
-def _check_records(art: Artifact, d: DeltaFile) -> tuple[int, int]:
+def _check_records(art: Artifact, d: DeltaFile) -> int:
     """Decode every record against its tensor, one at a time (nothing kept): returns the
-    bytes they rewrite and their number.
+    bytes they rewrite.
 
     Raises:
         FormatError: a record does not fit; records of a tensor overlap or are unordered.
@@ -679,7 +678,7 @@ def _check_records(art: Artifact, d: DeltaFile) -> tuple[int, int]:
                 raise FormatError(f"{d.path}: records for {rec.tensor!r} overlap or are out of order")
             extent[rec.tensor] = int(plan.offsets[-1] + plan.lengths[-1])
         region += plan.region_bytes
-    return region, len(d.header.records)
+    return region
 
 
 def _record_summary(p: Plan) -> dict[str, Any]:
