@@ -7,7 +7,6 @@ take the requested type; 1-D tensors (norms, biases) stay F32 as llama.cpp expec
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any, Callable
@@ -230,7 +229,7 @@ def write_gguf(
             progress(i + 1, len(names))
 
     identity = art.identity_digest(
-        (name, ttype.name, _logical_shape(data, ttype), hashlib.sha256(data.tobytes()).hexdigest())
+        (name, ttype.name, _logical_shape(data, ttype), art.bytes_digest(data))
         for name, data, ttype in entries
     )
 

@@ -98,7 +98,7 @@ def write_vision_onnx(llava: Any, out_dir: Path, image_size: int, stage: Callabl
     onnx = require("onnx", "export")
     from onnx import numpy_helper
 
-    from cdcca_edge.converters.onnx_export import _digest, name_initializers
+    from cdcca_edge.converters.onnx_export import name_initializers
     from cdcca_edge.core.onnx_proto import ONNX_DTYPES
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -119,7 +119,7 @@ def write_vision_onnx(llava: Any, out_dir: Path, image_size: int, stage: Callabl
     for init in model.graph.initializer:
         arr = numpy_helper.to_array(init)
         entries.append((init.name, ONNX_DTYPES.get(init.data_type, (f"ONNX{init.data_type}", 0))[0],
-                        tuple(arr.shape), _digest(arr)))
+                        tuple(arr.shape), art.bytes_digest(arr)))
     identity = art.identity_digest(entries)
     del model.metadata_props[:]
     for k, v in {art.META_VERSION: __version__, art.META_EXPORT_IDENTITY: identity,

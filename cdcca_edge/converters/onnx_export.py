@@ -115,7 +115,7 @@ def write_onnx(loaded: Any, out_dir: str | Path, progress: Callable[[str], None]
         for init in model.graph.initializer:
             arr = numpy_helper.to_array(init)
             type_name = ONNX_DTYPES.get(init.data_type, (f"ONNX{init.data_type}", 0))[0]
-            entries.append((init.name, type_name, tuple(arr.shape), _digest(arr)))
+            entries.append((init.name, type_name, tuple(arr.shape), art.bytes_digest(arr)))
         identity = art.identity_digest(entries)
         meta = {
             art.META_VERSION: __version__,

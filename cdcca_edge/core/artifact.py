@@ -8,6 +8,7 @@ copied whole. Spec: docs/formats/artifact.md.
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import json
 import os
@@ -15,7 +16,7 @@ import re
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator, Literal
+from typing import Any, Iterable, Iterator, Literal
 
 from cdcca_edge.core.ggml import GGUF_MAGIC
 
@@ -43,7 +44,9 @@ MANIFEST_MAX_BYTES = 1 << 20  # a manifest lists a few parts; refuse to read a h
 _PART_NAME = re.compile(r"^[a-z0-9_-]+$")
 ONNX_MODEL_NAME = "model.onnx"
 ONNX_DATA_NAME = "model.onnx_data"
-IDENTITY_SCHEME = "cdcca-id-v1"
+IDENTITY_SCHEME = "cdcca-id-v2"  # v2: tensor digests are Merkle roots over ID_CHUNK chunks
+ID_CHUNK = 4096  # bytes per leaf of a tensor digest (section 5): the unit a patch re-hashes
+TENSOR_DIGEST_PREFIX = b"cdcca-tensor-v2\0"
 HASH_CHUNK = 8 << 20  # bytes hashed per step: bounded memory whatever the tensor size
 
 
@@ -406,12 +409,115 @@ def iter_tensor_bytes(t: TensorInfo, chunk: int = HASH_CHUNK) -> Iterator[memory
         view.release()
 
 
+def chunk_count(nbytes: int) -> int:
+    """Leaves of a tensor digest: ``ceil(nbytes / ID_CHUNK)``."""
+    return -(-nbytes // ID_CHUNK)
+
+
+def hash_chunks(data: bytes | bytearray | memoryview) -> bytes:
+    """SHA-256 of each ``ID_CHUNK`` piece of ``data`` (the last may be shorter),
+    concatenated: 32 bytes per leaf."""
+    view = memoryview(data).cast("B")
+    sha = hashlib.sha256
+    try:
+        return b"".join([sha(view[i : i + ID_CHUNK]).digest() for i in range(0, len(view), ID_CHUNK)])
+    finally:
+        view.release()
+
+
+def digest_from_chunks(nbytes: int, leaves: bytes | bytearray | memoryview) -> str:
+    """A tensor digest from its leaf digests (section 5): SHA-256 over a prefix, the
+    tensor's byte count and the leaves in order. Hex."""
+    if len(leaves) != 32 * chunk_count(nbytes):
+        raise ValueError(f"{len(leaves)} bytes of leaf digests for a {nbytes}-byte tensor")
+    return hashlib.sha256(TENSOR_DIGEST_PREFIX + nbytes.to_bytes(8, "little") + bytes(leaves)).hexdigest()
+
+
+def bytes_digest(data: Any) -> str:
+    """The tensor digest of in-memory bytes (an array is taken as its C-order bytes)."""
+    if hasattr(data, "tobytes") and not isinstance(data, (bytes, bytearray, memoryview)):
+        import numpy as np
+
+        data = np.ascontiguousarray(data).reshape(-1).view(np.uint8)
+    view = memoryview(data).cast("B")
+    return digest_from_chunks(len(view), hash_chunks(view))
+
+
+def tensor_chunks(t: TensorInfo) -> bytes:
+    """The leaf digests of one tensor as it is on disk now (HASH_CHUNK is a multiple of
+    ID_CHUNK, so every read holds whole leaves)."""
+    return b"".join(hash_chunks(part) for part in iter_tensor_bytes(t))
+
+
 def tensor_digest(t: TensorInfo) -> str:
-    """SHA-256 of one tensor's bytes, hex."""
-    h = hashlib.sha256()
-    for part in iter_tensor_bytes(t):
-        h.update(part)
-    return h.hexdigest()
+    """One tensor's digest (a Merkle root over its 4 KiB chunks), hex."""
+    return digest_from_chunks(t.nbytes, tensor_chunks(t))
+
+
+def rehash_chunks(t: TensorInfo, leaves: bytearray, touched: Any,
+                  splice: list[tuple[int, bytes]] | None = None) -> None:
+    """Recompute, in ``leaves``, the leaf digests of the chunks of ``t`` flagged in the
+    boolean vector ``touched``, from the file's bytes with ``splice`` (absolute offset,
+    new bytes; sorted, within ``t``) written over them first. Reads only those chunks.
+
+    Raises:
+        IntegrityError: the file ends inside the tensor.
+    """
+    import numpy as np
+
+    idx = np.flatnonzero(touched)
+    if not len(idx):
+        return
+    # runs of consecutive chunks, each read at once (at most HASH_CHUNK bytes)
+    per_read = HASH_CHUNK // ID_CHUNK
+    breaks = np.flatnonzero((np.diff(idx) != 1) | (np.arange(1, len(idx)) % per_read == 0)) + 1
+    starts = np.concatenate([[0], breaks]).tolist()
+    ends = np.concatenate([breaks, [len(idx)]]).tolist()
+    offs = [o for o, _ in splice] if splice else []
+    buf = bytearray(min(HASH_CHUNK, t.nbytes))
+    with open(t.file, "rb", buffering=0) as f:
+        fd = f.fileno()
+        for a, b in zip(starts, ends):
+            k0, k1 = int(idx[a]), int(idx[b - 1]) + 1
+            lo, hi = k0 * ID_CHUNK, min(k1 * ID_CHUNK, t.nbytes)
+            view = memoryview(buf)[: hi - lo]
+            got = 0
+            while got < len(view):
+                n = os.preadv(fd, [view[got:]], t.offset + lo + got)
+                if not n:
+                    raise IntegrityError(f"{t.file}: tensor {t.name!r} is cut short; the file "
+                                         "changed after it was opened")
+                got += n
+            if splice:
+                i = max(0, bisect.bisect_right(offs, t.offset + lo) - 1)
+                while i < len(splice) and splice[i][0] < t.offset + hi:
+                    off, new = splice[i]
+                    s, e = max(off, t.offset + lo), min(off + len(new), t.offset + hi)
+                    if s < e:
+                        view[s - t.offset - lo : e - t.offset - lo] = new[s - off : e - off]
+                    i += 1
+            leaves[k0 * 32 : k1 * 32] = hash_chunks(view)
+            view.release()
+
+
+def touched_chunks(t: TensorInfo, offsets: Any, lengths: Any, into: Any = None) -> Any:
+    """Boolean vector over ``t``'s chunks: True where a span (absolute offset, length)
+    overlaps the chunk. ``into``: a vector to add to (returned)."""
+    import numpy as np
+
+    n = chunk_count(t.nbytes)
+    mark = np.zeros(n + 1, np.int64)
+    rel = np.asarray(offsets, np.int64) - t.offset
+    lens = np.asarray(lengths, np.int64)
+    keep = lens > 0
+    rel, lens = rel[keep], lens[keep]
+    np.add.at(mark, rel // ID_CHUNK, 1)
+    np.add.at(mark, (rel + lens - 1) // ID_CHUNK + 1, -1)
+    hit = np.cumsum(mark[:n]) > 0
+    if into is not None:
+        into |= hit
+        return into
+    return hit
 
 
 @dataclass(frozen=True)
@@ -420,6 +526,7 @@ class Identity:
 
     digest: str
     tensors: dict[str, str]
+    chunks: dict[str, bytes] = field(default_factory=dict, compare=False, repr=False)  # leaves
 
     @property
     def short(self) -> str:
@@ -441,6 +548,7 @@ def identity_digest(entries: Iterable[tuple[str, str, tuple[int, ...], str]]) ->
 
 def compute_identity(artifact: Artifact) -> Identity:
     """The identity of an artefact as it is on disk now (reads every tensor byte once)."""
-    per = {t.name: tensor_digest(t) for t in artifact.tensors}
+    leaves = {t.name: tensor_chunks(t) for t in artifact.tensors}
+    per = {t.name: digest_from_chunks(t.nbytes, leaves[t.name]) for t in artifact.tensors}
     digest = identity_digest((t.name, t.type_name, t.shape, per[t.name]) for t in artifact.tensors)
-    return Identity(digest=digest, tensors=per)
+    return Identity(digest=digest, tensors=per, chunks=leaves)

@@ -20,10 +20,12 @@ from cdcca_edge.core.artifact import (
     HASH_CHUNK,
     Artifact,
     TensorInfo,
+    digest_from_chunks,
     identity_digest,
     iter_tensor_bytes,
     open_artifact,
-    tensor_digest,
+    rehash_chunks,
+    touched_chunks,
 )
 from cdcca_edge.core.delta_format import (
     ENC_LOWRANK,
@@ -49,7 +51,7 @@ from cdcca_edge.core.encodings import (
 )
 from cdcca_edge.core.errors import UsageError
 from cdcca_edge.core.ggml import type_layout
-from cdcca_edge.core.state import current_identity
+from cdcca_edge.core.state import current_identity, load_leaves
 
 _ZERO = "0" * 64
 
@@ -103,6 +105,8 @@ class DeltaBuilder:
     ) -> None:
         self.base = base if isinstance(base, Artifact) else open_artifact(base)
         self.base_identity, state, _ = current_identity(self.base)
+        assert state is not None
+        self._state = state  # the base's per-tensor digests (and leaves, once loaded)
         self.from_version = from_version if from_version is not None else (state.version if state and state.version >= 0 else 0)
         self.to_version = to_version if to_version is not None else self.from_version + 1
         self.created_by = created_by
@@ -264,13 +268,19 @@ class DeltaBuilder:
         spans: dict[str, list[tuple[int, bytes]]] = {}
         for p in self._pending:
             spans.setdefault(p.record.tensor, []).extend(p.new_spans)
-        base_digests = _base_digests(self.base, self.base_identity, set(spans))
+        # only the leaves the new spans fall in are read and re-hashed (artifact.md 5)
+        state = self._state
+        load_leaves(self.base, state, list(spans))
         entries = []
         for i, t in enumerate(self.base.tensors):
             if t.name in spans:
-                digest = _spliced_digest(t, sorted(spans[t.name], key=lambda s: s[0]))
+                sp = sorted(spans[t.name], key=lambda s: s[0])
+                leaves = bytearray(state.leaves[t.name])  # the base's own stay as they are
+                mask = touched_chunks(t, [o for o, _ in sp], [len(b) for _, b in sp])
+                rehash_chunks(t, leaves, mask, splice=sp)
+                digest = digest_from_chunks(t.nbytes, leaves)
             else:
-                digest = base_digests[t.name]
+                digest = state.tensor_digests[t.name]
             entries.append((t.name, t.type_name, t.shape, digest))
             if progress:
                 progress(i + 1, len(self.base.tensors))
@@ -340,27 +350,6 @@ def _unit_ranges(runs: list[tuple[int, int]], g_elems: int, t: TensorInfo) -> li
     block, _ = type_layout(t.type_name)
     per = g_elems // block  # units per group
     return [(s * per, n * per) for s, n in runs]
-
-
-def _base_digests(base: Artifact, identity: str, skip: set[str]) -> dict[str, str]:
-    return {t.name: tensor_digest(t) for t in base.tensors if t.name not in skip}
-
-
-def _spliced_digest(t: TensorInfo, spans: list[tuple[int, bytes]]) -> str:
-    """SHA-256 of ``t``'s bytes with ``spans`` (absolute offset, new bytes) written in."""
-    h = hashlib.sha256()
-    pos = t.offset
-    end = t.offset + t.nbytes
-    with open(t.file, "rb") as f:
-        for off, new in spans + [(end, b"")]:
-            while pos < off:
-                f.seek(pos)
-                chunk = f.read(min(HASH_CHUNK, off - pos))
-                h.update(chunk)
-                pos += len(chunk)
-            h.update(new)
-            pos = off + len(new)
-    return h.hexdigest()
 
 
 def changed_runs(mask: Any) -> tuple[list[int], list[int]]:

@@ -34,7 +34,7 @@ from typing import IO, Any, Iterable
 from cdcca_edge.core.errors import FormatError, IntegrityError, require
 
 MAGIC = b"CDCDELTA"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: identities are of scheme cdcca-id-v2 (artifact.md, section 5)
 PREAMBLE = struct.Struct("<8sIIQ")  # magic, version, flags, header length
 FLAG_HEADER_ZLIB = 1  # per-record digests and names are most of a small delta
 DIGEST_SIZE = 32  # SHA-256
@@ -156,6 +156,10 @@ def read_delta(path: str | Path) -> DeltaFile:
         magic, version, flags, hlen = PREAMBLE.unpack(pre)
         if magic != MAGIC:
             raise FormatError(f"{path}: bad magic {magic!r}, expected {MAGIC!r}: not a cdcca delta")
+        if version < FORMAT_VERSION:
+            raise FormatError(f"{path}: a version-{version} delta, made by an older cdcca-edge whose "
+                              "model identities this one no longer computes; make the delta "
+                              "again with this version (`cdcca-edge delta make` or `delta diff`)")
         if version != FORMAT_VERSION:
             raise FormatError(f"{path}: delta format version {version} is not supported (this "
                               f"cdcca-edge reads version {FORMAT_VERSION}); upgrade cdcca-edge")

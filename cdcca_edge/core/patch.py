@@ -46,12 +46,15 @@ from pathlib import Path
 from typing import Any, BinaryIO, Callable, Iterator
 
 from cdcca_edge.core.artifact import (
+    ID_CHUNK,
     MANIFEST_NAME,
     ONNX_MODEL_NAME,
     Artifact,
+    digest_from_chunks,
     identity_digest,
     open_artifact,
-    tensor_digest,
+    rehash_chunks,
+    touched_chunks,
 )
 from cdcca_edge.core.delta_format import (
     ENC_REPLACE,
@@ -80,8 +83,10 @@ from cdcca_edge.core.state import (
     current_identity,
     fsync_dir,
     layout_digest,
+    load_leaves,
     read_state,
     state_path,
+    write_leaves,
     write_state,
 )
 from cdcca_edge.core.trust import Trust
@@ -116,7 +121,9 @@ class PatchResult:
     to_version: int
     records: list[dict[str, Any]] = field(default_factory=list)
     region_bytes: int = 0  # bytes of the artefact rewritten
-    identity_check: str = ""  # "state" (verified sidecar) or "computed"
+    identity_check: str = ""  # "state" (verified sidecar), "computed", or "migrated" (an
+    # older sidecar: identity computed once under the current scheme, version kept)
+    rehashed_bytes: int = 0  # model bytes hashed after the write to check the new identity
     version_before: int | None = None  # the state's version; None when unknown
     recovered: str | None = None  # what recovery did first, if a journal was found
     seconds: float = 0.0
@@ -592,9 +599,14 @@ def apply_delta(
             artifact=art.path, delta=d.path, applied=False, already_applied=False, dry_run=dry_run,
             base_identity=h.base_identity, target_identity=h.target_identity,
             from_version=h.from_version, to_version=h.to_version,
-            identity_check="state" if trusted else "computed", version_before=known,
-            recovered=recovered,
+            identity_check="state" if trusted else "migrated" if state.migrated_from else "computed",
+            version_before=known, recovered=recovered,
         )
+        if state.migrated_from is not None and not trusted and not dry_run:
+            say(f"migrated the state sidecar from version {state.migrated_from}")
+            state.migrated_from = None
+            write_state(art, state)  # recomputed once: the same bytes, the current scheme
+            write_leaves(art, state)
         if identity == h.target_identity and identity != h.base_identity:
             result.already_applied = True
             result.seconds = time.perf_counter() - t0
@@ -748,14 +760,13 @@ def _preallocate(fd: int, start: int, length: int) -> None:
 
 def _journal_pass(art: Artifact, d: DeltaFile, journal: _JournalWriter | None,
                   undo: "_UndoBuilder | None", chunk: int, result: PatchResult,
-                  fds: list[int] | None, keys: list[str] | None = None) -> dict[str, str | None]:
+                  fds: list[int] | None, keys: list[str] | None = None) -> dict[str, Any]:
     """Per record, per window: old bytes, new bytes, the finite check and both digests;
     into the journal when given (else a dry run). Returns the tensors touched, each with
-    its new digest where one record rewrites the whole tensor (the digest of the bytes it
-    computed and writes), else None (the tensor is re-read after the write)."""
+    a boolean vector of the leaves (ID_CHUNK chunks) it writes into."""
     import numpy as np
 
-    touched: dict[str, str | None] = {}
+    touched: dict[str, Any] = {}
     own = fds is None
     opened: dict[str, int] = {}
     try:
@@ -798,9 +809,7 @@ def _journal_pass(art: Artifact, d: DeltaFile, journal: _JournalWriter | None,
                                      "the sender's (post-image digest mismatch); nothing was written")
             result.records.append(_record_summary(p))
             t = art.tensor(rec.tensor)
-            whole = (len(p.offsets) > 0 and int(p.offsets[0]) == t.offset and p.region_bytes == t.nbytes
-                     and bool(np.all(p.offsets[1:] == p.offsets[:-1] + p.lengths[:-1])))
-            touched[rec.tensor] = post.hexdigest() if whole and rec.tensor not in touched else None
+            touched[rec.tensor] = touched_chunks(t, p.offsets, p.lengths, touched.get(rec.tensor))
     finally:
         for fd in opened.values():
             os.close(fd)
@@ -868,7 +877,7 @@ def _write_patch(art: Artifact, d: DeltaFile, state: ArtifactState, identity: st
                 os.fdatasync(fd)
             _crash_point()
             say("checking the new identity")
-            digests = _new_identity(art, state, touched, h.target_identity)
+            digests = _new_identity(art, state, touched, h.target_identity, result)
             if undo and undo_out:
                 undo.write(Path(undo_out))
             _crash_point()
@@ -880,8 +889,13 @@ def _write_patch(art: Artifact, d: DeltaFile, state: ArtifactState, identity: st
                     "target_identity": h.target_identity,
                     "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 }],
-                tensor_digests=digests,
+                tensor_digests=digests, leaves=state.leaves,
             )
+            try:  # before the commit, while a kill still leaves the journal that tidies up
+                write_leaves(art, new_state, set(touched))
+            except OSError:
+                pass  # only a cache: the next patch re-derives the leaves it cannot verify
+            _crash_point()
             write_state(art, new_state)  # the commit point
         except BaseException as exc:
             try:
@@ -903,19 +917,25 @@ def _write_patch(art: Artifact, d: DeltaFile, state: ArtifactState, identity: st
             os.close(fd)
 
 
-def _new_identity(art: Artifact, state: ArtifactState, touched: dict[str, str | None],
-                  target: str) -> dict[str, str]:
-    """Per-tensor digests after the write: a tensor rewritten whole by one record has the
-    digest of the bytes written, other touched tensors are re-read from the file, the rest
-    are as the verified state recorded them. Their identity must be the delta's target.
+def _new_identity(art: Artifact, state: ArtifactState, touched: dict[str, Any], target: str,
+                  result: PatchResult) -> dict[str, str]:
+    """Per-tensor digests after the write: in each touched tensor only the leaves the
+    delta wrote into are re-read and re-hashed (artifact.md, section 5), the rest are as
+    the verified state recorded them. Their identity must be the delta's target.
 
     Raises:
         IntegrityError: it is not (the model is then rolled back by the caller).
     """
+    import numpy as np
+
+    computed = load_leaves(art, state, list(touched))
     digests = dict(state.tensor_digests)
-    for t in art.tensors:
-        if t.name in touched:
-            digests[t.name] = touched[t.name] or tensor_digest(t)
+    for name, mask in touched.items():
+        t = art.tensor(name)
+        rehash_chunks(t, state.leaves[name], mask)
+        digests[name] = digest_from_chunks(t.nbytes, state.leaves[name])
+        result.rehashed_bytes += min(int(np.count_nonzero(mask)) * ID_CHUNK, t.nbytes)
+    result.rehashed_bytes += sum(art.tensor(n).nbytes for n in computed)
     got = identity_digest((t.name, t.type_name, t.shape, digests[t.name]) for t in art.tensors)
     if got != target:
         raise IntegrityError(f"{art.path}: after writing, the model's identity is {got[:16]}, not "

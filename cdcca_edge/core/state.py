@@ -8,6 +8,11 @@ its own content; while that digest and the fingerprints match, the recorded iden
 trusted, otherwise it is re-derived from the bytes. Writing the sidecar is the commit
 point of a patch (docs/formats/delta.md, "Applying"). Spec: docs/formats/delta.md,
 section 8.
+
+Beside it, a binary leaf cache holds every tensor's 4 KiB leaf digests (artifact.md,
+section 5), so that a patch re-hashes only the chunks it wrote. The cache is not trusted:
+each tensor's leaves are checked against the sidecar's digest of that tensor before use,
+and re-derived from the bytes when they do not match.
 """
 
 from __future__ import annotations
@@ -15,6 +20,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import stat
+import struct
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -22,16 +29,24 @@ from pathlib import Path
 from typing import Any
 
 from cdcca_edge.core.artifact import (
+    ID_CHUNK,
     MANIFEST_NAME,
     ONNX_MODEL_NAME,
     Artifact,
     TensorInfo,
+    chunk_count,
     compute_identity,
+    digest_from_chunks,
     identity_digest,
+    tensor_chunks,
 )
 
 STATE_FORMAT = "cdcca-state"
-STATE_VERSION = 2  # 2: per-tensor digests in the layout, a digest over the sidecar
+STATE_VERSION = 3  # 3: identity scheme v2 (Merkle tensor digests) and the leaf cache
+MIGRATES_FROM = (2,)  # older sidecars whose version and history are carried over
+LEAVES_MAGIC = b"CDCLEAF1"
+# magic, leaf size, tensor count, layout digest (raw), reserved
+LEAVES_HEADER = struct.Struct("<8sII32s16x")
 HISTORY_KEEP = 20  # most recent applied deltas remembered
 
 
@@ -43,7 +58,11 @@ class ArtifactState:
     history: list[dict[str, Any]] = field(default_factory=list)
     # the artefact's tensor table, so that a patch need not parse a large header again
     layout: dict[str, Any] | None = None
-    tensor_digests: dict[str, str] = field(default_factory=dict)  # name -> SHA-256 hex
+    tensor_digests: dict[str, str] = field(default_factory=dict)  # name -> tensor digest hex
+    # not stored in the sidecar: leaf digests known to be right (checked against
+    # tensor_digests, or computed from the bytes), and where the state came from
+    leaves: dict[str, bytearray] = field(default_factory=dict, repr=False)
+    migrated_from: int | None = None
 
     def to_json(self) -> dict[str, Any]:
         doc = {
@@ -106,22 +125,25 @@ MAX_STATE_BYTES = 256 << 20  # a sidecar larger than this is not ours
 def read_state(artifact: Artifact | Path) -> ArtifactState | None:
     """The sidecar, or ``None`` if it is missing, unreadable, of another version, or its
     content digest does not verify (never an error: the state is a cache of facts that
-    can be re-derived from the bytes)."""
-    import stat
-
+    can be re-derived from the bytes). A sidecar of an older version (MIGRATES_FROM)
+    comes back with its version and history but no identity (``migrated_from`` set)."""
     try:
         where = state_path(artifact) if isinstance(artifact, Artifact) else state_path_for(artifact)
         st = os.stat(where)
         if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_STATE_BYTES:
             return None
         doc = json.loads(where.read_text())
-        if doc.get("format") != STATE_FORMAT or doc.get("version") != STATE_VERSION:
+        if doc.get("format") != STATE_FORMAT or doc.get("version") not in (STATE_VERSION, *MIGRATES_FROM):
             return None
         if doc.get("digest") != _content_digest(doc):
             return None  # edited or corrupt: re-derive
-        digests = doc.get("tensor_digests") or {}
+        old = doc["version"] != STATE_VERSION
+        # an older sidecar's identity is of an older scheme: only its version and history
+        # carry over, the identity is re-derived once (current_identity)
+        digests = {} if old else (doc.get("tensor_digests") or {})
         return ArtifactState(
-            identity=str(doc["identity"]),
+            migrated_from=int(doc["version"]) if old else None,
+            identity="" if old else str(doc["identity"]),
             version=int(doc.get("artifact_version", 0)),
             files={str(k): {kk: int(vv) for kk, vv in v.items()} for k, v in doc["files"].items()},
             history=list(doc.get("history", [])),
@@ -189,12 +211,15 @@ def current_identity(artifact: Artifact, state: ArtifactState | None = None
         return state.identity, state, True
     ident = compute_identity(artifact)
     if state is not None:
+        if state.migrated_from is not None and state_is_current(artifact, state):
+            state.identity = ident.digest  # same bytes as when the old sidecar was written
         if state.identity != ident.digest:
             state = None  # the state describes other bytes: its version means nothing here
         else:
             state.tensor_digests = dict(ident.tensors)
     if state is None:
         state = ArtifactState(identity=ident.digest, version=-1, tensor_digests=dict(ident.tensors))
+    state.leaves = {k: bytearray(v) for k, v in ident.chunks.items()}
     return ident.digest, state, False
 
 
@@ -204,6 +229,104 @@ def _digests_complete(artifact: Artifact, state: ArtifactState) -> bool:
     if set(d) != {t.name for t in artifact.tensors}:
         return False
     return identity_digest((t.name, t.type_name, t.shape, d[t.name]) for t in artifact.tensors) == state.identity
+
+
+def leaves_path(artifact: Artifact) -> Path:
+    """The leaf cache beside the sidecar: ``model.gguf.cdcca-state.leaves``, or
+    ``cdcca-state.leaves`` inside a directory artefact."""
+    p = state_path(artifact)
+    return p.with_name(p.name.removesuffix(".json") + ".leaves")
+
+
+def _leaf_table(artifact: Artifact) -> tuple[dict[str, tuple[int, int]], int]:
+    """name -> (byte offset, byte length) of its leaves in the cache (tensors sorted by
+    name, after the header), and the cache's total size."""
+    table, pos = {}, LEAVES_HEADER.size
+    for t in sorted(artifact.tensors, key=lambda t: t.name):
+        n = 32 * chunk_count(t.nbytes)
+        table[t.name] = (pos, n)
+        pos += n
+    return table, pos
+
+
+def _open_leaf_cache(artifact: Artifact, write: bool = False) -> int | None:
+    """A descriptor on the leaf cache if its header and size fit this layout, else None."""
+    try:
+        fd = os.open(leaves_path(artifact),
+                     (os.O_RDWR if write else os.O_RDONLY) | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return None
+    try:
+        st = os.fstat(fd)
+        head = os.pread(fd, LEAVES_HEADER.size, 0)
+        if stat.S_ISREG(st.st_mode) and len(head) == LEAVES_HEADER.size:
+            magic, size, count, lay = LEAVES_HEADER.unpack(head)
+            if (magic == LEAVES_MAGIC and size == ID_CHUNK and count == len(artifact.tensors)
+                    and lay.hex() == layout_digest(artifact) and st.st_size == _leaf_table(artifact)[1]):
+                return fd
+    except OSError:
+        pass
+    os.close(fd)
+    return None
+
+
+def load_leaves(artifact: Artifact, state: ArtifactState, names: set[str] | list[str]) -> list[str]:
+    """Make ``state.leaves`` hold the leaf digests of the named tensors: from the cache
+    where they give the sidecar's digest of the tensor, else read from the bytes.
+    Returns the names whose leaves had to be computed."""
+    need = [n for n in names if n not in state.leaves]
+    computed: list[str] = []
+    if not need:
+        return computed
+    fd = _open_leaf_cache(artifact)
+    table = _leaf_table(artifact)[0] if fd is not None else {}
+    try:
+        for name in need:
+            t = artifact.tensor(name)
+            got = None
+            if fd is not None:
+                pos, n = table[name]
+                raw = os.pread(fd, n, pos)
+                if len(raw) == n and digest_from_chunks(t.nbytes, raw) == state.tensor_digests.get(name):
+                    got = bytearray(raw)
+            if got is None:
+                got = bytearray(tensor_chunks(t))
+                computed.append(name)
+            state.leaves[name] = got
+    finally:
+        if fd is not None:
+            os.close(fd)
+    return computed
+
+
+def write_leaves(artifact: Artifact, state: ArtifactState, names: set[str] | list[str] | None = None) -> None:
+    """Store ``state.leaves`` of the named tensors (all when None) in the leaf cache, in
+    place when the cache fits the layout, else as a new file (leaves of any tensor not in
+    memory are then read from the bytes). Never fsync'd: a torn or stale cache only fails
+    its check in :func:`load_leaves` and is re-derived."""
+    table, total = _leaf_table(artifact)
+    fd = _open_leaf_cache(artifact, write=True) if names is not None else None
+    if fd is not None:
+        try:
+            for name in names:
+                os.pwrite(fd, state.leaves[name], table[name][0])
+        finally:
+            os.close(fd)
+        return
+    load_leaves(artifact, state, list(table))
+    path = leaves_path(artifact)
+    fd, tmp = tempfile.mkstemp(prefix=".cdcca-state.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(LEAVES_HEADER.pack(LEAVES_MAGIC, ID_CHUNK, len(artifact.tensors),
+                                       bytes.fromhex(layout_digest(artifact))))
+            for name in table:
+                f.write(state.leaves[name])
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def write_state(artifact: Artifact, state: ArtifactState) -> None:
@@ -245,9 +368,11 @@ def record_export(artifact: Artifact, identity: str) -> None:
     if ident.digest != identity:
         raise IntegrityError(f"{artifact.path}: the written artefact's identity {ident.short} "
                              f"differs from the exporter's {identity[:16]}; export again")
-    write_state(artifact, ArtifactState(identity=identity, version=0, history=[
+    state = ArtifactState(identity=identity, version=0, history=[
         {"event": "export", "identity": identity, "time": _now()}
-    ], tensor_digests=dict(ident.tensors)))
+    ], tensor_digests=dict(ident.tensors), leaves={k: bytearray(v) for k, v in ident.chunks.items()})
+    write_state(artifact, state)
+    write_leaves(artifact, state)
 
 
 def fsync_dir(path: Path) -> None:
