@@ -468,17 +468,21 @@ def rehash_chunks(t: TensorInfo, leaves: bytearray, touched: Any,
     idx = np.flatnonzero(touched)
     if not len(idx):
         return
-    # runs of consecutive chunks, each read at once (at most HASH_CHUNK bytes)
+    out = np.frombuffer(leaves, np.uint8).reshape(-1, 32)  # a view: writes go to ``leaves``
     per_read = HASH_CHUNK // ID_CHUNK
-    breaks = np.flatnonzero((np.diff(idx) != 1) | (np.arange(1, len(idx)) % per_read == 0)) + 1
-    starts = np.concatenate([[0], breaks]).tolist()
-    ends = np.concatenate([breaks, [len(idx)]]).tolist()
+    # a read is one syscall and a copy; reading the unflagged chunks between flagged ones
+    # costs copies only, so a window is read whole where that is cheaper than per run
+    cuts = np.flatnonzero(np.diff(idx) != 1) + 1
+    run_start = np.zeros(len(idx), bool)
+    run_start[0] = True
+    run_start[cuts] = True
     offs = [o for o, _ in splice] if splice else []
     buf = bytearray(min(HASH_CHUNK, t.nbytes))
+    sha = hashlib.sha256
     with open(t.file, "rb", buffering=0) as f:
         fd = f.fileno()
-        for a, b in zip(starts, ends):
-            k0, k1 = int(idx[a]), int(idx[b - 1]) + 1
+
+        def read(k0: int, k1: int) -> memoryview:
             lo, hi = k0 * ID_CHUNK, min(k1 * ID_CHUNK, t.nbytes)
             view = memoryview(buf)[: hi - lo]
             got = 0
@@ -489,15 +493,38 @@ def rehash_chunks(t: TensorInfo, leaves: bytearray, touched: Any,
                                          "changed after it was opened")
                 got += n
             if splice:
-                i = max(0, bisect.bisect_right(offs, t.offset + lo) - 1)
-                while i < len(splice) and splice[i][0] < t.offset + hi:
+                a, z = t.offset + lo, t.offset + hi
+                i = max(0, bisect.bisect_right(offs, a) - 1)
+                while i < len(splice) and splice[i][0] < z:
                     off, new = splice[i]
-                    s, e = max(off, t.offset + lo), min(off + len(new), t.offset + hi)
+                    s, e = max(off, a), min(off + len(new), z)
                     if s < e:
-                        view[s - t.offset - lo : e - t.offset - lo] = new[s - off : e - off]
+                        view[s - a : e - a] = new[s - off : e - off]
                     i += 1
-            leaves[k0 * 32 : k1 * 32] = hash_chunks(view)
-            view.release()
+            return view
+
+        pos = 0
+        while pos < len(idx):
+            k0 = int(idx[pos])
+            end = int(np.searchsorted(idx, k0 + per_read))
+            ks = idx[pos:end]
+            runs = np.flatnonzero(run_start[pos:end])
+            extent = (int(ks[-1]) + 1 - k0) * ID_CHUNK
+            if extent <= 2 * len(ks) * ID_CHUNK + len(runs) * (16 << 10):
+                view = read(k0, int(ks[-1]) + 1)
+                rel = (ks - k0).tolist()
+                digs = b"".join([sha(view[r * ID_CHUNK : (r + 1) * ID_CHUNK]).digest() for r in rel])
+                view.release()
+            else:
+                parts = []
+                bounds = runs.tolist() + [len(ks)]
+                for r0, r1 in zip(bounds, bounds[1:]):
+                    view = read(int(ks[r0]), int(ks[r1 - 1]) + 1)
+                    parts.append(hash_chunks(view))
+                    view.release()
+                digs = b"".join(parts)
+            out[ks] = np.frombuffer(digs, np.uint8).reshape(-1, 32)
+            pos = end
 
 
 def touched_chunks(t: TensorInfo, offsets: Any, lengths: Any, into: Any = None) -> Any:

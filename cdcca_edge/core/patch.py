@@ -41,6 +41,7 @@ import stat
 import struct
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Iterator
@@ -930,9 +931,15 @@ def _new_identity(art: Artifact, state: ArtifactState, touched: dict[str, Any], 
 
     computed = load_leaves(art, state, list(touched))
     digests = dict(state.tensor_digests)
+
+    def rehash(name: str) -> None:
+        rehash_chunks(art.tensor(name), state.leaves[name], touched[name])
+
+    # SHA-256 releases the GIL on 4 KiB inputs: the tensors are re-hashed on every core
+    with ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1))) as pool:
+        list(pool.map(rehash, touched))
     for name, mask in touched.items():
         t = art.tensor(name)
-        rehash_chunks(t, state.leaves[name], mask)
         digests[name] = digest_from_chunks(t.nbytes, state.leaves[name])
         result.rehashed_bytes += min(int(np.count_nonzero(mask)) * ID_CHUNK, t.nbytes)
     result.rehashed_bytes += sum(art.tensor(n).nbytes for n in computed)
