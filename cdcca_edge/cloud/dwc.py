@@ -512,24 +512,27 @@ def make_delta(
                                  model=target_model)
     del target_model  # the targets hold what the rest needs
 
-    def attempt(budget: int | None, path: Path) -> tuple[Any, dict[str, int], list[Choice]]:
+    def attempt(budget: int | None, path: Path) -> tuple[Any, dict[str, int], list[Choice], list[list[bytes]]]:
         choices = select(plans, budget)
         builder = DeltaBuilder(art, created_by="cdcca-edge delta make (DWC)")
         counts = build(art, choices, builder)
-        return builder.write(path, sign_key=sign_key), counts, choices
+        # the new bytes the builder computed are applied to the mirror as they are
+        return builder.write(path, sign_key=sign_key), counts, choices, builder.new_bytes()
 
     # the mirror as it is, before any candidate touches it
     kl_before = probe_kl(mirror, ref, ids) if ref is not None else None
     before = weight_error(art, targets, mirror_before)
 
-    def measure(delta_path: Path, keep: bool = False) -> tuple[float | None, dict[str, float]]:
+    def measure(delta_path: Path, computed: list[list[bytes]],
+                keep: bool = False) -> tuple[float | None, dict[str, float]]:
         """Apply ``delta_path`` to the mirror in place, measure, and undo it unless ``keep``."""
         from cdcca_edge.core.patch import apply_delta
         from cdcca_edge.core.trust import Trust
 
         undo = trial_undo_path(mirror)
         try:
-            apply_delta(mirror, delta_path, trust=Trust.none(), undo_out=undo)  # our own delta
+            apply_delta(mirror, delta_path, trust=Trust.none(), undo_out=undo,  # our own delta
+                        computed=computed)
             err = weight_error(open_artifact(mirror), targets, mirror_before)
             kl = probe_kl(mirror, ref, ids) if ref is not None else None
         finally:
@@ -548,32 +551,32 @@ def make_delta(
             mid = int(math.sqrt(lo * hi))
             with tempfile.NamedTemporaryFile(suffix=".cdcd", dir=out.parent, delete=False) as f:
                 trial = Path(f.name)
-            summary, counts, choices = attempt(mid, trial)
-            kl, _ = measure(trial)
+            summary, counts, choices, computed = attempt(mid, trial)
+            kl, _ = measure(trial, computed)
             search.append({"budget": mid, "bytes": summary.bytes, "kl": kl})
             say(f"budget {mid:,} bytes: KL {kl:.4g}")
             if kl is not None and kl <= config.max_kl:
                 hi = mid
                 if best:
                     best[0].unlink(missing_ok=True)
-                best = (trial, summary, counts, choices)
+                best = (trial, summary, counts, choices, computed)
             else:
                 lo = mid
                 trial.unlink(missing_ok=True)
             if hi / lo < 1.15:
                 break
         if best is None:
-            summary, counts, choices = attempt(None, out)
+            summary, counts, choices, computed = attempt(None, out)
         else:
             shutil.move(str(best[0]), out)
-            summary, counts, choices = best[1], best[2], best[3]
+            summary, counts, choices, computed = best[1:]
             summary.path = out
         budget = hi if best else None
     else:
         budget = config.budget_bytes
-        summary, counts, choices = attempt(budget, out)
+        summary, counts, choices, computed = attempt(budget, out)
     say("advancing the mirror" if advance_mirror else "measuring the patched model")
-    kl_after, err = measure(out, keep=advance_mirror)
+    kl_after, err = measure(out, computed, keep=advance_mirror)
     touched = sum(c.plan.t.info.n_elements if c.rank else c.n_groups * c.plan.group for c in choices)
     if advance_mirror:
         from cdcca_edge.core.state import current_identity

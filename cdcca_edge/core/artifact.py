@@ -517,7 +517,8 @@ def rehash_chunks(t: TensorInfo, leaves: bytearray, touched: Any,
                 view.release()
             else:
                 parts = []
-                bounds = runs.tolist() + [len(ks)]
+                # a window may begin inside a run (cut at per_read): its first span starts a run
+                bounds = sorted({0, *runs.tolist()}) + [len(ks)]
                 for r0, r1 in zip(bounds, bounds[1:]):
                     view = read(int(ks[r0]), int(ks[r1 - 1]) + 1)
                     parts.append(hash_chunks(view))

@@ -234,6 +234,11 @@ class DeltaBuilder:
         _, unit = type_layout(t.type_name)
         self._add(t, ENC_LOWRANK, params, payload, [(0, t.nbytes // unit)])
 
+    def new_bytes(self) -> list[list[bytes]]:
+        """Per record written, the new bytes of each of its spans (as ``apply_delta``'s
+        ``computed``): what the builder computed for the post-image digests."""
+        return [[b for _, b in p.new_spans] for p in self._pending]
+
     # --- output ----------------------------------------------------------------------------
     def write(self, path: str | Path, sign_key: Any | None = None,
               progress: Callable[[int, int], None] | None = None) -> DeltaSummary:

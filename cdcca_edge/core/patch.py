@@ -44,7 +44,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Iterator
+from typing import Any, BinaryIO, Callable, Iterator, Sequence
 
 from cdcca_edge.core.artifact import (
     ID_CHUNK,
@@ -560,6 +560,7 @@ def apply_delta(
     allow_downgrade: bool = False,
     wait: float = 0.0,
     progress: Callable[[str], None] | None = None,
+    computed: Sequence[Sequence[bytes]] | None = None,
 ) -> PatchResult:
     """Apply ``delta`` to the artefact at ``model`` in place.
 
@@ -571,6 +572,11 @@ def apply_delta(
         undo_out: also write a delta that reverts this one (validated before any write).
         allow_downgrade: accept a delta whose ``to_version`` is not above the model's.
         wait: seconds to wait for a process serving or patching the model.
+        computed: per record, the new bytes of each of its spans, as the delta's builder
+            computed them (``DeltaBuilder.new_bytes``): the cloud advancing its mirror
+            need not decode the records again. They pass the same checks as decoded
+            bytes (post-image digests, finite values, the target identity), so the
+            result is byte for byte what a device decoding the delta writes.
 
     Raises:
         FormatError, IntegrityError: a check failed; nothing was written.
@@ -628,9 +634,9 @@ def apply_delta(
             )
         result.region_bytes = _check_records(art, d)
         if dry_run:
-            _journal_pass(art, d, None, None, chunk_size, result, fds=None)
+            _journal_pass(art, d, None, None, chunk_size, result, fds=None, computed=computed)
         else:
-            _write_patch(art, d, state, identity, chunk_size, undo_out, result, say)
+            _write_patch(art, d, state, identity, chunk_size, undo_out, result, say, computed)
             result.applied = True
             result.undo = Path(undo_out) if undo_out else None
     result.seconds = time.perf_counter() - t0
@@ -761,7 +767,8 @@ def _preallocate(fd: int, start: int, length: int) -> None:
 
 def _journal_pass(art: Artifact, d: DeltaFile, journal: _JournalWriter | None,
                   undo: "_UndoBuilder | None", chunk: int, result: PatchResult,
-                  fds: list[int] | None, keys: list[str] | None = None) -> dict[str, Any]:
+                  fds: list[int] | None, keys: list[str] | None = None,
+                  computed: Sequence[Sequence[bytes]] | None = None) -> dict[str, Any]:
     """Per record, per window: old bytes, new bytes, the finite check and both digests;
     into the journal when given (else a dry run). Returns the tensors touched, each with
     a boolean vector of the leaves (ID_CHUNK chunks) it writes into."""
@@ -771,8 +778,14 @@ def _journal_pass(art: Artifact, d: DeltaFile, journal: _JournalWriter | None,
     own = fds is None
     opened: dict[str, int] = {}
     try:
-        for rec in d.header.records:
+        if computed is not None and len(computed) != len(d.header.records):
+            raise UsageError(f"new bytes given for {len(computed)} records, the delta has "
+                             f"{len(d.header.records)}")
+        for ri, rec in enumerate(d.header.records):
             p = _plan_for(art, d, rec)
+            if computed is not None and len(computed[ri]) != len(p.offsets):
+                raise UsageError(f"record {ri}: new bytes given for {len(computed[ri])} spans, "
+                                 f"it has {len(p.offsets)}")
             if own:
                 key = rec.file
                 if key not in opened:
@@ -788,9 +801,12 @@ def _journal_pass(art: Artifact, d: DeltaFile, journal: _JournalWriter | None,
                 if journal is not None:  # blocks about to be written must exist first
                     _preallocate(fd, int(offs[0]), int(offs[-1] + lens[-1] - offs[0]))
                 old = _gather(fd, start, length, offs - start, lens)
-                new = np.ascontiguousarray(
-                    p.new_bytes(i, j, None if not p.needs_old else np.frombuffer(old, np.uint8)),
-                    dtype=np.uint8).reshape(-1)
+                if computed is not None:
+                    new = np.frombuffer(b"".join(computed[ri][i:j]), np.uint8)
+                else:
+                    new = np.ascontiguousarray(
+                        p.new_bytes(i, j, None if not p.needs_old else np.frombuffer(old, np.uint8)),
+                        dtype=np.uint8).reshape(-1)
                 if new.size != len(old):
                     raise IntegrityError(f"tensor {rec.tensor!r}: computed {new.size} bytes for a "
                                          f"{len(old)}-byte region")
@@ -818,7 +834,8 @@ def _journal_pass(art: Artifact, d: DeltaFile, journal: _JournalWriter | None,
 
 
 def _write_patch(art: Artifact, d: DeltaFile, state: ArtifactState, identity: str, chunk: int,
-                 undo_out: str | Path | None, result: PatchResult, say: Callable[[str], None]) -> None:
+                 undo_out: str | Path | None, result: PatchResult, say: Callable[[str], None],
+                 computed: Sequence[Sequence[bytes]] | None = None) -> None:
     h = d.header
     keys = sorted({r.file for r in h.records}) or [art.file_key(art.files[0])]
     files = [art.file_for_key(k) for k in keys]
@@ -856,7 +873,7 @@ def _write_patch(art: Artifact, d: DeltaFile, state: ArtifactState, identity: st
                                f"({exc.strerror}); make {jp.parent} writable. The model is "
                                "unchanged") from exc
         try:
-            touched = _journal_pass(art, d, journal, undo, chunk, result, fds, keys)
+            touched = _journal_pass(art, d, journal, undo, chunk, result, fds, keys, computed)
             journal.finish()
         except BaseException as exc:
             journal.f.close()

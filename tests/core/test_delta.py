@@ -653,3 +653,42 @@ def test_builder_rejects_runs_outside_the_tensor(model):
     b = DeltaBuilder(model)
     with pytest.raises(UsageError, match="past the tensor"):
         b.replace_units("Q8_0.w", [127], [2], bytes(68))
+
+
+def _lowrank_and_replace(model: Path, out: Path):
+    rng = np.random.default_rng(5)
+    b = DeltaBuilder(model)
+    b.replace_units("Q8_0.w", [1, 30], [2, 3], random_units("Q8_0", 5, rng))
+    b.add_low_rank("F32.w", rng.standard_normal((2, 256)) * 0.05, rng.standard_normal((16, 2)) * 0.05, 1.0)
+    return b, b.write(out)
+
+
+def test_builder_bytes_applied_as_computed_equal_decoding(tmp_path):
+    """The cloud advances its mirror with the bytes the builder computed: the result is
+    the bytes a device decoding the delta writes."""
+    a, c = make_gguf(tmp_path / "a.gguf"), make_gguf(tmp_path / "c.gguf")
+    b, s = _lowrank_and_replace(a, tmp_path / "d.cdcd")
+    r = apply_delta(a, tmp_path / "d.cdcd", trust=Trust.none(), computed=b.new_bytes())
+    apply_delta(c, tmp_path / "d.cdcd", trust=Trust.none())
+    assert r.applied and a.read_bytes() == c.read_bytes()
+    assert compute_identity(open_artifact(a)).digest == s.target_identity
+
+
+@pytest.mark.parametrize("case", ["one byte off", "a span missing", "a record missing"])
+def test_computed_bytes_that_differ_from_the_delta_are_refused(tmp_path, case):
+    a = make_gguf(tmp_path / "a.gguf")
+    b, _ = _lowrank_and_replace(a, tmp_path / "d.cdcd")
+    new = b.new_bytes()
+    if case == "one byte off":
+        new[1][0] = bytes([new[1][0][0] ^ 1]) + new[1][0][1:]
+        err = IntegrityError
+    elif case == "a span missing":
+        new[0] = new[0][:-1]
+        err = UsageError
+    else:
+        new = new[:1]
+        err = UsageError
+    before = a.read_bytes()
+    with pytest.raises(err):
+        apply_delta(a, tmp_path / "d.cdcd", trust=Trust.none(), computed=new)
+    assert a.read_bytes() == before and not journal_path(open_artifact(a)).exists()

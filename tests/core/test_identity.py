@@ -15,6 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from cdcca_edge.core import artifact
 from cdcca_edge.core import patch as P
 from cdcca_edge.core.artifact import (
     ID_CHUNK,
@@ -75,7 +76,7 @@ def test_file_and_memory_digests_agree(tmp_path):
 def test_rehash_of_touched_leaves_equals_a_full_hash(tmp_path_factory, data):
     """Splicing spans into a tensor and re-hashing only the leaves they touch gives the
     digest of the spliced bytes, for any tensor size and any set of spans."""
-    n = data.draw(st.integers(1, 5 * ID_CHUNK + 7), label="nbytes")
+    n = data.draw(st.integers(1, 40 * ID_CHUNK + 7), label="nbytes")
     lead = data.draw(st.integers(0, 40), label="tensor offset")
     rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1)))
     raw = bytearray(rng.integers(0, 256, lead + n + 9, dtype=np.uint8).tobytes())
@@ -83,9 +84,9 @@ def test_rehash_of_touched_leaves_equals_a_full_hash(tmp_path_factory, data):
     path.write_bytes(raw)
     t = TensorInfo("t", "U8", (n,), path, lead, n)
     spans, pos = [], 0
-    while pos < n and len(spans) < 6:
-        start = data.draw(st.integers(pos, n - 1))
-        length = data.draw(st.integers(1, min(n - start, 2 * ID_CHUNK)))
+    while pos < n and len(spans) < 8:
+        start = data.draw(st.integers(pos, min(n - 1, pos + 12 * ID_CHUNK)))
+        length = data.draw(st.integers(1, min(n - start, 3 * ID_CHUNK)))
         spans.append((lead + start, rng.integers(0, 256, length, dtype=np.uint8).tobytes()))
         pos = start + length + data.draw(st.integers(0, ID_CHUNK))
     leaves = bytearray(hash_chunks(bytes(raw[lead : lead + n])))
@@ -93,7 +94,14 @@ def test_rehash_of_touched_leaves_equals_a_full_hash(tmp_path_factory, data):
     for o, b in spans:  # exactly the leaves the spans overlap are flagged
         assert mask[(o - lead) // ID_CHUNK] and mask[(o - lead + len(b) - 1) // ID_CHUNK]
     assert int(mask.sum()) <= sum(chunk_count(len(b)) + 1 for _, b in spans)
-    rehash_chunks(t, leaves, mask, splice=spans)
+    # short reads, so that windows cut runs of flagged leaves, dense and sparse ones
+    per_read = data.draw(st.sampled_from([1, 2, 3, 8, 16, 2048]), label="leaves per read")
+    monkey = pytest.MonkeyPatch()
+    monkey.setattr(artifact, "HASH_CHUNK", per_read * ID_CHUNK)
+    try:
+        rehash_chunks(t, leaves, mask, splice=spans)
+    finally:
+        monkey.undo()
     for o, b in spans:
         raw[o : o + len(b)] = b
     assert digest_from_chunks(n, leaves) == bytes_digest(bytes(raw[lead : lead + n]))
@@ -271,3 +279,20 @@ def test_a_version_1_delta_names_the_fix(tmp_path):
     with pytest.raises(FormatError, match="make the delta again"):
         P.apply_delta(m, tmp_path / "old.cdcd", trust=NONE)
     assert file_digest(m) == before
+
+
+def test_a_read_window_that_begins_inside_a_run_of_touched_leaves(tmp_path, monkeypatch):
+    """Leaves 0-16 and 31 touched, 16 leaves per read: the second window begins inside
+    the first run and is sparse (read per run); every flagged leaf is re-hashed."""
+    n = 32 * ID_CHUNK
+    raw = np.random.default_rng(1).integers(0, 256, n, dtype=np.uint8).tobytes()
+    (tmp_path / "t.bin").write_bytes(raw)
+    t = TensorInfo("t", "U8", (n,), tmp_path / "t.bin", 0, n)
+    mask = np.zeros(32, bool)
+    mask[:17] = mask[31] = True
+    leaves = bytearray(32 * 32)  # all wrong: only re-hashed leaves become right
+    monkeypatch.setattr(artifact, "HASH_CHUNK", 16 * ID_CHUNK)
+    rehash_chunks(t, leaves, mask)
+    want = hash_chunks(raw)
+    got = [bytes(leaves[k * 32 : (k + 1) * 32]) == want[k * 32 : (k + 1) * 32] for k in range(32)]
+    assert got == mask.tolist()
