@@ -196,14 +196,33 @@ class Plan:
         return full_lr < len(self.order) * self.block_cost
 
 
-def price(t: TensorTarget, cfg: DWCConfig, importance: np.ndarray | None = None) -> Plan | None:
-    """Work out ``t``'s candidate encodings; None when nothing would change."""
+def factored_svd(factors: list[tuple[np.ndarray, np.ndarray, float]]
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Thin SVD of ``sum(s * b @ a)`` from the factors, without forming the matrix:
+    with ``B = [s b ...]`` (rows, R) = Qb Rb and ``A^T = [a ...]^T`` (cols, R) = Qa Ra,
+    ``B A = Qb (Rb Ra^T) Qa^T``, so the SVD of the R x R middle gives the whole one in
+    O((rows + cols) R^2) instead of O(rows cols min(rows, cols)) (10.8 s of 34 for SmolLM2).
+
+    Returns (u (rows, R), sv (R,) descending, vt (R, cols))."""
+    bb = np.concatenate([s * b.astype(np.float64) for _a, b, s in factors], axis=1)  # (rows, R)
+    aa = np.concatenate([a.astype(np.float64) for a, _b, _s in factors], axis=0)  # (R, cols)
+    qb, rb = np.linalg.qr(bb)  # (rows, R), (R, R)
+    qa, ra = np.linalg.qr(aa.T)  # (cols, R), (R, R)
+    uu, sv, vvt = np.linalg.svd(rb @ ra.T)  # (R, R), (R,), (R, R)
+    return qb @ uu, sv, (qa @ vvt.T).T
+
+
+def price(t: TensorTarget, cfg: DWCConfig, importance: np.ndarray | None = None,
+          mirror: np.ndarray | None = None) -> Plan | None:
+    """Work out ``t``'s candidate encodings; None when nothing would change.
+    ``mirror``: the tensor's dequantised values, when already at hand."""
     info = t.info
     raw = _read(info)
     if info.type_name not in REQUANT_TYPES:
         raise UsageError(f"{info.name}: DWC needs a quantiser for {info.type_name}; supported: "
                          f"{', '.join(REQUANT_TYPES)}")
-    mirror = dequantize(info.type_name, raw)  # (n,)
+    if mirror is None:
+        mirror = dequantize(info.type_name, raw)  # (n,)
     delta = t.target - mirror  # (n,)
     block, _ = type_layout(info.type_name)
     group = block if block > 1 else (32 if info.n_elements % 32 == 0 else info.n_elements)
@@ -235,7 +254,7 @@ def price(t: TensorTarget, cfg: DWCConfig, importance: np.ndarray | None = None)
         # The factors describe target - base; they reach the target only while the mirror
         # still is the quantised base (not after other updates): check, block by block.
         if float(np.mean(np.abs(miss).max(1) <= step)) >= 0.99:
-            u, sv, vt = np.linalg.svd(upd, full_matrices=False)
+            u, sv, vt = factored_svd(t.lowrank)
             keep = sv > sv[0] * 1e-6 if sv.size else sv > 0
             u, sv, vt = u[:, keep], sv[keep], vt[keep]
             root = np.sqrt(sv)
@@ -373,11 +392,14 @@ def build(base: Artifact, choices: list[Choice], builder: DeltaBuilder) -> dict[
 # --- measuring ----------------------------------------------------------------------------
 
 
-def weight_error(art: Artifact, targets: list[TensorTarget], mirror_before: dict[str, np.ndarray]) -> dict[str, float]:
-    """How close the artefact's weights are to the targets, over the targeted tensors."""
+def weight_error(art: Artifact, targets: list[TensorTarget], mirror_before: dict[str, np.ndarray],
+                 now_values: dict[str, np.ndarray] | None = None) -> dict[str, float]:
+    """How close the artefact's weights are to the targets, over the targeted tensors
+    (``now_values``: the artefact's dequantised values, when already at hand)."""
     resid = upd = tnorm = 0.0
     for t in targets:
-        now = dequantize(t.info.type_name, _read(art.tensor(t.info.name)))
+        now = (now_values[t.info.name] if now_values is not None
+               else dequantize(t.info.type_name, _read(art.tensor(t.info.name))))
         resid += float(((now - t.target).astype(np.float64) ** 2).sum())
         upd += float(((mirror_before[t.info.name] - t.target).astype(np.float64) ** 2).sum())
         tnorm += float((t.target.astype(np.float64) ** 2).sum())
@@ -502,8 +524,9 @@ def make_delta(
     say("loading the target")
     targets, _, target_model = load_targets(art, target, target_base, return_model=True)  # loaded once
     say("pricing the update")
-    plans = [p for p in (price(t, config) for t in targets) if p is not None]
-    mirror_before = {t.info.name: dequantize(t.info.type_name, _read(t.info)) for t in targets}
+    mirror_before = {t.info.name: dequantize(t.info.type_name, _read(t.info)) for t in targets}  # once
+    plans = [p for p in (price(t, config, mirror=mirror_before[t.info.name]) for t in targets)
+             if p is not None]
     total_elems = sum(t.n_elements for t in art.tensors)
     ref = ids = None
     if probe:
@@ -521,7 +544,7 @@ def make_delta(
 
     # the mirror as it is, before any candidate touches it
     kl_before = probe_kl(mirror, ref, ids) if ref is not None else None
-    before = weight_error(art, targets, mirror_before)
+    before = weight_error(art, targets, mirror_before, now_values=mirror_before)
 
     def measure(delta_path: Path, computed: list[list[bytes]],
                 keep: bool = False) -> tuple[float | None, dict[str, float]]:

@@ -120,7 +120,10 @@ def quantize(type_name: str, values: Any) -> bytes:
     from gguf import GGMLQuantizationType, quants
 
     block, _ = type_layout(type_name)
-    return quants.quantize(x.reshape(-1, block), GGMLQuantizationType[type_name]).tobytes()
+    # one row: gguf-py quantises block by block either way (same bytes), but loops in
+    # Python over groups of 16 rows, so rows of one block each cost a call per 16 blocks
+    rows = x.reshape(-1, block).reshape(1, -1)
+    return quants.quantize(rows, GGMLQuantizationType[type_name]).tobytes()
 
 
 def requant_check(type_name: str, encoding: str) -> None:

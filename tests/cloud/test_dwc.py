@@ -194,3 +194,24 @@ def test_mirror_that_is_not_the_device_is_refused(setup, tmp_path):
     rep = make_delta(mirror, lora, tmp_path / "d.cdcd", target_base=base,
                      expect_identity=compute_identity(open_artifact(mirror)).digest)
     assert rep.base_identity == compute_identity(open_artifact(mirror)).digest
+
+
+def test_factored_svd_is_the_svd_of_the_product():
+    """DWC's low-rank plan takes the SVD from the LoRA factors (no dense SVD): same
+    singular values, same product, orthonormal vectors."""
+    import numpy as np
+
+    from cdcca_edge.cloud.dwc import factored_svd
+
+    rng = np.random.default_rng(0)
+    f = [(rng.standard_normal((4, 96)).astype(np.float32), rng.standard_normal((160, 4)).astype(np.float32), 2.0),
+         (rng.standard_normal((2, 96)).astype(np.float32), rng.standard_normal((160, 2)).astype(np.float32), 0.5)]
+    dense = sum(s * (b.astype(np.float64) @ a.astype(np.float64)) for a, b, s in f)
+    u, sv, vt = factored_svd(f)
+    want = np.linalg.svd(dense, compute_uv=False)
+    assert u.shape == (160, 6) and vt.shape == (6, 96)
+    np.testing.assert_allclose(sv, want[:6], rtol=1e-10)
+    assert want[6] < 1e-10 * want[0]
+    np.testing.assert_allclose((u * sv) @ vt, dense, atol=1e-10 * np.abs(dense).max())
+    np.testing.assert_allclose(u.T @ u, np.eye(6), atol=1e-12)
+    np.testing.assert_allclose(vt @ vt.T, np.eye(6), atol=1e-12)
