@@ -36,7 +36,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from cdcca_edge.core.artifact import Artifact, TensorInfo, iter_tensor_bytes, open_artifact
-from cdcca_edge.core.delta_build import DeltaBuilder, changed_runs
+from cdcca_edge.core.delta_build import BuiltRecord, DeltaBuilder, changed_runs
 from cdcca_edge.core.encodings import REQUANT_TYPES, dequantize, quantize
 from cdcca_edge.core.errors import IntegrityError, UsageError, require
 from cdcca_edge.core.ggml import type_layout
@@ -351,42 +351,63 @@ def _stochastic_is_closer(p: Plan, rank: int) -> bool:
     return norm > 0 and float(np.dot(moved.astype(np.float64), upd)) / norm < 0.9
 
 
-def build(base: Artifact, choices: list[Choice], builder: DeltaBuilder) -> dict[str, int]:
-    """Add the chosen records to ``builder``. Returns records per encoding."""
+def build(base: Artifact, choices: list[Choice], builder: DeltaBuilder,
+          cache: dict[tuple[str, int, int], tuple[str, list[BuiltRecord]]] | None = None) -> dict[str, int]:
+    """Add the chosen records to ``builder``. Returns records per encoding.
+
+    ``cache``: records built for earlier choices on the same base, by (tensor, rank,
+    groups); a choice found there is added as built (a --max-kl search tries several
+    budgets that mostly choose the same records), and new ones are added to it."""
     counts: dict[str, int] = {}
     for c in choices:
-        p, info = c.plan, c.plan.t.info
-        if c.rank:
-            stochastic = info.type_name == "Q8_0" and _stochastic_is_closer(p, c.rank)
-            builder.add_low_rank(info.name, p.lr_a[: c.rank], p.lr_b[:, : c.rank], 1.0, factor_dtype="i8",
-                                 rounding="stochastic" if stochastic else "nearest",
-                                 seed=zlib.crc32(info.name.encode()) if stochastic else 0)
-            counts["lowrank"] = counts.get("lowrank", 0) + 1
+        key = (c.plan.t.info.name, c.rank, c.n_groups)
+        if cache is not None and key in cache:
+            kind, built = cache[key]
+            for b in built:
+                builder.add_built(b)
+            counts[kind] = counts.get(kind, 0) + 1
             continue
-        if not c.n_groups:
+        first = builder.record_count
+        kind = _build_one(c, builder)
+        if kind is None:
             continue
-        groups = np.sort(p.order[: c.n_groups])
-        starts, lengths = changed_runs(np.isin(np.arange(p.residual.shape[0]), groups))
-        runs = list(zip(starts, lengths))
-        if p.encoding == "replace":
-            block, unit = type_layout(info.type_name)
-            per = p.group // block  # units per group
-            new = p.mirror.copy().reshape(-1, p.group)
-            new[groups] = p.t.target.reshape(-1, p.group)[groups]
-            q = np.frombuffer(quantize(info.type_name, new[groups].reshape(-1)), np.uint8)
-            builder.replace_units(info.name, [s * per for s in starts], [n * per for n in lengths], q.tobytes())
-            counts["replace"] = counts.get("replace", 0) + 1
-        else:
-            bits = 4 if p.encoding == "qadd4" else 8
-            lim = 7 if bits == 4 else 127
-            d = p.residual[groups]  # (k, g)
-            scale = (np.abs(d).max(1) / lim).astype(np.float16).astype(np.float32)
-            scale = np.where(scale > 0, scale, np.float32(1.0))
-            q = np.clip(np.round(d / scale[:, None]), -lim, lim).astype(np.int8)
-            kw = {"group": p.group} if info.type_name in ("F32", "F16", "BF16") else {}
-            builder.add_quantized(info.name, runs, scale.astype(np.float16), q.reshape(-1), bits=bits, **kw)
-            counts["qadd"] = counts.get("qadd", 0) + 1
+        counts[kind] = counts.get(kind, 0) + 1
+        if cache is not None:
+            cache[key] = (kind, builder.built_since(first))
     return counts
+
+
+def _build_one(c: Choice, builder: DeltaBuilder) -> str | None:
+    """Add one choice's records; returns its kind (None when it adds nothing)."""
+    p, info = c.plan, c.plan.t.info
+    if c.rank:
+        stochastic = info.type_name == "Q8_0" and _stochastic_is_closer(p, c.rank)
+        builder.add_low_rank(info.name, p.lr_a[: c.rank], p.lr_b[:, : c.rank], 1.0, factor_dtype="i8",
+                             rounding="stochastic" if stochastic else "nearest",
+                             seed=zlib.crc32(info.name.encode()) if stochastic else 0)
+        return "lowrank"
+    if not c.n_groups:
+        return None
+    groups = np.sort(p.order[: c.n_groups])
+    starts, lengths = changed_runs(np.isin(np.arange(p.residual.shape[0]), groups))
+    runs = list(zip(starts, lengths))
+    if p.encoding == "replace":
+        block, unit = type_layout(info.type_name)
+        per = p.group // block  # units per group
+        new = p.mirror.copy().reshape(-1, p.group)
+        new[groups] = p.t.target.reshape(-1, p.group)[groups]
+        q = np.frombuffer(quantize(info.type_name, new[groups].reshape(-1)), np.uint8)
+        builder.replace_units(info.name, [s * per for s in starts], [n * per for n in lengths], q.tobytes())
+        return "replace"
+    bits = 4 if p.encoding == "qadd4" else 8
+    lim = 7 if bits == 4 else 127
+    d = p.residual[groups]  # (k, g)
+    scale = (np.abs(d).max(1) / lim).astype(np.float16).astype(np.float32)
+    scale = np.where(scale > 0, scale, np.float32(1.0))
+    q = np.clip(np.round(d / scale[:, None]), -lim, lim).astype(np.int8)
+    kw = {"group": p.group} if info.type_name in ("F32", "F16", "BF16") else {}
+    builder.add_quantized(info.name, runs, scale.astype(np.float16), q.reshape(-1), bits=bits, **kw)
+    return "qadd"
 
 
 # --- measuring ----------------------------------------------------------------------------
@@ -535,10 +556,12 @@ def make_delta(
                                  model=target_model)
     del target_model  # the targets hold what the rest needs
 
+    built: dict[tuple[str, int, int], tuple[str, list[BuiltRecord]]] = {}  # across budgets
+
     def attempt(budget: int | None, path: Path) -> tuple[Any, dict[str, int], list[Choice], list[list[bytes]]]:
         choices = select(plans, budget)
         builder = DeltaBuilder(art, created_by="cdcca-edge delta make (DWC)")
-        counts = build(art, choices, builder)
+        counts = build(art, choices, builder, cache=built if config.max_kl is not None else None)
         # the new bytes the builder computed are applied to the mirror as they are
         return builder.write(path, sign_key=sign_key), counts, choices, builder.new_bytes()
 

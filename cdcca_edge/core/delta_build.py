@@ -80,6 +80,19 @@ class DeltaSummary:
 class _Pending:
     record: Record
     new_spans: list[tuple[int, bytes]] = field(default_factory=list)  # (abs offset, new bytes)
+    unit_ranges: list[tuple[int, int]] = field(default_factory=list)  # (first unit, count)
+
+
+@dataclass(frozen=True)
+class BuiltRecord:
+    """One record as a builder computed it: its header entry, payload, the new bytes of
+    its spans and the units it changes. Another builder on the same base takes it as is
+    (``add_built``) instead of computing it again (a DWC budget search)."""
+
+    record: Record
+    payload: bytes
+    new_spans: list[tuple[int, bytes]]
+    unit_ranges: list[tuple[int, int]]
 
 
 class DeltaBuilder:
@@ -234,6 +247,29 @@ class DeltaBuilder:
         _, unit = type_layout(t.type_name)
         self._add(t, ENC_LOWRANK, params, payload, [(0, t.nbytes // unit)])
 
+    @property
+    def record_count(self) -> int:
+        return len(self._pending)
+
+    def built_since(self, first: int) -> list[BuiltRecord]:
+        """The records added after the first ``first``, for :meth:`add_built`."""
+        out = []
+        for p in self._pending[first:]:
+            pos = self._payload.tell()
+            self._payload.seek(p.record.offset)
+            payload = self._payload.read(p.record.length)
+            self._payload.seek(pos)
+            out.append(BuiltRecord(p.record, payload, p.new_spans, p.unit_ranges))
+        return out
+
+    def add_built(self, built: BuiltRecord) -> None:
+        """Add a record another builder computed on the same base (same identity)."""
+        t = self.base.tensor(built.record.tensor)
+        self._claim(t, built.unit_ranges)
+        rec = Record(**{**built.record.__dict__, "offset": self._payload.tell()})
+        self._payload.write(built.payload)
+        self._pending.append(_Pending(rec, built.new_spans, built.unit_ranges))
+
     def new_bytes(self) -> list[list[bytes]]:
         """Per record written, the new bytes of each of its spans (as ``apply_delta``'s
         ``computed``): what the builder computed for the post-image digests."""
@@ -311,8 +347,7 @@ class DeltaBuilder:
         else:
             self._add(t, ENC_REPLACE, {}, index + bytes(data), runs)
 
-    def _add(self, t: TensorInfo, encoding: str, params: dict[str, Any], payload: bytes,
-             unit_ranges: list[tuple[int, int]]) -> None:
+    def _claim(self, t: TensorInfo, unit_ranges: list[tuple[int, int]]) -> None:
         taken = self._touched.setdefault(t.name, [])
         for s, n in unit_ranges:
             for s2, e2 in taken:
@@ -320,6 +355,10 @@ class DeltaBuilder:
                     raise UsageError(f"{t.name}: units [{s}, {s + n}) already changed by an "
                                      "earlier record of this delta")
         taken.extend((s, s + n) for s, n in unit_ranges)
+
+    def _add(self, t: TensorInfo, encoding: str, params: dict[str, Any], payload: bytes,
+             unit_ranges: list[tuple[int, int]]) -> None:
+        self._claim(t, unit_ranges)
         rec = Record(
             file=self.base.file_key(t.file), tensor=t.name, type=t.type_name, shape=t.shape,
             encoding=encoding, offset=self._payload.tell(), length=len(payload),
@@ -341,7 +380,7 @@ class DeltaBuilder:
                 new_spans.append((off, new))
         rec = Record(**{**rec.__dict__, "pre_digest": pre.hexdigest(), "post_digest": post.hexdigest()})
         self._payload.write(payload)
-        self._pending.append(_Pending(rec, new_spans))
+        self._pending.append(_Pending(rec, new_spans, list(unit_ranges)))
 
 
 def _requant_usage(t: TensorInfo, encoding: str) -> None:

@@ -215,3 +215,40 @@ def test_factored_svd_is_the_svd_of_the_product():
     np.testing.assert_allclose((u * sv) @ vt, dense, atol=1e-10 * np.abs(dense).max())
     np.testing.assert_allclose(u.T @ u, np.eye(6), atol=1e-12)
     np.testing.assert_allclose(vt @ vt.T, np.eye(6), atol=1e-12)
+
+
+@pytest.mark.parametrize("target", ["adapter", "merged"])
+def test_records_reused_across_budgets_are_the_records_built_fresh(setup, tmp_path, target):
+    """A --max-kl search re-uses a record built for an earlier budget: the delta it
+    writes is byte for byte the one built from scratch (low-rank and block encodings)."""
+    from cdcca_edge.cloud.dwc import build, load_targets, price, select
+    from cdcca_edge.core.delta_build import DeltaBuilder
+
+    root, base, lora = setup
+    mirror = export(base, tmp_path / "m.gguf", "gguf", quant="q8_0").path
+    art = open_artifact(mirror)
+    if target == "adapter":
+        targets = load_targets(art, lora, base)[0]
+    else:
+        from peft import PeftModel
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        merged = tmp_path / "merged"
+        PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), lora).merge_and_unload().save_pretrained(merged)
+        AutoTokenizer.from_pretrained(base).save_pretrained(merged)
+        targets = load_targets(art, merged)[0]
+    plans = [p for p in (price(t, DWCConfig()) for t in targets) if p is not None]
+    full = sum(c.cost for c in select(plans, None))
+    cache: dict = {}
+    chosen = 0
+    for budget in (full // 3, full // 2, None):  # later budgets keep most earlier choices
+        cached, fresh = DeltaBuilder(art), DeltaBuilder(art)
+        choices = [c for c in select(plans, budget) if c.rank or c.n_groups]
+        chosen += len(choices)
+        c1 = build(art, choices, cached, cache=cache)
+        c2 = build(art, select(plans, budget), fresh)
+        assert c1 == c2
+        cached.write(tmp_path / "a.cdcd")
+        fresh.write(tmp_path / "b.cdcd")
+        assert (tmp_path / "a.cdcd").read_bytes() == (tmp_path / "b.cdcd").read_bytes()
+    assert 0 < len(cache) < chosen  # some choices were built once and re-used
