@@ -319,6 +319,9 @@ def patch(
         return
     if result.recovered:
         err.print(f"recovered an interrupted patch first: {result.recovered}")
+    if result.identity_check == "migrated":
+        err.print("the state sidecar was of an older version: the model's identity was computed "
+                  "once under the current scheme and its version kept")
     if result.already_applied:
         out.print(f"{model}: already at version {result.to_version} "
                   f"({result.target_identity[:16]}); nothing to do")
