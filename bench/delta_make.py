@@ -2,7 +2,7 @@
 another commit ("before") against this checkout ("after"): wall time and peak RSS of
 the whole command, alternating, medians.
 
-    python bench/delta_make.py [--before 825f5a4] [--repeat 3] [--probe/--no-probe]
+    python bench/delta_make.py [--before 825f5a4] [--after HEAD] [--repeat 3] [--probe/--no-probe]
 
 The update: a PEFT LoRA adapter of AKD's shape (rank 8, alpha 16, every attention and MLP
 projection) on SmolLM2-135M-Instruct, with lora_B drawn at random (seed 0) so that the
@@ -10,7 +10,8 @@ update moves the weights by about 1% (a trained adapter of this shape costs the 
 ship: the work depends on the shapes, not the values). The mirror: SmolLM2 as q8_0 GGUF
 with its state sidecar, as export leaves it; a fresh copy for every run.
 
-"before" runs from a git worktree of that commit with this venv. Writes
+"before" runs from a git worktree of that commit with this venv; "after" from this
+checkout, or from a worktree of ``--after`` (so the checkout can change meanwhile). Writes
 bench/results/delta_make.json and the "delta_make" section of docs/benchmarks.md.
 """
 
@@ -109,6 +110,7 @@ def run_once(code: Path, mirror: Path, adapter: Path, hf: Path, out: Path, probe
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--before", default="825f5a4", help="commit to compare against")
+    ap.add_argument("--after", default=None, help="commit to measure (default: this checkout)")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--probe", action=argparse.BooleanOptionalAction, default=True)
     args = ap.parse_args()
@@ -121,7 +123,8 @@ def main() -> None:
     if args.probe:
         probe = work / "probe.jsonl"
         probe.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROBE))
-    codes = {"before": code_tree(args.before, work), "after": ROOT}
+    after = ROOT if args.after is None else code_tree(args.after, work)
+    codes = {"before": code_tree(args.before, work), "after": after}
     runs: dict[str, list[dict]] = {"before": [], "after": []}
     for r in range(args.repeat):
         for which in ("before", "after") if r % 2 == 0 else ("after", "before"):
@@ -133,7 +136,7 @@ def main() -> None:
                "peak_rss": statistics.median(x["peak_rss"] for x in v),
                "delta_bytes": v[-1]["delta_bytes"], "all_seconds": [x["seconds"] for x in v]}
            for k, v in runs.items()}
-    rev = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
+    rev = subprocess.run(["git", "-C", str(after), "rev-parse", "--short", "HEAD"], capture_output=True,
                          text=True).stdout.strip()
     doc = {"machine": machine(), "repeat": args.repeat, "before": args.before, "after": rev,
            "probe_prompts": len(PROBE) if args.probe else 0, "model_bytes": base.stat().st_size,
