@@ -44,7 +44,7 @@ VARIANTS = {
 
 
 def _prompts_tiny(domain: str, n: int, seed: int) -> list[str]:
-    from cdcca_edge.cloud.tiny import tiny_corpus
+    from cdcca_edge.demo.tiny import tiny_corpus
 
     out = []
     for s in tiny_corpus(n, seed=seed, domain=domain):  # type: ignore[arg-type]
@@ -215,7 +215,7 @@ def main() -> None:
     ap.add_argument("--heal-steps", type=int, default=60)
     args = ap.parse_args()
 
-    from cdcca_edge.cloud.tiny import TinySpec, build_tiny_model
+    from cdcca_edge.demo.tiny import TinySpec, build_tiny_model
 
     work = cache_dir() / "bench" / "akd"
     work.mkdir(parents=True, exist_ok=True)

@@ -98,7 +98,7 @@ def main() -> None:
     ap.add_argument("--report", type=Path, help="take this run's report.json instead of running")
     args = ap.parse_args()
     if args.report is None:
-        from cdcca_edge.cloud.demo import DemoConfig, run_demo
+        from cdcca_edge.demo.loop import DemoConfig, run_demo
         from cdcca_edge.core.paths import cache_dir
 
         out = cache_dir() / "bench" / "demo"

@@ -150,7 +150,7 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=7)
     args = ap.parse_args()
 
-    from cdcca_edge.cloud.tiny import TinySpec, tiny_corpus, tiny_model_dir
+    from cdcca_edge.demo.tiny import TinySpec, tiny_corpus, tiny_model_dir
     from cdcca_edge.converters.export import export
     from cdcca_edge.core.artifact import compute_identity, open_artifact
     from cdcca_edge.runtime import load

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, settings
 
-from cdcca_edge.cloud.tiny import TinySpec, build_tiny_model
+from cdcca_edge.demo.tiny import TinySpec, build_tiny_model
 from tests.hostile import COUNTS
 
 # A fixed seed profile: CI runs the same generated cases every time (a failure found once

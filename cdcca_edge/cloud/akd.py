@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Callable, Literal, Sequence
 
 from cdcca_edge.core.adapters import BIAS_ADAPTER_DIR
+from cdcca_edge.core import uplink_format as U
 from cdcca_edge.core.errors import FormatError, UsageError, require
 
 AdapterKind = Literal["lora", "bias-norm"]
@@ -116,14 +117,14 @@ def read_samples(bundles: Sequence[str | Path], vocab_size: int | None = None, c
         b = read_uplink(path)
         for s in b.samples():
             where = f"{path}: sample {s.id!r}"
-            prompt = s.arrays.get("prompt_ids")  # (T_p,) u32, not empty: the reader checks
+            prompt = s.arrays.get(U.PROMPT_IDS)  # (T_p,) u32, not empty: the reader checks
             if prompt is None:
                 raise FormatError(f"{where} has no prompt_ids; distillation needs the prompt's tokens: "
                                   "collect the bundle with `cdcca-edge uplink collect`")
-            answer = s.arrays.get("answer_ids")  # (T_a,) u32
+            answer = s.arrays.get(U.ANSWER_IDS)  # (T_a,) u32
             total = check_sample_tokens(path, where, prompt, answer, len(prompt), answer_tokens, context,
                                         vocab_size, total)
-            weights = s.arrays.get("token_weights")  # (T_a,) f16, finite and >= 0: the reader checks
+            weights = s.arrays.get(U.TOKEN_WEIGHTS)  # (T_a,) f16, finite and >= 0: the reader checks
             out.append(Sample(
                 id=f"{i}:{s.id}",
                 prompt_ids=prompt.tolist(),
@@ -392,10 +393,24 @@ def distill(
     out_dir)`` loads it), ``out_dir/report.json`` and, with ``merge``, the merged model
     to ``out_dir/merged``.
 
+    LLaVA teacher and student (bundles of visual tokens) are distilled by
+    :func:`cdcca_edge.cloud.akd_mm.distill_multimodal`, chosen here; its report is a
+    :class:`~cdcca_edge.cloud.akd_mm.MultimodalDistillReport`.
+
     Raises:
         FormatError: a bundle is malformed or does not fit the student (:func:`read_samples`).
-        UsageError: vocabularies differ, no samples, bad configuration.
+        UsageError: vocabularies differ, no samples, bad configuration, or only one of
+            teacher and student is a LLaVA model.
     """
+    from cdcca_edge.converters.llava_export import is_llava
+
+    if is_llava(Path(teacher_dir)) or is_llava(Path(student_dir)):  # AKD on visual tokens
+        from cdcca_edge.cloud.akd_mm import distill_multimodal
+
+        if not (is_llava(Path(teacher_dir)) and is_llava(Path(student_dir))):
+            raise UsageError("teacher and student must both be LLaVA models for AKD on visual tokens")
+        return distill_multimodal(teacher_dir, student_dir, bundles, out_dir, config, merge=merge,  # type: ignore[return-value]
+                                  progress=progress)
     torch = require("torch", "cloud")
     transformers = require("transformers", "cloud")
     accelerate = require("accelerate", "cloud")

@@ -25,6 +25,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from cdcca_edge.cloud.akd import AKDConfig, kd_divergence, weighted_mean
+from cdcca_edge.core import uplink_format as U
 from cdcca_edge.core.errors import FormatError, UsageError, require
 
 # language model and projector linears; the vision tower (CLIP/SigLIP q/k/v/out_proj) never
@@ -64,24 +65,23 @@ def read_visual_samples(bundles: Sequence[str | Path], vocab_size: int | None = 
         UsageError: no sample has visual tokens.
     """
     from cdcca_edge.cloud.akd import check_sample_tokens
-    from cdcca_edge.core.uplink_format import read_uplink
-    from cdcca_edge.runtime.uts import dequantize_tokens
+    from cdcca_edge.core.uplink_format import dequantize_tokens, read_uplink
 
     out = []
     total = 0
     for i, path in enumerate(bundles):
         for s in read_uplink(path).samples():
             a = s.arrays
-            if "visual_features" not in a:
+            if U.VISUAL_FEATURES not in a:
                 continue
             where = f"{path}: sample {s.id!r}"
-            if "visual_positions" not in a or "prompt_ids" not in a or "n_visual_tokens" not in s.meta:
+            if U.VISUAL_POSITIONS not in a or U.PROMPT_IDS not in a or U.N_VISUAL_TOKENS not in s.meta:
                 raise FormatError(f"{where} has visual tokens without positions, prompt_ids or "
                                   "n_visual_tokens; collect the bundle again with `cdcca-edge uplink collect`")
             # the reader checks dtypes, shapes, finite values, and positions ascending and < n
-            prompt = a["prompt_ids"]  # (T_p,) u32
-            answer = a.get("answer_ids")  # (T_a,) u32
-            n = int(s.meta["n_visual_tokens"])
+            prompt = a[U.PROMPT_IDS]  # (T_p,) u32
+            answer = a.get(U.ANSWER_IDS)  # (T_a,) u32
+            n = int(s.meta[U.N_VISUAL_TOKENS])
             # the image token stands for the image's n positions
             total = check_sample_tokens(path, where, prompt, answer, len(prompt) - 1 + n, answer_tokens,
                                         context, vocab_size, total)
@@ -89,13 +89,13 @@ def read_visual_samples(bundles: Sequence[str | Path], vocab_size: int | None = 
                 raise FormatError(f"{where}: its prompt has {int((prompt == image_token).sum())} image tokens "
                                   f"(id {image_token}), expected 1; distil the bundle into the student its "
                                   "device runs, or collect it again")
-            width = a["visual_features"].shape[1]
+            width = a[U.VISUAL_FEATURES].shape[1]
             if vision_width is not None and width != vision_width:
                 raise FormatError(f"{where}: visual tokens of width {width}, the student's vision tower gives "
                                   f"{vision_width}; distil the bundle into the student its device runs")
-            tokens = (dequantize_tokens(a["visual_features"], a["visual_scales"]) if "visual_scales" in a
-                      else np.asarray(a["visual_features"], np.float32))
-            pos = np.asarray(a["visual_positions"], np.int64)
+            tokens = (dequantize_tokens(a[U.VISUAL_FEATURES], a[U.VISUAL_SCALES]) if U.VISUAL_SCALES in a
+                      else np.asarray(a[U.VISUAL_FEATURES], np.float32))
+            pos = np.asarray(a[U.VISUAL_POSITIONS], np.int64)
             if not np.isfinite(tokens).all():
                 raise FormatError(f"{where}: visual tokens overflow float32; collect the bundle again")
             out.append(VisualSample(f"{i}:{s.id}", prompt.tolist(), tokens, pos, n,

@@ -39,7 +39,7 @@ from cdcca_edge.core.artifact import Artifact, TensorInfo, iter_tensor_bytes, op
 from cdcca_edge.core.delta_build import BuiltRecord, DeltaBuilder, changed_runs
 from cdcca_edge.core.encodings import REQUANT_TYPES, dequantize, quantize
 from cdcca_edge.core.errors import IntegrityError, UsageError, require
-from cdcca_edge.core.ggml import type_layout
+from cdcca_edge.core.ggml import SCALE_FIRST_TYPES, block_scales, type_layout
 
 RECORD_OVERHEAD = 250  # bytes of (compressed) header per record, measured 200-260
 MIN_STEP_FRACTION = 0.5  # block changes below this many quantisation steps are skipped
@@ -160,10 +160,8 @@ def _read(t: TensorInfo) -> bytes:
 def quant_steps(type_name: str, raw: bytes, mirror: np.ndarray, group: int) -> np.ndarray:
     """Quantisation step of every group of ``group`` elements (G,): the block scale for
     Q8_0/Q4_0, the float spacing near the group's largest value otherwise."""
-    if type_name in ("Q8_0", "Q4_0"):
-        _, size = type_layout(type_name)
-        d = np.frombuffer(raw, np.uint8).reshape(-1, size)[:, :2].copy().view(np.float16)
-        return np.abs(d.astype(np.float32)).reshape(-1)
+    if type_name in SCALE_FIRST_TYPES:
+        return np.abs(block_scales(type_name, raw).astype(np.float32))
     mags = np.abs(mirror.reshape(-1, group)).max(1)
     eps = {"F32": 2.0**-23, "F16": 2.0**-10, "BF16": 2.0**-7}.get(type_name, 2.0**-23)
     return np.maximum(mags * eps, np.finfo(np.float32).tiny)

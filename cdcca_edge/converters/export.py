@@ -19,7 +19,8 @@ from cdcca_edge.converters.hf import load_for_export
 from cdcca_edge.converters.onnx_export import write_onnx
 from cdcca_edge.converters.validate import ValidationReport, validate_export
 from cdcca_edge.converters.llava_export import is_llava
-from cdcca_edge.core.artifact import MANIFEST_NAME, ONNX_MODEL_NAME, open_artifact
+from cdcca_edge.core.artifact import ONNX_MODEL_NAME, open_artifact
+from cdcca_edge.core.bundle import MANIFEST_NAME
 from cdcca_edge.core.state import record_export
 from cdcca_edge.core.errors import UsageError
 

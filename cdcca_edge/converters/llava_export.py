@@ -20,15 +20,21 @@ import numpy as np
 
 from cdcca_edge import __version__
 from cdcca_edge.core import artifact as art
+from cdcca_edge.core.bundle import (
+    DEFAULT_PROMPT_TEMPLATE,
+    LANGUAGE_PART,
+    MANIFEST_FORMAT,
+    MANIFEST_NAME,
+    MANIFEST_VERSION,
+    VISION_PART,
+    Multimodal,
+)
 from cdcca_edge.core.errors import FormatError, ValidationError, require
 
-VISION_PART = "vision"
-LANGUAGE_PART = "language"
 PREPROCESSOR = "preprocessor_config.json"
 # the prompt the model was trained on, ``{question}`` standing for the question; a model
 # directory may give its own in this file (LLaVA-1.5's convention is the default)
 PROMPT_TEMPLATE_FILE = "prompt_template.txt"
-DEFAULT_PROMPT_TEMPLATE = "USER: <image>\n{question} ASSISTANT:"
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # CLIP's normalisation, when the model
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)  # directory has no preprocessor config
 # vision part: max |onnx - torch| / std(torch) for image embeddings and features
@@ -164,17 +170,16 @@ def multimodal_info(llava: Any, model_dir: Path, image_size: int) -> dict[str, A
     """The manifest's ``multimodal`` section: what the device needs to feed images."""
     pre = _read_json(model_dir / PREPROCESSOR)
     template = model_dir / PROMPT_TEMPLATE_FILE
-    return {
-        "kind": "llava",
-        "image_token_id": int(llava.config.image_token_index),
-        "image_seq_length": int(llava.config.image_seq_length),
-        "image_size": image_size,
-        "image_mean": [float(v) for v in pre.get("image_mean", CLIP_MEAN)],
-        "image_std": [float(v) for v in pre.get("image_std", CLIP_STD)],
-        "vision_feature_dim": int(llava.config.vision_config.hidden_size),
-        "hidden_size": int(llava.config.text_config.hidden_size),
-        "prompt_template": template.read_text().strip("\n") if template.is_file() else DEFAULT_PROMPT_TEMPLATE,
-    }
+    return Multimodal(
+        image_token_id=int(llava.config.image_token_index),
+        image_seq_length=int(llava.config.image_seq_length),
+        image_size=image_size,
+        image_mean=tuple(float(v) for v in pre.get("image_mean", CLIP_MEAN)),  # type: ignore[arg-type]
+        image_std=tuple(float(v) for v in pre.get("image_std", CLIP_STD)),  # type: ignore[arg-type]
+        vision_feature_dim=int(llava.config.vision_config.hidden_size),
+        hidden_size=int(llava.config.text_config.hidden_size),
+        prompt_template=template.read_text().strip("\n") if template.is_file() else DEFAULT_PROMPT_TEMPLATE,
+    ).to_json()
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -208,8 +213,8 @@ def write_bundle(loaded: Any, out_dir: Path, fmt: str, quant: str, stage: Callab
             embeds_input_surgery(out_dir / LANGUAGE_PART / art.ONNX_MODEL_NAME)
             lang_path = LANGUAGE_PART
     tok.save_pretrained(out_dir / "tokenizer")
-    (out_dir / art.MANIFEST_NAME).write_text(json.dumps({
-        "format": art.MANIFEST_FORMAT, "version": art.MANIFEST_VERSION,
+    (out_dir / MANIFEST_NAME).write_text(json.dumps({
+        "format": MANIFEST_FORMAT, "version": MANIFEST_VERSION,
         "parts": [{"name": VISION_PART, "path": VISION_PART}, {"name": LANGUAGE_PART, "path": lang_path}],
         "multimodal": multimodal_info(llava, loaded.source_dir, image_size),
         "provenance": {art.META_VERSION: __version__, art.META_SOURCE_DIGEST: loaded.source_digest,
@@ -272,7 +277,7 @@ def validate_bundle(bundle: Path, loaded: Any, fmt: str, quant: str, tolerance: 
     report: dict[str, Any] = {}
     with MultimodalModel(bundle, backend="llama" if fmt == "gguf" else "onnx") as mm:
         info = mm.info
-        images = validation_images(n_images, int(info["image_size"]))
+        images = validation_images(n_images, info.image_size)
         x = torch.from_numpy(np.stack([mm.preprocess(im)[0] for im in images]))
         with torch.no_grad():
             ref_f, ref_e = VisionWrapper.build(llava)(x)
@@ -290,7 +295,7 @@ def validate_bundle(bundle: Path, loaded: Any, fmt: str, quant: str, tolerance: 
         for k, im in enumerate(images):
             for q in VALIDATION_QUESTIONS[: 2 if k else None]:
                 prompt = mm.prompt(q)
-                want = torch_greedy(llava, tok, prompt, im, info["image_mean"], info["image_std"], 6)
+                want = torch_greedy(llava, tok, prompt, im, list(info.image_mean), list(info.image_std), 6)
                 got = mm.generate(prompt, GenerationConfig(max_tokens=6), image=im).tokens
                 total += 1
                 same += got == want  # both end with EOS when the answer does

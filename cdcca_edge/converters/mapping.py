@@ -101,10 +101,10 @@ def _bundle_slots(art: Artifact, config: Any, hf_names: list[str]) -> dict[str, 
     """A multimodal bundle: each LLaVA parameter goes to its part, mapped by that part's
     own exporter table, and named ``<part>/<tensor>``."""
     from cdcca_edge.converters.hf import SUPPORTED_MODEL_TYPES
-    from cdcca_edge.core.artifact import MANIFEST_NAME, open_artifact
+    from cdcca_edge.core.artifact import open_artifact
+    from cdcca_edge.core.bundle import read_manifest
 
-    doc = json.loads((art.root / MANIFEST_NAME).read_text())
-    parts = {p["name"]: art.root / p["path"] for p in doc["parts"]}
+    parts = read_manifest(art.path).parts
     text_cfg = getattr(config, "text_config", None)
     if text_cfg is None:
         raise FormatError(f"{art.path}: a bundle takes a LLaVA model's update; this config has no text_config")

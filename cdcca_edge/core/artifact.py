@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import bisect
 import hashlib
-import json
 import os
-import re
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +19,8 @@ from typing import Any, Iterable, Iterator, Literal
 from cdcca_edge.core.ggml import GGUF_MAGIC
 
 from cdcca_edge.core.errors import FormatError, IntegrityError, MissingTensorError
-from cdcca_edge.core.fileio import open_regular
+from cdcca_edge.core.bundle import MANIFEST_NAME, read_manifest
+from cdcca_edge.core.fileio import entry_inside, open_regular, short_repr
 from cdcca_edge.core.gguf_file import read_gguf_header
 from cdcca_edge.core.onnx_proto import ONNX_DTYPES, read_onnx_model
 
@@ -37,15 +36,10 @@ META_ARCH = "cdcca.arch"  # HF architecture family (llama, qwen2)
 META_EXPORT_IDENTITY = "cdcca.export_identity"  # identity right after export
 META_TRANSPOSED = "cdcca.transposed"  # ONNX: JSON list of initializers stored as W^T (in, out)
 
-MANIFEST_NAME = "cdcca-artifact.json"  # a bundle: several parts, one artefact (section 6)
-MANIFEST_FORMAT = "cdcca-artifact"
-MANIFEST_VERSION = 1
-MANIFEST_MAX_BYTES = 1 << 20  # a manifest lists a few parts; refuse to read a huge file
-_PART_NAME = re.compile(r"^[a-z0-9_-]+$")
 ONNX_MODEL_NAME = "model.onnx"
 ONNX_DATA_NAME = "model.onnx_data"
 IDENTITY_SCHEME = "cdcca-id-v2"  # v2: tensor digests are Merkle roots over ID_CHUNK chunks
-ID_CHUNK = 4096  # bytes per leaf of a tensor digest (section 5): the unit a patch re-hashes
+ID_CHUNK = 4096  # bytes per leaf of a tensor digest (artifact.md section 2): the unit a patch re-hashes
 TENSOR_DIGEST_PREFIX = b"cdcca-tensor-v2\0"
 HASH_CHUNK = 8 << 20  # bytes hashed per step: bounded memory whatever the tensor size
 
@@ -183,56 +177,6 @@ def _open_gguf(path: Path) -> Artifact:
     return Artifact(path=path, format="gguf", tensors=tensors, metadata=metadata)
 
 
-def _short(s: str, n: int = 80) -> str:
-    """``repr(s)``, cut to about ``n`` characters: hostile names can be any length."""
-    r = repr(s)
-    return r if len(r) <= n else f"{r[:n]}...' ({len(s)} characters)"
-
-
-def _entry_inside(root: Path, rel: str, what: str, where: str) -> tuple[Path, os.stat_result | None]:
-    """Find the file or directory ``rel`` names inside ``root`` (a resolved directory).
-
-    The rule (docs/formats/artifact.md, section 1.1): ``rel`` is relative, stays inside
-    ``root`` once normalised, and no component of it is a symbolic link, so the path
-    checked is the path later opened and patched in place.
-
-    Returns:
-        The path and its ``stat``, or ``None`` in place of the stat when nothing is there.
-
-    Raises:
-        FormatError: ``rel`` is absolute, holds a NUL byte, leaves ``root``, names
-            ``root`` itself, goes through a symbolic link, or cannot be looked up.
-        PermissionError: the file system denies the look-up (an environment problem).
-    """
-    shown = _short(rel)
-    if "\0" in rel:
-        raise FormatError(f"{what} {shown} holds a NUL byte")
-    if os.path.isabs(rel):
-        raise FormatError(f"{what} {shown} is an absolute path; it must be relative to {where}")
-    lexical = Path(os.path.normpath(root / rel))
-    if lexical == root:
-        raise FormatError(f"{what} {shown} names {where} itself, not a file in it")
-    if root not in lexical.parents:
-        raise FormatError(f"{what} {shown} points outside {where}")
-    try:
-        real = lexical.resolve()
-    except RuntimeError as exc:  # Python < 3.13: a link loop
-        raise FormatError(f"{what} {shown} goes through a symbolic link loop ({exc})") from exc
-    except OSError as exc:
-        raise FormatError(f"{what} {shown} cannot be used ({exc.strerror})") from exc
-    if real != lexical:
-        raise FormatError(f"{what} {shown} is or goes through a symbolic link (to {real}); keep "
-                          f"the real file in {where}")
-    try:
-        return real, os.stat(real)
-    except (FileNotFoundError, NotADirectoryError):
-        return real, None
-    except PermissionError:
-        raise
-    except OSError as exc:  # ENAMETOOLONG, ELOOP, ...: the name is the problem
-        raise FormatError(f"{what} {shown} cannot be used ({exc.strerror})") from exc
-
-
 def _open_onnx(model_path: Path) -> Artifact:
     info = read_onnx_model(model_path)
     model_path = model_path.resolve()
@@ -257,7 +201,7 @@ def _open_onnx(model_path: Path) -> Artifact:
             file = model_path
         else:
             if init.location not in located:  # hundreds of initializers share one file
-                located[init.location] = _entry_inside(
+                located[init.location] = entry_inside(
                     base, init.location,
                     f"{model_path}: initializer {init.name!r} external data location",
                     "the model directory")
@@ -266,7 +210,7 @@ def _open_onnx(model_path: Path) -> Artifact:
                 raise FormatError(f"{model_path}: initializer {init.name!r} claims the model "
                                   "file itself as its external data")
             if file not in sizes:
-                shown = _short(init.location)
+                shown = short_repr(init.location)
                 if st is None:
                     raise FormatError(f"{model_path}: external data file {shown} is missing; "
                                       "keep it next to the model")
@@ -292,81 +236,28 @@ def _open_onnx(model_path: Path) -> Artifact:
     return Artifact(path=model_path, format="onnx", tensors=tensors, metadata=metadata)
 
 
-def _read_manifest(manifest: Path) -> object:
-    """The manifest's JSON document; every way it can fail is a FormatError."""
-    with open_regular(manifest, f"a {MANIFEST_FORMAT} manifest") as f:
-        raw = f.read(MANIFEST_MAX_BYTES + 1)
-    if len(raw) > MANIFEST_MAX_BYTES:
-        raise FormatError(f"{manifest}: larger than {MANIFEST_MAX_BYTES} bytes; not a "
-                          f"{MANIFEST_FORMAT} manifest")
-    try:
-        return json.loads(raw.decode("utf-8"))
-    except RecursionError as exc:
-        raise FormatError(f"{manifest}: not valid JSON (nested too deeply)") from exc
-    except (UnicodeDecodeError, ValueError) as exc:  # ValueError: JSONDecodeError, huge ints
-        raise FormatError(f"{manifest}: not valid JSON ({exc})") from exc
-
-
 def _open_bundle(manifest: Path) -> Artifact:
     """A bundle: each part opened on its own, tensors renamed ``<part>/<tensor>``."""
-    manifest = manifest.resolve()
-    root = manifest.parent
-    doc = _read_manifest(manifest)
-    if not isinstance(doc, dict) or doc.get("format") != MANIFEST_FORMAT:
-        raise FormatError(f"{manifest}: not a {MANIFEST_FORMAT} manifest")
-    version = doc.get("version")
-    if type(version) is not int or version != MANIFEST_VERSION:  # not True, not 1.0
-        raise FormatError(f"{manifest}: manifest version {_short(str(version))} is not "
-                          f"supported (expected {MANIFEST_VERSION}); upgrade cdcca-edge")
-    parts = doc.get("parts")
-    if not isinstance(parts, list) or not parts:
-        raise FormatError(f"{manifest}: the manifest lists no parts")
+    m = read_manifest(manifest)
     tensors: list[TensorInfo] = []
     metadata: dict[str, str] = {}
-    seen: set[str] = set()
-    for i, part in enumerate(parts):
-        if not isinstance(part, dict):
-            raise FormatError(f"{manifest}: part #{i} is a {type(part).__name__}, expected an "
-                              'object {"name": ..., "path": ...}')
-        name, rel = part.get("name"), part.get("path")
-        if not isinstance(name, str) or not _PART_NAME.fullmatch(name):
-            raise FormatError(f"{manifest}: part name {_short(str(name))} must match [a-z0-9_-]+")
-        if name in seen:
-            raise FormatError(f"{manifest}: duplicate part name {_short(name)}")
-        seen.add(name)
-        if not isinstance(rel, str) or not rel:
-            raise FormatError(f"{manifest}: part {name!r} has no path")
-        target, st = _entry_inside(root, rel, f"{manifest}: part {name!r} path", "the bundle")
-        if st is None:
-            raise FormatError(f"{manifest}: part {name!r} is missing ({_short(rel)}); keep every "
-                              "part inside the bundle directory")
-        if stat.S_ISDIR(st.st_mode):
-            nested = os.path.lexists(target / MANIFEST_NAME)
-        elif stat.S_ISREG(st.st_mode):
-            nested = target.name == MANIFEST_NAME
-        else:
-            raise FormatError(f"{manifest}: part {name!r} path {_short(rel)} is not a regular "
-                              "file or directory")
-        if nested:
-            raise FormatError(f"{manifest}: part {name!r} is itself a bundle; nesting is not supported")
+    for name, target in m.parts.items():
         sub = open_artifact(target)
         for t in sub.tensors:
             file = t.file.resolve()
-            if root not in file.parents:  # e.g. a part's model.onnx linked from elsewhere
-                raise FormatError(f"{manifest}: part {name!r} keeps tensor {t.name!r} in {file}, "
+            if m.root not in file.parents:  # e.g. a part's model.onnx linked from elsewhere
+                raise FormatError(f"{m.path}: part {name!r} keeps tensor {t.name!r} in {file}, "
                                   "outside the bundle")
             tensors.append(TensorInfo(f"{name}/{t.name}", t.type_name, t.shape, file,
                                       t.offset, t.nbytes))
         metadata.update({f"{name}/{k}": v for k, v in sub.metadata.items()})
-    prov = doc.get("provenance", {})
-    if isinstance(prov, dict):
-        metadata.update({str(k): str(v) for k, v in prov.items() if str(k).startswith(META_PREFIX)})
+    metadata.update({k: v for k, v in m.provenance.items() if k.startswith(META_PREFIX)})
     by_file: dict[Path, list[TensorInfo]] = {}
     for t in tensors:
         by_file.setdefault(t.file, []).append(t)
     for f, ts in by_file.items():
         _check_no_overlap(f, ts)  # two parts must not share a data file's bytes
-    return Artifact(path=manifest, format="bundle", tensors=tensors, metadata=metadata)
+    return Artifact(path=m.path, format="bundle", tensors=tensors, metadata=metadata)
 
 
 def _check_no_overlap(path: Path, tensors: list[TensorInfo]) -> None:
@@ -426,7 +317,7 @@ def hash_chunks(data: bytes | bytearray | memoryview) -> bytes:
 
 
 def digest_from_chunks(nbytes: int, leaves: bytes | bytearray | memoryview) -> str:
-    """A tensor digest from its leaf digests (section 5): SHA-256 over a prefix, the
+    """A tensor digest from its leaf digests (artifact.md section 2): SHA-256 over a prefix, the
     tensor's byte count and the leaves in order. Hex."""
     if len(leaves) != 32 * chunk_count(nbytes):
         raise ValueError(f"{len(leaves)} bytes of leaf digests for a {nbytes}-byte tensor")
@@ -556,10 +447,6 @@ class Identity:
     tensors: dict[str, str]
     chunks: dict[str, bytes] = field(default_factory=dict, compare=False, repr=False)  # leaves
 
-    @property
-    def short(self) -> str:
-        return self.digest[:16]
-
 
 def identity_digest(entries: Iterable[tuple[str, str, tuple[int, ...], str]]) -> str:
     """Combine (name, type, shape, tensor digest) entries into one identity digest.
@@ -580,3 +467,28 @@ def compute_identity(artifact: Artifact) -> Identity:
     per = {t.name: digest_from_chunks(t.nbytes, leaves[t.name]) for t in artifact.tensors}
     digest = identity_digest((t.name, t.type_name, t.shape, per[t.name]) for t in artifact.tensors)
     return Identity(digest=digest, tensors=per, chunks=leaves)
+
+
+def describe(artifact: Artifact, identity: bool = True) -> dict[str, Any]:
+    """What ``cdcca-edge inspect --json`` prints: files, provenance, the tensor table and
+    (reading every tensor byte, unless ``identity`` is False) the identity and per-tensor
+    digests, with whether the identity is still the one recorded at export."""
+    ident = compute_identity(artifact) if identity else None
+    return {
+        "path": str(artifact.path),
+        "format": artifact.format,
+        "files": [str(f) for f in artifact.files],
+        "n_tensors": len(artifact.tensors),
+        "tensor_bytes": artifact.tensor_bytes,
+        "metadata": artifact.metadata,
+        "identity": ident.digest if ident else None,
+        "identity_matches_export": (
+            ident.digest == artifact.metadata.get(META_EXPORT_IDENTITY) if ident else None
+        ),
+        "tensors": [
+            {"name": t.name, "type": t.type_name, "shape": list(t.shape), "bytes": t.nbytes,
+             "file": t.file.name, "offset": t.offset,
+             **({"digest": ident.tensors[t.name]} if ident else {})}
+            for t in artifact.tensors
+        ],
+    }

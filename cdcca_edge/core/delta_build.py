@@ -309,7 +309,7 @@ class DeltaBuilder:
         spans: dict[str, list[tuple[int, bytes]]] = {}
         for p in self._pending:
             spans.setdefault(p.record.tensor, []).extend(p.new_spans)
-        # only the leaves the new spans fall in are read and re-hashed (artifact.md 5)
+        # only the leaves the new spans fall in are read and re-hashed (artifact.md 2)
         state = self._state
         load_leaves(self.base, state, list(spans))
         entries = []

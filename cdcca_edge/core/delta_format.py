@@ -29,12 +29,13 @@ import time
 import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import IO, Any, Iterable
+from typing import IO, Any
 
-from cdcca_edge.core.errors import FormatError, IntegrityError, require
+from cdcca_edge.core.errors import FormatError, IntegrityError, UsageError, require
+from cdcca_edge.core.fileio import atomic_file
 
 MAGIC = b"CDCDELTA"
-FORMAT_VERSION = 2  # 2: identities are of scheme cdcca-id-v2 (artifact.md, section 5)
+FORMAT_VERSION = 2  # 2: identities are of scheme cdcca-id-v2 (artifact.md, section 2)
 PREAMBLE = struct.Struct("<8sIIQ")  # magic, version, flags, header length
 FLAG_HEADER_ZLIB = 1  # per-record digests and names are most of a small delta
 DIGEST_SIZE = 32  # SHA-256
@@ -358,38 +359,29 @@ def write_delta(
     if len(packed) < len(raw):
         raw, flags = packed, FLAG_HEADER_ZLIB
     pre = PREAMBLE.pack(MAGIC, FORMAT_VERSION, flags, len(raw))
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as out:
-            h = hashlib.sha256()
-            for part in (pre, raw):
-                h.update(part)
-                out.write(part)
-            left = header.payload_bytes
-            while left:
-                chunk = payload.read(min(READ_CHUNK, left))
-                if not chunk:
-                    raise ValueError("payload shorter than header.payload_bytes")
-                h.update(chunk)
-                out.write(chunk)
-                left -= len(chunk)
-            digest = h.digest()
-            out.write(digest)
-            if sign_key is None:
-                out.write(bytes([SIG_NONE]))
-            else:
-                serialization = require("cryptography.hazmat.primitives.serialization", "device")
-                pub = sign_key.public_key().public_bytes(
-                    serialization.Encoding.Raw, serialization.PublicFormat.Raw
-                )
-                out.write(bytes([SIG_ED25519]) + pub + sign_key.sign(digest))
-            out.flush()
-            os.fsync(out.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path, mode=0o644) as out:
+        h = hashlib.sha256()
+        for part in (pre, raw):
+            h.update(part)
+            out.write(part)
+        left = header.payload_bytes
+        while left:
+            chunk = payload.read(min(READ_CHUNK, left))
+            if not chunk:
+                raise ValueError("payload shorter than header.payload_bytes")
+            h.update(chunk)
+            out.write(chunk)
+            left -= len(chunk)
+        digest = h.digest()
+        out.write(digest)
+        if sign_key is None:
+            out.write(bytes([SIG_NONE]))
+        else:
+            serialization = require("cryptography.hazmat.primitives.serialization", "device")
+            pub = sign_key.public_key().public_bytes(
+                serialization.Encoding.Raw, serialization.PublicFormat.Raw
+            )
+            out.write(bytes([SIG_ED25519]) + pub + sign_key.sign(digest))
     return digest.hex()
 
 
@@ -407,7 +399,14 @@ def load_private_key(path: str | Path) -> Any:
 
 
 def generate_keypair(private_path: str | Path, public_path: str | Path) -> str:
-    """Write a new Ed25519 key pair as PEM files (private 0600). Returns the key id."""
+    """Write a new Ed25519 key pair as PEM files (private 0600). Returns the key id.
+
+    Raises:
+        UsageError: either file exists (a key is never overwritten).
+    """
+    for p in (private_path, public_path):
+        if os.path.lexists(p):
+            raise UsageError(f"{p} exists; not overwriting a key (choose another -o)")
     serialization = require("cryptography.hazmat.primitives.serialization", "device")
     ed25519 = require("cryptography.hazmat.primitives.asymmetric.ed25519", "device")
     key = ed25519.Ed25519PrivateKey.generate()
@@ -423,6 +422,11 @@ def generate_keypair(private_path: str | Path, public_path: str | Path) -> str:
                                                 serialization.PublicFormat.Raw))
 
 
-def iter_records(delta: DeltaFile) -> Iterable[tuple[Record, bytes]]:
-    for rec in delta.header.records:
-        yield rec, delta.read_payload(rec)
+def describe_delta(delta: DeltaFile) -> dict[str, Any]:
+    """What ``cdcca-edge delta inspect --json`` prints: size, digest, signer, the header."""
+    return {
+        "path": str(delta.path), "bytes": delta.size, "digest": delta.digest,
+        "signed_by": delta.signature.key_id if delta.signature else None,
+        **{k: v for k, v in delta.header.to_json().items() if k != "records"},
+        "records": [r.to_json() for r in delta.header.records],
+    }

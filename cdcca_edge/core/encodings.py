@@ -24,7 +24,7 @@ from typing import Any, Callable, Sequence
 
 from cdcca_edge.core.delta_format import ENC_LOWRANK, ENC_QADD, ENC_REPLACE, Record
 from cdcca_edge.core.errors import FormatError
-from cdcca_edge.core.ggml import type_layout
+from cdcca_edge.core.ggml import SCALE_FIRST_TYPES, block_scales, type_layout
 
 MAX_RUNS = 1 << 20  # per record; bounds the index a patcher holds
 MAX_RECORD_REGION = 8 << 20  # bytes a coded (zsub) replace record may rewrite
@@ -349,19 +349,20 @@ def q8_stochastic_add(old: Any, add: Any, first_index: int, seed: int) -> Any:
     float weights the cloud quantised from). Blocks with scale 0 are requantised."""
     import numpy as np
 
-    blocks = np.frombuffer(old, dtype=np.uint8).reshape(-1, 34).copy()
-    d = blocks[:, :2].copy().view(np.float16).astype(np.float32).reshape(-1)  # (G,)
-    q = blocks[:, 2:].view(np.int8).astype(np.float64)  # (G, 32)
-    x = np.asarray(add, dtype=np.float32).reshape(-1, 32)  # (G, 32)
+    block, size = type_layout("Q8_0")  # 32 codes after a 2-byte float16 scale
+    blocks = np.frombuffer(old, dtype=np.uint8).reshape(-1, size).copy()
+    d = block_scales("Q8_0", blocks).astype(np.float32)  # (G,)
+    q = blocks[:, size - block :].view(np.int8).astype(np.float64)  # (G, 32)
+    x = np.asarray(add, dtype=np.float32).reshape(-1, block)  # (G, 32)
     safe = np.where(d > 0, d, np.float32(1.0))
     steps = (x / safe[:, None]).astype(np.float64)  # float32 division, then exact widening
     u = uniform_at(seed, np.arange(first_index, first_index + q.size, dtype=np.uint64)).reshape(q.shape)
     codes = np.clip(np.floor(q + steps + u), -127, 127).astype(np.int8)
-    blocks[:, 2:] = codes.view(np.uint8)
+    blocks[:, size - block :] = codes.view(np.uint8)
     zero = d == 0
     if zero.any():
         w = dequantize("Q8_0", blocks[zero].tobytes()) + x[zero].reshape(-1)
-        blocks[zero] = np.frombuffer(quantize("Q8_0", w), np.uint8).reshape(-1, 34)
+        blocks[zero] = np.frombuffer(quantize("Q8_0", w), np.uint8).reshape(-1, size)
     return blocks.reshape(-1)
 
 
@@ -378,8 +379,8 @@ def _nonfinite(type_name: str, raw: Any) -> Any:
     if type_name == "BF16":
         return (buf.view("<u2") & 0x7F80) == 0x7F80  # exponent all ones: inf or nan
     block, size = type_layout(type_name)
-    if type_name in ("Q8_0", "Q4_0"):  # one float16 scale at the start of each block
-        return ~np.isfinite(buf.reshape(-1, size)[:, :2].copy().view(np.float16).reshape(-1))
+    if type_name in SCALE_FIRST_TYPES:  # one float16 scale at the start of each block
+        return ~np.isfinite(block_scales(type_name, buf))
     try:
         vals = dequantize(type_name, raw)
     except (NotImplementedError, KeyError, ValueError):

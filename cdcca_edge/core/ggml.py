@@ -54,3 +54,19 @@ def type_layout(type_name: str) -> tuple[int, int]:
         KeyError: not a GGML type name.
     """
     return GGML_QUANT_SIZES[GGMLQuantizationType[type_name]]
+
+
+# Block types whose every block begins with its float16 scale ``d`` (ggml-common.h:
+# block_q8_0 = {ggml_half d; int8_t qs[32]}, block_q4_0 = {ggml_half d; uint8_t qs[16]}).
+SCALE_FIRST_TYPES = ("Q8_0", "Q4_0")
+
+
+def block_scales(type_name: str, raw: object) -> "object":
+    """The float16 scale of each block of ``raw`` (whole blocks of a SCALE_FIRST_TYPES
+    type), as a (n_blocks,) float16 array (a copy)."""
+    import numpy as np
+
+    if type_name not in SCALE_FIRST_TYPES:
+        raise KeyError(f"{type_name} blocks do not begin with one float16 scale")
+    _, size = type_layout(type_name)
+    return np.frombuffer(raw, np.uint8).reshape(-1, size)[:, :2].copy().view(np.float16).reshape(-1)

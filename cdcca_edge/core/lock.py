@@ -24,7 +24,8 @@ import os
 import time
 from pathlib import Path
 
-from cdcca_edge.core.artifact import MANIFEST_NAME, ONNX_MODEL_NAME
+from cdcca_edge.core.artifact import ONNX_MODEL_NAME
+from cdcca_edge.core.bundle import MANIFEST_NAME
 from cdcca_edge.core.errors import StorageError, UsageError
 
 POLL_SECONDS = 0.05

@@ -938,7 +938,7 @@ def _write_patch(art: Artifact, d: DeltaFile, state: ArtifactState, identity: st
 def _new_identity(art: Artifact, state: ArtifactState, touched: dict[str, Any], target: str,
                   result: PatchResult) -> dict[str, str]:
     """Per-tensor digests after the write: in each touched tensor only the leaves the
-    delta wrote into are re-read and re-hashed (artifact.md, section 5), the rest are as
+    delta wrote into are re-read and re-hashed (artifact.md, section 2), the rest are as
     the verified state recorded them. Their identity must be the delta's target.
 
     Raises:

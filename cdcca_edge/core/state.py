@@ -10,7 +10,7 @@ point of a patch (docs/formats/delta.md, "Applying"). Spec: docs/formats/delta.m
 section 8.
 
 Beside it, a binary leaf cache holds every tensor's 4 KiB leaf digests (artifact.md,
-section 5), so that a patch re-hashes only the chunks it wrote. The cache is not trusted:
+section 2), so that a patch re-hashes only the chunks it wrote. The cache is not trusted:
 each tensor's leaves are checked against the sidecar's digest of that tensor before use,
 and re-derived from the bytes when they do not match.
 """
@@ -339,20 +339,8 @@ def write_state(artifact: Artifact, state: ArtifactState) -> None:
                     for t in artifact.tensors],
         "digest": layout_digest(artifact),
     }
-    path = state_path(artifact)
-    fd, tmp = tempfile.mkstemp(prefix=".cdcca-state.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(state.to_json(), f, indent=1)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
+    with atomic_file(state_path(artifact), mode=0o644, prefix=".cdcca-state.") as f:
+        f.write((json.dumps(state.to_json(), indent=1) + "\n").encode())
 
 
 def record_export(artifact: Artifact, identity: str) -> None:
@@ -366,21 +354,13 @@ def record_export(artifact: Artifact, identity: str) -> None:
 
     ident = compute_identity(artifact)
     if ident.digest != identity:
-        raise IntegrityError(f"{artifact.path}: the written artefact's identity {ident.short} "
+        raise IntegrityError(f"{artifact.path}: the written artefact's identity {ident.digest[:16]} "
                              f"differs from the exporter's {identity[:16]}; export again")
     state = ArtifactState(identity=identity, version=0, history=[
         {"event": "export", "identity": identity, "time": _now()}
     ], tensor_digests=dict(ident.tensors), leaves={k: bytearray(v) for k, v in ident.chunks.items()})
     write_state(artifact, state)
     write_leaves(artifact, state)
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _now() -> str:

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
+from cdcca_edge.core.fileio import atomic_file
 from cdcca_edge.core.errors import FormatError, IntegrityError
 
 MAGIC = b"CDCUPLNK"
@@ -54,25 +55,38 @@ MAX_ARRAY_DIMS = 8  # dimensions of one array
 _CHUNK = 1 << 20  # file bytes read, and bytes inflated, per step
 _FIX = "the bundle is damaged or was not written by cdcca-edge: collect it again (`cdcca-edge uplink collect`)"
 
-# The arrays section 3 defines: allowed dtypes and dimensions. Others are ignored.
+# The sample arrays section 3 defines (writers and readers use these names, never literals)
+PROMPT_IDS = "prompt_ids"  # (T_p,) u32: the prompt's tokens (multimodal: one image token)
+ANSWER_IDS = "answer_ids"  # (T_a,) u32: the device's answer
+TOKEN_ENTROPY = "token_entropy"  # (T_a,) f16: entropy of each answer position
+TOKEN_FLAGS = "token_flags"  # (T_a,) u8: 1 where the device was unsure
+TOKEN_WEIGHTS = "token_weights"  # (T_a,) f16: loss weight of each answer token, finite, >= 0
+SAMPLE_SCORES = "sample_scores"  # (4,) f32: confidence, ref_confidence, mean/max entropy
+PROMPT_LOGPROB = "prompt_logprob"  # (T_p - 1,) f16
+VISUAL_FEATURES = "visual_features"  # (k, D) i8 (with visual_scales) or f16: the tokens kept
+VISUAL_SCALES = "visual_scales"  # (k,) f16: one scale per int8 token
+VISUAL_POSITIONS = "visual_positions"  # (k,) u16: ascending, < n_visual_tokens
+RAW_IMAGE = "raw_image"  # u8: the image file's bytes, or (H, W, 3) pixels
+N_VISUAL_TOKENS = "n_visual_tokens"  # metadata field: positions the image takes
+# allowed dtypes and dimensions of each; other arrays are ignored
 KNOWN_ARRAYS: dict[str, tuple[tuple[str, ...], tuple[int, ...]]] = {
-    "prompt_ids": (("u32",), (1,)),
-    "answer_ids": (("u32",), (1,)),
-    "token_entropy": (("f16",), (1,)),
-    "token_flags": (("u8",), (1,)),
-    "token_weights": (("f16",), (1,)),
-    "sample_scores": (("f32",), (1,)),
-    "prompt_logprob": (("f16",), (1,)),
-    "visual_features": (("f16", "i8"), (2,)),
-    "visual_scales": (("f16",), (1,)),
-    "visual_positions": (("u16",), (1,)),
-    "raw_image": (("u8",), (1, 3)),
+    PROMPT_IDS: (("u32",), (1,)),
+    ANSWER_IDS: (("u32",), (1,)),
+    TOKEN_ENTROPY: (("f16",), (1,)),
+    TOKEN_FLAGS: (("u8",), (1,)),
+    TOKEN_WEIGHTS: (("f16",), (1,)),
+    SAMPLE_SCORES: (("f32",), (1,)),
+    PROMPT_LOGPROB: (("f16",), (1,)),
+    VISUAL_FEATURES: (("f16", "i8"), (2,)),
+    VISUAL_SCALES: (("f16",), (1,)),
+    VISUAL_POSITIONS: (("u16",), (1,)),
+    RAW_IMAGE: (("u8",), (1, 3)),
 }
-ANSWER_ARRAYS = ("answer_ids", "token_entropy", "token_flags", "token_weights")  # one value per answer token
+ANSWER_ARRAYS = (ANSWER_IDS, TOKEN_ENTROPY, TOKEN_FLAGS, TOKEN_WEIGHTS)  # one value per answer token
 # sample metadata fields section 3 defines, and their JSON types
 KNOWN_FIELDS: dict[str, tuple[type, ...]] = {
     "prompt": (str,), "answer": (str,), "uncertainty": (int, float), "raw_bytes": (int,),
-    "n_visual_tokens": (int,),
+    N_VISUAL_TOKENS: (int,),
 }
 
 
@@ -499,15 +513,36 @@ def write_uplink(path: str | Path, header: dict[str, Any], samples: list[UplinkS
         raise FormatError(f"{path}: a header of {len(raw):,} bytes is more than the uplink format's "
                           f"maximum of {MAX_HEADER_BYTES:,}; write several smaller bundles")
     body = PREAMBLE.pack(MAGIC, FORMAT_VERSION, 0, len(raw)) + raw
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as out:
-            out.write(body)
-            out.write(payload)
-            out.write(hashlib.sha256(body + payload).digest())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path, mode=0o644) as out:  # durable: the device may drop what it sent
+        out.write(body)
+        out.write(payload)
+        out.write(hashlib.sha256(body + payload).digest())
     return full
+
+
+def describe_uplink(bundle: "UplinkBundle") -> dict[str, Any]:
+    """What ``cdcca-edge uplink inspect --json`` prints: size, digest, the header and each
+    sample's id, uncertainty, answer and array shapes."""
+    samples = [{"id": s.id, **{k: v for k, v in s.meta.items() if k in ("uncertainty", "answer")},
+                "arrays": {k: list(v.shape) for k, v in s.arrays.items()}} for s in bundle.samples()]
+    return {"path": str(bundle.path), "bytes": bundle.size, "digest": bundle.digest,
+            **{k: v for k, v in bundle.header.items() if k != "samples"}, "samples": samples}
+
+
+def quantize_tokens(x: Any) -> tuple[Any, Any]:
+    """Visual tokens (k, D) float -> int8 (k, D) and a float16 scale per token (section 3):
+    symmetric, x ~= q * scale (error <= scale / 2 per value)."""
+    import numpy as np
+
+    x = np.asarray(x, np.float32)
+    scale = np.maximum(np.abs(x).max(-1), 1e-8) / 127.0  # (k,)
+    scale16 = scale.astype(np.float16).astype(np.float32)
+    q = np.clip(np.rint(x / scale16[:, None]), -127, 127).astype(np.int8)
+    return q, scale16.astype(np.float16)
+
+
+def dequantize_tokens(q: Any, scale: Any) -> Any:
+    """int8 tokens (k, D) and their scales (k,) -> float32 (k, D)."""
+    import numpy as np
+
+    return q.astype(np.float32) * scale.astype(np.float32)[:, None]

@@ -9,8 +9,9 @@ Never imports torch, transformers, peft or optimum (a test checks this in a subp
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Callable, Literal
 
 from cdcca_edge.core.errors import FormatError, UsageError
 from cdcca_edge.runtime.base import Backend, Generation, GenerationConfig, StreamEvent
@@ -22,6 +23,7 @@ if TYPE_CHECKING:
 BackendName = Literal["auto", "onnx", "llama"]
 
 __all__ = [
+    "Answer",
     "Backend",
     "BackendName",
     "Generation",
@@ -29,6 +31,7 @@ __all__ = [
     "SampleScore",
     "StreamEvent",
     "TokenScore",
+    "answer",
     "load",
     "sample_score",
     "score_logits",
@@ -64,6 +67,38 @@ def load(path: str | Path, backend: BackendName = "auto", **kwargs: object) -> B
     if recovered and not backend_obj.recovered:
         backend_obj.recovered = recovered  # the caller reports it (cdcca-edge run does)
     return backend_obj
+
+
+@dataclass
+class Answer:
+    """One answer and what served it."""
+
+    generation: Generation
+    backend: str  # the backend's name
+    recovered: str | None  # what recovery did when the model was opened, if anything
+    multimodal: bool
+
+
+def answer(path: str | Path, prompt: str, config: GenerationConfig = GenerationConfig(), *,
+           image: str | Path | None = None, backend: BackendName = "auto", n_threads: int | None = None,
+           on_token: Callable[[StreamEvent], None] | None = None) -> Answer:
+    """Open the artefact at ``path``, answer ``prompt`` and close it. With ``image`` (a
+    multimodal bundle only), ``prompt`` is the question, put into the bundle's prompt
+    template; tokens are then not streamed.
+
+    Raises:
+        UsageError: an image for a text model (checked before the model is loaded).
+    """
+    from cdcca_edge.core.artifact import open_artifact
+
+    if image is not None and open_artifact(path).format != "bundle":
+        raise UsageError(f"--image needs a multimodal bundle; {path} is a text model")
+    with load(path, backend=backend, n_threads=n_threads) as model:
+        if image is not None:
+            result = model.generate(model.prompt(prompt), config, image=image)  # type: ignore[attr-defined]
+        else:
+            result = model.generate(prompt, config, on_token=on_token)
+        return Answer(result, model.name, model.recovered, hasattr(model, "encode_image"))
 
 
 def _open_backend(path: str | Path, art: "Artifact", backend: BackendName, kwargs: dict) -> Backend:

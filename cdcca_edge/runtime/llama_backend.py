@@ -17,7 +17,6 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from cdcca_edge.core.errors import (
-    BackendUnavailableError,
     CdccaError,
     FormatError,
     UsageError,
@@ -120,11 +119,6 @@ class LlamaCppBackend(Backend):
     def reload(self) -> None:
         self.close()
         self._open()
-
-    @property
-    def llama(self) -> Any:
-        """The underlying ``llama_cpp.Llama`` (for callers that need more of its API)."""
-        return self._llm
 
     def tokenize(self, text: str) -> list[int]:
         # special=True: "<|im_start|>" in the text is the control token, as the HF tokenizer
@@ -232,11 +226,3 @@ class LlamaCppBackend(Backend):
         if not ptr:
             raise CdccaError(f"{self.path}: llama.cpp produced no logits for batch position {i}")
         return np.ctypeslib.as_array(ptr, shape=(self._n_vocab,))
-
-
-def llama_available() -> bool:
-    try:
-        require("llama_cpp", "llama")
-    except BackendUnavailableError:
-        return False
-    return True

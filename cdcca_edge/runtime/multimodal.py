@@ -11,19 +11,16 @@ its image token). Never imports torch.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from cdcca_edge.core.artifact import MANIFEST_NAME, ONNX_MODEL_NAME
+from cdcca_edge.core.artifact import ONNX_MODEL_NAME
+from cdcca_edge.core.bundle import LANGUAGE_PART, MANIFEST_NAME, VISION_PART, Multimodal, read_manifest
 from cdcca_edge.core.errors import FormatError, UsageError, require
 from cdcca_edge.runtime.base import Backend, Generation, GenerationConfig, StreamEvent
-
-IMAGE_TOKEN = "<image>"
-DEFAULT_TEMPLATE = "USER: <image>\n{question} ASSISTANT:"
 
 
 def load_image(path: str | Path) -> np.ndarray:
@@ -78,22 +75,24 @@ class MultimodalModel(Backend):
             raise
 
     def _load(self, ort: Any, load: Any, manifest: Path, backend: str, n_threads: int | None) -> None:
-        doc = json.loads(manifest.read_text())
-        info = doc.get("multimodal")
-        if not isinstance(info, dict) or info.get("kind") != "llava":
+        m = read_manifest(manifest)
+        if m.multimodal is None:
             raise FormatError(f"{manifest}: the bundle has no LLaVA multimodal section")
-        self.info = info
-        parts = {p["name"]: self.path / p["path"] for p in doc["parts"]}
+        if not {VISION_PART, LANGUAGE_PART} <= set(m.parts):
+            raise FormatError(f"{manifest}: a multimodal bundle needs a {VISION_PART!r} and a "
+                              f"{LANGUAGE_PART!r} part; export it again")
+        self.info: Multimodal = m.multimodal
+        parts = m.parts
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = n_threads or os.cpu_count() or 1
         opts.log_severity_level = 3
-        self._vision = ort.InferenceSession(str(parts["vision"] / ONNX_MODEL_NAME), opts,
+        self._vision = ort.InferenceSession(str(parts[VISION_PART] / ONNX_MODEL_NAME), opts,
                                             providers=["CPUExecutionProvider"])
-        self.language: Backend = load(parts["language"], backend=backend, n_threads=n_threads)  # type: ignore[arg-type]
+        self.language: Backend = load(parts[LANGUAGE_PART], backend=backend, n_threads=n_threads)  # type: ignore[arg-type]
         if not hasattr(self.language, "forward_embeds"):
             raise FormatError(f"{self.path}: the {self.language.name} backend cannot take embeddings")
-        self._mean = np.asarray(info["image_mean"], np.float32).reshape(1, 1, 3)
-        self._std = np.asarray(info["image_std"], np.float32).reshape(1, 1, 3)
+        self._mean = np.asarray(self.info.image_mean, np.float32).reshape(1, 1, 3)
+        self._std = np.asarray(self.info.image_std, np.float32).reshape(1, 1, 3)
 
     def close(self) -> None:
         if getattr(self, "language", None) is not None:
@@ -145,7 +144,7 @@ class MultimodalModel(Backend):
     def preprocess(self, image: np.ndarray) -> np.ndarray:
         """(H, W, 3) uint8 -> (1, 3, H, W) float32, normalised as the vision tower expects."""
         img = np.asarray(image)
-        size = int(self.info["image_size"])
+        size = self.info.image_size
         if img.shape != (size, size, 3):
             pil = require("PIL.Image", "device")
             img = np.asarray(pil.fromarray(img.astype(np.uint8)).convert("RGB").resize((size, size)))
@@ -163,9 +162,7 @@ class MultimodalModel(Backend):
     def prompt(self, question: str) -> str:
         """``question`` in the prompt format the bundled model was trained on (the
         manifest's template); a text already holding the image token is kept as is."""
-        if IMAGE_TOKEN in question:
-            return question
-        return str(self.info.get("prompt_template", DEFAULT_TEMPLATE)).replace("{question}", question)
+        return self.info.prompt(question)
 
     def generate(
         self,
@@ -187,7 +184,7 @@ class MultimodalModel(Backend):
         if on_token is not None:
             raise UsageError("streaming is not supported for image prompts yet")
         ids = lm.tokenize(prompt) if isinstance(prompt, str) else lm.check_tokens(prompt)
-        img_id = int(self.info["image_token_id"])
+        img_id = self.info.image_token_id
         cut = ids.index(img_id) if img_id in ids else 0
         before, after = ids[:cut], [t for t in ids[cut:] if t != img_id]
         if not after:
@@ -199,7 +196,3 @@ class MultimodalModel(Backend):
         gen = self.generate(self.prompt(question), GenerationConfig(max_tokens=max_tokens), image=image)
         words = gen.text.replace(".", " ").split()
         return words[0] if words else ""
-
-
-def answer_all(model: MultimodalModel, items: Sequence[tuple[Any, str]], max_tokens: int = 4) -> list[str]:
-    return [model.answer(img, q, max_tokens) for img, q in items]

@@ -137,10 +137,6 @@ class OnnxBackend(Backend):
         self.close()
         self._open()
 
-    @property
-    def session(self) -> Any:
-        return self._sess
-
     def tokenize(self, text: str) -> list[int]:
         return list(self._tokenizer.encode(text, add_special_tokens=True).ids)
 

@@ -20,6 +20,7 @@ from typing import Any, Callable, Iterable, Literal
 
 import numpy as np
 
+from cdcca_edge.core import uplink_format as U
 from cdcca_edge.core.errors import FormatError, UsageError
 from cdcca_edge.runtime.base import Backend, Generation, GenerationConfig
 
@@ -96,20 +97,6 @@ class VisualStats:
         return np.sort(np.argsort(-scores, kind="stable")[:k])
 
 
-def quantize_tokens(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Visual tokens (k, D) float -> int8 (k, D) and a float16 scale per token: symmetric,
-    x ~= q * scale (error <= scale / 2 per value)."""
-    x = np.asarray(x, np.float32)
-    scale = np.maximum(np.abs(x).max(-1), 1e-8) / 127.0  # (k,)
-    scale16 = scale.astype(np.float16).astype(np.float32)
-    q = np.clip(np.rint(x / scale16[:, None]), -127, 127).astype(np.int8)
-    return q, scale16.astype(np.float16)
-
-
-def dequantize_tokens(q: np.ndarray, scale: np.ndarray) -> np.ndarray:
-    return q.astype(np.float32) * scale.astype(np.float32)[:, None]
-
-
 def is_multimodal(model: Any) -> bool:
     return hasattr(model, "encode_image")
 
@@ -174,6 +161,11 @@ class Calibration:
         if cal.score not in SCORES:
             raise FormatError(f"{path}: unknown score {cal.score!r}")
         return cal
+
+
+def read_prompts(path: str | Path) -> list[str]:
+    """The prompts of a :func:`read_inputs` file (DWC's probe prompts)."""
+    return [item["prompt"] for item in read_inputs(path)]
 
 
 def read_inputs(path: str | Path) -> list[dict[str, Any]]:
@@ -354,16 +346,16 @@ def collect(
         flags, weights = token_weights(g, calib, low_weight)
         sc = g.sample
         arrays: dict[str, Any] = {
-            "prompt_ids": np.asarray(g.prompt_tokens, dtype=np.uint32),
-            "answer_ids": np.asarray(g.tokens, dtype=np.uint32),
-            "token_entropy": np.asarray([s.entropy for s in g.scores], dtype=np.float16),
-            "token_flags": flags,
-            "token_weights": weights,
+            U.PROMPT_IDS: np.asarray(g.prompt_tokens, dtype=np.uint32),
+            U.ANSWER_IDS: np.asarray(g.tokens, dtype=np.uint32),
+            U.TOKEN_ENTROPY: np.asarray([s.entropy for s in g.scores], dtype=np.float16),
+            U.TOKEN_FLAGS: flags,
+            U.TOKEN_WEIGHTS: weights,
             # confidence, ref_confidence, mean_entropy, max_entropy (SAMPLE_SCORES order)
-            "sample_scores": np.asarray([getattr(sc, k) for k in SAMPLE_SCORES], dtype=np.float32),
+            U.SAMPLE_SCORES: np.asarray([getattr(sc, k) for k in SAMPLE_SCORES], dtype=np.float32),
         }
         if g.prompt_scores is not None:  # log-probability of prompt tokens 1..n-1
-            arrays["prompt_logprob"] = np.asarray([s.logprob for s in g.prompt_scores], dtype=np.float16)
+            arrays[U.PROMPT_LOGPROB] = np.asarray([s.logprob for s in g.prompt_scores], dtype=np.float16)
         meta: dict[str, Any] = {
             "prompt": d.item["prompt"], "answer": g.text, "uncertainty": round(d.uncertainty, 6),
             "raw_bytes": d.item["raw_bytes"],
@@ -372,15 +364,15 @@ def collect(
             # token stage on the image: only the most out-of-distribution tokens go up,
             # int8 with a scale per token, with their positions (docs/formats/uplink.md)
             keep = calib.visual.select(d.visual)
-            q, scale = quantize_tokens(d.visual[keep])
-            arrays["visual_features"], arrays["visual_scales"] = q, scale
-            arrays["visual_positions"] = keep.astype(np.uint16)
-            meta["n_visual_tokens"] = int(len(d.visual))
+            q, scale = U.quantize_tokens(d.visual[keep])
+            arrays[U.VISUAL_FEATURES], arrays[U.VISUAL_SCALES] = q, scale
+            arrays[U.VISUAL_POSITIONS] = keep.astype(np.uint16)
+            meta[U.N_VISUAL_TOKENS] = int(len(d.visual))
             # the whole prompt, its image token standing for the image's N positions
-            arrays["prompt_ids"] = np.asarray(model.language.tokenize(model.prompt(d.item["prompt"])), np.uint32)
+            arrays[U.PROMPT_IDS] = np.asarray(model.language.tokenize(model.prompt(d.item["prompt"])), np.uint32)
             if include_raw:  # the image file's bytes, or the pixels of an in-memory frame
                 img = d.item["image"]
-                arrays["raw_image"] = (np.asarray(img, np.uint8) if isinstance(img, np.ndarray)
+                arrays[U.RAW_IMAGE] = (np.asarray(img, np.uint8) if isinstance(img, np.ndarray)
                                        else np.frombuffer(Path(img).read_bytes(), np.uint8))
         samples.append(UplinkSample(d.item["id"], meta, arrays))
     header = {
@@ -402,3 +394,45 @@ def collect(
         uploaded_ids=[d.item["id"] for d in decisions if d.upload],
         calibration_matches=calib.artifact_identity == artifact_identity,
     )
+
+
+def artifact_identity(artifact: str | Path) -> tuple[str, int | None]:
+    """(identity, version) of the artefact at ``artifact``: the verified sidecar's, else
+    computed from the bytes (version None when unknown)."""
+    from cdcca_edge.core.artifact import open_artifact
+    from cdcca_edge.core.state import current_identity
+
+    identity, state, _ = current_identity(open_artifact(artifact))
+    return identity, (state.version if state is not None and state.version >= 0 else None)
+
+
+def calibrate_artifact(artifact: str | Path, inputs: str | Path, output: str | Path, *,
+                       backend: str = "auto", progress: Callable[[int, int], None] | None = None,
+                       **options: Any) -> Calibration:
+    """``uplink calibrate``: open the artefact, answer the inputs file, fit and save the
+    calibration. ``options``: :func:`calibrate`'s (rate, token_rate, score, max_tokens, keep)."""
+    from cdcca_edge.runtime import load
+
+    items = read_inputs(inputs)
+    identity, _ = artifact_identity(artifact)
+    tick = (lambda done: progress(done, len(items))) if progress else None
+    with load(artifact, backend=backend) as model:  # type: ignore[arg-type]
+        cal = calibrate(model, items, identity, progress=tick, **options)
+    cal.save(output)
+    return cal
+
+
+def collect_artifact(artifact: str | Path, inputs: str | Path, calib: str | Path, output: str | Path, *,
+                     backend: str = "auto", progress: Callable[[int, int], None] | None = None,
+                     **options: Any) -> "CollectReport":
+    """``uplink collect``: open the artefact, answer the inputs file, write the uplink
+    bundle of the samples selected. ``options``: :func:`collect`'s (selector,
+    include_raw, low_weight, seed)."""
+    from cdcca_edge.runtime import load
+
+    items = read_inputs(inputs)
+    cal = Calibration.load(calib)
+    identity, version = artifact_identity(artifact)
+    tick = (lambda done: progress(done, len(items))) if progress else None
+    with load(artifact, backend=backend) as model:  # type: ignore[arg-type]
+        return collect(model, items, cal, output, identity, version, progress=tick, **options)

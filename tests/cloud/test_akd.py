@@ -17,7 +17,7 @@ from cdcca_edge.cloud.akd import (
     kd_divergence,
     weighted_mean,
 )
-from cdcca_edge.cloud.tiny import TinySpec, build_tiny_model, tiny_corpus
+from cdcca_edge.demo.tiny import TinySpec, build_tiny_model, tiny_corpus
 from cdcca_edge.core.errors import UsageError
 
 
@@ -187,7 +187,7 @@ def test_bias_norm_adapter_on_qwen2(tmp_path, bundle):
 def test_vocabulary_mismatch_is_refused(pair, bundle, tmp_path):
     from transformers import AutoTokenizer
 
-    from cdcca_edge.cloud.tiny import train_tokenizer
+    from cdcca_edge.demo.tiny import train_tokenizer
 
     other = tmp_path / "other"
     build_tiny_model(other, TinySpec(vocab_size=400, train_steps=0, seed=9))

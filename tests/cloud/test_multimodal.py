@@ -1,6 +1,6 @@
 """Multimodal end to end on tiny LLaVA models built here: bundle export (both language
 formats) against torch, the runtime on images, UTS visual tokens in the uplink bundle,
-AKD on partial visual tokens, DWC deltas for bundles, and the quick demo loop."""
+AKD on partial visual tokens, DWC deltas for bundles."""
 
 from __future__ import annotations
 
@@ -14,9 +14,10 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from cdcca_edge.cli import main  # noqa: E402
-from cdcca_edge.cloud.scenes import DOMAINS, dataset  # noqa: E402
-from cdcca_edge.cloud.tiny_llava import TinyLlavaSpec, build_tiny_llava  # noqa: E402
 from cdcca_edge.core.trust import Trust  # noqa: E402
+from cdcca_edge.demo.scenes import DOMAINS, dataset  # noqa: E402
+from cdcca_edge.demo.tiny_llava import TinyLlavaSpec, build_tiny_llava  # noqa: E402
+from tests.requires import needs_llama  # noqa: E402
 
 SPEC_T = TinyLlavaSpec(hidden_size=48, intermediate_size=96, num_hidden_layers=2, domains=DOMAINS,
                        train_steps=40, vision_pretrain_steps=20, batch_size=16)
@@ -30,14 +31,6 @@ def llava(tmp_path_factory):
     teacher = build_tiny_llava(root / "teacher", SPEC_T)
     student = build_tiny_llava(root / "student", SPEC_S, vision_from=teacher)
     return teacher, student
-
-
-def needs_llama() -> None:
-    """Skip the calling test (only it: the ONNX-only tests still run) without llama.cpp."""
-    try:
-        import llama_cpp  # noqa: F401
-    except ImportError:
-        pytest.skip("llama-cpp-python is not installed (the 'llama' extra)")
 
 
 class _Bundles(dict):
@@ -120,7 +113,8 @@ def test_uplink_visual_tokens(bundles, tmp_path):
     from cdcca_edge.core.artifact import compute_identity, open_artifact
     from cdcca_edge.core.uplink_format import read_uplink
     from cdcca_edge.runtime.multimodal import MultimodalModel
-    from cdcca_edge.runtime.uts import calibrate, collect, dequantize_tokens
+    from cdcca_edge.core.uplink_format import dequantize_tokens
+    from cdcca_edge.runtime.uts import calibrate, collect
 
     path, _ = bundles["gguf"]
     ident = compute_identity(open_artifact(path)).digest
@@ -228,33 +222,6 @@ def _delta_tensors(path: Path) -> list[str]:
     from cdcca_edge.core.delta_format import read_delta
 
     return [r.tensor for r in read_delta(path).header.records]
-
-
-def test_demo_quick(tmp_path, monkeypatch, capsys):
-    needs_llama()  # the demo's device runs the language part on llama.cpp
-    monkeypatch.setenv("CDCCA_CACHE", str(tmp_path / "cache"))
-    out = tmp_path / "demo"
-    assert main(["demo", "--quick", "--rounds", "2", "--out", str(out), "--json"]) == 0
-    report = json.loads(capsys.readouterr().out)
-    assert [r["round"] for r in report["rounds"]] == [1, 2]
-    from cdcca_edge.core.artifact import compute_identity, open_artifact
-
-    device = Path(report["device_artifact"])
-    for r in report["rounds"]:
-        for key in ("target_accuracy", "source_accuracy", "teacher_accuracy"):
-            assert 0.0 <= r[key] <= 1.0
-        assert 0 < r["uplink_bytes"] < r["raw_input_bytes"]
-        assert r["anchor_bytes"] <= r["uplink_bytes"]
-        assert 0 < r["downlink_bytes"] < r["artifact_bytes"]
-        assert r["patch_seconds"] > 0 and len(r["identity"]) == 64
-    # the demo raises when the mirror and the device part ways; the last identity is the device's
-    assert report["rounds"][-1]["identity"] == compute_identity(open_artifact(device)).digest
-    assert report["rounds"][0]["identity"] != report["rounds"][1]["identity"]
-    assert set(report["ablations"]["variants"]) == {"akd", "akd_random_selection", "pseudo_label_only",
-                                                   "logit_kd_only"}
-    for name in ("report.md", "report.json", "accuracy.png", "bytes.png"):
-        assert (out / name).stat().st_size > 0
-    assert json.loads((out / "report.json").read_text())["rounds"] == report["rounds"]
 
 
 @pytest.mark.parametrize("fmt", ["gguf", "onnx"])

@@ -14,7 +14,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cdcca_edge.cli import main
-from cdcca_edge.core.artifact import MANIFEST_NAME, compute_identity, open_artifact
+from cdcca_edge.core.artifact import compute_identity, open_artifact
+from cdcca_edge.core.bundle import MANIFEST_NAME
 from cdcca_edge.core.delta_build import DeltaBuilder
 from cdcca_edge.core.errors import FormatError
 from cdcca_edge.core.patch import apply_delta

@@ -184,7 +184,7 @@ def _make_case(kind: str, src: Path, root: Path, seed: int, image: Path | None =
 def cases(exports, tmp_path_factory, request) -> Iterator[dict[str, Case]]:
     """One Case per kind: the tiny Llama's Q8_0 GGUF and f32 ONNX exports, and a bundle
     (ONNX vision part, GGUF language part) of a tiny LLaVA trained for a few steps."""
-    from cdcca_edge.cloud.tiny_llava import TinyLlavaSpec, build_tiny_llava
+    from cdcca_edge.demo.tiny_llava import TinyLlavaSpec, build_tiny_llava
     from cdcca_edge.converters.export import export
 
     root = tmp_path_factory.mktemp("crash")

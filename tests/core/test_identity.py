@@ -1,4 +1,4 @@
-"""Identity scheme v2 (docs/formats/artifact.md, section 5): tensor digests are Merkle
+"""Identity scheme v2 (docs/formats/artifact.md, section 2): tensor digests are Merkle
 roots over 4 KiB leaves, so a patch re-hashes only the leaves it wrote; the leaf cache
 beside the sidecar is checked before use; older sidecars are migrated once."""
 

@@ -9,7 +9,7 @@ import math
 import numpy as np
 import pytest
 
-from cdcca_edge.cloud.tiny import tiny_corpus
+from cdcca_edge.demo.tiny import tiny_corpus
 from cdcca_edge.core.artifact import compute_identity, open_artifact
 from cdcca_edge.core.errors import FormatError, UsageError
 from cdcca_edge.core.uplink_format import read_uplink

@@ -29,8 +29,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from cdcca_edge.cloud.scenes import DOMAINS, IMAGE_SIZE, Example, dataset
-from cdcca_edge.cloud.tiny_llava import TinyLlavaSpec
+from cdcca_edge.demo.scenes import DOMAINS, IMAGE_SIZE, Example, dataset
+from cdcca_edge.demo.tiny_llava import TinyLlavaSpec
 from cdcca_edge.core.errors import UsageError
 from cdcca_edge.core.paths import build_cached, cache_dir
 
@@ -42,6 +42,7 @@ STUDENT = TinyLlavaSpec(hidden_size=64, intermediate_size=128, num_hidden_layers
 QUICK_TEACHER = replace(TEACHER, train_steps=120, vision_pretrain_steps=60)
 QUICK_STUDENT = replace(STUDENT, train_steps=80)
 RAW_IMAGE_BYTES = IMAGE_SIZE * IMAGE_SIZE * 3  # an uncompressed RGB frame
+DEVICE_BACKENDS = ("llama", "onnx")  # the device's language part: GGUF q8_0, or ONNX f32
 
 
 @dataclass
@@ -64,8 +65,8 @@ class DemoConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.backend not in ("llama", "onnx"):
-            raise UsageError(f"--backend must be llama or onnx, got {self.backend!r}")
+        if self.backend not in DEVICE_BACKENDS:
+            raise UsageError(f"--backend must be one of {', '.join(DEVICE_BACKENDS)}, got {self.backend!r}")
         if self.rounds < 1:
             raise UsageError("--rounds must be >= 1")
         if self.quick:
@@ -82,7 +83,7 @@ def _spec_key(*specs: TinyLlavaSpec) -> str:
 
 def models(quick: bool, stage: Stage) -> tuple[Path, Path]:
     """(teacher dir, student dir), trained on first use and cached."""
-    from cdcca_edge.cloud.tiny_llava import build_tiny_llava
+    from cdcca_edge.demo.tiny_llava import build_tiny_llava
 
     t_spec, s_spec = (QUICK_TEACHER, QUICK_STUDENT) if quick else (TEACHER, STUDENT)
     root = cache_dir() / "demo"
@@ -114,7 +115,7 @@ def torch_accuracy(model_dir: Path, examples: list[Example]) -> float:
     import torch
     from transformers import AutoTokenizer, LlavaForConditionalGeneration
 
-    from cdcca_edge.cloud.tiny_llava import accuracy, answer
+    from cdcca_edge.demo.tiny_llava import accuracy, answer
 
     torch.manual_seed(0)
     model = LlavaForConditionalGeneration.from_pretrained(model_dir).eval()

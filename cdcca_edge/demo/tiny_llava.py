@@ -1,6 +1,6 @@
 """Tiny LLaVA-style models (transformers' ``LlavaForConditionalGeneration``: a CLIP vision
 tower, a projector, a Llama or Qwen2 language model) built and trained offline on the
-embedded shapes VQA task (``cloud/scenes.py``).
+embedded shapes VQA task (``demo/scenes.py``).
 
 A teacher and a student share one frozen vision tower, as the paper's device and cloud
 models share one Q-Former: the teacher (and its tower) is trained first; the student
@@ -17,14 +17,14 @@ from typing import TYPE_CHECKING, Any, Callable, Literal
 
 import numpy as np
 
-from cdcca_edge.cloud.scenes import ANSWERS, IMAGE_SIZE, Example, dataset, prompt_for
-from cdcca_edge.cloud.tiny import EOS_TOKEN
+from cdcca_edge.demo.scenes import ANSWERS, IMAGE_SIZE, Example, dataset, prompt_for
+from cdcca_edge.demo.tiny import EOS_TOKEN
+from cdcca_edge.core.bundle import IMAGE_TOKEN
 from cdcca_edge.converters.llava_export import CLIP_MEAN, CLIP_STD, PROMPT_TEMPLATE_FILE, PREPROCESSOR
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerFast
 
-IMAGE_TOKEN = "<image>"
 
 
 @dataclass(frozen=True)
@@ -50,8 +50,8 @@ class TinyLlavaSpec:
 
 def vqa_tokenizer() -> "PreTrainedTokenizerFast":
     """A byte-level BPE tokenizer for the VQA prompts, with ``<image>`` as a special token."""
-    from cdcca_edge.cloud.scenes import PALETTE, SHAPES
-    from cdcca_edge.cloud.tiny import train_tokenizer
+    from cdcca_edge.demo.scenes import PALETTE, SHAPES
+    from cdcca_edge.demo.tiny import train_tokenizer
 
     texts = []
     for s in SHAPES:
@@ -187,7 +187,7 @@ def build_tiny_llava(out_dir: str | Path, spec: TinyLlavaSpec, vision_from: str 
 def patch_labels(ex: Example, grid: int) -> tuple[np.ndarray, np.ndarray]:
     """Per patch (grid*grid,): the shape at its centre (0 = background, 1 + SHAPES index)
     and its colour (0 = background, 1 + PALETTE index)."""
-    from cdcca_edge.cloud.scenes import PALETTE, SHAPES
+    from cdcca_edge.demo.scenes import PALETTE, SHAPES
 
     centre = (np.arange(grid) + 0.5) / grid
     shape = np.zeros((grid, grid), np.int64)
@@ -205,7 +205,7 @@ def pretrain_vision(tower: Any, spec: TinyLlavaSpec) -> None:
     a tower trained from scratch through a tiny language model learns far too slowly."""
     import torch
 
-    from cdcca_edge.cloud.scenes import DOMAINS, PALETTE, SHAPES
+    from cdcca_edge.demo.scenes import DOMAINS, PALETTE, SHAPES
 
     grid = IMAGE_SIZE // spec.patch_size
     data = dataset(2000, seed=spec.seed + 5, domains=DOMAINS)

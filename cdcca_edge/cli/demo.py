@@ -1,0 +1,50 @@
+"""`cdcca-edge demo`: the whole CDCCA loop on the embedded benchmark."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from cdcca_edge.cli._output import err, out, print_json, stage_status
+from cdcca_edge.cli.options import JsonOpt, choices, value
+from cdcca_edge.demo.loop import DEVICE_BACKENDS, DemoConfig
+
+_DEMO = DemoConfig()
+DeviceBackend = choices("DeviceBackend", DEVICE_BACKENDS)
+
+
+def demo(
+    rounds: Annotated[int, typer.Option(help="Cloud-device rounds.")] = _DEMO.rounds,
+    backend: Annotated[DeviceBackend, typer.Option(
+        help="Device language part: llama (GGUF q8_0) or onnx (ONNX f32).")] = DeviceBackend(_DEMO.backend),
+    out_dir: Annotated[Path, typer.Option("--out", help="Where to write the report, plots and artefacts.")] = Path(
+        "cdcca-demo"),
+    quick: Annotated[bool, typer.Option("--quick", help="Tiny models and sets: the whole loop in seconds.")] = False,
+    ablations: Annotated[bool, typer.Option(help="Also run the paper's ablations on round 1's data.")] = _DEMO.ablations,
+    seed: Annotated[int, typer.Option(help="Seed of the data streams.")] = _DEMO.seed,
+    json_out: JsonOpt = False,
+) -> None:
+    """Run the CDCCA loop on the embedded multimodal domain-shift benchmark: the device
+    answers and uploads (UTS), the cloud distils (AKD) and compresses (DWC), the device
+    patches in place; writes OUT/report.md, OUT/report.json and plots."""
+    from cdcca_edge.demo.loop import render_markdown, run_demo
+
+    cfg = DemoConfig(rounds=rounds, backend=value(backend), quick=quick, ablations=ablations, seed=seed)
+    with stage_status(not json_out) as on_stage:
+        report = run_demo(out_dir, cfg, stage=on_stage, on_round=None if json_out else _round_line)
+    if json_out:
+        print_json(report.as_dict())
+        return
+    table = [row for row in render_markdown(report).split("\n") if row.startswith("|")]
+    out.print("\n".join(table), highlight=False)
+    out.print(f"report: {out_dir / 'report.md'} (+ report.json, accuracy.png, bytes.png)", highlight=False)
+
+
+def _round_line(r: dict) -> None:
+    err.print(f"round {r['round']}: target {r['target_accuracy']:.1%}, source {r['source_accuracy']:.1%} "
+              f"(teacher {r['teacher_accuracy']:.1%}); up {r['uplink_bytes']:,} B "
+              f"({r['uplink_bytes'] / r['raw_input_bytes']:.1%} of raw), down {r['downlink_bytes']:,} B "
+              f"({r['downlink_bytes'] / r['artifact_bytes']:.1%} of the artefact), patch "
+              f"{r['patch_seconds'] * 1000:.0f} ms", highlight=False)

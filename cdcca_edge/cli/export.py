@@ -1,0 +1,58 @@
+"""`cdcca-edge export`: HF model (+ adapter) -> validated GGUF, ONNX or bundle."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+from cdcca_edge.cli._output import out, print_json, stage_status
+from cdcca_edge.cli.options import Format, JsonOpt, Quant, value
+
+
+def export(
+    model_dir: Annotated[Path, typer.Argument(help="Hugging Face model directory (Llama/Qwen2, or LLaVA).")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="OUT.gguf, or the ONNX output directory.")],
+    fmt: Annotated[Format, typer.Option("--format", "-f", help="Artefact format.")] = Format.gguf,
+    quant: Annotated[
+        Optional[Quant], typer.Option(help="GGUF: f32, f16, q8_0 (default), q4_0. ONNX: f32.")
+    ] = None,
+    adapter: Annotated[
+        Optional[Path], typer.Option(help="PEFT adapter directory to merge before export.")
+    ] = None,
+    validate: Annotated[
+        bool, typer.Option("--validate/--no-validate", help="Check logits against torch (default on).")
+    ] = True,
+    tolerance: Annotated[
+        Optional[float], typer.Option(help="Override the format's validation tolerance (docs/export.md).")
+    ] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Export a HF causal LM (+ LoRA adapter) to a validated GGUF file or ONNX directory; a
+    LLaVA model to a bundle directory (vision ONNX + language GGUF/ONNX)."""
+    from cdcca_edge.converters.export import export as do_export
+
+    with stage_status(not json_out) as on_stage:
+        result = do_export(model_dir, output, value(fmt), quant=value(quant), adapter=adapter,
+                           validate=validate, tolerance=tolerance, on_stage=on_stage)
+    if json_out:
+        print_json(result.as_dict())
+        return
+    out.print(f"{result.path}  {result.format}/{result.quant}  {result.bytes / 1e6:.1f} MB  "
+              f"identity {result.identity[:16]}", highlight=False)
+    out.print(f"  {_validation_line(result)}  [{result.seconds:.1f} s]", highlight=False)
+
+
+def _validation_line(result: Any) -> str:
+    v, mm = result.validation, result.extra
+    if mm:  # a multimodal bundle: each part, then whole image questions
+        lang = mm["language"]
+        return (f"validated: vision {mm['vision']['normalized_diff']:.2g} x std; language "
+                f"{lang['normalized_diff']:.3g} x std (tolerance {lang['tolerance']}); image questions "
+                f"answered as torch: {mm['answers_equal_torch']:.0%} of {mm['answers_checked']}")
+    if v:
+        return (f"validated on {v.backend}: max |Δlogit| {v.max_abs_diff:.3g} "
+                f"({v.normalized_diff:.3g} x std, tolerance {v.tolerance}), top-1 agreement "
+                f"{v.top1_agreement:.0%}")
+    return "not validated (--no-validate)"
