@@ -23,6 +23,7 @@ from cdcca_edge.core.artifact import ONNX_MODEL_NAME, open_artifact
 from cdcca_edge.core.bundle import MANIFEST_NAME
 from cdcca_edge.core.state import record_export
 from cdcca_edge.core.errors import UsageError
+from cdcca_edge.core.fileio import commit_file, replace_dir
 
 ExportFormat = Literal["gguf", "onnx"]
 ONNX_QUANTS = ("f32",)
@@ -131,37 +132,23 @@ def export(
             if validate:
                 stage("validating against torch on llama.cpp")
                 report = validate_export(tmp, loaded, "gguf", quant, tolerance=tolerance)
-            _fsync(tmp)
-            os.chmod(tmp, _default_mode())
-            os.replace(tmp, out)
-            _fsync_dir(out.parent)
+            commit_file(tmp, out)
             record_export(open_artifact(out), identity)
         finally:
             tmp.unlink(missing_ok=True)
         size = out.stat().st_size
     else:
         tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-        old_dir = out.parent / f".{out.name}.replaced"
         try:
             identity = write_onnx(loaded, tmp_dir, progress=stage)
             if validate:
                 stage("validating against torch on onnxruntime")
                 report = validate_export(tmp_dir, loaded, "onnx", quant, tolerance=tolerance)
             record_export(open_artifact(tmp_dir), identity)
-            os.chmod(tmp_dir, _default_mode() | 0o111)
-            for p in tmp_dir.iterdir():
-                os.chmod(p, _default_mode())
-                _fsync(p)
-            # Swap whole directories so no stale file of an earlier export survives; a
-            # crash in between leaves both copies under hidden names, never a mixture.
-            shutil.rmtree(old_dir, ignore_errors=True)
-            if out.exists():
-                os.replace(out, old_dir)
-            os.replace(tmp_dir, out)
-            _fsync_dir(out.parent)
-        finally:
+        except BaseException:
             shutil.rmtree(tmp_dir, ignore_errors=True)
-            shutil.rmtree(old_dir, ignore_errors=True)
+            raise
+        replace_dir(tmp_dir, out)
         size = sum(p.stat().st_size for p in out.iterdir() if p.is_file())
     return ExportResult(
         path=out,
@@ -175,23 +162,3 @@ def export(
         seconds=time.perf_counter() - t0,
         validation=report,
     )
-
-
-def _default_mode() -> int:
-    """0o666 less the process umask: what open() would have given (mkstemp gives 0o600)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
-
-
-def _fsync(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -30,6 +30,7 @@ from cdcca_edge.core.bundle import (
     Multimodal,
 )
 from cdcca_edge.core.errors import FormatError, ValidationError, require
+from cdcca_edge.core.fileio import replace_dir
 
 PREPROCESSOR = "preprocessor_config.json"
 # the prompt the model was trained on, ``{question}`` standing for the question; a model
@@ -345,11 +346,9 @@ def _validate_onnx_embeds(path: Path, lm: Any, tolerance: float) -> dict[str, An
 def export_llava(loaded: Any, out: Path, fmt: str, quant: str, validate: bool, tolerance: float | None,
                  stage: Callable[[str], None]) -> tuple[str, dict[str, Any] | None]:
     """Write, validate, then move the bundle into place. Returns (identity, validation)."""
-    import os
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    old = out.parent / f".{out.name}.replaced"
     try:
         identity = write_bundle(loaded, tmp, fmt, quant, stage)
         report = None
@@ -359,11 +358,8 @@ def export_llava(loaded: Any, out: Path, fmt: str, quant: str, validate: bool, t
         from cdcca_edge.core.state import record_export
 
         record_export(art.open_artifact(tmp), identity)
-        shutil.rmtree(old, ignore_errors=True)
-        if out.exists():
-            os.replace(out, old)
-        os.replace(tmp, out)
-    finally:
+    except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(old, ignore_errors=True)
+        raise
+    replace_dir(tmp, out)
     return identity, report

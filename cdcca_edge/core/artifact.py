@@ -42,6 +42,7 @@ IDENTITY_SCHEME = "cdcca-id-v2"  # v2: tensor digests are Merkle roots over ID_C
 ID_CHUNK = 4096  # bytes per leaf of a tensor digest (artifact.md section 2): the unit a patch re-hashes
 TENSOR_DIGEST_PREFIX = b"cdcca-tensor-v2\0"
 HASH_CHUNK = 8 << 20  # bytes hashed per step: bounded memory whatever the tensor size
+REHASH_WINDOW = 1 << 20  # bytes read at once to re-hash touched leaves (one buffer per thread)
 
 
 @dataclass(frozen=True)
@@ -360,7 +361,7 @@ def rehash_chunks(t: TensorInfo, leaves: bytearray, touched: Any,
     if not len(idx):
         return
     out = np.frombuffer(leaves, np.uint8).reshape(-1, 32)  # a view: writes go to ``leaves``
-    per_read = HASH_CHUNK // ID_CHUNK
+    per_read = REHASH_WINDOW // ID_CHUNK
     # a read is one syscall and a copy; reading the unflagged chunks between flagged ones
     # costs copies only, so a window is read whole where that is cheaper than per run
     cuts = np.flatnonzero(np.diff(idx) != 1) + 1
@@ -368,7 +369,7 @@ def rehash_chunks(t: TensorInfo, leaves: bytearray, touched: Any,
     run_start[0] = True
     run_start[cuts] = True
     offs = [o for o, _ in splice] if splice else []
-    buf = bytearray(min(HASH_CHUNK, t.nbytes))
+    buf = bytearray(min(REHASH_WINDOW, t.nbytes))
     sha = hashlib.sha256
     with open(t.file, "rb", buffering=0) as f:
         fd = f.fileno()

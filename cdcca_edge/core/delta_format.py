@@ -23,29 +23,32 @@ import hashlib
 import json
 import os
 import re
-import struct
-import tempfile
 import time
 import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Iterable
 
 from cdcca_edge.core.errors import FormatError, IntegrityError, UsageError, require
-from cdcca_edge.core.fileio import atomic_file
+from cdcca_edge.core.framed import (
+    DIGEST_SIZE,
+    PREAMBLE,
+    READ_CHUNK,
+    check_digest,
+    digest_payload,
+    read_preamble,
+    write_framed,
+)
 
 MAGIC = b"CDCDELTA"
 FORMAT_VERSION = 2  # 2: identities are of scheme cdcca-id-v2 (artifact.md, section 2)
-PREAMBLE = struct.Struct("<8sIIQ")  # magic, version, flags, header length
 FLAG_HEADER_ZLIB = 1  # per-record digests and names are most of a small delta
-DIGEST_SIZE = 32  # SHA-256
 SIG_NONE, SIG_ED25519 = 0, 1
 ED25519_PUBLIC_SIZE, ED25519_SIG_SIZE = 32, 64
 ARTIFACT_FORMATS = ("gguf", "onnx", "bundle")
 MAX_HEADER_BYTES = 64 << 20
 MAX_RECORD_PAYLOAD = 8 << 20  # writers split bigger changes; bounds a patcher's memory
 MAX_RECORDS = 1 << 16  # records per delta: bounds the parsed header (a model has far fewer tensors)
-READ_CHUNK = 1 << 20
 
 ENC_REPLACE = "replace"  # new raw bytes for whole units (quant blocks / elements)
 ENC_QADD = "qadd"  # quantised additive update: dequantise -> add -> requantise
@@ -151,12 +154,7 @@ def read_delta(path: str | Path) -> DeltaFile:
     path = Path(path)
     size = path.stat().st_size
     with open(path, "rb") as f:
-        pre = f.read(PREAMBLE.size)
-        if len(pre) < PREAMBLE.size:
-            raise FormatError(f"{path}: {size} bytes is too short to be a delta file")
-        magic, version, flags, hlen = PREAMBLE.unpack(pre)
-        if magic != MAGIC:
-            raise FormatError(f"{path}: bad magic {magic!r}, expected {MAGIC!r}: not a cdcca delta")
+        pre, version, flags, hlen = read_preamble(f, path, size, MAGIC, "a cdcca delta")
         if version < FORMAT_VERSION:
             raise FormatError(f"{path}: a version-{version} delta, made by an older cdcca-edge whose "
                               "model identities this one no longer computes; make the delta "
@@ -193,20 +191,12 @@ def read_delta(path: str | Path) -> DeltaFile:
                               f"and trailer do not fit in {size} bytes)")
         h = hashlib.sha256(pre)
         h.update(raw)
-        left = header.payload_bytes
-        while left:
-            chunk = f.read(min(READ_CHUNK, left))
-            if not chunk:
-                raise FormatError(f"{path}: file is truncated inside the payload")
-            h.update(chunk)
-            left -= len(chunk)
-        stored = f.read(DIGEST_SIZE)
+        digest_payload(f, h, header.payload_bytes,
+                       lambda: FormatError(f"{path}: file is truncated inside the payload"))
+        check_digest(f, h, path, "the delta is corrupt or was altered after it was made; fetch it again")
         scheme_b = f.read(1)
-        if len(stored) != DIGEST_SIZE or len(scheme_b) != 1:
+        if len(scheme_b) != 1:
             raise FormatError(f"{path}: file is truncated in its trailer")
-        if h.digest() != stored:
-            raise IntegrityError(f"{path}: digest mismatch: the delta is corrupt or was altered "
-                                 "after it was made; fetch it again")
         scheme = scheme_b[0]
         signature = None
         if scheme == SIG_ED25519:
@@ -358,31 +348,24 @@ def write_delta(
     flags = 0
     if len(packed) < len(raw):
         raw, flags = packed, FLAG_HEADER_ZLIB
-    pre = PREAMBLE.pack(MAGIC, FORMAT_VERSION, flags, len(raw))
-    with atomic_file(path, mode=0o644) as out:
-        h = hashlib.sha256()
-        for part in (pre, raw):
-            h.update(part)
-            out.write(part)
+
+    def chunks() -> Iterable[bytes]:
         left = header.payload_bytes
         while left:
             chunk = payload.read(min(READ_CHUNK, left))
             if not chunk:
                 raise ValueError("payload shorter than header.payload_bytes")
-            h.update(chunk)
-            out.write(chunk)
+            yield chunk
             left -= len(chunk)
-        digest = h.digest()
-        out.write(digest)
+
+    def signature(digest: bytes) -> bytes:
         if sign_key is None:
-            out.write(bytes([SIG_NONE]))
-        else:
-            serialization = require("cryptography.hazmat.primitives.serialization", "device")
-            pub = sign_key.public_key().public_bytes(
-                serialization.Encoding.Raw, serialization.PublicFormat.Raw
-            )
-            out.write(bytes([SIG_ED25519]) + pub + sign_key.sign(digest))
-    return digest.hex()
+            return bytes([SIG_NONE])
+        serialization = require("cryptography.hazmat.primitives.serialization", "device")
+        pub = sign_key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+        return bytes([SIG_ED25519]) + pub + sign_key.sign(digest)
+
+    return write_framed(path, MAGIC, FORMAT_VERSION, flags, raw, chunks(), signature).hex()
 
 
 def load_private_key(path: str | Path) -> Any:

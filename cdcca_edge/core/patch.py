@@ -75,16 +75,15 @@ from cdcca_edge.core.errors import (
     StorageError,
     UsageError,
 )
-from cdcca_edge.core.fileio import open_regular
+from cdcca_edge.core.fileio import fsync_dir, open_regular
 from cdcca_edge.core.ggml import type_layout
 from cdcca_edge.core.lock import ArtifactLock, owner_path
 from cdcca_edge.core.state import (
     ArtifactState,
     cached_artifact,
     current_identity,
-    fsync_dir,
+    LeafCache,
     layout_digest,
-    load_leaves,
     read_state,
     state_path,
     write_leaves,
@@ -92,7 +91,7 @@ from cdcca_edge.core.state import (
 )
 from cdcca_edge.core.trust import Trust
 
-DEFAULT_CHUNK = 8 << 20  # bytes of model mapped at once; see docs/formats/delta.md
+DEFAULT_CHUNK = 4 << 20  # bytes of model read at once (peak memory); see docs/formats/delta.md
 PIECE = 1 << 20  # largest span handed to an encoding at once (and journaled as one)
 JOURNAL_NAME = "cdcca-journal"  # inside an ONNX or bundle directory
 JOURNAL_SUFFIX = ".cdcca-journal"  # beside a GGUF file
@@ -723,6 +722,15 @@ def _windows(plan: Plan, chunk: int) -> Iterator[tuple[int, int, int, int]]:
 
 
 _FANCY_MAX = 1 << 20  # touched bytes per window up to which spans are gathered by index
+_SYSCALL_BYTES = 16 << 10  # a read costs about as much as copying this many bytes more
+
+
+def _pread_exact(fd: int, n: int, offset: int) -> bytes:
+    data = os.pread(fd, n, offset)
+    if len(data) != n:
+        raise IntegrityError(f"the model file ended inside a tensor (offset {offset + len(data)}); "
+                             "it changed while being patched")
+    return data
 
 
 def _gather(fd: int, start: int, length: int, rel: Any, lens: Any) -> bytes:
@@ -732,6 +740,9 @@ def _gather(fd: int, start: int, length: int, rel: Any, lens: Any) -> bytes:
     SIGBUS. Many small spans (scattered blocks) are gathered with one numpy index."""
     import numpy as np
 
+    total = int(lens.sum())
+    if length > 2 * total + len(rel) * _SYSCALL_BYTES:  # sparse: read the spans, not the window
+        return b"".join(_pread_exact(fd, int(n), start + int(a)) for a, n in zip(rel, lens))
     buf = bytearray(length)
     view = memoryview(buf)
     got = 0
@@ -742,7 +753,6 @@ def _gather(fd: int, start: int, length: int, rel: Any, lens: Any) -> bytes:
                                  "it changed while being patched")
         got += n
     view.release()
-    total = int(lens.sum())
     if len(rel) >= 16 and total <= _FANCY_MAX:
         first = np.repeat(rel - (np.cumsum(lens) - lens), lens)
         return np.frombuffer(buf, np.uint8)[first + np.arange(total)].tobytes()
@@ -909,10 +919,11 @@ def _write_patch(art: Artifact, d: DeltaFile, state: ArtifactState, identity: st
                 }],
                 tensor_digests=digests, leaves=state.leaves,
             )
-            try:  # before the commit, while a kill still leaves the journal that tidies up
-                write_leaves(art, new_state, set(touched))
-            except OSError:
-                pass  # only a cache: the next patch re-derives the leaves it cannot verify
+            if state.leaves:  # no usable cache (or a cold start): a whole new one, before
+                try:  # the commit, while a kill still leaves the journal that tidies up
+                    write_leaves(art, new_state)
+                except OSError:
+                    pass  # only a cache: the next patch re-derives the leaves it cannot verify
             _crash_point()
             write_state(art, new_state)  # the commit point
         except BaseException as exc:
@@ -939,27 +950,34 @@ def _new_identity(art: Artifact, state: ArtifactState, touched: dict[str, Any], 
                   result: PatchResult) -> dict[str, str]:
     """Per-tensor digests after the write: in each touched tensor only the leaves the
     delta wrote into are re-read and re-hashed (artifact.md, section 2), the rest are as
-    the verified state recorded them. Their identity must be the delta's target.
+    the verified state recorded them. Their identity must be the delta's target. The new
+    leaves go into the leaf cache tensor by tensor (before the commit: a kill then leaves
+    the journal, and a stale row fails its check).
 
     Raises:
         IntegrityError: it is not (the model is then rolled back by the caller).
     """
     import numpy as np
 
-    computed = load_leaves(art, state, list(touched))
     digests = dict(state.tensor_digests)
+    cache = LeafCache(art, state)
 
-    def rehash(name: str) -> None:
-        rehash_chunks(art.tensor(name), state.leaves[name], touched[name])
+    def rehash(name: str) -> tuple[str, str, int]:
+        t, mask = art.tensor(name), touched[name]
+        leaves, computed = cache.get(name)
+        rehash_chunks(t, leaves, mask)
+        cache.put(name, leaves)
+        hashed = t.nbytes if computed else min(int(np.count_nonzero(mask)) * ID_CHUNK, t.nbytes)
+        return name, digest_from_chunks(t.nbytes, leaves), hashed
 
-    # SHA-256 releases the GIL on 4 KiB inputs: the tensors are re-hashed on every core
-    with ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1))) as pool:
-        list(pool.map(rehash, touched))
-    for name, mask in touched.items():
-        t = art.tensor(name)
-        digests[name] = digest_from_chunks(t.nbytes, state.leaves[name])
-        result.rehashed_bytes += min(int(np.count_nonzero(mask)) * ID_CHUNK, t.nbytes)
-    result.rehashed_bytes += sum(art.tensor(n).nbytes for n in computed)
+    try:
+        # SHA-256 releases the GIL on 4 KiB inputs: the tensors are re-hashed on every core
+        with ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1))) as pool:
+            for name, digest, hashed in pool.map(rehash, touched):
+                digests[name] = digest
+                result.rehashed_bytes += hashed
+    finally:
+        cache.close()
     got = identity_digest((t.name, t.type_name, t.shape, digests[t.name]) for t in art.tensors)
     if got != target:
         raise IntegrityError(f"{art.path}: after writing, the model's identity is {got[:16]}, not "

@@ -8,6 +8,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
+from cdcca_edge.core.fileio import replace_dir
+
 
 def cache_dir() -> Path:
     """``$CDCCA_CACHE`` if set, else ``$XDG_CACHE_HOME/cdcca-edge`` (``~/.cache/cdcca-edge``)."""
@@ -37,7 +39,8 @@ def build_cached(target: Path, build: Callable[[Path], Any]) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
         build(tmp)
-        os.replace(tmp, target)
-    finally:
+    except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    replace_dir(tmp, target, durable=False)  # a cache: rebuilt if lost
     return target

@@ -22,12 +22,12 @@ import json
 import os
 import stat
 import struct
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cdcca_edge.core.fileio import atomic_file
 from cdcca_edge.core.artifact import (
     ID_CHUNK,
     MANIFEST_NAME,
@@ -299,34 +299,64 @@ def load_leaves(artifact: Artifact, state: ArtifactState, names: set[str] | list
     return computed
 
 
-def write_leaves(artifact: Artifact, state: ArtifactState, names: set[str] | list[str] | None = None) -> None:
-    """Store ``state.leaves`` of the named tensors (all when None) in the leaf cache, in
-    place when the cache fits the layout, else as a new file (leaves of any tensor not in
-    memory are then read from the bytes). Never fsync'd: a torn or stale cache only fails
-    its check in :func:`load_leaves` and is re-derived."""
-    table, total = _leaf_table(artifact)
-    fd = _open_leaf_cache(artifact, write=True) if names is not None else None
-    if fd is not None:
-        try:
-            for name in names:
-                os.pwrite(fd, state.leaves[name], table[name][0])
-        finally:
-            os.close(fd)
-        return
-    load_leaves(artifact, state, list(table))
-    path = leaves_path(artifact)
-    fd, tmp = tempfile.mkstemp(prefix=".cdcca-state.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(LEAVES_HEADER.pack(LEAVES_MAGIC, ID_CHUNK, len(artifact.tensors),
-                                       bytes.fromhex(layout_digest(artifact))))
-            for name in table:
-                f.write(state.leaves[name])
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+class LeafCache:
+    """The leaf cache of one artefact, open while a patch re-hashes it: a tensor's leaves
+    come from the cache where they give the sidecar's digest of the tensor (else from
+    ``state.leaves``, else from the bytes), and go back in place one tensor at a time, so
+    memory holds the leaves of the tensors being hashed, not of the model. When the cache
+    is missing or does not fit the layout, the new leaves stay in ``state.leaves`` for
+    :func:`write_leaves` to write a whole new cache after the patch."""
+
+    def __init__(self, artifact: Artifact, state: ArtifactState) -> None:
+        self.artifact, self.state = artifact, state
+        self.table = _leaf_table(artifact)[0]
+        self.fd = _open_leaf_cache(artifact, write=True)
+
+    @property
+    def usable(self) -> bool:
+        return self.fd is not None
+
+    def get(self, name: str) -> tuple[bytearray, bool]:
+        """(leaves, computed from the bytes?) of tensor ``name``."""
+        if name in self.state.leaves:
+            return self.state.leaves[name], False
+        t = self.artifact.tensor(name)
+        if self.fd is not None:
+            pos, n = self.table[name]
+            raw = os.pread(self.fd, n, pos)
+            if len(raw) == n and digest_from_chunks(t.nbytes, raw) == self.state.tensor_digests.get(name):
+                return bytearray(raw), False
+        return bytearray(tensor_chunks(t)), True
+
+    def put(self, name: str, leaves: bytearray) -> None:
+        """Store a tensor's new leaves: in place in the cache; in ``state.leaves`` too
+        when there is no usable cache, or when every tensor's leaves are in memory (a
+        cold start, whose whole cache is written from them)."""
+        if self.fd is None or name in self.state.leaves:
+            self.state.leaves[name] = leaves
+        if self.fd is not None:
+            try:
+                os.pwrite(self.fd, leaves, self.table[name][0])
+            except OSError:  # only a cache: a stale row fails its check next time
+                pass
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+def write_leaves(artifact: Artifact, state: ArtifactState) -> None:
+    """Write a whole new leaf cache (temporary file, then rename; no fsync: a torn or
+    stale cache only fails its check and is re-derived). Leaves not in ``state.leaves``
+    are read from the bytes, one tensor at a time."""
+    table, _ = _leaf_table(artifact)
+    with atomic_file(leaves_path(artifact), durable=False, mode=0o644, prefix=".cdcca-state.") as f:
+        f.write(LEAVES_HEADER.pack(LEAVES_MAGIC, ID_CHUNK, len(artifact.tensors),
+                                   bytes.fromhex(layout_digest(artifact))))
+        for name in table:
+            leaves = state.leaves.get(name)
+            f.write(leaves if leaves is not None else tensor_chunks(artifact.tensor(name)))
 
 
 def write_state(artifact: Artifact, state: ArtifactState) -> None:

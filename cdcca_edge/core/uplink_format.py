@@ -23,22 +23,18 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import struct
-import tempfile
 import time
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from cdcca_edge.core.fileio import atomic_file
+from cdcca_edge.core.framed import DIGEST_SIZE, PREAMBLE, check_digest, digest_payload, read_preamble, write_framed
 from cdcca_edge.core.errors import FormatError, IntegrityError
 
 MAGIC = b"CDCUPLNK"
 FORMAT_VERSION = 1
-PREAMBLE = struct.Struct("<8sIIQ")
-DIGEST_SIZE = 32
 COMPRESS_LEVEL = 6
 DTYPES = {"u8": ("<u1", 1), "i8": ("<i1", 1), "u16": ("<u2", 2), "u32": ("<u4", 4),
           "f16": ("<f2", 2), "f32": ("<f4", 4)}
@@ -419,12 +415,7 @@ def read_uplink(path: str | Path) -> UplinkBundle:
     path = Path(path)
     size = path.stat().st_size
     with open(path, "rb") as f:
-        pre = f.read(PREAMBLE.size)
-        if len(pre) < PREAMBLE.size:
-            raise FormatError(f"{path}: {size} bytes is too short to be an uplink bundle")
-        magic, version, flags, hlen = PREAMBLE.unpack(pre)
-        if magic != MAGIC:
-            raise FormatError(f"{path}: bad magic {magic!r}, expected {MAGIC!r}: not an uplink bundle")
+        pre, version, flags, hlen = read_preamble(f, path, size, MAGIC, "an uplink bundle")
         if version != FORMAT_VERSION:
             raise FormatError(f"{path}: uplink format version {version} is not supported "
                               f"(expected {FORMAT_VERSION}); upgrade cdcca-edge")
@@ -445,16 +436,9 @@ def read_uplink(path: str | Path) -> UplinkBundle:
                               "Copy the bundle again")
         h = hashlib.sha256(pre)
         h.update(raw)
-        left = header["payload_bytes"]
-        while left:
-            chunk = f.read(min(_CHUNK, left))
-            if not chunk:
-                raise IntegrityError(f"{path}: file changed while reading it")
-            h.update(chunk)
-            left -= len(chunk)
-        if f.read(DIGEST_SIZE) != h.digest():
-            raise IntegrityError(f"{path}: digest mismatch: the bundle is corrupt or was altered; "
-                                 "copy or collect it again")
+        digest_payload(f, h, header["payload_bytes"],
+                       lambda: IntegrityError(f"{path}: file changed while reading it"))
+        check_digest(f, h, path, "the bundle is corrupt or was altered; copy or collect it again")
     return UplinkBundle(path, header, start, h.hexdigest(), size)
 
 
@@ -512,11 +496,7 @@ def write_uplink(path: str | Path, header: dict[str, Any], samples: list[UplinkS
     if len(raw) > MAX_HEADER_BYTES:
         raise FormatError(f"{path}: a header of {len(raw):,} bytes is more than the uplink format's "
                           f"maximum of {MAX_HEADER_BYTES:,}; write several smaller bundles")
-    body = PREAMBLE.pack(MAGIC, FORMAT_VERSION, 0, len(raw)) + raw
-    with atomic_file(path, mode=0o644) as out:  # durable: the device may drop what it sent
-        out.write(body)
-        out.write(payload)
-        out.write(hashlib.sha256(body + payload).digest())
+    write_framed(path, MAGIC, FORMAT_VERSION, 0, raw, [payload])  # durable: the device may drop what it sent
     return full
 
 

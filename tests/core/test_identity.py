@@ -95,9 +95,9 @@ def test_rehash_of_touched_leaves_equals_a_full_hash(tmp_path_factory, data):
         assert mask[(o - lead) // ID_CHUNK] and mask[(o - lead + len(b) - 1) // ID_CHUNK]
     assert int(mask.sum()) <= sum(chunk_count(len(b)) + 1 for _, b in spans)
     # short reads, so that windows cut runs of flagged leaves, dense and sparse ones
-    per_read = data.draw(st.sampled_from([1, 2, 3, 8, 16, 2048]), label="leaves per read")
+    per_read = data.draw(st.sampled_from([1, 2, 3, 8, 16, 256]), label="leaves per read")
     monkey = pytest.MonkeyPatch()
-    monkey.setattr(artifact, "HASH_CHUNK", per_read * ID_CHUNK)
+    monkey.setattr(artifact, "REHASH_WINDOW", per_read * ID_CHUNK)
     try:
         rehash_chunks(t, leaves, mask, splice=spans)
     finally:
@@ -291,7 +291,7 @@ def test_a_read_window_that_begins_inside_a_run_of_touched_leaves(tmp_path, monk
     mask = np.zeros(32, bool)
     mask[:17] = mask[31] = True
     leaves = bytearray(32 * 32)  # all wrong: only re-hashed leaves become right
-    monkeypatch.setattr(artifact, "HASH_CHUNK", 16 * ID_CHUNK)
+    monkeypatch.setattr(artifact, "REHASH_WINDOW", 16 * ID_CHUNK)
     rehash_chunks(t, leaves, mask)
     want = hash_chunks(raw)
     got = [bytes(leaves[k * 32 : (k + 1) * 32]) == want[k * 32 : (k + 1) * 32] for k in range(32)]
