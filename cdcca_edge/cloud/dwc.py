@@ -37,7 +37,7 @@ import numpy as np
 
 from cdcca_edge.core.artifact import Artifact, TensorInfo, iter_tensor_bytes, open_artifact
 from cdcca_edge.core.delta_build import BuiltRecord, DeltaBuilder, changed_runs
-from cdcca_edge.core.encodings import REQUANT_TYPES, dequantize, quantize
+from cdcca_edge.core.encodings import REQUANT_TYPES, dequantize, quantize, symmetric_quantize
 from cdcca_edge.core.errors import IntegrityError, UsageError, require
 from cdcca_edge.core.ggml import SCALE_FIRST_TYPES, block_scales, type_layout
 
@@ -168,7 +168,7 @@ def quant_steps(type_name: str, raw: bytes, mirror: np.ndarray, group: int) -> n
 
 
 @dataclass
-class Plan:
+class UpdatePlan:
     """A tensor's candidate update: which groups, how encoded, what it costs, what it fixes."""
 
     t: TensorTarget
@@ -211,7 +211,7 @@ def factored_svd(factors: list[tuple[np.ndarray, np.ndarray, float]]
 
 
 def price(t: TensorTarget, cfg: DWCConfig, importance: np.ndarray | None = None,
-          mirror: np.ndarray | None = None) -> Plan | None:
+          mirror: np.ndarray | None = None) -> UpdatePlan | None:
     """Work out ``t``'s candidate encodings; None when nothing would change.
     ``mirror``: the tensor's dequantised values, when already at hand."""
     info = t.info
@@ -243,7 +243,7 @@ def price(t: TensorTarget, cfg: DWCConfig, importance: np.ndarray | None = None,
         enc, cost = ("qadd4" if int4_ok else "qadd8"), qadd_cost
     else:
         enc, cost = "replace", replace_cost
-    plan = Plan(t, group, order, gains, cost + 4, enc, d, mirror)
+    plan = UpdatePlan(t, group, order, gains, cost + 4, enc, d, mirror)
     if cfg.lowrank and t.lowrank:
         cols = info.shape[-1]
         rows = info.n_elements // cols
@@ -268,7 +268,7 @@ def price(t: TensorTarget, cfg: DWCConfig, importance: np.ndarray | None = None,
 
 @dataclass
 class Choice:
-    plan: Plan
+    plan: UpdatePlan
     n_groups: int = 0  # the first n groups of plan.order are updated (block encodings)
     rank: int = 0  # or: the first ``rank`` singular components (low rank)
 
@@ -279,7 +279,7 @@ class Choice:
         return self.n_groups * self.plan.block_cost + (RECORD_OVERHEAD if self.n_groups else 0)
 
 
-def select(plans: list[Plan], budget: int | None) -> list[Choice]:
+def select(plans: list[UpdatePlan], budget: int | None) -> list[Choice]:
     """Greedy allocation by error removed per byte, over block prefixes (most important
     first) or singular components (strongest first) of each tensor, whichever carries its
     whole update more cheaply. Without a budget, every tensor gets all of it."""
@@ -326,7 +326,7 @@ def select(plans: list[Plan], budget: int | None) -> list[Choice]:
     return choices
 
 
-def _stochastic_is_closer(p: Plan, rank: int) -> bool:
+def _stochastic_is_closer(p: UpdatePlan, rank: int) -> bool:
     """Whether a Q8_0 low-rank update should be rounded without bias. Requantising to
     nearest erases every change below half a step: the device holds
     ``dequantise(quantise(W))``, not ``W``, so a small update mostly rounds back to the same
@@ -398,13 +398,9 @@ def _build_one(c: Choice, builder: DeltaBuilder) -> str | None:
         builder.replace_units(info.name, [s * per for s in starts], [n * per for n in lengths], q.tobytes())
         return "replace"
     bits = 4 if p.encoding == "qadd4" else 8
-    lim = 7 if bits == 4 else 127
-    d = p.residual[groups]  # (k, g)
-    scale = (np.abs(d).max(1) / lim).astype(np.float16).astype(np.float32)
-    scale = np.where(scale > 0, scale, np.float32(1.0))
-    q = np.clip(np.round(d / scale[:, None]), -lim, lim).astype(np.int8)
+    q, scale = symmetric_quantize(p.residual[groups], lim=7 if bits == 4 else 127)  # (k, g), (k,)
     kw = {"group": p.group} if info.type_name in ("F32", "F16", "BF16") else {}
-    builder.add_quantized(info.name, runs, scale.astype(np.float16), q.reshape(-1), bits=bits, **kw)
+    builder.add_quantized(info.name, runs, scale, q.reshape(-1), bits=bits, **kw)
     return "qadd"
 
 

@@ -413,6 +413,20 @@ def factor_bytes(fdt: str, rank: int, rows: int, cols: int) -> int:
     return n + 2 * (rank + rows) if fdt == "i8" else n * FACTOR_DTYPES[fdt]
 
 
+def symmetric_quantize(m: Any, lim: int = 127) -> tuple[Any, Any]:
+    """Rows (k, n) float -> int codes (k, n) in [-lim, lim] and one float16 scale per row,
+    ``m ~= q * scale`` (round half to even; a zero row gets scale 0 and codes 0). The one
+    symmetric quantiser of low-rank factors, qadd residuals and uplink visual tokens."""
+    import numpy as np
+
+    m = np.asarray(m, dtype=np.float32)
+    scale = (np.abs(m).max(-1) / np.float32(lim)).astype(np.float16)  # (k,)
+    s32 = scale.astype(np.float32)
+    div = np.where(s32 > 0, s32, np.float32(1.0))
+    q = np.clip(np.rint(m / div[:, None]), -lim, lim).astype(np.int8)
+    return q, scale
+
+
 def encode_factors(a: Any, b: Any, fdt: str) -> bytes:
     """A (r, cols) then B (rows, r): as float16/float32, or int8 rows with float16 scales
     (A_q, A_scale (r,), B_q, B_scale (rows,))."""
@@ -423,10 +437,7 @@ def encode_factors(a: Any, b: Any, fdt: str) -> bytes:
         return a.astype(dt).tobytes() + b.astype(dt).tobytes()
     out = b""
     for m in (a, b):
-        m = np.asarray(m, dtype=np.float32)
-        scale = (np.abs(m).max(1) / 127.0).astype(np.float16)
-        s32 = np.where(scale.astype(np.float32) > 0, scale.astype(np.float32), np.float32(1.0))
-        q = np.clip(np.round(m / s32[:, None]), -127, 127).astype(np.int8)
+        q, scale = symmetric_quantize(m)
         out += q.tobytes() + scale.tobytes()
     return out
 

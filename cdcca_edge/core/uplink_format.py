@@ -512,13 +512,9 @@ def describe_uplink(bundle: "UplinkBundle") -> dict[str, Any]:
 def quantize_tokens(x: Any) -> tuple[Any, Any]:
     """Visual tokens (k, D) float -> int8 (k, D) and a float16 scale per token (section 3):
     symmetric, x ~= q * scale (error <= scale / 2 per value)."""
-    import numpy as np
+    from cdcca_edge.core.encodings import symmetric_quantize
 
-    x = np.asarray(x, np.float32)
-    scale = np.maximum(np.abs(x).max(-1), 1e-8) / 127.0  # (k,)
-    scale16 = scale.astype(np.float16).astype(np.float32)
-    q = np.clip(np.rint(x / scale16[:, None]), -127, 127).astype(np.int8)
-    return q, scale16.astype(np.float16)
+    return symmetric_quantize(x)
 
 
 def dequantize_tokens(q: Any, scale: Any) -> Any:
