@@ -9,6 +9,7 @@ exactly what a correct patch will produce.
 from __future__ import annotations
 
 import hashlib
+import io
 import tempfile
 import zlib
 from dataclasses import dataclass, field
@@ -45,6 +46,7 @@ from cdcca_edge.core.encodings import (
     encode_runs,
     group_layout,
     check_finite,
+    Plan,
     make_plan,
     REQUANT_TYPES,
     pack_int4,
@@ -459,3 +461,62 @@ def diff_artifacts(old: str | Path, new: str | Path, out: str | Path, sign_key: 
         if progress:
             progress(i + 1, len(a.tensors))
     return builder.write(out, sign_key=sign_key)
+
+
+UNDO_KIND = "undo"  # header["created"]["kind"] of the undo deltas a device writes itself
+
+
+class UndoBuilder:
+    """Collects the original bytes of every touched span into a replace delta that takes
+    the patched model back to its base."""
+
+    def __init__(self, header: DeltaHeader, digest: str) -> None:
+        self.h = header
+        self.payload = tempfile.SpooledTemporaryFile(max_size=32 << 20)
+        self.records: list[Record] = []
+        self._plan: Plan | None = None
+        self._starts: list[int] = []
+        self._lengths: list[int] = []
+        self._data = io.BytesIO()
+
+    def add(self, plan: Plan, i: int, j: int, old: bytes) -> None:
+        _, unit = type_layout(plan.record.type)
+        pos = 0
+        for off, n in zip(plan.offsets[i:j].tolist(), plan.lengths[i:j].tolist()):
+            if self._plan is not plan or (
+                self._data.tell() + n + 8 * (len(self._starts) + 1) + 64 > MAX_RECORD_PAYLOAD
+            ):
+                self._flush()
+                self._plan = plan
+            start = (off - plan.tensor_offset) // unit
+            if self._starts and self._starts[-1] + self._lengths[-1] == start:
+                self._lengths[-1] += n // unit
+            else:
+                self._starts.append(start)
+                self._lengths.append(n // unit)
+            self._data.write(old[pos : pos + n])
+            pos += n
+
+    def _flush(self) -> None:
+        if self._plan is None or not self._starts:
+            return
+        r = self._plan.record
+        payload = encode_runs(self._starts, self._lengths) + self._data.getvalue()
+        self.records.append(Record(
+            file=r.file, tensor=r.tensor, type=r.type, shape=r.shape, encoding=ENC_REPLACE,
+            offset=self.payload.tell(), length=len(payload), params={},
+            pre_digest=r.post_digest, post_digest=r.pre_digest,
+        ))
+        self.payload.write(payload)
+        self._plan, self._starts, self._lengths, self._data = None, [], [], io.BytesIO()
+
+    def write(self, path: Path) -> None:
+        self._flush()
+        header = DeltaHeader(
+            artifact_format=self.h.artifact_format, base_identity=self.h.target_identity,
+            target_identity=self.h.base_identity, from_version=self.h.to_version,
+            to_version=self.h.from_version, payload_bytes=self.payload.tell(),
+            records=self.records, created={"by": "cdcca-edge patch --undo-out", "kind": UNDO_KIND},
+        )
+        self.payload.seek(0)
+        write_delta(path, header, self.payload)

@@ -21,6 +21,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cdcca_edge.cli import main
+from cdcca_edge.core import journal as J
 from cdcca_edge.core import patch as P
 from cdcca_edge.core.artifact import compute_identity, open_artifact
 from cdcca_edge.core.delta_build import DeltaBuilder
@@ -106,8 +107,8 @@ def split_journal(raw: bytes) -> tuple[dict, list[tuple[int, list[int], list[int
     pos, end = 16 + mlen, len(raw) - (8 + 8 + 32)
     entries = []
     while pos < end:
-        fi, n = P.JOURNAL_ENTRY.unpack_from(raw, pos)
-        pos += P.JOURNAL_ENTRY.size
+        fi, n = J.JOURNAL_ENTRY.unpack_from(raw, pos)
+        pos += J.JOURNAL_ENTRY.size
         offs = list(struct.unpack_from(f"<{n}Q", raw, pos))
         lens = list(struct.unpack_from(f"<{n}I", raw, pos + 8 * n))
         pos += 12 * n
@@ -120,11 +121,11 @@ def split_journal(raw: bytes) -> tuple[dict, list[tuple[int, list[int], list[int
 def seal_journal(meta, entries) -> bytes:
     """A complete journal with a valid end hash: anyone can compute it (SHA-256)."""
     m = meta if isinstance(meta, bytes) else json.dumps(meta).encode()
-    body = P.JOURNAL_MAGIC + struct.pack("<Q", len(m)) + m
+    body = J.JOURNAL_MAGIC + struct.pack("<Q", len(m)) + m
     for fi, offs, lens, old, new in entries:
-        body += P.JOURNAL_ENTRY.pack(fi, len(offs)) + struct.pack(f"<{len(offs)}Q", *offs)
+        body += J.JOURNAL_ENTRY.pack(fi, len(offs)) + struct.pack(f"<{len(offs)}Q", *offs)
         body += struct.pack(f"<{len(lens)}I", *lens) + old + new
-    return body + P.JOURNAL_END + struct.pack("<Q", len(entries)) + hashlib.sha256(body).digest()
+    return body + J.JOURNAL_END + struct.pack("<Q", len(entries)) + hashlib.sha256(body).digest()
 
 
 def test_genuine_journal_rolls_back_exactly(scene, tmp_path):
@@ -154,7 +155,7 @@ PLANTED = {
     "offset 0 (the GGUF header)": _first_span(offset=0),
     "offset 2**40 (a 1 TB sparse file)": _first_span(offset=1 << 40),
     "file index out of range": _first_span(fi=7),
-    "span longer than a patcher writes": _first_span(length=P.PIECE + 1),
+    "span longer than a patcher writes": _first_span(length=J.PIECE + 1),
     "metadata of the wrong type": lambda m, e: m.update(files="m.gguf"),
     "versions of the wrong type": lambda m, e: m.update(to_version="7"),
     "no layout": lambda m, e: m.pop("layout"),
