@@ -79,7 +79,7 @@ def prepared_mirror(code: Path, base: Path, dst: Path) -> Path:
     script = ("import sys; from cdcca_edge.core.artifact import open_artifact, compute_identity; "
               "from cdcca_edge.core.state import record_export; a = open_artifact(sys.argv[1]); "
               "record_export(a, compute_identity(a).digest)")
-    subprocess.run([sys.executable, "-c", script, str(dst)], check=True, env=_env(code))
+    _run([sys.executable, "-c", script, str(dst)], code, check=True)
     subprocess.run(["sync"], check=True)
     return dst
 
@@ -88,20 +88,26 @@ def _env(code: Path) -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(code)}
 
 
+# `python -m` puts the working directory first on sys.path: run each code from its own tree
+def _run(cmd: list[str], code: Path, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, env=_env(code), cwd=code, **kw)
+
+
 def run_once(code: Path, mirror: Path, adapter: Path, hf: Path, out: Path, probe: Path | None) -> dict:
     cmd = [sys.executable, "-m", "cdcca_edge.cli", "delta", "make", "--base", str(mirror),
            "--target", str(adapter), "--target-base", str(hf), "-o", str(out), "--advance-mirror", "--json"]
     if probe is not None:
         cmd += ["--probe", str(probe)]
-    wall, rss = timed(cmd, env=_env(code))
-    target = json.loads(subprocess.run(
-        [sys.executable, "-m", "cdcca_edge.cli", "delta", "inspect", str(out), "--json"],
-        capture_output=True, text=True, env=_env(code), check=True).stdout)["target_identity"]
+    wall, rss = timed(cmd, env=_env(code), cwd=code)
+    target = json.loads(_run(
+        [sys.executable, "-m", "cdcca_edge.cli", "delta", "inspect", str(out), "--json"], code,
+        capture_output=True, text=True, check=True).stdout)["target_identity"]
     # each code computes identities its own way: check the advanced mirror with that code
-    check = subprocess.run(
-        [sys.executable, "-c", "import sys; from cdcca_edge.core.artifact import open_artifact, "
-         "compute_identity; print(compute_identity(open_artifact(sys.argv[1])).digest)", str(mirror)],
-        capture_output=True, text=True, env=_env(code), check=True).stdout.strip()
+    check = _run(
+        [sys.executable, "-c", "import sys, cdcca_edge; from cdcca_edge.core.artifact import open_artifact, "
+         "compute_identity; assert cdcca_edge.__file__.startswith(sys.argv[2]), cdcca_edge.__file__; "
+         "print(compute_identity(open_artifact(sys.argv[1])).digest)", str(mirror), str(code)], code,
+        capture_output=True, text=True, check=True).stdout.strip()
     if check != target:
         raise RuntimeError(f"{code}: the advanced mirror is not at the delta's target")
     return {"seconds": wall, "peak_rss": rss, "delta_bytes": out.stat().st_size}

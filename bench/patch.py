@@ -45,10 +45,10 @@ ZSTD = shutil.which("zstd") or "/usr/bin/zstd"
 ZSTD_BIG_LEVEL = 3  # zstd level for files over 1 GiB
 
 
-def timed(cmd: list[str], env: dict | None = None) -> tuple[float, int]:
+def timed(cmd: list[str], env: dict | None = None, cwd: Path | None = None) -> tuple[float, int]:
     """(wall seconds, peak RSS bytes) of a command, measured by GNU time."""
     out = subprocess.run(["/usr/bin/time", "-f", "%e %M", *cmd], capture_output=True, text=True,
-                         env=env)
+                         env=env, cwd=cwd)
     if out.returncode != 0:
         raise RuntimeError(f"{cmd} failed: {out.stderr[-2000:]}")
     wall, rss_kb = out.stderr.strip().splitlines()[-1].split()
