@@ -452,36 +452,10 @@ def distill(
     model, biases = wrap_student(student, config)
     d_s, d_t = student.config.hidden_size, teacher.config.hidden_size
     aligner = torch.nn.Linear(d_s, d_t, bias=False) if d_s != d_t else torch.nn.Identity()
-    params = [p for p in model.parameters() if p.requires_grad] + list(aligner.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
-    model, aligner, opt = accelerator.prepare(model, aligner, opt)
-
-    steps_per_epoch = math.ceil(len(train) / config.batch_size)
-    total_steps = steps_per_epoch * config.epochs
-    losses = []
-    step = 0
-    gen = random.Random(config.seed + 1)
-    model.train()
-    for epoch in range(config.epochs):
-        idx = list(range(len(train)))
-        gen.shuffle(idx)
-        sums: dict[str, float] = {"total": 0.0, "ce": 0.0, "kd": 0.0, "kd_device": 0.0, "feature": 0.0}
-        for k in range(0, len(idx), config.batch_size):
-            batch = [train[i] for i in idx[k : k + config.batch_size]]
-            terms = _batch_losses(model, teacher, aligner, batch, config, device)
-            loss = (config.ce_weight * terms["ce"] + config.kd_weight * (terms["kd"] + terms["kd_device"])
-                    + config.feature_weight * terms["feature"])
-            opt.zero_grad(set_to_none=True)
-            accelerator.backward(loss)
-            opt.step()
-            step += 1
-            sums["total"] += float(loss.detach())
-            for name in ("ce", "kd", "kd_device", "feature"):
-                sums[name] += float(terms[name].detach())
-            tick("training", step, total_steps)
-        losses.append({k: v / steps_per_epoch for k, v in sums.items()} | {"epoch": epoch + 1})
-    model.eval()
+    losses, step, model = train_loop(
+        accelerator, model, aligner, train, config, tick,
+        lambda m, al, batch: _batch_losses(m, teacher, al, batch, config, device))
     unwrapped = accelerator.unwrap_model(model)
     after = {"bundle": agreement(unwrapped, teacher, train, device),
              "holdout": agreement(unwrapped, teacher, hold, device)}
@@ -509,6 +483,47 @@ def distill(
         (out_dir / "report.json").write_text(json.dumps(report.as_dict(), indent=1) + "\n")
     accelerator.wait_for_everyone()
     return report
+
+
+def train_loop(accelerator: Any, model: Any, aligner: Any, train: list[Any], config: AKDConfig,
+               tick: Callable[[str, int, int], None],
+               batch_losses: Callable[[Any, Any, list[Any]], dict[str, Any]]) -> tuple[list[dict[str, float]], int, Any]:
+    """The one AKD optimisation loop, for text and visual samples alike: AdamW on the
+    adapter's trainable parameters and the feature aligner, prepared by accelerate (so
+    ``accelerate launch`` runs it on several GPUs unchanged), seeded shuffles, the loss
+    terms ``batch_losses(model, aligner, batch)`` returns (ce, kd, kd_device, feature)
+    weighted by ``config``. Returns (per-epoch mean losses, steps, the prepared model,
+    in eval mode)."""
+    torch = require("torch", "cloud")
+    weights = {"ce": config.ce_weight, "kd": config.kd_weight, "kd_device": config.kd_weight,
+               "feature": config.feature_weight}
+    params = [p for p in model.parameters() if p.requires_grad] + list(aligner.parameters())
+    opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
+    model, aligner, opt = accelerator.prepare(model, aligner, opt)
+    steps_per_epoch = math.ceil(len(train) / config.batch_size)
+    total_steps = steps_per_epoch * config.epochs
+    losses: list[dict[str, float]] = []
+    step = 0
+    gen = random.Random(config.seed + 1)
+    model.train()
+    for epoch in range(config.epochs):
+        idx = list(range(len(train)))
+        gen.shuffle(idx)
+        sums: dict[str, float] = {"total": 0.0}
+        for k in range(0, len(idx), config.batch_size):
+            terms = batch_losses(model, aligner, [train[i] for i in idx[k : k + config.batch_size]])
+            loss = sum(weights[name] * value for name, value in terms.items())
+            opt.zero_grad(set_to_none=True)
+            accelerator.backward(loss)
+            opt.step()
+            step += 1
+            sums["total"] += float(loss.detach())
+            for name, value in terms.items():
+                sums[name] = sums.get(name, 0.0) + float(value.detach())
+            tick("training", step, total_steps)
+        losses.append({k: v / steps_per_epoch for k, v in sums.items()} | {"epoch": epoch + 1})
+    model.eval()
+    return losses, step, model
 
 
 def _batch_losses(model: Any, teacher: Any, aligner: Any, batch: list[Sample], cfg: AKDConfig,

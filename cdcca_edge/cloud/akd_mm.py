@@ -14,7 +14,6 @@ LoRA goes on the language model and the projector only; the tower stays frozen.
 from __future__ import annotations
 
 import json
-import math
 import random
 import shutil
 import time
@@ -24,7 +23,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from cdcca_edge.cloud.akd import AKDConfig, kd_divergence, weighted_mean
+from cdcca_edge.cloud.akd import AKDConfig, kd_divergence, train_loop, weighted_mean
 from cdcca_edge.core import uplink_format as U
 from cdcca_edge.core.errors import FormatError, UsageError, require
 
@@ -212,10 +211,12 @@ def distill_multimodal(
     torch = require("torch", "cloud")
     transformers = require("transformers", "cloud")
     peft = require("peft", "cloud")
+    accelerate = require("accelerate", "cloud")
     t0 = time.perf_counter()
     tick = progress or (lambda _s, _i, _n: None)
     out_dir = Path(out_dir)
     torch.manual_seed(config.seed)
+    accelerator = accelerate.Accelerator()
     if config.adapter != "lora":
         raise UsageError("multimodal distillation supports the lora adapter")
 
@@ -256,52 +257,36 @@ def distill_multimodal(
     model = peft.get_peft_model(student, lcfg)
     d_s, d_t = student.config.text_config.hidden_size, teacher.config.text_config.hidden_size
     aligner = torch.nn.Linear(d_s, d_t, bias=False) if d_s != d_t else torch.nn.Identity()
-    params = [p for p in model.parameters() if p.requires_grad] + list(aligner.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
-    steps_per_epoch = math.ceil(len(train) / config.batch_size)
-    total = steps_per_epoch * config.epochs
-    losses, step = [], 0
-    rng = random.Random(config.seed + 1)
-    model.train()
-    for epoch in range(config.epochs):
-        idx = list(range(len(train)))
-        rng.shuffle(idx)
-        sums = {"total": 0.0, "ce": 0.0, "kd": 0.0, "feature": 0.0}
-        for k in range(0, len(idx), config.batch_size):
-            batch = [train[i] for i in idx[k : k + config.batch_size]]
-            terms = visual_batch_losses(model.base_model.model, teacher, aligner, batch, config, eos)
-            loss = (config.ce_weight * terms["ce"] + config.kd_weight * terms["kd"]
-                    + config.feature_weight * terms["feature"])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            step += 1
-            sums["total"] += float(loss.detach())
-            for name in ("ce", "kd", "feature"):
-                sums[name] += float(terms[name].detach())
-            tick("training", step, total)
-        losses.append({k: v / steps_per_epoch for k, v in sums.items()} | {"epoch": epoch + 1})
-    model.eval()
-    after = {"bundle": answer_accuracy(model.base_model.model, train, eos),
-             "holdout": answer_accuracy(model.base_model.model, hold, eos)}
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out_dir)
+    # the same loop as text AKD; the LLaVA forward takes the inputs' embeddings, so it runs
+    # on the model under the adapter (single process: the prepared model is that model)
+    losses, step, model = train_loop(
+        accelerator, model, aligner, train, config, tick,
+        lambda m, al, batch: visual_batch_losses(accelerator.unwrap_model(m).base_model.model, teacher, al,
+                                                 batch, config, eos))
+    inner = accelerator.unwrap_model(model)
+    after = {"bundle": answer_accuracy(inner.base_model.model, train, eos),
+             "holdout": answer_accuracy(inner.base_model.model, hold, eos)}
     merged_path = None
-    if merge:
-        merged_path = out_dir / "merged"
-        merged = model.merge_and_unload(safe_merge=True)
-        merged.save_pretrained(merged_path)
-        tok.save_pretrained(merged_path)
-        for name in MODEL_SIDE_FILES:
-            if (Path(student_dir) / name).is_file():
-                shutil.copy(Path(student_dir) / name, merged_path / name)
+    if accelerator.is_main_process:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        inner.save_pretrained(out_dir)
+        if merge:
+            merged_path = out_dir / "merged"
+            merged = inner.merge_and_unload(safe_merge=True)
+            merged.save_pretrained(merged_path)
+            tok.save_pretrained(merged_path)
+            for name in MODEL_SIDE_FILES:
+                if (Path(student_dir) / name).is_file():
+                    shutil.copy(Path(student_dir) / name, merged_path / name)
     kept = float(np.mean([len(s.positions) / s.n_tokens for s in samples]))
     report = MultimodalDistillReport(
         n_train=len(train), n_holdout=len(hold), steps=step, seconds=time.perf_counter() - t0,
         trainable_params=trainable, kept_token_fraction=kept, losses=losses, agreement_before=before,
         agreement_after=after, output=str(out_dir), merged=str(merged_path) if merged_path else None)
-    (out_dir / "report.json").write_text(json.dumps(report.as_dict(), indent=1) + "\n")
+    if accelerator.is_main_process:
+        (out_dir / "report.json").write_text(json.dumps(report.as_dict(), indent=1) + "\n")
+    accelerator.wait_for_everyone()
     return report
 
 
