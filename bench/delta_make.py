@@ -47,7 +47,7 @@ def make_adapter(hf: Path, out: Path) -> Path:
     from cdcca_edge.cloud.akd import DEFAULT_LORA_TARGETS
 
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(hf, torch_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32)
     cfg = peft.LoraConfig(r=8, lora_alpha=16, target_modules=list(DEFAULT_LORA_TARGETS),
                           task_type="CAUSAL_LM")
     model = peft.get_peft_model(model, cfg)

@@ -23,6 +23,7 @@ import json
 import math
 import random
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal, Sequence
@@ -223,8 +224,12 @@ def wrap_student(model: Any, cfg: AKDConfig) -> tuple[Any, dict[str, tuple[Any, 
         lcfg = peft.LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, target_modules=targets,
                                lora_dropout=0.0, bias="none", task_type="CAUSAL_LM")
         return peft.get_peft_model(model, lcfg), {}
-    wrapped = peft.get_peft_model(model, peft.LNTuningConfig(target_modules=list(NORM_TARGETS),
-                                                             task_type="CAUSAL_LM"))
+    with warnings.catch_warnings():
+        # peft's LN tuning names only nn.LayerNorm as supported, and warns on Llama/Qwen2's
+        # RMSNorm; it tunes its weight the same way (tests/cloud/test_akd.py checks it trains)
+        warnings.filterwarnings("ignore", message="Unsupported layer type", category=UserWarning)
+        wrapped = peft.get_peft_model(model, peft.LNTuningConfig(target_modules=list(NORM_TARGETS),
+                                                                 task_type="CAUSAL_LM"))
     biases = {}
     for name, module in wrapped.base_model.model.named_modules():
         bias = getattr(module, "bias", None)
@@ -469,7 +474,9 @@ def distill(
         if merge:
             merged_path = out_dir / "merged"
             # the biases were trained in place, so the merged model already has them
-            merged = unwrapped.merge_and_unload(safe_merge=True)
+            from cdcca_edge.converters.hf import merge_and_unload
+
+            merged = merge_and_unload(unwrapped)
             merged.save_pretrained(merged_path)
             tok_s.save_pretrained(merged_path)
     report = DistillReport(

@@ -273,7 +273,9 @@ def distill_multimodal(
         inner.save_pretrained(out_dir)
         if merge:
             merged_path = out_dir / "merged"
-            merged = inner.merge_and_unload(safe_merge=True)
+            from cdcca_edge.converters.hf import merge_and_unload
+
+            merged = merge_and_unload(inner)
             merged.save_pretrained(merged_path)
             tok.save_pretrained(merged_path)
             for name in MODEL_SIDE_FILES:

@@ -98,6 +98,19 @@ def _load_llava(model_dir: Path, adapter_dir: str | Path | None) -> LoadedModel:
                        source_digest=state_dict_digest(model))
 
 
+def merge_and_unload(peft_model: Any) -> Any:
+    """``peft_model.merge_and_unload(safe_merge=True)`` (NaN-checked), without peft's
+    notice that tied input and output embeddings are untied in the merged config: our
+    adapters never train the embeddings, so both keep the same values; only the config's
+    flag changes, and the exporters handle either."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Input and output embeddings are no longer tied",
+                                category=UserWarning)
+        return peft_model.merge_and_unload(safe_merge=True)
+
+
 def merge_adapter(model: Any, adapter_dir: Path) -> Any:
     """Merge a PEFT adapter into ``model`` (checked for NaN/inf before committing)."""
     if not (adapter_dir / "adapter_config.json").is_file():
@@ -114,7 +127,7 @@ def merge_adapter(model: Any, adapter_dir: Path) -> Any:
             "adapter was trained on"
         ) from exc
     try:
-        merged = peft_model.merge_and_unload(safe_merge=True)
+        merged = merge_and_unload(peft_model)
     except ValueError as exc:  # peft raises ValueError when the merge yields NaNs
         raise UsageError(f"{adapter_dir}: merging the adapter failed ({exc})") from exc
     # AKD's bias-norm mode keeps bias deltas in a second adapter beside the first

@@ -84,7 +84,7 @@ def language_model_dir(llava: Any, tokenizer: Any, out: Path) -> Path:
     from transformers import AutoModelForCausalLM
 
     cfg = llava.config.text_config
-    lm = AutoModelForCausalLM.from_config(cfg, torch_dtype=torch.float32)
+    lm = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     sd = {}
     for k, v in llava.state_dict().items():
         if k.startswith("model.language_model."):

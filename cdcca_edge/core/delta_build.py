@@ -293,7 +293,10 @@ class DeltaBuilder:
             created={"tool": f"cdcca-edge {__version__}", "by": self.created_by},
         )
         self._payload.seek(0)
-        digest = write_delta(path, header, self._payload, sign_key=sign_key)
+        try:
+            digest = write_delta(path, header, self._payload, sign_key=sign_key)
+        finally:
+            self._payload.close()  # a builder writes once
         by_enc: dict[str, int] = {}
         for p in self._pending:
             by_enc[p.record.encoding] = by_enc.get(p.record.encoding, 0) + 1
@@ -519,4 +522,7 @@ class UndoBuilder:
             records=self.records, created={"by": "cdcca-edge patch --undo-out", "kind": UNDO_KIND},
         )
         self.payload.seek(0)
-        write_delta(path, header, self.payload)
+        try:
+            write_delta(path, header, self.payload)
+        finally:
+            self.payload.close()
