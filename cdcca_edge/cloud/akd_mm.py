@@ -31,7 +31,6 @@ from cdcca_edge.core.errors import FormatError, UsageError, require
 LORA_TARGET_REGEX = (r".*(language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
                      r"|multi_modal_projector\.linear_[12])")
 # files a LLaVA model directory carries besides weights (copied next to a merged model)
-MODEL_SIDE_FILES = ("preprocessor_config.json", "prompt_template.txt", "tiny_llava_spec.json")
 
 
 @dataclass
@@ -197,16 +196,11 @@ class MultimodalDistillReport:
         return asdict(self)
 
 
-def distill_multimodal(
-    teacher_dir: str | Path,
-    student_dir: str | Path,
-    bundles: Sequence[str | Path],
-    out_dir: str | Path,
-    config: AKDConfig = AKDConfig(),
-    merge: bool = True,
-    progress: Callable[[str, int, int], None] | None = None,
-) -> MultimodalDistillReport:
-    """Distil from the image samples of ``bundles``; writes the LoRA adapter to ``out_dir``
+def distill_multimodal(teacher_dir: str | Path, student_dir: str | Path, bundles: Sequence[str | Path],
+                       out_dir: str | Path, config: AKDConfig = AKDConfig(), merge: bool = True,
+                       progress: Callable[[str, int, int], None] | None = None) -> MultimodalDistillReport:
+    """:func:`cdcca_edge.cloud.akd.distill` for LLaVA teacher and student (it calls this):
+    distil from the image samples of ``bundles``; writes the LoRA adapter to ``out_dir``
     and, with ``merge``, the merged student (a LLaVA directory) to ``out_dir/merged``."""
     torch = require("torch", "cloud")
     transformers = require("transformers", "cloud")
@@ -278,9 +272,12 @@ def distill_multimodal(
             merged = merge_and_unload(inner)
             merged.save_pretrained(merged_path)
             tok.save_pretrained(merged_path)
-            for name in MODEL_SIDE_FILES:
-                if (Path(student_dir) / name).is_file():
-                    shutil.copy(Path(student_dir) / name, merged_path / name)
+            # the student's side files (image preprocessing, prompt template, ...) that the
+            # merged model's own save did not write
+            for side in Path(student_dir).iterdir():
+                if (side.is_file() and side.suffix in (".json", ".txt") and not side.name.endswith(".index.json")
+                        and not (merged_path / side.name).exists()):
+                    shutil.copy(side, merged_path / side.name)
     kept = float(np.mean([len(s.positions) / s.n_tokens for s in samples]))
     report = MultimodalDistillReport(
         n_train=len(train), n_holdout=len(hold), steps=step, seconds=time.perf_counter() - t0,

@@ -145,13 +145,10 @@ def _tokenizer_pre(tokenizer_json: dict) -> str:
 
 
 def _tokenizer_json(model_dir: Path) -> dict:
+    from cdcca_edge.converters.hf import read_model_json
+
     path = model_dir / "tokenizer.json"
-    if not path.is_file():
-        raise FormatError(f"{model_dir}: no tokenizer.json; GGUF export needs a fast (BPE) tokenizer")
-    try:
-        tok_json = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise FormatError(f"{path}: not valid JSON ({exc})") from exc
+    tok_json = read_model_json(model_dir, "tokenizer.json", "GGUF export needs a fast (BPE) tokenizer")
     if tok_json.get("model", {}).get("type") != "BPE":
         raise FormatError(f"{path}: tokenizer model is not BPE; only byte-level BPE "
                           "tokenizers are supported for GGUF export")

@@ -32,15 +32,24 @@ class LoadedModel:
     source_digest: str  # sha256 over the (merged) weights exported
 
 
-def model_type_of(model_dir: Path) -> str:
-    cfg_path = model_dir / "config.json"
-    if not cfg_path.is_file():
-        raise FormatError(f"{model_dir}: no config.json; expected a Hugging Face model directory")
+def read_model_json(model_dir: Path, name: str, missing: str) -> Any:
+    """A JSON file of a model directory; ``missing``: what to say when it is not there.
+
+    Raises:
+        FormatError: missing, or not valid JSON.
+    """
+    path = model_dir / name
+    if not path.is_file():
+        raise FormatError(f"{model_dir}: no {name}; {missing}")
     try:
-        cfg = json.loads(cfg_path.read_text())
+        return json.loads(path.read_text())
     except json.JSONDecodeError as exc:
-        raise FormatError(f"{cfg_path}: not valid JSON ({exc})") from exc
-    return str(cfg.get("model_type", ""))
+        raise FormatError(f"{path}: not valid JSON ({exc})") from exc
+
+
+def model_type_of(model_dir: Path) -> str:
+    cfg = read_model_json(model_dir, "config.json", "expected a Hugging Face model directory")
+    return str(cfg.get("model_type", "")) if isinstance(cfg, dict) else ""
 
 
 def load_for_export(model_dir: str | Path, adapter_dir: str | Path | None = None) -> LoadedModel:

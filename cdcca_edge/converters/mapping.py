@@ -16,6 +16,7 @@ import numpy as np
 
 from cdcca_edge.converters.gguf_export import hf_tensor_transform, hf_to_gguf_name
 from cdcca_edge.core.artifact import META_TRANSPOSED, Artifact
+from cdcca_edge.core.bundle import LANGUAGE_PART, VISION_PART
 from cdcca_edge.core.errors import FormatError, MissingTensorError
 
 
@@ -90,10 +91,10 @@ def slots_for(art: Artifact, arch: str, config: Any, hf_names: list[str]) -> dic
 
 # LLaVA parameter prefixes -> (bundle part, the name the part's own export gave it)
 _LLAVA_PARTS = (
-    ("model.language_model.", "language", "model."),
-    ("lm_head.", "language", "lm_head."),
-    ("model.multi_modal_projector.", "vision", "model.multi_modal_projector."),
-    ("model.vision_tower.", "vision", "model.vision_tower."),
+    ("model.language_model.", LANGUAGE_PART, "model."),
+    ("lm_head.", LANGUAGE_PART, "lm_head."),
+    ("model.multi_modal_projector.", VISION_PART, "model.multi_modal_projector."),
+    ("model.vision_tower.", VISION_PART, "model.vision_tower."),
 )
 
 
@@ -121,8 +122,9 @@ def _bundle_slots(art: Artifact, config: Any, hf_names: list[str]) -> dict[str, 
         if part not in parts:
             raise MissingTensorError(f"{art.root}: the update touches the {part!r} part, which the bundle lacks")
         sub = open_artifact(parts[part])
-        arch = SUPPORTED_MODEL_TYPES.get(text_cfg.model_type, text_cfg.model_type) if part == "language" else "vision"
-        sub_slots = slots_for(sub, arch, text_cfg if part == "language" else config.vision_config,
+        lang = part == LANGUAGE_PART
+        arch = SUPPORTED_MODEL_TYPES.get(text_cfg.model_type, text_cfg.model_type) if lang else "vision"
+        sub_slots = slots_for(sub, arch, text_cfg if lang else config.vision_config,
                               [renamed for _, renamed in pairs])
         for hf, renamed in pairs:
             out[hf] = [Slot(f"{part}/{s.tensor}", s.to_artifact, s.factors) for s in sub_slots.get(renamed, [])]
