@@ -385,3 +385,52 @@ def test_hostile_manifest_cli(trap_bundle, capsys, raw):
     assert code in (0, 3), err
     if code == 3:
         assert "FormatError" in err
+
+
+GOOD_MM = {"kind": "llava", "image_token_id": 5, "image_seq_length": 4, "image_size": 32,
+           "image_mean": [0.5, 0.5, 0.5], "image_std": [0.25, 0.25, 0.25], "vision_feature_dim": 8,
+           "hidden_size": 16, "prompt_template": "<image>\nquestion: {question} answer:"}
+BAD_MM = {
+    "not an object": (["llava"], "multimodal section is not"),
+    "other kind": ({**GOOD_MM, "kind": "blip"}, "multimodal section is not"),
+    "token id a string": ({**GOOD_MM, "image_token_id": "5"}, "image_token_id"),
+    "token id a bool": ({**GOOD_MM, "image_token_id": True}, "image_token_id"),
+    "negative size": ({**GOOD_MM, "image_size": -1}, "image_size"),
+    "huge count": ({**GOOD_MM, "image_seq_length": 1 << 40}, "image_seq_length"),
+    "missing hidden size": ({k: v for k, v in GOOD_MM.items() if k != "hidden_size"}, "hidden_size"),
+    "two means": ({**GOOD_MM, "image_mean": [0.5, 0.5]}, "image_mean"),
+    "nan std": ({**GOOD_MM, "image_std": [0.2, float("nan"), 0.2]}, "image_std"),
+    "zero std": ({**GOOD_MM, "image_std": [0.2, 0.0, 0.2]}, "image_std"),
+    "string mean": ({**GOOD_MM, "image_mean": ["a", "b", "c"]}, "image_mean"),
+    "template without question": ({**GOOD_MM, "prompt_template": "<image> say it"}, "prompt_template"),
+    "template a number": ({**GOOD_MM, "prompt_template": 7}, "prompt_template"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_MM))
+def test_bad_multimodal_section_is_a_format_error(tmp_path, case):
+    """Every reader of a manifest (artefact, runtime, DWC mapping) goes through
+    core.bundle.read_manifest, which checks the multimodal section before anything uses it."""
+    from cdcca_edge.core.bundle import read_manifest
+
+    b = make_bundle(tmp_path / "b")
+    doc = json.loads((b / MANIFEST_NAME).read_text())
+    section, message = BAD_MM[case]
+    (b / MANIFEST_NAME).write_text(json.dumps({**doc, "multimodal": section}))
+    hostile("manifest")
+    with pytest.raises(FormatError, match=message):
+        read_manifest(b)
+    with pytest.raises(FormatError, match=message):
+        open_artifact(b)
+
+
+def test_good_multimodal_section_reads_back(tmp_path):
+    from cdcca_edge.core.bundle import read_manifest
+
+    b = make_bundle(tmp_path / "b")
+    doc = json.loads((b / MANIFEST_NAME).read_text())
+    (b / MANIFEST_NAME).write_text(json.dumps({**doc, "multimodal": GOOD_MM}))
+    mm = read_manifest(b).multimodal
+    assert mm.to_json() == GOOD_MM
+    assert mm.prompt("what colour?") == "<image>\nquestion: what colour? answer:"
+    assert mm.prompt("<image> as is") == "<image> as is"
