@@ -23,7 +23,6 @@ import json
 import math
 import random
 import time
-import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal, Sequence
@@ -224,10 +223,9 @@ def wrap_student(model: Any, cfg: AKDConfig) -> tuple[Any, dict[str, tuple[Any, 
         lcfg = peft.LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, target_modules=targets,
                                lora_dropout=0.0, bias="none", task_type="CAUSAL_LM")
         return peft.get_peft_model(model, lcfg), {}
-    with warnings.catch_warnings():
-        # peft's LN tuning names only nn.LayerNorm as supported, and warns on Llama/Qwen2's
-        # RMSNorm; it tunes its weight the same way (tests/cloud/test_akd.py checks it trains)
-        warnings.filterwarnings("ignore", message="Unsupported layer type", category=UserWarning)
+    from cdcca_edge.converters.hf import peft_notices_known
+
+    with peft_notices_known():  # RMSNorm is tuned as a LayerNorm is
         wrapped = peft.get_peft_model(model, peft.LNTuningConfig(target_modules=list(NORM_TARGETS),
                                                                  task_type="CAUSAL_LM"))
     biases = {}

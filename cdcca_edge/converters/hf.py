@@ -6,11 +6,13 @@ deferred so that importing ``cdcca_edge.converters`` stays cheap.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from cdcca_edge.core.adapters import BIAS_ADAPTER_DIR
 from cdcca_edge.core.errors import FormatError, UsageError, require
@@ -107,16 +109,24 @@ def _load_llava(model_dir: Path, adapter_dir: str | Path | None) -> LoadedModel:
                        source_digest=state_dict_digest(model))
 
 
-def merge_and_unload(peft_model: Any) -> Any:
-    """``peft_model.merge_and_unload(safe_merge=True)`` (NaN-checked), without peft's
-    notice that tied input and output embeddings are untied in the merged config: our
-    adapters never train the embeddings, so both keep the same values; only the config's
-    flag changes, and the exporters handle either."""
-    import warnings
-
+@contextlib.contextmanager
+def peft_notices_known() -> Iterator[None]:
+    """Silence two peft notices we know the reason for, and only those: LN tuning calls
+    Llama/Qwen2's RMSNorm an "unsupported layer type" (it tunes its weight as it does a
+    LayerNorm's; tests/cloud/test_akd.py checks it trains), and a merge says tied input
+    and output embeddings are untied in the merged config (our adapters never train the
+    embeddings, so both keep the same values; only the config's flag changes, and the
+    exporters handle either)."""
     with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Unsupported layer type", category=UserWarning)
         warnings.filterwarnings("ignore", message="Input and output embeddings are no longer tied",
                                 category=UserWarning)
+        yield
+
+
+def merge_and_unload(peft_model: Any) -> Any:
+    """``peft_model.merge_and_unload(safe_merge=True)`` (NaN-checked), quietly."""
+    with peft_notices_known():
         return peft_model.merge_and_unload(safe_merge=True)
 
 
@@ -129,7 +139,8 @@ def merge_adapter(model: Any, adapter_dir: Path) -> Any:
         )
     peft = require("peft", "cloud")
     try:
-        peft_model = peft.PeftModel.from_pretrained(model, adapter_dir)
+        with peft_notices_known():
+            peft_model = peft.PeftModel.from_pretrained(model, adapter_dir)
     except (RuntimeError, ValueError, KeyError) as exc:
         raise UsageError(
             f"{adapter_dir}: adapter does not fit the model ({exc}); pass the base model the "

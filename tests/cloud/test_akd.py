@@ -157,14 +157,18 @@ def test_bias_norm_adapter_on_qwen2(tmp_path, bundle):
     assert (out / "adapter_config.json").is_file() and (out / BIAS_ADAPTER_DIR / "adapter_config.json").is_file()
     assert json.loads((out / "adapter_config.json").read_text())["peft_type"] == "LN_TUNING"
     assert json.loads((out / BIAS_ADAPTER_DIR / "adapter_config.json").read_text())["peft_type"] == "BEFT"
-    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(s), out)
-    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(s), out / BIAS_ADAPTER_DIR)
+    from cdcca_edge.converters.hf import peft_notices_known
+
+    with peft_notices_known():  # plain peft loads them (its RMSNorm notice aside)
+        PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(s), out)
+        PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(s), out / BIAS_ADAPTER_DIR)
     # few parameters: norms and biases only
     n_params = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(s).parameters())
     assert report.trainable_params < n_params * 0.02
     # adapter + bias adapter, merged by peft, equal the merged model AKD wrote
     base = AutoModelForCausalLM.from_pretrained(s)
-    both = PeftModel.from_pretrained(base, out).merge_and_unload()
+    with peft_notices_known():
+        both = PeftModel.from_pretrained(base, out).merge_and_unload()
     both = PeftModel.from_pretrained(both, out / BIAS_ADAPTER_DIR).merge_and_unload()
     merged = AutoModelForCausalLM.from_pretrained(out / "merged")
     ids = torch.tensor([[5, 6, 7, 8, 9]])
