@@ -335,13 +335,7 @@ def write_plots(report: DemoReport, out: Path) -> None:
     ax.plot(rounds, tgt, "o-", label="student, target domain")
     ax.plot(rounds, src, "s-", label="student, source domain")
     ax.axhline(report.baseline["teacher_accuracy"], ls="--", c="grey", label="teacher, target domain")
-    ax.set_xlabel("round")
-    ax.set_ylabel("accuracy")
-    ax.set_xticks(rounds)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "accuracy.png", dpi=120)
-    plt.close(fig)
+    _save_plot(plt, fig, ax, rounds, "accuracy", out / "accuracy.png")
     fig, ax = plt.subplots(figsize=(5, 3.2))
     x = np.array([r["round"] for r in report.rounds], dtype=float)
     ax.bar(x - 0.2, [r["uplink_bytes"] for r in report.rounds], 0.2, label="uplink (bundle)")
@@ -349,12 +343,16 @@ def write_plots(report: DemoReport, out: Path) -> None:
     ax.bar(x + 0.2, [r["downlink_bytes"] for r in report.rounds], 0.2, label="downlink (delta)")
     ax.axhline(report.artifact_bytes, ls="--", c="grey", label="full re-download")
     ax.set_yscale("log")
+    _save_plot(plt, fig, ax, x, "bytes", out / "bytes.png")
+
+
+def _save_plot(plt: Any, fig: Any, ax: Any, rounds: Any, ylabel: str, path: Path) -> None:
     ax.set_xlabel("round")
-    ax.set_ylabel("bytes")
-    ax.set_xticks(x)
+    ax.set_ylabel(ylabel)
+    ax.set_xticks(rounds)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out / "bytes.png", dpi=120)
+    fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
