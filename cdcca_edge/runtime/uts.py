@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Literal
 
@@ -22,11 +22,10 @@ import numpy as np
 
 from cdcca_edge.core import uplink_format as U
 from cdcca_edge.core.errors import FormatError, UsageError
+from cdcca_edge.core.calibration import SCORE_NAMES, Calibration, VisualStats
 from cdcca_edge.runtime.base import Backend, Generation, GenerationConfig
 
 SAMPLE_SCORES = ("confidence", "ref_confidence", "mean_entropy", "max_entropy")
-CALIB_FORMAT = "cdcca-calibration"
-CALIB_VERSION = 1
 Selector = Literal["uts", "random", "all"]
 
 def _prompt_nll(g: Generation) -> float:
@@ -49,6 +48,7 @@ SCORES: dict[str, Callable[[Generation], float]] = {
     "prompt_nll": _prompt_nll,
     "surprise": lambda g: _prompt_nll(g) + g.sample.mean_entropy,  # input + answer
 }
+assert tuple(SCORES) == SCORE_NAMES  # the calibration format names them (core/calibration.py)
 NEEDS_PROMPT_SCORES = ("prompt_nll", "surprise")
 DEFAULT_SCORE = "surprise"
 
@@ -63,38 +63,6 @@ def sample_uncertainty(gen: Generation, score: str) -> float:
         return SCORES[score](gen)
     except KeyError:
         raise UsageError(f"unknown score {score!r}; choose one of {', '.join(SCORES)}") from None
-
-
-@dataclass
-class VisualStats:
-    """Per-dimension mean and variance of in-distribution visual tokens (D,), (D,)."""
-
-    mean: list[float]
-    var: list[float]
-    keep: float = 0.5  # fraction of visual tokens uploaded (the paper's best mask ratio)
-
-    @classmethod
-    def fit(cls, tokens: np.ndarray, keep: float = 0.5, eps: float = 1e-6) -> "VisualStats":
-        """From calibration tokens (N, D)."""
-        x = np.asarray(tokens, dtype=np.float64).reshape(-1, np.shape(tokens)[-1])  # (N, D)
-        return cls(x.mean(0).tolist(), (x.var(0) + eps).tolist(), keep)
-
-    def ood_scores(self, tokens: np.ndarray) -> np.ndarray:
-        """Squared diagonal Mahalanobis distance of each token, per dimension. (T, D) -> (T,)
-
-        A real out-of-distribution score: it grows with how far a token lies from what the
-        vision tower produced on calibration images, in units of their spread. (MC dropout
-        applied to the features themselves, as in the reference code, reduces to a token's
-        mean squared activation and ignores the calibration data.)"""
-        x = np.asarray(tokens, dtype=np.float64)
-        mu, var = np.asarray(self.mean), np.asarray(self.var)
-        return (((x - mu) ** 2) / var).mean(-1)
-
-    def select(self, tokens: np.ndarray) -> np.ndarray:
-        """Indices (ascending) of the ``keep`` fraction of tokens most out of distribution."""
-        scores = self.ood_scores(tokens)
-        k = max(1, int(round(len(scores) * self.keep)))
-        return np.sort(np.argsort(-scores, kind="stable")[:k])
 
 
 def is_multimodal(model: Any) -> bool:
@@ -120,47 +88,6 @@ def item_uncertainty(gen: Generation, feats: np.ndarray | None, score: str, visu
     if feats is not None and visual is not None:
         u += math.log(max(float(visual.ood_scores(feats).mean()), 1e-12))
     return u
-
-
-@dataclass
-class Calibration:
-    """Thresholds fitted on in-distribution inputs; travels with the artefact."""
-
-    artifact_identity: str
-    score: str
-    rate: float  # fraction of in-distribution samples the threshold uploads
-    threshold: float  # upload when uncertainty > threshold
-    token_rate: float
-    token_threshold: float  # flag answer tokens with entropy > this
-    max_tokens: int
-    n_samples: int
-    n_tokens: int
-    quantiles: dict[str, float] = field(default_factory=dict)
-    visual: VisualStats | None = None
-
-    def save(self, path: str | Path) -> None:
-        doc = {"format": CALIB_FORMAT, "version": CALIB_VERSION, **asdict(self)}
-        Path(path).write_text(json.dumps(doc, indent=1) + "\n")
-
-    @classmethod
-    def load(cls, path: str | Path) -> "Calibration":
-        try:
-            doc = json.loads(Path(path).read_text())
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise FormatError(f"{path}: not valid JSON ({exc})") from exc
-        if not isinstance(doc, dict) or doc.get("format") != CALIB_FORMAT or doc.get("version") != CALIB_VERSION:
-            raise FormatError(f"{path}: not a version-{CALIB_VERSION} calibration file; make one "
-                              "with `cdcca-edge uplink calibrate`")
-        try:
-            visual = VisualStats(**doc["visual"]) if doc.get("visual") else None
-            cal = cls(**{k: doc[k] for k in (
-                "artifact_identity", "score", "rate", "threshold", "token_rate", "token_threshold",
-                "max_tokens", "n_samples", "n_tokens")}, quantiles=doc.get("quantiles", {}), visual=visual)
-        except (KeyError, TypeError) as exc:
-            raise FormatError(f"{path}: calibration file lacks or mistypes {exc}") from exc
-        if cal.score not in SCORES:
-            raise FormatError(f"{path}: unknown score {cal.score!r}")
-        return cal
 
 
 def read_prompts(path: str | Path) -> list[str]:

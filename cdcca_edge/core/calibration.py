@@ -1,0 +1,159 @@
+"""Calibration files (`uplink calibrate` writes them; the device's UTS reads them, and
+the cloud will ship them): the upload thresholds fitted on in-distribution inputs, and
+the visual-token statistics of a multimodal model. Spec: docs/formats/uplink.md,
+section 4.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cdcca_edge.core.errors import FormatError
+from cdcca_edge.core.fileio import atomic_file, open_regular
+
+CALIB_FORMAT = "cdcca-calibration"
+CALIB_VERSION = 1
+MAX_CALIB_BYTES = 64 << 20  # a few thousand visual dimensions fit many times over
+# the sample scores a calibration may name (runtime/uts.py computes them, in this order)
+SCORE_NAMES = ("mean_entropy", "max_entropy", "neg_log_confidence", "ref_confidence", "prompt_nll", "surprise")
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+
+
+@dataclass
+class VisualStats:
+    """Per-dimension mean and variance of in-distribution visual tokens (D,), (D,)."""
+
+    mean: list[float]
+    var: list[float]
+    keep: float = 0.5  # fraction of visual tokens uploaded (the paper's best mask ratio)
+
+    @classmethod
+    def from_doc(cls, doc: Any, path: str | Path) -> "VisualStats":
+        """From the calibration file's ``visual`` object, checked.
+
+        Raises:
+            FormatError: not D finite means and D positive finite variances, or a keep
+                fraction outside (0, 1].
+        """
+        ok = isinstance(doc, dict) and isinstance(doc.get("mean"), list) and isinstance(doc.get("var"), list)
+        if ok:
+            mean, var, keep = doc["mean"], doc["var"], doc.get("keep", 0.5)
+            ok = (0 < len(mean) == len(var) and all(_number(v) for v in mean)
+                  and all(_number(v) and v > 0 for v in var) and _number(keep) and 0 < keep <= 1)
+        if not ok:
+            raise FormatError(f"{path}: field 'visual' must hold 'mean' and 'var' lists of equal, "
+                              "non-zero length (finite numbers, variances > 0) and 'keep' in (0, 1]; "
+                              "calibrate again with `cdcca-edge uplink calibrate`")
+        return cls([float(v) for v in mean], [float(v) for v in var], float(keep))
+
+    @classmethod
+    def fit(cls, tokens: np.ndarray, keep: float = 0.5, eps: float = 1e-6) -> "VisualStats":
+        """From calibration tokens (N, D)."""
+        x = np.asarray(tokens, dtype=np.float64).reshape(-1, np.shape(tokens)[-1])  # (N, D)
+        return cls(x.mean(0).tolist(), (x.var(0) + eps).tolist(), keep)
+
+    def ood_scores(self, tokens: np.ndarray) -> np.ndarray:
+        """Squared diagonal Mahalanobis distance of each token, per dimension. (T, D) -> (T,)
+
+        A real out-of-distribution score: it grows with how far a token lies from what the
+        vision tower produced on calibration images, in units of their spread. (MC dropout
+        applied to the features themselves, as in the reference code, reduces to a token's
+        mean squared activation and ignores the calibration data.)"""
+        x = np.asarray(tokens, dtype=np.float64)
+        mu, var = np.asarray(self.mean), np.asarray(self.var)
+        return (((x - mu) ** 2) / var).mean(-1)
+
+    def select(self, tokens: np.ndarray) -> np.ndarray:
+        """Indices (ascending) of the ``keep`` fraction of tokens most out of distribution."""
+        scores = self.ood_scores(tokens)
+        k = max(1, int(round(len(scores) * self.keep)))
+        return np.sort(np.argsort(-scores, kind="stable")[:k])
+
+
+@dataclass
+class Calibration:
+    """Thresholds fitted on in-distribution inputs; travels with the artefact."""
+
+    artifact_identity: str
+    score: str
+    rate: float  # fraction of in-distribution samples the threshold uploads
+    threshold: float  # upload when uncertainty > threshold
+    token_rate: float
+    token_threshold: float  # flag answer tokens with entropy > this
+    max_tokens: int
+    n_samples: int
+    n_tokens: int
+    quantiles: dict[str, float] = field(default_factory=dict)
+    visual: VisualStats | None = None
+
+    def save(self, path: str | Path) -> None:
+        """Write the calibration file (atomically, durably)."""
+        doc = {"format": CALIB_FORMAT, "version": CALIB_VERSION, **asdict(self)}
+        with atomic_file(path, mode=0o644) as f:
+            f.write((json.dumps(doc, indent=1) + "\n").encode())
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Calibration":
+        """Read and check a calibration file (docs/formats/uplink.md, section 4).
+
+        Raises:
+            FormatError: not a calibration file of this version, or a field is missing,
+                mistyped or out of range (named in the message).
+        """
+        with open_regular(path, "a calibration file") as f:
+            raw = f.read(MAX_CALIB_BYTES + 1)
+        if len(raw) > MAX_CALIB_BYTES:
+            raise FormatError(f"{path}: larger than {MAX_CALIB_BYTES:,} bytes; not a calibration file")
+        try:
+            doc = json.loads(raw.decode("utf-8"))
+        except RecursionError as exc:
+            raise FormatError(f"{path}: not valid JSON (nested too deeply)") from exc
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise FormatError(f"{path}: not valid JSON ({exc})") from exc
+        if not isinstance(doc, dict) or doc.get("format") != CALIB_FORMAT or doc.get("version") != CALIB_VERSION:
+            raise FormatError(f"{path}: not a version-{CALIB_VERSION} calibration file; make one "
+                              "with `cdcca-edge uplink calibrate`")
+        return cls._from_doc(doc, path)
+
+    @classmethod
+    def _from_doc(cls, doc: dict[str, Any], path: str | Path) -> "Calibration":
+        def bad(key: str, want: str) -> FormatError:
+            return FormatError(f"{path}: field {key!r} must be {want}, is {str(doc.get(key))[:80]!r}; "
+                               "calibrate again with `cdcca-edge uplink calibrate`")
+
+        ident = doc.get("artifact_identity")
+        if not isinstance(ident, str) or not _HEX64.fullmatch(ident):
+            raise bad("artifact_identity", "64 lowercase hex digits")
+        if doc.get("score") not in SCORE_NAMES:
+            raise bad("score", f"one of {', '.join(SCORE_NAMES)}")
+        for key in ("rate", "token_rate"):
+            if not _number(doc.get(key)) or not 0.0 < doc[key] < 1.0:
+                raise bad(key, "a number in (0, 1)")
+        for key in ("threshold", "token_threshold"):
+            if not _number(doc.get(key)):
+                raise bad(key, "a finite number")
+        for key in ("max_tokens", "n_samples", "n_tokens"):
+            if type(doc.get(key)) is not int or doc[key] < 0:
+                raise bad(key, "an integer >= 0")
+        quantiles = doc.get("quantiles", {})
+        if not isinstance(quantiles, dict) or not all(_number(v) for v in quantiles.values()):
+            raise bad("quantiles", "an object of finite numbers")
+        return cls(
+            artifact_identity=ident, score=doc["score"], rate=float(doc["rate"]),
+            threshold=float(doc["threshold"]), token_rate=float(doc["token_rate"]),
+            token_threshold=float(doc["token_threshold"]), max_tokens=doc["max_tokens"],
+            n_samples=doc["n_samples"], n_tokens=doc["n_tokens"],
+            quantiles={str(k): float(v) for k, v in quantiles.items()},
+            visual=VisualStats.from_doc(doc["visual"], path) if doc.get("visual") is not None else None,
+        )
+
+
+def _number(v: Any) -> bool:
+    return type(v) in (int, float) and math.isfinite(v)
