@@ -64,6 +64,10 @@ VISUAL_SCALES = "visual_scales"  # (k,) f16: one scale per int8 token
 VISUAL_POSITIONS = "visual_positions"  # (k,) u16: ascending, < n_visual_tokens
 RAW_IMAGE = "raw_image"  # u8: the image file's bytes, or (H, W, 3) pixels
 N_VISUAL_TOKENS = "n_visual_tokens"  # metadata field: positions the image takes
+META_PROMPT = "prompt"  # metadata field: the prompt's text
+META_ANSWER = "answer"  # metadata field: the device's answer, as text
+META_UNCERTAINTY = "uncertainty"  # metadata field: the calibrated score that selected it
+META_RAW_BYTES = "raw_bytes"  # metadata field: bytes of the raw input (prompt, image file)
 # allowed dtypes and dimensions of each; other arrays are ignored
 KNOWN_ARRAYS: dict[str, tuple[tuple[str, ...], tuple[int, ...]]] = {
     PROMPT_IDS: (("u32",), (1,)),
@@ -81,7 +85,7 @@ KNOWN_ARRAYS: dict[str, tuple[tuple[str, ...], tuple[int, ...]]] = {
 ANSWER_ARRAYS = (ANSWER_IDS, TOKEN_ENTROPY, TOKEN_FLAGS, TOKEN_WEIGHTS)  # one value per answer token
 # sample metadata fields section 3 defines, and their JSON types
 KNOWN_FIELDS: dict[str, tuple[type, ...]] = {
-    "prompt": (str,), "answer": (str,), "uncertainty": (int, float), "raw_bytes": (int,),
+    META_PROMPT: (str,), META_ANSWER: (str,), META_UNCERTAINTY: (int, float), META_RAW_BYTES: (int,),
     N_VISUAL_TOKENS: (int,),
 }
 
@@ -273,7 +277,7 @@ def _decode_block(src: Any, length: int, where: str) -> UplinkSample:
         if v is not None and (not isinstance(v, kinds) or isinstance(v, bool)):
             raise _bad(where, f"sample field {key!r} is {type(v).__name__}, expected "
                               f"{' or '.join(k.__name__ for k in kinds)}")
-    if meta.get("raw_bytes", 0) < 0 or meta.get("n_visual_tokens", 1) < 1:
+    if meta.get(META_RAW_BYTES, 0) < 0 or meta.get(N_VISUAL_TOKENS, 1) < 1:
         raise _bad(where, "sample field 'raw_bytes' is negative or 'n_visual_tokens' is not positive")
     listing = meta.pop("arrays", [])
     if not isinstance(listing, list):
@@ -503,7 +507,7 @@ def write_uplink(path: str | Path, header: dict[str, Any], samples: list[UplinkS
 def describe_uplink(bundle: "UplinkBundle") -> dict[str, Any]:
     """What ``cdcca-edge uplink inspect --json`` prints: size, digest, the header and each
     sample's id, uncertainty, answer and array shapes."""
-    samples = [{"id": s.id, **{k: v for k, v in s.meta.items() if k in ("uncertainty", "answer")},
+    samples = [{"id": s.id, **{k: v for k, v in s.meta.items() if k in (META_UNCERTAINTY, META_ANSWER)},
                 "arrays": {k: list(v.shape) for k, v in s.arrays.items()}} for s in bundle.samples()]
     return {"path": str(bundle.path), "bytes": bundle.size, "digest": bundle.digest,
             **{k: v for k, v in bundle.header.items() if k != "samples"}, "samples": samples}

@@ -284,8 +284,8 @@ def collect(
         if g.prompt_scores is not None:  # log-probability of prompt tokens 1..n-1
             arrays[U.PROMPT_LOGPROB] = np.asarray([s.logprob for s in g.prompt_scores], dtype=np.float16)
         meta: dict[str, Any] = {
-            "prompt": d.item["prompt"], "answer": g.text, "uncertainty": round(d.uncertainty, 6),
-            "raw_bytes": d.item["raw_bytes"],
+            U.META_PROMPT: d.item["prompt"], U.META_ANSWER: g.text, U.META_UNCERTAINTY: round(d.uncertainty, 6),
+            U.META_RAW_BYTES: d.item["raw_bytes"],
         }
         if d.visual is not None and calib.visual is not None:
             # token stage on the image: only the most out-of-distribution tokens go up,
