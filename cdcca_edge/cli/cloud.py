@@ -1,0 +1,67 @@
+"""`cdcca-edge cloud`: the cloud service (serve) and its operator actions."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from cdcca_edge.cli._output import err, out, print_json
+from cdcca_edge.cli.options import JsonOpt
+
+app = typer.Typer(help="The cloud service: serve devices, create cohorts, enroll devices.", no_args_is_help=True)
+
+DataOpt = Annotated[Path, typer.Option("--data", help="The service's data directory (state and blobs).")]
+
+
+@app.command("serve")
+def serve(
+    data: DataOpt,
+    host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8600,
+    max_upload_mb: Annotated[int, typer.Option(help="Largest uplink bundle accepted, MiB.")] = 64,
+) -> None:
+    """Run the service (embedded default: SQLite in DATA, blobs in DATA/blobs)."""
+    import uvicorn
+
+    from cdcca_edge.cloud.service.app import create_app
+
+    data.mkdir(parents=True, exist_ok=True)
+    err.print(f"cdcca-edge cloud: serving {data} on http://{host}:{port} (API under /v1)", highlight=False)
+    uvicorn.run(create_app(data, max_upload=max_upload_mb << 20), host=host, port=port, log_level="warning")
+
+
+@app.command("create-cohort")
+def create_cohort(
+    name: Annotated[str, typer.Argument(help="Cohort name (letters, digits, '-', '_').")],
+    artifact: Annotated[Path, typer.Option(help="The device artefact of version 0 (a GGUF file from export).")],
+    data: DataOpt,
+    json_out: JsonOpt = False,
+) -> None:
+    """Create a cohort whose version 0 is the given device artefact."""
+    from cdcca_edge.cloud.service.ops import create_cohort as do_create
+
+    doc = do_create(data, name, artifact)
+    if json_out:
+        print_json(doc)
+    else:
+        out.print(f"cohort {doc['cohort']}: version 0 = {doc['identity'][:16]} ({doc['bytes']:,} bytes)",
+                  highlight=False)
+
+
+@app.command("enroll-token")
+def enroll_token(
+    cohort: Annotated[str, typer.Option(help="The cohort the device joins.")],
+    data: DataOpt,
+    uses: Annotated[int, typer.Option(help="How many devices may enroll with it.")] = 1,
+    json_out: JsonOpt = False,
+) -> None:
+    """Make an enrollment token (shown once; stored hashed)."""
+    from cdcca_edge.cloud.service.ops import enroll_token as do_token
+
+    token = do_token(data, cohort, uses)
+    if json_out:
+        print_json({"cohort": cohort, "token": token, "uses": uses})
+    else:
+        out.print(token, highlight=False)

@@ -1,0 +1,223 @@
+"""The HTTP API (FastAPI) under `/v1`. Protocol: docs/formats/sync.md.
+
+Every refusal is an HTTP error with a JSON body ``{"detail": {"error": CODE, "message":
+...}}`` naming the problem and the fix, and leaves the database and the blob store as they
+were. An upload is stored durably (blob fsync'd, row committed) before its 201.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+import uuid
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Header, HTTPException, Request, Response
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError as DBIntegrityError
+
+from cdcca_edge import __version__
+from cdcca_edge.cloud.service.blobs import BlobStore
+from cdcca_edge.cloud.service.store import (
+    Cohort,
+    Device,
+    EnrollToken,
+    Upload,
+    Version,
+    database_url,
+    new_token,
+    open_db,
+    token_hash,
+)
+
+API = "/v1"
+MAX_UPLOAD_BYTES = 64 << 20  # default; `cloud serve --max-upload-mb`
+_RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
+
+
+def _file_sha256(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fail(status: int, code: str, message: str) -> HTTPException:
+    return HTTPException(status_code=status, detail={"error": code, "message": message})
+
+
+class EnrollRequest(BaseModel):
+    token: str
+
+
+class StatusRequest(BaseModel):
+    identity: str
+    healthy: bool
+
+
+def create_app(data_dir: str | Path, db_url: str | None = None, max_upload: int = MAX_UPLOAD_BYTES) -> FastAPI:
+    data_dir = Path(data_dir)
+    sessions = open_db(database_url(data_dir, db_url))
+    blobs = BlobStore(data_dir / "blobs")
+    incoming = data_dir / "incoming"
+    incoming.mkdir(parents=True, exist_ok=True)
+    app = FastAPI(title="cdcca-edge cloud", version=__version__, openapi_url=f"{API}/openapi.json",
+                  docs_url=f"{API}/docs", redoc_url=None)
+
+    def device_for(authorization: str | None) -> Device:
+        if not authorization or not authorization.startswith("Bearer "):
+            raise _fail(401, "no_token", "send the device token as 'Authorization: Bearer TOKEN' "
+                        "(enroll first: POST /v1/enroll)")
+        with sessions() as s:
+            dev = s.scalar(select(Device).where(Device.token_hash == token_hash(authorization[7:])))
+        if dev is None or dev.revoked:
+            raise _fail(401, "bad_token", "unknown or revoked device token; enroll the device again")
+        return dev
+
+    @app.get("/healthz")
+    def healthz() -> dict[str, Any]:
+        with sessions() as s:
+            s.execute(select(1))
+        return {"ok": True, "version": __version__}
+
+    @app.post(f"{API}/enroll", status_code=201)
+    def enroll(req: EnrollRequest) -> dict[str, Any]:
+        device_token = new_token()
+        with sessions.begin() as s:
+            et = s.scalar(select(EnrollToken).where(EnrollToken.token_hash == token_hash(req.token)))
+            if et is None or et.uses_left < 1:
+                raise _fail(401, "bad_enroll_token", "unknown or used-up enrollment token; ask the "
+                            "operator for a new one (`cdcca-edge cloud enroll-token`)")
+            et.uses_left -= 1
+            dev = Device(id=uuid.uuid4().hex, cohort_id=et.cohort_id, token_hash=token_hash(device_token))
+            s.add(dev)
+            cohort = s.get(Cohort, et.cohort_id)
+            assert cohort is not None
+            name = cohort.name
+        return {"device_id": dev.id, "device_token": device_token, "cohort": name}
+
+    @app.post(f"{API}/uploads", status_code=201)
+    async def upload(request: Request, response: Response,
+                     authorization: str | None = Header(default=None)) -> dict[str, Any]:
+        dev = device_for(authorization)
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > max_upload:
+            raise _fail(413, "too_large", f"{declared} bytes is over the {max_upload:,}-byte limit; "
+                        "send several smaller bundles")
+        fd, name = tempfile.mkstemp(prefix="upload-", suffix=".cdcu", dir=incoming)
+        tmp = Path(name)
+        try:
+            size = 0
+            with os.fdopen(fd, "wb") as f:
+                async for chunk in request.stream():
+                    size += len(chunk)
+                    if size > max_upload:
+                        raise _fail(413, "too_large", f"over the {max_upload:,}-byte limit; send "
+                                    "several smaller bundles")
+                    f.write(chunk)
+            return _accept_upload(dev, tmp, size, response)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def _accept_upload(dev: Device, tmp: Path, size: int, response: Response) -> dict[str, Any]:
+        from cdcca_edge.core.errors import CdccaError
+        from cdcca_edge.core.uplink_format import read_uplink
+
+        try:
+            bundle = read_uplink(tmp)
+            n = sum(1 for _ in bundle.samples())  # every sample decodes within the format's limits
+        except (CdccaError, ValueError) as exc:
+            raise _fail(422, "malformed_bundle", f"not a valid uplink bundle: {exc}") from None
+        identity = bundle.header["artifact_identity"]
+        sha = _file_sha256(tmp)  # the blob's name: the file's own bytes, trailer included
+        with sessions() as s:
+            known = s.scalar(select(Version).where(Version.cohort_id == dev.cohort_id,
+                                                   Version.identity == identity))
+            dup = s.scalar(select(Upload).where(Upload.device_id == dev.id, Upload.sha256 == sha))
+        if known is None:
+            raise _fail(409, "unknown_artifact", f"the bundle was collected on artefact {identity[:16]}, "
+                        "which this cohort never published; update the device first")
+        body = {"sha256": sha, "bundle_digest": bundle.digest, "bytes": size, "samples": n}
+        if dup is not None:
+            response.status_code = 200  # the same bundle again: already stored
+            return {**body, "stored": "already"}
+        blobs.put_file(tmp, sha)
+        try:
+            with sessions.begin() as s:
+                s.add(Upload(device_id=dev.id, cohort_id=dev.cohort_id, sha256=sha, size=size,
+                             artifact_identity=identity, n_samples=n))
+        except DBIntegrityError:  # a concurrent retry of the same bundle won the race
+            response.status_code = 200
+            return {**body, "stored": "already"}
+        return {**body, "stored": "now"}
+
+    @app.get(f"{API}/updates")
+    def updates(identity: str, authorization: str | None = Header(default=None)) -> dict[str, Any]:
+        dev = device_for(authorization)
+        with sessions() as s:
+            latest = s.scalar(select(Version).where(Version.cohort_id == dev.cohort_id)
+                              .order_by(Version.number.desc()).limit(1))
+            held = s.scalar(select(Version).where(Version.cohort_id == dev.cohort_id,
+                                                  Version.identity == identity))
+        assert latest is not None  # a cohort is created with its version 0
+        doc: dict[str, Any] = {"latest_version": latest.number, "latest_identity": latest.identity,
+                               "held_version": held.number if held else None, "update": None}
+        if identity != latest.identity:
+            doc["update"] = {"kind": "artifact", "to_identity": latest.identity,
+                             "sha256": latest.artifact_sha256, "length": latest.artifact_size,
+                             "url": f"{API}/blobs/{latest.artifact_sha256}"}
+        return doc
+
+    @app.get(f"{API}/blobs/{{sha256}}")
+    def blob(sha256: str, range: str | None = Header(default=None),  # noqa: A002
+             authorization: str | None = Header(default=None)) -> Response:
+        dev = device_for(authorization)
+        with sessions() as s:
+            ok = s.scalar(select(Version).where(Version.cohort_id == dev.cohort_id,
+                                                Version.artifact_sha256 == sha256))
+        if ok is None or not blobs.has(sha256):
+            raise _fail(404, "no_such_blob", "no such update file for this device's cohort; ask "
+                        f"{API}/updates what to fetch")
+        size = blobs.path(sha256).stat().st_size
+        start, end, status = 0, size, 200
+        if range is not None:
+            m = _RANGE.match(range.strip())
+            if m is None or (not m.group(1) and not m.group(2)):
+                raise _fail(416, "bad_range", f"unsupported Range {range[:80]!r}; use bytes=START-[END]")
+            if m.group(1):
+                start = int(m.group(1))
+                end = min(size, int(m.group(2)) + 1) if m.group(2) else size
+            else:
+                start, end = max(0, size - int(m.group(2))), size
+            if start >= size or start >= end:
+                raise _fail(416, "bad_range", f"range {range[:80]!r} is outside the {size}-byte file")
+            status = 206
+        headers = {"Accept-Ranges": "bytes", "Content-Length": str(end - start)}
+        if status == 206:
+            headers["Content-Range"] = f"bytes {start}-{end - 1}/{size}"
+        return StreamingResponse(blobs.read_range(sha256, start, end), status_code=status, headers=headers,
+                                 media_type="application/octet-stream")
+
+    @app.post(f"{API}/status", status_code=204)
+    def status(req: StatusRequest, authorization: str | None = Header(default=None)) -> Response:
+        import time
+
+        dev = device_for(authorization)
+        with sessions.begin() as s:
+            row = s.get(Device, dev.id)
+            assert row is not None
+            row.identity, row.healthy, row.status_time = req.identity[:64], req.healthy, time.time()
+        return Response(status_code=204)
+
+    @app.exception_handler(HTTPException)
+    async def _errors(_request: Request, exc: HTTPException) -> JSONResponse:
+        return JSONResponse({"detail": exc.detail}, status_code=exc.status_code)
+
+    return app

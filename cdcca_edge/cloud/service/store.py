@@ -1,0 +1,125 @@
+"""The service's state: cohorts, their published versions, enrollment tokens, devices and
+uploads, in SQLAlchemy 2 (SQLite in WAL mode by default; any SQLAlchemy URL, PostgreSQL
+for scale-out). Tokens are stored as SHA-256 digests, never in the clear."""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+import time
+from pathlib import Path
+
+from sqlalchemy import (
+    Boolean,
+    Float,
+    ForeignKey,
+    Integer,
+    String,
+    UniqueConstraint,
+    create_engine,
+    event,
+    func,
+    select,
+)
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+
+TOKEN_BYTES = 32  # 256-bit bearer tokens
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Cohort(Base):
+    """A model line: one device artefact format, its versions, its devices."""
+
+    __tablename__ = "cohorts"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    artifact_format: Mapped[str] = mapped_column(String(16))
+    created: Mapped[float] = mapped_column(Float, default=time.time)
+
+
+class Version(Base):
+    """A published version of a cohort's device artefact (0: the exported student)."""
+
+    __tablename__ = "versions"
+    __table_args__ = (UniqueConstraint("cohort_id", "number"), UniqueConstraint("cohort_id", "identity"))
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    cohort_id: Mapped[int] = mapped_column(ForeignKey("cohorts.id"))
+    number: Mapped[int] = mapped_column(Integer)
+    identity: Mapped[str] = mapped_column(String(64))
+    artifact_sha256: Mapped[str] = mapped_column(String(64))  # the whole artefact, as a blob
+    artifact_size: Mapped[int] = mapped_column(Integer)
+    created: Mapped[float] = mapped_column(Float, default=time.time)
+
+
+class EnrollToken(Base):
+    __tablename__ = "enroll_tokens"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    cohort_id: Mapped[int] = mapped_column(ForeignKey("cohorts.id"))
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    uses_left: Mapped[int] = mapped_column(Integer, default=1)
+    created: Mapped[float] = mapped_column(Float, default=time.time)
+
+
+class Device(Base):
+    __tablename__ = "devices"
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    cohort_id: Mapped[int] = mapped_column(ForeignKey("cohorts.id"))
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    revoked: Mapped[bool] = mapped_column(Boolean, default=False)
+    enrolled: Mapped[float] = mapped_column(Float, default=time.time)
+    identity: Mapped[str | None] = mapped_column(String(64), nullable=True)  # last reported
+    healthy: Mapped[bool | None] = mapped_column(Boolean, nullable=True)
+    status_time: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+
+class Upload(Base):
+    __tablename__ = "uploads"
+    __table_args__ = (UniqueConstraint("device_id", "sha256"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    device_id: Mapped[str] = mapped_column(ForeignKey("devices.id"))
+    cohort_id: Mapped[int] = mapped_column(ForeignKey("cohorts.id"))
+    sha256: Mapped[str] = mapped_column(String(64))
+    size: Mapped[int] = mapped_column(Integer)
+    artifact_identity: Mapped[str] = mapped_column(String(64))
+    n_samples: Mapped[int] = mapped_column(Integer)
+    created: Mapped[float] = mapped_column(Float, default=time.time)
+
+
+def token_hash(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def new_token() -> str:
+    return secrets.token_urlsafe(TOKEN_BYTES)
+
+
+def database_url(data_dir: Path, url: str | None = None) -> str:
+    return url or f"sqlite:///{(data_dir / 'state.sqlite3').resolve()}"
+
+
+def open_db(url: str) -> sessionmaker[Session]:
+    """Engine and session factory; creates the tables. SQLite runs in WAL mode with
+    synchronous=FULL: a committed upload survives a power cut, not only a crash."""
+    engine: Engine = create_engine(url, future=True)
+    if url.startswith("sqlite"):
+        @event.listens_for(engine, "connect")
+        def _pragmas(conn, _record):  # noqa: ANN001
+            cur = conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA synchronous=FULL")
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.execute("PRAGMA busy_timeout=10000")
+            cur.close()
+    Base.metadata.create_all(engine)
+    return sessionmaker(engine, expire_on_commit=False)
+
+
+def row_counts(sessions: sessionmaker[Session]) -> dict[str, int]:
+    """Rows per table (tests check that a refused request changed none)."""
+    with sessions() as s:
+        return {t.__tablename__: s.scalar(select(func.count()).select_from(t)) or 0
+                for t in (Cohort, Version, EnrollToken, Device, Upload)}

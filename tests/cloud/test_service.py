@@ -1,0 +1,205 @@
+"""The cloud service as a real process on the loopback interface, and a real HTTP client
+(httpx): enrollment, durable idempotent uploads of real uplink bundles, update queries,
+Range downloads that resume, status reports; and refusals that change nothing."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+httpx = pytest.importorskip("httpx")
+pytest.importorskip("fastapi")
+
+from cdcca_edge.cli import main  # noqa: E402
+from cdcca_edge.cloud.service.blobs import BlobStore  # noqa: E402
+from cdcca_edge.cloud.service.store import database_url, open_db, row_counts  # noqa: E402
+from cdcca_edge.core import uplink_format as U  # noqa: E402
+from cdcca_edge.core.artifact import compute_identity, open_artifact  # noqa: E402
+from tests.core.delta_helpers import make_gguf  # noqa: E402
+from tests.hostile import hostile  # noqa: E402
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _bundle(path: Path, identity: str, n: int = 3, seed: int = 0) -> Path:
+    """A real uplink bundle (the format's own writer) collected on ``identity``."""
+    rng = np.random.default_rng(seed)
+    samples = [U.UplinkSample(f"s{i}", {U.META_PROMPT: f"prompt {i}", U.META_ANSWER: "an answer",
+                                        U.META_UNCERTAINTY: 1.5, U.META_RAW_BYTES: 20},
+                              {U.PROMPT_IDS: rng.integers(0, 100, 8).astype(np.uint32),
+                               U.ANSWER_IDS: rng.integers(0, 100, 4).astype(np.uint32),
+                               U.TOKEN_WEIGHTS: np.ones(4, np.float16)}) for i in range(n)]
+    U.write_uplink(path, {"artifact_identity": identity, "artifact_version": 0, "selector": "uts",
+                          "n_seen": n + 2}, samples)
+    return path
+
+
+class Service:
+    def __init__(self, data: Path) -> None:
+        self.data, self.port = data, _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, *extra: str) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "cdcca_edge.cli", "cloud", "serve", "--data", str(self.data),
+             "--port", str(self.port), *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
+                    return
+            except httpx.TransportError:
+                time.sleep(0.1)
+        self.stop()
+        raise RuntimeError("the service did not start")
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            self.proc.wait(timeout=30)
+
+    def state(self) -> tuple[dict, int]:
+        """(rows per table, blobs): what a refused request must leave as it was."""
+        return row_counts(open_db(database_url(self.data))), BlobStore(self.data / "blobs").count()
+
+
+@pytest.fixture
+def service(tmp_path):
+    model = make_gguf(tmp_path / "m.gguf")
+    data = tmp_path / "data"
+    assert main(["cloud", "create-cohort", "demo", "--artifact", str(model), "--data", str(data)]) == 0
+    svc = Service(data)
+    svc.start("--max-upload-mb", "1")
+    svc.model = model
+    svc.identity = compute_identity(open_artifact(model)).digest
+    yield svc
+    svc.stop()
+
+
+def _enroll(svc: Service, capsys) -> dict:
+    capsys.readouterr()
+    assert main(["cloud", "enroll-token", "--cohort", "demo", "--data", str(svc.data), "--json"]) == 0
+    token = json.loads(capsys.readouterr().out)["token"]
+    r = httpx.post(f"{svc.url}/v1/enroll", json={"token": token})
+    assert r.status_code == 201, r.text
+    again = httpx.post(f"{svc.url}/v1/enroll", json={"token": token})  # used up
+    assert again.status_code == 401 and again.json()["detail"]["error"] == "bad_enroll_token"
+    return r.json()
+
+
+def test_a_device_enrolls_uploads_checks_fetches_and_reports(service, tmp_path, capsys):
+    dev = _enroll(service, capsys)
+    auth = {"Authorization": f"Bearer {dev['device_token']}"}
+    body = _bundle(tmp_path / "b.cdcu", service.identity).read_bytes()
+    r = httpx.post(f"{service.url}/v1/uploads", content=body, headers=auth)
+    assert r.status_code == 201 and r.json()["stored"] == "now" and r.json()["samples"] == 3
+    sha = hashlib.sha256(body).hexdigest()
+    assert r.json()["sha256"] == sha  # stored under the file's own SHA-256
+    stored = BlobStore(service.data / "blobs").path(r.json()["sha256"])
+    assert stored.read_bytes() == body  # acknowledged only once durably stored
+    before = service.state()
+    r2 = httpx.post(f"{service.url}/v1/uploads", content=body, headers=auth)
+    assert r2.status_code == 200 and r2.json()["stored"] == "already" and service.state() == before
+    # up to date: nothing to fetch; an unknown model: the whole latest artefact
+    assert httpx.get(f"{service.url}/v1/updates", params={"identity": service.identity},
+                     headers=auth).json()["update"] is None
+    up = httpx.get(f"{service.url}/v1/updates", params={"identity": "0" * 64}, headers=auth).json()["update"]
+    assert up["kind"] == "artifact" and up["length"] == service.model.stat().st_size
+    # a download cut short resumes with Range and gives the same bytes
+    first = httpx.get(f"{service.url}{up['url']}", headers={**auth, "Range": "bytes=0-999"})
+    assert first.status_code == 206 and len(first.content) == 1000
+    rest = httpx.get(f"{service.url}{up['url']}", headers={**auth, "Range": "bytes=1000-"})
+    assert rest.status_code == 206 and rest.headers["content-range"].endswith(f"/{up['length']}")
+    got = first.content + rest.content
+    assert hashlib.sha256(got).hexdigest() == up["sha256"] and got == service.model.read_bytes()
+    r = httpx.post(f"{service.url}/v1/status", json={"identity": service.identity, "healthy": True}, headers=auth)
+    assert r.status_code == 204
+    assert httpx.get(f"{service.url}/v1/openapi.json").json()["info"]["title"] == "cdcca-edge cloud"
+
+
+def _refusals(svc: Service, tmp_path: Path, token: str) -> dict[str, tuple[dict, int, str]]:
+    auth = {"Authorization": f"Bearer {token}"}
+    good = _bundle(tmp_path / "g.cdcu", svc.identity).read_bytes()
+    flipped = bytearray(good)
+    flipped[len(good) // 2] ^= 1
+    return {
+        "no token": ({"content": good}, 401, "no_token"),
+        "wrong token": ({"content": good, "headers": {"Authorization": "Bearer nope"}}, 401, "bad_token"),
+        "not a bundle": ({"content": b"hello", "headers": auth}, 422, "malformed_bundle"),
+        "empty": ({"content": b"", "headers": auth}, 422, "malformed_bundle"),
+        "truncated": ({"content": good[:-10], "headers": auth}, 422, "malformed_bundle"),
+        "bit flipped": ({"content": bytes(flipped), "headers": auth}, 422, "malformed_bundle"),
+        "unknown model": ({"content": _bundle(tmp_path / "u.cdcu", "ab" * 32).read_bytes(), "headers": auth},
+                          409, "unknown_artifact"),
+        "too large": ({"content": os.urandom((1 << 20) + 1), "headers": auth}, 413, "too_large"),
+    }
+
+
+def test_refused_uploads_store_nothing(service, tmp_path, capsys):
+    dev = _enroll(service, capsys)
+    for case, (kw, code, error) in _refusals(service, tmp_path, dev["device_token"]).items():
+        hostile("service")
+        before = service.state()
+        r = httpx.post(f"{service.url}/v1/uploads", **kw)
+        assert r.status_code == code, (case, r.status_code, r.text)
+        assert r.json()["detail"]["error"] == error and r.json()["detail"]["message"], case
+        assert service.state() == before, case
+        assert not list((service.data / "incoming").iterdir()), case
+
+
+def test_bad_downloads_and_queries(service, tmp_path, capsys):
+    dev = _enroll(service, capsys)
+    auth = {"Authorization": f"Bearer {dev['device_token']}"}
+    up = httpx.get(f"{service.url}/v1/updates", params={"identity": "0" * 64}, headers=auth).json()["update"]
+    cases = [
+        (f"{service.url}{up['url']}", {}, 401),
+        (f"{service.url}/v1/blobs/{'0' * 64}", auth, 404),
+        (f"{service.url}/v1/blobs/not-a-digest", auth, 404),
+        (f"{service.url}{up['url']}", {**auth, "Range": "bytes=999999999-"}, 416),
+        (f"{service.url}{up['url']}", {**auth, "Range": "items=0-1"}, 416),
+        (f"{service.url}/v1/updates", auth, 422),  # no identity parameter
+    ]
+    for url, headers, code in cases:
+        hostile("service")
+        before = service.state()
+        assert httpx.get(url, headers=headers).status_code == code, url
+        assert service.state() == before
+
+
+def test_an_acknowledged_upload_survives_kill_9(service, tmp_path, capsys):
+    dev = _enroll(service, capsys)
+    auth = {"Authorization": f"Bearer {dev['device_token']}"}
+    acked = []
+    for i in range(5):
+        r = httpx.post(f"{service.url}/v1/uploads", headers=auth,
+                       content=_bundle(tmp_path / f"b{i}.cdcu", service.identity, seed=i).read_bytes())
+        assert r.status_code == 201
+        acked.append(r.json()["sha256"])
+    service.stop(signal.SIGKILL)
+    service.start()
+    from cdcca_edge.cloud.service.store import Upload
+
+    sessions = open_db(database_url(service.data))
+    with sessions() as s:
+        stored = {u.sha256 for u in s.query(Upload)}
+    assert set(acked) <= stored
+    blobs = BlobStore(service.data / "blobs")
+    assert all(blobs.has(sha) for sha in acked)
+    r = httpx.post(f"{service.url}/v1/uploads", headers=auth,  # a retry after the restart
+                   content=(tmp_path / "b0.cdcu").read_bytes())
+    assert r.status_code == 200 and r.json()["stored"] == "already"
