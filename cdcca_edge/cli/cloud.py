@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 
@@ -37,12 +37,15 @@ def create_cohort(
     name: Annotated[str, typer.Argument(help="Cohort name (letters, digits, '-', '_').")],
     artifact: Annotated[Path, typer.Option(help="The device artefact of version 0 (a GGUF file from export).")],
     data: DataOpt,
+    teacher: Annotated[Optional[Path], typer.Option(help="Teacher HF directory (rounds need it).")] = None,
+    student: Annotated[Optional[Path], typer.Option(help="Student HF directory the artefact was exported from.")] = None,
+    sign_key: Annotated[Optional[Path], typer.Option(help="Ed25519 private key (PEM) that signs the deltas.")] = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Create a cohort whose version 0 is the given device artefact."""
     from cdcca_edge.cloud.service.ops import create_cohort as do_create
 
-    doc = do_create(data, name, artifact)
+    doc = do_create(data, name, artifact, teacher=teacher, student=student, sign_key=sign_key)
     if json_out:
         print_json(doc)
     else:
@@ -65,3 +68,24 @@ def enroll_token(
         print_json({"cohort": cohort, "token": token, "uses": uses})
     else:
         out.print(token, highlight=False)
+
+
+@app.command("round")
+def round_(
+    cohort: Annotated[str, typer.Argument(help="The cohort.")],
+    data: DataOpt,
+    json_out: JsonOpt = False,
+) -> None:
+    """Run a round now: AKD from the cohort's uploads, DWC against its mirror, publish
+    version n+1 (signed with the cohort's key)."""
+    from cdcca_edge.cli._output import stage_status
+    from cdcca_edge.cloud.service.rounds import run_round
+
+    with stage_status(not json_out) as on_stage:
+        doc = run_round(data, cohort, progress=on_stage)
+    if json_out:
+        print_json(doc)
+    else:
+        out.print(f"cohort {cohort}: version {doc['version']} = {doc['identity'][:16]}, delta "
+                  f"{doc['delta_bytes']:,} bytes from {doc['uploads']} uploads ({doc['new_uploads']} new)",
+                  highlight=False)

@@ -458,7 +458,10 @@ def identity_digest(entries: Iterable[tuple[str, str, tuple[int, ...], str]]) ->
     h = hashlib.sha256(IDENTITY_SCHEME.encode() + b"\n")
     for name, type_name, shape, digest in sorted(entries):
         dims = ",".join(str(d) for d in shape)
-        h.update(f"{name}\0{type_name}\0{dims}\0{digest}\n".encode())
+        # each field length-prefixed: a name holding a separator cannot shift the fields
+        for part in (name, type_name, dims, digest):
+            raw = part.encode()
+            h.update(len(raw).to_bytes(4, "little") + raw)
     return h.hexdigest()
 
 

@@ -145,6 +145,13 @@ def _check_part(manifest: Path, root: Path, i: int, part: object) -> tuple[str, 
     return name, target
 
 
+def _finite(x: object) -> bool:
+    try:
+        return type(x) in (int, float) and math.isfinite(x)  # type: ignore[arg-type]
+    except OverflowError:  # a 400-digit JSON integer
+        return False
+
+
 def _multimodal(manifest: Path, mm: object) -> Multimodal:
     def bad(why: str) -> FormatError:
         return FormatError(f"{manifest}: the multimodal section {why}; export the bundle again")
@@ -160,8 +167,7 @@ def _multimodal(manifest: Path, mm: object) -> Multimodal:
     triples = {}
     for key in ("image_mean", "image_std"):
         v = mm.get(key)
-        if (not isinstance(v, list) or len(v) != 3
-                or not all(type(x) in (int, float) and math.isfinite(x) for x in v)
+        if (not isinstance(v, list) or len(v) != 3 or not all(_finite(x) for x in v)
                 or (key == "image_std" and not all(x > 0 for x in v))):
             raise bad(f"needs {key} as three finite numbers (std > 0), has {short_repr(str(v))}")
         triples[key] = tuple(float(x) for x in v)

@@ -156,4 +156,8 @@ class Calibration:
 
 
 def _number(v: Any) -> bool:
-    return type(v) in (int, float) and math.isfinite(v)
+    """A finite JSON number (a 400-digit integer is not one: it overflows a float)."""
+    try:
+        return type(v) in (int, float) and math.isfinite(v)
+    except OverflowError:
+        return False

@@ -481,8 +481,13 @@ class UndoBuilder:
         self._starts: list[int] = []
         self._lengths: list[int] = []
         self._data = io.BytesIO()
+        # each undo record's own digests: a large record is split over several undo
+        # records, and each must describe its own spans (pre: the patched bytes)
+        self._pre, self._post = hashlib.sha256(), hashlib.sha256()
 
-    def add(self, plan: Plan, i: int, j: int, old: bytes) -> None:
+    def add(self, plan: Plan, i: int, j: int, old: bytes, new: bytes) -> None:
+        """Spans ``i:j`` of ``plan``: their original bytes ``old`` and the bytes the
+        patch writes there, ``new`` (both concatenated in span order)."""
         _, unit = type_layout(plan.record.type)
         pos = 0
         for off, n in zip(plan.offsets[i:j].tolist(), plan.lengths[i:j].tolist()):
@@ -498,6 +503,8 @@ class UndoBuilder:
                 self._starts.append(start)
                 self._lengths.append(n // unit)
             self._data.write(old[pos : pos + n])
+            self._post.update(old[pos : pos + n])
+            self._pre.update(new[pos : pos + n])
             pos += n
 
     def _flush(self) -> None:
@@ -508,10 +515,11 @@ class UndoBuilder:
         self.records.append(Record(
             file=r.file, tensor=r.tensor, type=r.type, shape=r.shape, encoding=ENC_REPLACE,
             offset=self.payload.tell(), length=len(payload), params={},
-            pre_digest=r.post_digest, post_digest=r.pre_digest,
+            pre_digest=self._pre.hexdigest(), post_digest=self._post.hexdigest(),
         ))
         self.payload.write(payload)
         self._plan, self._starts, self._lengths, self._data = None, [], [], io.BytesIO()
+        self._pre, self._post = hashlib.sha256(), hashlib.sha256()
 
     def write(self, path: Path) -> None:
         self._flush()

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import IO, Any, Iterable
 
 from cdcca_edge.core.errors import FormatError, IntegrityError, UsageError, require
+from cdcca_edge.core.fileio import open_regular
 from cdcca_edge.core.framed import (
     DIGEST_SIZE,
     PREAMBLE,
@@ -152,8 +153,8 @@ def read_delta(path: str | Path) -> DeltaFile:
         IntegrityError: the digest does not match the content.
     """
     path = Path(path)
-    size = path.stat().st_size
-    with open(path, "rb") as f:
+    with open_regular(path, "a cdcca delta") as f:  # a FIFO would block, a directory is no file
+        size = os.fstat(f.fileno()).st_size
         pre, version, flags, hlen = read_preamble(f, path, size, MAGIC, "a cdcca delta")
         if version < FORMAT_VERSION:
             raise FormatError(f"{path}: a version-{version} delta, made by an older cdcca-edge whose "

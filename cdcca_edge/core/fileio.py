@@ -160,10 +160,15 @@ def replace_dir(tmp: Path, out: Path, *, durable: bool = True) -> None:
     old = out.parent / f".{out.name}.replaced"
     try:
         os.chmod(tmp, default_mode() | 0o111)
-        if durable:
-            for p in tmp.rglob("*"):
-                if p.is_file() and not p.is_symlink():
+        if durable:  # every file, then every directory (their entries), deepest first
+            for p in sorted(tmp.rglob("*"), key=lambda q: -len(q.parts)):
+                if p.is_symlink():
+                    continue
+                if p.is_file():
                     fsync_file(p)
+                elif p.is_dir():
+                    fsync_dir(p)
+            fsync_dir(tmp)
         shutil.rmtree(old, ignore_errors=True)
         if out.exists():
             os.replace(out, old)

@@ -180,6 +180,8 @@ def read_journal(path: Path) -> tuple[dict[str, Any], list[JournalEntry]] | None
             left = 2 * total
             while left:
                 chunk = f.read(min(left, 1 << 20))
+                if not chunk:  # shrank while being read: not a complete journal
+                    return None
                 h.update(chunk)
                 left -= len(chunk)
             entries.append(JournalEntry(fi, offsets, lengths, data_pos))

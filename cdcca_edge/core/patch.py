@@ -38,6 +38,7 @@ import stat
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from glob import escape as glob_escape
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -84,12 +85,14 @@ from cdcca_edge.core.lock import ArtifactLock, owner_path
 from cdcca_edge.core.spans import gather, preallocate, windows
 from cdcca_edge.core.state import (
     ArtifactState,
+    LeafCache,
     cached_artifact,
     current_identity,
-    LeafCache,
     layout_digest,
+    leaves_path,
     read_state,
     state_path,
+    temp_prefix,
     write_leaves,
     write_state,
 )
@@ -180,9 +183,11 @@ def recover(model: str | Path | Artifact, _locked: bool = False, wait: float = 0
             files = bind(art, meta, entries)
             where = classify(jp, files, entries)
             state = read_state(art)
+            # a sidecar of an older version keeps the identity of its own scheme, which is
+            # the scheme a journal written before the upgrade names its target in
             committed = (
                 state is not None
-                and state.identity == meta["target_identity"]
+                and meta["target_identity"] in (state.identity, state.legacy_identity)
                 and any(h.get("delta_digest") == meta["delta_digest"] for h in state.history[-1:])
             )
             if committed and where == "new":
@@ -200,10 +205,12 @@ def recover(model: str | Path | Artifact, _locked: bool = False, wait: float = 0
 
 
 def _remove_stale_state_temps(art: Artifact) -> None:
-    """A kill inside the commit (between the temporary sidecar's creation and its rename)
-    leaves ``.cdcca-state.*``; under the exclusive lock nobody else is writing one."""
-    sp = state_path(art)
-    for tmp in sp.parent.glob(".cdcca-state.*"):
+    """A kill inside the commit (between a temporary sidecar's creation and its rename)
+    leaves ``.MODEL.gguf.cdcca-state.json.*`` (or ``.leaves.*``); under this model's
+    exclusive lock nobody else writes those, and other models' temporaries are named
+    after them."""
+    sp, lp = state_path(art), leaves_path(art)
+    for tmp in [*sp.parent.glob(f"{glob_escape(temp_prefix(sp))}*"), *lp.parent.glob(f"{glob_escape(temp_prefix(lp))}*")]:
         try:
             if stat.S_ISREG(os.lstat(tmp).st_mode):
                 tmp.unlink()
@@ -340,7 +347,7 @@ def _check_output(out: Path, art: Artifact, delta: Path) -> None:
         raise UsageError(f"--undo-out {out}: directory {parent} is not writable")
     if out.is_dir():
         raise UsageError(f"--undo-out {out}: is a directory; name a file")
-    protected = [*art.files, art.path, state_path(art), journal_path(art), delta]
+    protected = [*art.files, art.path, state_path(art), leaves_path(art), journal_path(art), delta]
     target = out.resolve()
     for p in protected:
         same = target == Path(p).resolve()
@@ -442,9 +449,10 @@ def _journal_pass(art: Artifact, d: DeltaFile, journal: JournalWriter | None,
                 pre.update(old)
                 post.update(new)
                 if journal is not None:
-                    journal.entry(fi, offs, lens, old, new.tobytes())
+                    new_bytes = new.tobytes()
+                    journal.entry(fi, offs, lens, old, new_bytes)
                     if undo:
-                        undo.add(p, i, j, old)
+                        undo.add(p, i, j, old, new_bytes)
                     _crash_point()
             if pre.hexdigest() != rec.pre_digest:
                 raise IntegrityError(f"{art.path}: tensor {rec.tensor!r} is not what the delta "
@@ -539,7 +547,7 @@ def _write_patch(art: Artifact, d: DeltaFile, state: ArtifactState, identity: st
             )
             if state.leaves:  # no usable cache (or a cold start): a whole new one, before
                 try:  # the commit, while a kill still leaves the journal that tidies up
-                    write_leaves(art, new_state)
+                    result.rehashed_bytes += write_leaves(art, new_state)
                 except OSError:
                     pass  # only a cache: the next patch re-derives the leaves it cannot verify
             _crash_point()

@@ -63,6 +63,7 @@ class ArtifactState:
     # tensor_digests, or computed from the bytes), and where the state came from
     leaves: dict[str, bytearray] = field(default_factory=dict, repr=False)
     migrated_from: int | None = None
+    legacy_identity: str | None = None  # an older sidecar's identity, in its own scheme
 
     def to_json(self) -> dict[str, Any]:
         doc = {
@@ -143,6 +144,7 @@ def read_state(artifact: Artifact | Path) -> ArtifactState | None:
         digests = {} if old else (doc.get("tensor_digests") or {})
         return ArtifactState(
             migrated_from=int(doc["version"]) if old else None,
+            legacy_identity=str(doc["identity"]) if old else None,
             identity="" if old else str(doc["identity"]),
             version=int(doc.get("artifact_version", 0)),
             files={str(k): {kk: int(vv) for kk, vv in v.items()} for k, v in doc["files"].items()},
@@ -150,7 +152,7 @@ def read_state(artifact: Artifact | Path) -> ArtifactState | None:
             layout=doc.get("layout"),
             tensor_digests={str(k): str(v) for k, v in digests.items()},
         )
-    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError):
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError, OverflowError):
         return None
 
 
@@ -229,6 +231,12 @@ def _digests_complete(artifact: Artifact, state: ArtifactState) -> bool:
     if set(d) != {t.name for t in artifact.tensors}:
         return False
     return identity_digest((t.name, t.type_name, t.shape, d[t.name]) for t in artifact.tensors) == state.identity
+
+
+def temp_prefix(path: Path) -> str:
+    """The name prefix of ``path``'s temporary files (``.NAME.``): it names the model, so
+    tidying up after one model never touches another's in the same directory."""
+    return f".{path.name}."
 
 
 def leaves_path(artifact: Artifact) -> Path:
@@ -346,17 +354,28 @@ class LeafCache:
             self.fd = None
 
 
-def write_leaves(artifact: Artifact, state: ArtifactState) -> None:
+def write_leaves(artifact: Artifact, state: ArtifactState) -> int:
     """Write a whole new leaf cache (temporary file, then rename; no fsync: a torn or
     stale cache only fails its check and is re-derived). Leaves not in ``state.leaves``
-    are read from the bytes, one tensor at a time."""
+    are read from the bytes, one tensor at a time. Returns the model bytes that took.
+
+    Something other than a regular file at the cache's path (a directory, say) is left
+    alone, and nothing is hashed: patches then work without a cache."""
     table, _ = _leaf_table(artifact)
-    with atomic_file(leaves_path(artifact), durable=False, mode=0o644, prefix=".cdcca-state.") as f:
+    path = leaves_path(artifact)
+    if os.path.lexists(path) and not stat.S_ISREG(os.lstat(path).st_mode):
+        return 0
+    hashed = 0
+    with atomic_file(path, durable=False, mode=0o644, prefix=temp_prefix(path)) as f:
         f.write(LEAVES_HEADER.pack(LEAVES_MAGIC, ID_CHUNK, len(artifact.tensors),
                                    bytes.fromhex(layout_digest(artifact))))
         for name in table:
             leaves = state.leaves.get(name)
-            f.write(leaves if leaves is not None else tensor_chunks(artifact.tensor(name)))
+            if leaves is None:
+                t = artifact.tensor(name)
+                leaves, hashed = tensor_chunks(t), hashed + t.nbytes
+            f.write(leaves)
+    return hashed
 
 
 def write_state(artifact: Artifact, state: ArtifactState) -> None:
@@ -369,7 +388,8 @@ def write_state(artifact: Artifact, state: ArtifactState) -> None:
                     for t in artifact.tensors],
         "digest": layout_digest(artifact),
     }
-    with atomic_file(state_path(artifact), mode=0o644, prefix=".cdcca-state.") as f:
+    path = state_path(artifact)
+    with atomic_file(path, mode=0o644, prefix=temp_prefix(path)) as f:
         f.write((json.dumps(state.to_json(), indent=1) + "\n").encode())
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import struct
 import time
 import zlib
@@ -30,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
+from cdcca_edge.core.fileio import open_regular
 from cdcca_edge.core.framed import DIGEST_SIZE, PREAMBLE, check_digest, digest_payload, read_preamble, write_framed
 from cdcca_edge.core.errors import FormatError, IntegrityError
 
@@ -417,8 +419,8 @@ def read_uplink(path: str | Path) -> UplinkBundle:
         IntegrityError: digest mismatch (corrupt or altered).
     """
     path = Path(path)
-    size = path.stat().st_size
-    with open(path, "rb") as f:
+    with open_regular(path, "an uplink bundle") as f:  # a FIFO would block, a directory is no file
+        size = os.fstat(f.fileno()).st_size
         pre, version, flags, hlen = read_preamble(f, path, size, MAGIC, "an uplink bundle")
         if version != FORMAT_VERSION:
             raise FormatError(f"{path}: uplink format version {version} is not supported "

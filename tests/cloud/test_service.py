@@ -91,9 +91,9 @@ def service(tmp_path):
     svc.stop()
 
 
-def _enroll(svc: Service, capsys) -> dict:
+def _enroll(svc: Service, capsys, cohort: str = "demo") -> dict:
     capsys.readouterr()
-    assert main(["cloud", "enroll-token", "--cohort", "demo", "--data", str(svc.data), "--json"]) == 0
+    assert main(["cloud", "enroll-token", "--cohort", cohort, "--data", str(svc.data), "--json"]) == 0
     token = json.loads(capsys.readouterr().out)["token"]
     r = httpx.post(f"{svc.url}/v1/enroll", json={"token": token})
     assert r.status_code == 201, r.text
@@ -203,3 +203,76 @@ def test_an_acknowledged_upload_survives_kill_9(service, tmp_path, capsys):
     r = httpx.post(f"{service.url}/v1/uploads", headers=auth,  # a retry after the restart
                    content=(tmp_path / "b0.cdcu").read_bytes())
     assert r.status_code == 200 and r.json()["stored"] == "already"
+
+
+def test_a_round_publishes_a_signed_delta_the_device_patches_in_place(tmp_path, capsys):
+    """The whole loop through the service: real bundles collected by the runtime on the
+    exported student, uploaded; a round (AKD + DWC, signed) publishes version 1; the
+    device fetches the delta with Range, checks it, patches its copy in place with the
+    cohort's public key as trust, reports; the mirror's identity is the device's."""
+    import shutil
+
+    from cdcca_edge.converters.export import export
+    from cdcca_edge.core.delta_format import generate_keypair
+    from cdcca_edge.core.patch import apply_delta
+    from cdcca_edge.core.trust import Trust
+    from cdcca_edge.demo.tiny import build_tiny_model
+    from cdcca_edge.runtime import load
+    from cdcca_edge.runtime.uts import calibrate, collect, read_inputs
+    from tests.cloud.test_akd import STUDENT, TEACHER, prompts
+    from tests.requires import needs_llama
+
+    needs_llama()
+    teacher = build_tiny_model(tmp_path / "teacher", TEACHER)
+    student = build_tiny_model(tmp_path / "student", STUDENT)
+    model = export(student, tmp_path / "student.gguf", "gguf", quant="q8_0").path
+    generate_keypair(tmp_path / "key.pem", tmp_path / "key.pem.pub")
+    data = tmp_path / "data"
+    assert main(["cloud", "create-cohort", "fleet", "--artifact", str(model), "--data", str(data),
+                 "--teacher", str(teacher), "--student", str(student), "--sign-key", str(tmp_path / "key.pem")]) == 0
+    device = tmp_path / "device.gguf"
+    shutil.copy(model, device)
+    identity = compute_identity(open_artifact(device)).digest
+    with open(tmp_path / "in.jsonl", "w") as f:
+        for i, p in enumerate(prompts("target", 60, seed=31)):
+            f.write(json.dumps({"id": f"t{i}", "prompt": p}) + "\n")
+    with load(device) as m:
+        cal = calibrate(m, prompts("source", 30, seed=30), identity, rate=0.3, max_tokens=10)
+        collect(m, read_inputs(tmp_path / "in.jsonl"), cal, tmp_path / "b.cdcu", identity)
+    svc = Service(data)
+    svc.start()
+    try:
+        dev = _enroll(svc, capsys, "fleet")
+        auth = {"Authorization": f"Bearer {dev['device_token']}"}
+        r = httpx.post(f"{svc.url}/v1/uploads", content=(tmp_path / "b.cdcu").read_bytes(), headers=auth)
+        assert r.status_code == 201, r.text
+        capsys.readouterr()
+        assert main(["cloud", "round", "fleet", "--data", str(data), "--json"]) == 0
+        published = json.loads(capsys.readouterr().out)
+        assert published["version"] == 1 and published["signed"] and published["new_uploads"] == 1
+        assert main(["cloud", "round", "fleet", "--data", str(data)]) == 2  # nothing new: publishes nothing
+        up = httpx.get(f"{svc.url}/v1/updates", params={"identity": identity}, headers=auth).json()
+        assert up["held_version"] == 0 and up["latest_version"] == 1
+        u = up["update"]
+        assert u["kind"] == "delta" and u["to_identity"] == published["identity"]
+        half = u["length"] // 2
+        got = (httpx.get(f"{svc.url}{u['url']}", headers={**auth, "Range": f"bytes=0-{half - 1}"}).content
+               + httpx.get(f"{svc.url}{u['url']}", headers={**auth, "Range": f"bytes={half}-"}).content)
+        assert hashlib.sha256(got).hexdigest() == u["sha256"]
+        (tmp_path / "update.cdcd").write_bytes(got)
+        res = apply_delta(device, tmp_path / "update.cdcd", trust=Trust.keys([tmp_path / "key.pem.pub"]))
+        assert res.applied and res.to_version == 1
+        now = compute_identity(open_artifact(device)).digest
+        assert now == u["to_identity"]
+        assert httpx.post(f"{svc.url}/v1/status", json={"identity": now, "healthy": True},
+                          headers=auth).status_code == 204
+        from cdcca_edge.cloud.service.ops import mirror_path
+
+        assert compute_identity(open_artifact(mirror_path(data, "fleet"))).digest == now
+        assert httpx.get(f"{svc.url}/v1/updates", params={"identity": now}, headers=auth).json()["update"] is None
+        # a device still on an unknown model gets the whole new artefact, which is the mirror's bytes
+        whole = httpx.get(f"{svc.url}/v1/updates", params={"identity": "1" * 64}, headers=auth).json()["update"]
+        assert whole["kind"] == "artifact" and whole["to_version"] == 1
+        assert httpx.get(f"{svc.url}{whole['url']}", headers=auth).content == device.read_bytes()
+    finally:
+        svc.stop()

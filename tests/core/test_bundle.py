@@ -400,6 +400,7 @@ BAD_MM = {
     "missing hidden size": ({k: v for k, v in GOOD_MM.items() if k != "hidden_size"}, "hidden_size"),
     "two means": ({**GOOD_MM, "image_mean": [0.5, 0.5]}, "image_mean"),
     "nan std": ({**GOOD_MM, "image_std": [0.2, float("nan"), 0.2]}, "image_std"),
+    "400-digit mean": ({**GOOD_MM, "image_mean": [10**400, 0.5, 0.5]}, "image_mean"),
     "zero std": ({**GOOD_MM, "image_std": [0.2, 0.0, 0.2]}, "image_std"),
     "string mean": ({**GOOD_MM, "image_mean": ["a", "b", "c"]}, "image_mean"),
     "template without question": ({**GOOD_MM, "prompt_template": "<image> say it"}, "prompt_template"),

@@ -29,6 +29,7 @@ BAD = {
     "rate a string": ("rate", "0.1"),
     "rate a bool": ("rate", True),
     "threshold nan": ("threshold", math.nan),
+    "threshold a 400-digit integer": ("threshold", 10**400),
     "threshold inf": ("token_threshold", math.inf),
     "threshold missing": ("threshold", None),
     "max_tokens negative": ("max_tokens", -1),

@@ -370,7 +370,7 @@ def _check(model: Path, case: Case, entry: str) -> str:
     where = model if model.is_dir() else model.parent
     aside = [p.name for p in where.iterdir() if "quarantined" in p.name]
     assert not aside, f"{entry}: recovery quarantined a genuine journal: {aside}"
-    stray = [p.name for p in where.iterdir() if p.name.startswith(".cdcca-state.")]
+    stray = [p.name for p in where.iterdir() if p.name.startswith(".") and ".cdcca-state." in p.name]
     assert not stray, f"{entry}: a kill inside the commit left {stray}"
     art = open_artifact(model)
     got = compute_identity(art).digest

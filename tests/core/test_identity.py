@@ -296,3 +296,28 @@ def test_a_read_window_that_begins_inside_a_run_of_touched_leaves(tmp_path, monk
     want = hash_chunks(raw)
     got = [bytes(leaves[k * 32 : (k + 1) * 32]) == want[k * 32 : (k + 1) * 32] for k in range(32)]
     assert got == mask.tolist()
+
+
+
+def test_a_name_holding_separators_cannot_make_two_tables_collide():
+    """Fields of the identity are length-prefixed: with a plain separator encoding, a
+    tensor name holding NUL and newline could spell a second tensor's record."""
+    from cdcca_edge.core.artifact import identity_digest
+
+    d = "ab" * 32
+    one = [("a\0F32\0" + "4" + "\0" + d + "\nb", "F32", (4,), d)]
+    two = [("a", "F32", (4,), d), ("b", "F32", (4,), d)]
+    assert identity_digest(one) != identity_digest(two)
+
+
+def test_a_sidecar_with_an_overflowing_number_is_rederived(tmp_path):
+    from cdcca_edge.core.state import _content_digest
+
+    m = _big(tmp_path)
+    sp = state_path(open_artifact(m))
+    doc = json.loads(sp.read_text())
+    doc["artifact_version"] = float("inf")
+    doc["digest"] = _content_digest(doc)
+    sp.write_text(json.dumps(doc))
+    hostile("sidecar")
+    assert read_state(m) is None

@@ -698,14 +698,16 @@ def test_non_finite_results_are_refused(tmp_path, monkeypatch, case):
 # --- --undo-out is checked before the first write -------------------------------------------
 
 
-@pytest.mark.parametrize("case", ["missing directory", "the model", "the delta", "a directory", "the sidecar"])
+@pytest.mark.parametrize("case", ["missing directory", "the model", "the delta", "a directory", "the sidecar",
+                                  "the leaf cache"])
 def test_bad_undo_out_is_refused_before_writing(tmp_path, case):
     hostile("cli")
     m = make_gguf(tmp_path / "m.gguf")
     two_record_delta(m, tmp_path / "d.cdcd")
     P.apply_delta(m, tmp_path / "d.cdcd", trust=NONE, dry_run=True)
     out = {"missing directory": tmp_path / "no" / "u.cdcd", "the model": m, "the delta": tmp_path / "d.cdcd",
-           "a directory": tmp_path, "the sidecar": tmp_path / "m.gguf.cdcca-state.json"}[case]
+           "a directory": tmp_path, "the sidecar": tmp_path / "m.gguf.cdcca-state.json",
+           "the leaf cache": tmp_path / "m.gguf.cdcca-state.leaves"}[case]
     before = file_digest(m)
     assert main(["patch", str(m), str(tmp_path / "d.cdcd"), "--undo-out", str(out)]) == 2
     assert file_digest(m) == before and open_artifact(m).tensors
@@ -827,3 +829,109 @@ def test_missing_onnx_data_file_is_exit_3_from_patch_and_inspect(tmp_path):
     (m / "model.onnx_data").unlink()
     assert main(["inspect", str(m)]) == 3
     assert main(["patch", str(m), str(tmp_path / "d.cdcd")]) == 3
+
+
+
+# --- found by the review of issue 12's code ------------------------------------------------
+
+
+def test_undo_of_a_record_split_over_several_undo_records_applies(tmp_path):
+    """A record over 8 MiB of original bytes is undone by several undo records; each must
+    carry the digests of its own spans (it used to carry the whole record's)."""
+    from gguf import GGUFWriter
+
+    m = tmp_path / "m.gguf"
+    rng = np.random.default_rng(0)
+    w = GGUFWriter(str(m), "llama")
+    w.add_tensor("big", rng.standard_normal((3072, 1024)).astype(np.float32))  # 12 MiB
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    base = file_digest(m)
+    b = DeltaBuilder(m)
+    b.add_low_rank("big", rng.standard_normal((2, 1024)) * 0.01, rng.standard_normal((3072, 2)), 0.1)
+    b.write(tmp_path / "fwd.cdcd")
+    P.apply_delta(m, tmp_path / "fwd.cdcd", trust=NONE, undo_out=tmp_path / "undo.cdcd")
+    from cdcca_edge.core.delta_format import read_delta
+
+    assert len(read_delta(tmp_path / "undo.cdcd").header.records) >= 2
+    assert P.apply_delta(m, tmp_path / "undo.cdcd", trust=NONE, allow_downgrade=True).applied
+    assert file_digest(m) == base
+
+
+def test_recovering_one_model_leaves_another_models_temporaries_alone(tmp_path):
+    """Two GGUF models in one directory: tidying up after a crash of A's patch must not
+    delete B's sidecar being written (the lock covers A only)."""
+    a = make_gguf(tmp_path / "a.gguf", seed=0)
+    make_gguf(tmp_path / "b.gguf", seed=1)
+    two_record_delta(a, tmp_path / "d.cdcd")
+    mine = tmp_path / ".a.gguf.cdcca-state.json.left"
+    theirs = tmp_path / ".b.gguf.cdcca-state.json.writing"
+    for n in range(1, 40):
+        if os.WIFSIGNALED(crash_at(a, tmp_path / "d.cdcd", n)) and P.journal_path_for(a).exists():
+            break
+    mine.write_text("{}")
+    theirs.write_text("{}")
+    P.recover(a)
+    assert not mine.exists() and theirs.exists()
+
+
+def test_a_patch_committed_before_the_upgrade_rolls_forward(tmp_path):
+    """Killed after the commit and before the journal was removed, by a cdcca-edge whose
+    sidecars were version 2: the upgraded recovery must see the commit (the old
+    sidecar's identity is of the old scheme, as is the journal's target)."""
+    from cdcca_edge.core import state as S
+
+    m = make_gguf(tmp_path / "m.gguf", seed=1)
+    S.record_export(open_artifact(m), identity(m))
+    two_record_delta(m, tmp_path / "d.cdcd")
+    sp = S.state_path(open_artifact(m))
+    for n in range(1, 60):  # the last crash point that leaves a journal is after the commit
+        status = crash_at(m, tmp_path / "d.cdcd", n)
+        if not os.WIFSIGNALED(status):
+            pytest.fail("no crash point after the commit")
+        if P.journal_path_for(m).exists() and json.loads(sp.read_text())["artifact_version"] == 1:
+            break
+        P.recover(m)
+    target = identity(m)
+    doc = json.loads(sp.read_text())  # as the previous release wrote it
+    doc["version"] = 2
+    doc.pop("tensor_digests")
+    doc.pop("digest")
+    doc["digest"] = S._content_digest(doc)
+    sp.write_text(json.dumps(doc))
+    assert P.recover(m) == "rolled forward"
+    assert identity(m) == target
+
+
+@pytest.mark.parametrize("kind", ["fifo", "directory"])
+def test_a_delta_or_bundle_that_is_no_regular_file_is_refused(tmp_path, kind):
+    from cdcca_edge.core.delta_format import read_delta
+    from cdcca_edge.core.uplink_format import read_uplink
+    from tests.core.hostile_fs import no_hang
+
+    p = tmp_path / "x"
+    os.mkfifo(p) if kind == "fifo" else p.mkdir()
+    for reader in (read_delta, read_uplink):
+        hostile("delta")
+        with no_hang():
+            with pytest.raises(FormatError, match="not a regular file"):
+                reader(p)
+
+
+def test_a_leaf_cache_path_that_is_a_directory_costs_no_whole_model_hash(tmp_path):
+    from cdcca_edge.core.state import leaves_path, record_export
+
+    m = make_gguf(tmp_path / "m.gguf")
+    record_export(open_artifact(m), identity(m))
+    lp = leaves_path(open_artifact(m))
+    lp.unlink()
+    lp.mkdir()
+    size = sum(t.nbytes for t in open_artifact(m).tensors)
+    for seed in (1, 2):
+        s = two_record_delta(m, tmp_path / f"d{seed}.cdcd", seed=seed)
+        r = P.apply_delta(m, tmp_path / f"d{seed}.cdcd", trust=NONE)
+        assert r.applied and identity(m) == s.target_identity
+        assert r.rehashed_bytes < size  # only the touched tensors, never the whole model
+    assert lp.is_dir()

@@ -24,6 +24,7 @@ from cdcca_edge import __version__
 from cdcca_edge.cloud.service.blobs import BlobStore
 from cdcca_edge.cloud.service.store import (
     Cohort,
+    Delta,
     Device,
     EnrollToken,
     Upload,
@@ -166,11 +167,20 @@ def create_app(data_dir: str | Path, db_url: str | None = None, max_upload: int 
                               .order_by(Version.number.desc()).limit(1))
             held = s.scalar(select(Version).where(Version.cohort_id == dev.cohort_id,
                                                   Version.identity == identity))
+            delta = None if held is None or latest is None else s.scalar(
+                select(Delta).where(Delta.cohort_id == dev.cohort_id, Delta.from_version == held.number,
+                                    Delta.to_version == latest.number))
         assert latest is not None  # a cohort is created with its version 0
         doc: dict[str, Any] = {"latest_version": latest.number, "latest_identity": latest.identity,
                                "held_version": held.number if held else None, "update": None}
-        if identity != latest.identity:
-            doc["update"] = {"kind": "artifact", "to_identity": latest.identity,
+        if identity == latest.identity:
+            return doc
+        if delta is not None and held is not None:  # patch in place from the version held
+            doc["update"] = {"kind": "delta", "from_identity": held.identity, "to_identity": latest.identity,
+                             "from_version": held.number, "to_version": latest.number,
+                             "sha256": delta.sha256, "length": delta.size, "url": f"{API}/blobs/{delta.sha256}"}
+        else:  # an unknown model, or no delta from its version: the whole latest artefact
+            doc["update"] = {"kind": "artifact", "to_identity": latest.identity, "to_version": latest.number,
                              "sha256": latest.artifact_sha256, "length": latest.artifact_size,
                              "url": f"{API}/blobs/{latest.artifact_sha256}"}
         return doc
@@ -180,8 +190,9 @@ def create_app(data_dir: str | Path, db_url: str | None = None, max_upload: int 
              authorization: str | None = Header(default=None)) -> Response:
         dev = device_for(authorization)
         with sessions() as s:
-            ok = s.scalar(select(Version).where(Version.cohort_id == dev.cohort_id,
-                                                Version.artifact_sha256 == sha256))
+            ok = s.scalar(select(Version.id).where(Version.cohort_id == dev.cohort_id,
+                                                   Version.artifact_sha256 == sha256)) or s.scalar(
+                select(Delta.id).where(Delta.cohort_id == dev.cohort_id, Delta.sha256 == sha256))
         if ok is None or not blobs.has(sha256):
             raise _fail(404, "no_such_blob", "no such update file for this device's cohort; ask "
                         f"{API}/updates what to fetch")

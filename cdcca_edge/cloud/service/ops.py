@@ -8,15 +8,27 @@ from pathlib import Path
 from sqlalchemy import select
 
 from cdcca_edge.cloud.service.blobs import BlobStore
-from cdcca_edge.cloud.service.store import Cohort, EnrollToken, Version, database_url, new_token, open_db, token_hash
+from cdcca_edge.cloud.service.store import (
+    Cohort,
+    EnrollToken,
+    Version,
+    database_url,
+    new_token,
+    open_db,
+    token_hash,
+)
 from cdcca_edge.core.errors import UsageError
 
 COHORT_NAME_MAX = 64
 
 
-def create_cohort(data_dir: str | Path, name: str, artifact: str | Path, db_url: str | None = None) -> dict:
+def create_cohort(data_dir: str | Path, name: str, artifact: str | Path, db_url: str | None = None,
+                  teacher: str | Path | None = None, student: str | Path | None = None,
+                  sign_key: str | Path | None = None) -> dict:
     """A cohort whose version 0 is ``artifact`` (a GGUF file, as `cdcca-edge export`
-    writes it). Returns its description.
+    writes it from ``student``). With ``teacher`` and ``student`` (HF directories) the
+    cohort runs rounds; ``sign_key`` (a PEM file, by path) signs its deltas. Returns its
+    description.
 
     Raises:
         UsageError: the name is taken or malformed, or the artefact is not a GGUF file
@@ -37,13 +49,59 @@ def create_cohort(data_dir: str | Path, name: str, artifact: str | Path, db_url:
     with sessions() as s:
         if s.scalar(select(Cohort).where(Cohort.name == name)) is not None:
             raise UsageError(f"cohort {name!r} exists; choose another name")
+    for what, d in (("teacher", teacher), ("student", student)):
+        if d is not None and not (Path(d) / "config.json").is_file():
+            raise UsageError(f"--{what} {d}: not a Hugging Face model directory (no config.json)")
+    if (teacher is None) != (student is None):
+        raise UsageError("a cohort that runs rounds needs both --teacher and --student")
+    if sign_key is not None:
+        from cdcca_edge.core.delta_format import load_private_key
+
+        load_private_key(sign_key)  # refuse a bad key now, not at the first round
     sha, size = BlobStore(data_dir / "blobs").put_file(art.path)
+    seed_mirror(data_dir, name, BlobStore(data_dir / "blobs").path(sha), identity, 0)
     with sessions.begin() as s:
-        cohort = Cohort(name=name, artifact_format=art.format)
+        cohort = Cohort(name=name, artifact_format=art.format,
+                        teacher_dir=str(Path(teacher).resolve()) if teacher else None,
+                        student_dir=str(Path(student).resolve()) if student else None,
+                        sign_key=str(Path(sign_key).resolve()) if sign_key else None)
         s.add(cohort)
         s.flush()
         s.add(Version(cohort_id=cohort.id, number=0, identity=identity, artifact_sha256=sha, artifact_size=size))
     return {"cohort": name, "version": 0, "identity": identity, "artifact_sha256": sha, "bytes": size}
+
+
+def mirror_path(data_dir: str | Path, cohort: str) -> Path:
+    """The cloud's byte-exact copy of the cohort's latest published artefact."""
+    return Path(data_dir) / "mirrors" / cohort / "model.gguf"
+
+
+def seed_mirror(data_dir: str | Path, cohort: str, artifact: Path, identity: str, version: int) -> Path:
+    """(Re)make the mirror from a published artefact: a copy with its state sidecar at
+    ``version``, so that the next delta goes from that version.
+
+    Raises:
+        IntegrityError: the copy does not have ``identity``.
+    """
+    import shutil
+
+    from cdcca_edge.core.artifact import open_artifact
+    from cdcca_edge.core.state import read_state, record_export, write_state
+
+    mirror = mirror_path(data_dir, cohort)
+    mirror.parent.mkdir(parents=True, exist_ok=True)
+    for side in mirror.parent.iterdir():
+        side.unlink()
+    tmp = mirror.with_name(".model.gguf.tmp")
+    shutil.copyfile(artifact, tmp)
+    tmp.rename(mirror)
+    art = open_artifact(mirror)
+    record_export(art, identity)  # checks the bytes give the identity
+    state = read_state(art)
+    assert state is not None
+    state.version = version
+    write_state(art, state)
+    return mirror
 
 
 def enroll_token(data_dir: str | Path, cohort: str, uses: int = 1, db_url: str | None = None) -> str:

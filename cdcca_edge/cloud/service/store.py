@@ -39,6 +39,10 @@ class Cohort(Base):
     name: Mapped[str] = mapped_column(String(64), unique=True)
     artifact_format: Mapped[str] = mapped_column(String(16))
     created: Mapped[float] = mapped_column(Float, default=time.time)
+    # what a round needs (none: the cohort takes uploads but runs no rounds)
+    teacher_dir: Mapped[str | None] = mapped_column(String(4096), nullable=True)
+    student_dir: Mapped[str | None] = mapped_column(String(4096), nullable=True)
+    sign_key: Mapped[str | None] = mapped_column(String(4096), nullable=True)  # a path, never the key
 
 
 class Version(Base):
@@ -87,6 +91,21 @@ class Upload(Base):
     artifact_identity: Mapped[str] = mapped_column(String(64))
     n_samples: Mapped[int] = mapped_column(Integer)
     created: Mapped[float] = mapped_column(Float, default=time.time)
+    round_version: Mapped[int | None] = mapped_column(Integer, nullable=True)  # first used by
+
+
+class Delta(Base):
+    """A published delta between two versions of a cohort."""
+
+    __tablename__ = "deltas"
+    __table_args__ = (UniqueConstraint("cohort_id", "from_version", "to_version"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    cohort_id: Mapped[int] = mapped_column(ForeignKey("cohorts.id"))
+    from_version: Mapped[int] = mapped_column(Integer)
+    to_version: Mapped[int] = mapped_column(Integer)
+    sha256: Mapped[str] = mapped_column(String(64))
+    size: Mapped[int] = mapped_column(Integer)
+    created: Mapped[float] = mapped_column(Float, default=time.time)
 
 
 def token_hash(token: str) -> str:
@@ -122,4 +141,4 @@ def row_counts(sessions: sessionmaker[Session]) -> dict[str, int]:
     """Rows per table (tests check that a refused request changed none)."""
     with sessions() as s:
         return {t.__tablename__: s.scalar(select(func.count()).select_from(t)) or 0
-                for t in (Cohort, Version, EnrollToken, Device, Upload)}
+                for t in (Cohort, Version, EnrollToken, Device, Upload, Delta)}
