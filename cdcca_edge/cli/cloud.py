@@ -89,3 +89,15 @@ def round_(
         out.print(f"cohort {cohort}: version {doc['version']} = {doc['identity'][:16]}, delta "
                   f"{doc['delta_bytes']:,} bytes from {doc['uploads']} uploads ({doc['new_uploads']} new)",
                   highlight=False)
+
+
+@app.command("revoke")
+def revoke(
+    device_id: Annotated[str, typer.Argument(help="The device id its enrollment returned.")],
+    data: DataOpt,
+) -> None:
+    """Revoke a device: its token is refused from now on (it must enroll again)."""
+    from cdcca_edge.cloud.service.ops import revoke_device
+
+    revoke_device(data, device_id)
+    out.print(f"device {device_id} revoked", highlight=False)

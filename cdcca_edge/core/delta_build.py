@@ -412,8 +412,10 @@ def changed_runs(mask: Any) -> tuple[list[int], list[int]]:
 
 
 def diff_artifacts(old: str | Path, new: str | Path, out: str | Path, sign_key: Any | None = None,
-                   progress: Callable[[int, int], None] | None = None) -> DeltaSummary:
-    """An exact block-replacement delta turning ``old`` into ``new``.
+                   progress: Callable[[int, int], None] | None = None, from_version: int | None = None,
+                   to_version: int | None = None) -> DeltaSummary:
+    """An exact block-replacement delta turning ``old`` into ``new`` (versions: see
+    :class:`DeltaBuilder`).
 
     Both must have the same tensors (names, types, shapes); only units whose bytes differ
     are sent. Memory stays bounded by HASH_CHUNK-sized comparisons per step.
@@ -432,7 +434,7 @@ def diff_artifacts(old: str | Path, new: str | Path, out: str | Path, sign_key: 
         diff = sorted(set(layout_a.items()) ^ set(layout_b.items()))[:3]
         raise UsageError(f"{old} and {new} have different tensor layouts (e.g. {diff}); "
                          "delta diff needs two exports of the same architecture and types")
-    builder = DeltaBuilder(a, created_by="cdcca-edge delta diff")
+    builder = DeltaBuilder(a, from_version, to_version, created_by="cdcca-edge delta diff")
     for i, ta in enumerate(a.tensors):
         tb = b.tensor(ta.name)
         _, unit = type_layout(ta.type_name)

@@ -236,9 +236,15 @@ def test_a_round_publishes_a_signed_delta_the_device_patches_in_place(tmp_path, 
     with open(tmp_path / "in.jsonl", "w") as f:
         for i, p in enumerate(prompts("target", 60, seed=31)):
             f.write(json.dumps({"id": f"t{i}", "prompt": p}) + "\n")
+    with open(tmp_path / "in2.jsonl", "w") as f:
+        for i, p in enumerate(prompts("target", 40, seed=41)):
+            f.write(json.dumps({"id": f"u{i}", "prompt": p}) + "\n")
     with load(device) as m:
         cal = calibrate(m, prompts("source", 30, seed=30), identity, rate=0.3, max_tokens=10)
         collect(m, read_inputs(tmp_path / "in.jsonl"), cal, tmp_path / "b.cdcu", identity)
+        collect(m, read_inputs(tmp_path / "in2.jsonl"), cal, tmp_path / "b2.cdcu", identity)
+    old_device = tmp_path / "old-device.gguf"  # a second device that stays on version 0
+    shutil.copy(model, old_device)
     svc = Service(data)
     svc.start()
     try:
@@ -274,5 +280,21 @@ def test_a_round_publishes_a_signed_delta_the_device_patches_in_place(tmp_path, 
         whole = httpx.get(f"{svc.url}/v1/updates", params={"identity": "1" * 64}, headers=auth).json()["update"]
         assert whole["kind"] == "artifact" and whole["to_version"] == 1
         assert httpx.get(f"{svc.url}{whole['url']}", headers=auth).content == device.read_bytes()
+        # round 2; the device left on version 0 gets a delta 0 -> 2, built on demand, signed
+        assert httpx.post(f"{svc.url}/v1/uploads", content=(tmp_path / "b2.cdcu").read_bytes(),
+                          headers=auth).status_code == 201
+        assert main(["cloud", "round", "fleet", "--data", str(data)]) == 0
+        skip = httpx.get(f"{svc.url}/v1/updates", params={"identity": identity}, headers=auth).json()["update"]
+        assert skip["kind"] == "delta" and (skip["from_version"], skip["to_version"]) == (0, 2)
+        (tmp_path / "skip.cdcd").write_bytes(httpx.get(f"{svc.url}{skip['url']}", headers=auth).content)
+        assert apply_delta(old_device, tmp_path / "skip.cdcd", trust=Trust.keys([tmp_path / "key.pem.pub"])).applied
+        assert compute_identity(open_artifact(old_device)).digest == skip["to_identity"] == \
+            compute_identity(open_artifact(mirror_path(data, "fleet"))).digest
+        again = httpx.get(f"{svc.url}/v1/updates", params={"identity": identity}, headers=auth).json()["update"]
+        assert again["sha256"] == skip["sha256"]  # built once, then served from the store
+        # an operator revokes the device: its token no longer works
+        assert main(["cloud", "revoke", dev["device_id"], "--data", str(data)]) == 0
+        r = httpx.get(f"{svc.url}/v1/updates", params={"identity": identity}, headers=auth)
+        assert r.status_code == 401 and r.json()["detail"]["error"] == "bad_token"
     finally:
         svc.stop()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import threading
 import tempfile
 import uuid
 from pathlib import Path
@@ -171,6 +172,8 @@ def create_app(data_dir: str | Path, db_url: str | None = None, max_upload: int 
                 select(Delta).where(Delta.cohort_id == dev.cohort_id, Delta.from_version == held.number,
                                     Delta.to_version == latest.number))
         assert latest is not None  # a cohort is created with its version 0
+        if delta is None and held is not None and held.number < latest.number:
+            delta = _delta_on_demand(dev.cohort_id, held, latest)
         doc: dict[str, Any] = {"latest_version": latest.number, "latest_identity": latest.identity,
                                "held_version": held.number if held else None, "update": None}
         if identity == latest.identity:
@@ -184,6 +187,43 @@ def create_app(data_dir: str | Path, db_url: str | None = None, max_upload: int 
                              "sha256": latest.artifact_sha256, "length": latest.artifact_size,
                              "url": f"{API}/blobs/{latest.artifact_sha256}"}
         return doc
+
+    build_lock = threading.Lock()
+
+    def _delta_on_demand(cohort_id: int, held: Version, latest: Version) -> Delta | None:
+        """An exact delta from an older version to the latest (``delta diff`` of the two
+        published artefacts, signed with the cohort's key), built once and kept. None when
+        it cannot be built (the device then gets the whole artefact)."""
+        from cdcca_edge.core.delta_build import diff_artifacts
+        from cdcca_edge.core.delta_format import load_private_key
+
+        with build_lock:  # one build at a time in this process; the row is unique across processes
+            with sessions() as s:
+                got = s.scalar(select(Delta).where(Delta.cohort_id == cohort_id, Delta.from_version == held.number,
+                                                   Delta.to_version == latest.number))
+                cohort = s.get(Cohort, cohort_id)
+            if got is not None or cohort is None:
+                return got
+            out = incoming / f"delta-{cohort_id}-{held.number}-{latest.number}.cdcd"
+            try:
+                key = load_private_key(cohort.sign_key) if cohort.sign_key else None
+                summary = diff_artifacts(blobs.path(held.artifact_sha256), blobs.path(latest.artifact_sha256),
+                                         out, sign_key=key, from_version=held.number, to_version=latest.number)
+                if summary.target_identity != latest.identity or summary.base_identity != held.identity:
+                    return None
+                sha, size = blobs.put_file(out)
+                with sessions.begin() as s:
+                    row = Delta(cohort_id=cohort_id, from_version=held.number, to_version=latest.number,
+                                sha256=sha, size=size)
+                    s.add(row)
+                return row
+            except DBIntegrityError:  # another process built it first
+                with sessions() as s:
+                    return s.scalar(select(Delta).where(Delta.cohort_id == cohort_id,
+                                                        Delta.from_version == held.number,
+                                                        Delta.to_version == latest.number))
+            finally:
+                out.unlink(missing_ok=True)
 
     @app.get(f"{API}/blobs/{{sha256}}")
     def blob(sha256: str, range: str | None = Header(default=None),  # noqa: A002

@@ -124,3 +124,19 @@ def enroll_token(data_dir: str | Path, cohort: str, uses: int = 1, db_url: str |
             raise UsageError(f"no cohort {cohort!r}; create it with `cdcca-edge cloud cohort create`")
         s.add(EnrollToken(cohort_id=c.id, token_hash=token_hash(token), uses_left=uses))
     return token
+
+
+def revoke_device(data_dir: str | Path, device_id: str, db_url: str | None = None) -> None:
+    """Revoke a device's token: every request with it is refused (401) from now on.
+
+    Raises:
+        UsageError: no such device.
+    """
+    from cdcca_edge.cloud.service.store import Device
+
+    sessions = open_db(database_url(Path(data_dir), db_url))
+    with sessions.begin() as s:
+        dev = s.get(Device, device_id)
+        if dev is None:
+            raise UsageError(f"no device {device_id[:40]!r} in {data_dir}")
+        dev.revoked = True
