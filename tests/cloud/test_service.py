@@ -130,6 +130,11 @@ def test_a_device_enrolls_uploads_checks_fetches_and_reports(service, tmp_path, 
     r = httpx.post(f"{service.url}/v1/status", json={"identity": service.identity, "healthy": True}, headers=auth)
     assert r.status_code == 204
     assert httpx.get(f"{service.url}/v1/openapi.json").json()["info"]["title"] == "cdcca-edge cloud"
+    m = httpx.get(f"{service.url}/metrics").text
+    assert 'cdcca_uploads_total{result="stored"} 1.0' in m and 'cdcca_uploads_total{result="already"} 1.0' in m
+    assert 'cdcca_published_version{cohort="demo"} 0.0' in m
+    assert 'cdcca_devices{cohort="demo",version="0"} 1.0' in m  # it reported version 0's identity
+    assert f"cdcca_upload_bytes_total {float(len(body))}" in m
 
 
 def _refusals(svc: Service, tmp_path: Path, token: str) -> dict[str, tuple[dict, int, str]]:

@@ -55,6 +55,48 @@ def _fail(status: int, code: str, message: str) -> HTTPException:
     return HTTPException(status_code=status, detail={"error": code, "message": message})
 
 
+class Metrics:
+    """Prometheus metrics: counters of this process's requests, and gauges read from the
+    database at each scrape (so every API process reports the fleet as it is)."""
+
+    def __init__(self, sessions: Any) -> None:
+        from prometheus_client import CollectorRegistry, Counter
+
+        self.registry = CollectorRegistry()
+        self.uploads = Counter("cdcca_uploads", "Upload requests by outcome", ["result"], registry=self.registry)
+        self.upload_bytes = Counter("cdcca_upload_bytes", "Bytes of uplink bundles stored", registry=self.registry)
+        self.update_checks = Counter("cdcca_update_checks", "Update queries answered", registry=self.registry)
+        self.download_bytes = Counter("cdcca_download_bytes", "Bytes of artefacts and deltas served",
+                                      registry=self.registry)
+        self.registry.register(_FleetCollector(sessions))
+
+
+class _FleetCollector:
+    def __init__(self, sessions: Any) -> None:
+        self.sessions = sessions
+
+    def collect(self) -> Any:
+        from prometheus_client.core import GaugeMetricFamily
+        from sqlalchemy import func
+
+        versions = GaugeMetricFamily("cdcca_published_version", "Latest published version per cohort",
+                                     labels=["cohort"])
+        devices = GaugeMetricFamily("cdcca_devices", "Enrolled devices per cohort and reported version "
+                                    "(-1: none reported or not a published identity)", labels=["cohort", "version"])
+        with self.sessions() as s:
+            for name, number in s.execute(select(Cohort.name, func.max(Version.number))
+                                          .join(Version, Version.cohort_id == Cohort.id).group_by(Cohort.name)):
+                versions.add_metric([name], number)
+            rows = s.execute(select(Cohort.name, Version.number, func.count(Device.id))
+                             .join(Device, Device.cohort_id == Cohort.id)
+                             .outerjoin(Version, (Version.cohort_id == Cohort.id) & (Version.identity == Device.identity))
+                             .where(Device.revoked.is_(False)).group_by(Cohort.name, Version.number))
+            for name, number, n in rows:
+                devices.add_metric([name, str(-1 if number is None else number)], n)
+        yield versions
+        yield devices
+
+
 class EnrollRequest(BaseModel):
     token: str
 
@@ -72,6 +114,7 @@ def create_app(data_dir: str | Path, db_url: str | None = None, max_upload: int 
     incoming.mkdir(parents=True, exist_ok=True)
     app = FastAPI(title="cdcca-edge cloud", version=__version__, openapi_url=f"{API}/openapi.json",
                   docs_url=f"{API}/docs", redoc_url=None)
+    metrics = Metrics(sessions)
 
     def device_for(authorization: str | None) -> Device:
         if not authorization or not authorization.startswith("Bearer "):
@@ -149,6 +192,7 @@ def create_app(data_dir: str | Path, db_url: str | None = None, max_upload: int 
         body = {"sha256": sha, "bundle_digest": bundle.digest, "bytes": size, "samples": n}
         if dup is not None:
             response.status_code = 200  # the same bundle again: already stored
+            metrics.uploads.labels("already").inc()
             return {**body, "stored": "already"}
         blobs.put_file(tmp, sha)
         try:
@@ -157,12 +201,16 @@ def create_app(data_dir: str | Path, db_url: str | None = None, max_upload: int 
                              artifact_identity=identity, n_samples=n))
         except DBIntegrityError:  # a concurrent retry of the same bundle won the race
             response.status_code = 200
+            metrics.uploads.labels("already").inc()
             return {**body, "stored": "already"}
+        metrics.uploads.labels("stored").inc()
+        metrics.upload_bytes.inc(size)
         return {**body, "stored": "now"}
 
     @app.get(f"{API}/updates")
     def updates(identity: str, authorization: str | None = Header(default=None)) -> dict[str, Any]:
         dev = device_for(authorization)
+        metrics.update_checks.inc()
         with sessions() as s:
             latest = s.scalar(select(Version).where(Version.cohort_id == dev.cohort_id)
                               .order_by(Version.number.desc()).limit(1))
@@ -250,6 +298,7 @@ def create_app(data_dir: str | Path, db_url: str | None = None, max_upload: int 
             if start >= size or start >= end:
                 raise _fail(416, "bad_range", f"range {range[:80]!r} is outside the {size}-byte file")
             status = 206
+        metrics.download_bytes.inc(end - start)
         headers = {"Accept-Ranges": "bytes", "Content-Length": str(end - start)}
         if status == 206:
             headers["Content-Range"] = f"bytes {start}-{end - 1}/{size}"
@@ -267,8 +316,16 @@ def create_app(data_dir: str | Path, db_url: str | None = None, max_upload: int 
             row.identity, row.healthy, row.status_time = req.identity[:64], req.healthy, time.time()
         return Response(status_code=204)
 
+    @app.get("/metrics")
+    def prometheus() -> Response:
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
     @app.exception_handler(HTTPException)
-    async def _errors(_request: Request, exc: HTTPException) -> JSONResponse:
+    async def _errors(request: Request, exc: HTTPException) -> JSONResponse:
+        if request.url.path == f"{API}/uploads":
+            metrics.uploads.labels("refused").inc()
         return JSONResponse({"detail": exc.detail}, status_code=exc.status_code)
 
     return app
