@@ -21,6 +21,9 @@ def serve(
     host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port.")] = 8600,
     max_upload_mb: Annotated[int, typer.Option(help="Largest uplink bundle accepted, MiB.")] = 64,
+    min_uploads: Annotated[Optional[int], typer.Option(
+        help="Run a cohort's round in this process once this many new uploads arrived.")] = None,
+    round_poll: Annotated[float, typer.Option(help="Seconds between checks for due rounds.")] = 5.0,
 ) -> None:
     """Run the service (embedded default: SQLite in DATA, blobs in DATA/blobs)."""
     import uvicorn
@@ -29,7 +32,8 @@ def serve(
 
     data.mkdir(parents=True, exist_ok=True)
     err.print(f"cdcca-edge cloud: serving {data} on http://{host}:{port} (API under /v1)", highlight=False)
-    uvicorn.run(create_app(data, max_upload=max_upload_mb << 20), host=host, port=port, log_level="warning")
+    app_ = create_app(data, max_upload=max_upload_mb << 20, min_uploads=min_uploads, poll_seconds=round_poll)
+    uvicorn.run(app_, host=host, port=port, log_level="warning")
 
 
 @app.command("create-cohort")

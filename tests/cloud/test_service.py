@@ -210,17 +210,13 @@ def test_an_acknowledged_upload_survives_kill_9(service, tmp_path, capsys):
     assert r.status_code == 200 and r.json()["stored"] == "already"
 
 
-def test_a_round_publishes_a_signed_delta_the_device_patches_in_place(tmp_path, capsys):
-    """The whole loop through the service: real bundles collected by the runtime on the
-    exported student, uploaded; a round (AKD + DWC, signed) publishes version 1; the
-    device fetches the delta with Range, checks it, patches its copy in place with the
-    cohort's public key as trust, reports; the mirror's identity is the device's."""
+def _fleet(tmp_path: Path) -> dict:
+    """A cohort "fleet" of tiny models, the exported student, a signing key, and two real
+    uplink bundles collected by the runtime on the student (different inputs)."""
     import shutil
 
     from cdcca_edge.converters.export import export
     from cdcca_edge.core.delta_format import generate_keypair
-    from cdcca_edge.core.patch import apply_delta
-    from cdcca_edge.core.trust import Trust
     from cdcca_edge.demo.tiny import build_tiny_model
     from cdcca_edge.runtime import load
     from cdcca_edge.runtime.uts import calibrate, collect, read_inputs
@@ -234,7 +230,8 @@ def test_a_round_publishes_a_signed_delta_the_device_patches_in_place(tmp_path, 
     generate_keypair(tmp_path / "key.pem", tmp_path / "key.pem.pub")
     data = tmp_path / "data"
     assert main(["cloud", "create-cohort", "fleet", "--artifact", str(model), "--data", str(data),
-                 "--teacher", str(teacher), "--student", str(student), "--sign-key", str(tmp_path / "key.pem")]) == 0
+                 "--teacher", str(teacher), "--student", str(student),
+                 "--sign-key", str(tmp_path / "key.pem")]) == 0
     device = tmp_path / "device.gguf"
     shutil.copy(model, device)
     identity = compute_identity(open_artifact(device)).digest
@@ -250,6 +247,19 @@ def test_a_round_publishes_a_signed_delta_the_device_patches_in_place(tmp_path, 
         collect(m, read_inputs(tmp_path / "in2.jsonl"), cal, tmp_path / "b2.cdcu", identity)
     old_device = tmp_path / "old-device.gguf"  # a second device that stays on version 0
     shutil.copy(model, old_device)
+    return {"data": data, "model": model, "device": device, "old_device": old_device, "identity": identity}
+
+
+def test_a_round_publishes_a_signed_delta_the_device_patches_in_place(tmp_path, capsys):
+    """The whole loop through the service: real bundles collected by the runtime on the
+    exported student, uploaded; a round (AKD + DWC, signed) publishes version 1; the
+    device fetches the delta with Range, checks it, patches its copy in place with the
+    cohort's public key as trust, reports; the mirror's identity is the device's."""
+    from cdcca_edge.core.patch import apply_delta
+    from cdcca_edge.core.trust import Trust
+
+    f = _fleet(tmp_path)
+    data, device, old_device, identity = f["data"], f["device"], f["old_device"], f["identity"]
     svc = Service(data)
     svc.start()
     try:
@@ -301,5 +311,31 @@ def test_a_round_publishes_a_signed_delta_the_device_patches_in_place(tmp_path, 
         assert main(["cloud", "revoke", dev["device_id"], "--data", str(data)]) == 0
         r = httpx.get(f"{svc.url}/v1/updates", params={"identity": identity}, headers=auth)
         assert r.status_code == 401 and r.json()["detail"]["error"] == "bad_token"
+    finally:
+        svc.stop()
+
+
+def test_the_service_runs_due_rounds_itself(tmp_path, capsys):
+    """`serve --min-uploads 1`: the embedded default's worker runs the round once an
+    upload arrives, publishes once, and counts it in /metrics."""
+    f = _fleet(tmp_path)
+    svc = Service(f["data"])
+    svc.start("--min-uploads", "1", "--round-poll", "0.5")
+    try:
+        dev = _enroll(svc, capsys, "fleet")
+        auth = {"Authorization": f"Bearer {dev['device_token']}"}
+        assert httpx.post(f"{svc.url}/v1/uploads", content=(tmp_path / "b.cdcu").read_bytes(),
+                          headers=auth).status_code == 201
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            up = httpx.get(f"{svc.url}/v1/updates", params={"identity": f["identity"]}, headers=auth).json()
+            if up["latest_version"] == 1:
+                break
+            time.sleep(0.5)
+        assert up["latest_version"] == 1 and up["update"]["kind"] == "delta"
+        time.sleep(1.5)  # a few more polls: nothing new, nothing published again
+        m = httpx.get(f"{svc.url}/metrics").text
+        assert 'cdcca_rounds_total{result="published"} 1.0' in m and 'result="failed"' not in m
+        assert 'cdcca_published_version{cohort="fleet"} 1.0' in m
     finally:
         svc.stop()

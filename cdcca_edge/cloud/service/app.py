@@ -7,6 +7,7 @@ were. An upload is stored durably (blob fsync'd, row committed) before its 201.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import threading
@@ -55,6 +56,36 @@ def _fail(status: int, code: str, message: str) -> HTTPException:
     return HTTPException(status_code=status, detail={"error": code, "message": message})
 
 
+def _round_worker(data_dir: Path, db_url: str | None, sessions: Any, min_uploads: int, poll: float,
+                  stop: threading.Event, metrics: "Metrics") -> None:
+    """The embedded default's job runner: a round for every cohort with enough new
+    uploads. A round that fails publishes nothing and is tried again at the next poll;
+    rounds of one cohort never overlap (rounds.py's lock), so none publishes twice."""
+    import sys
+    import time
+
+    from sqlalchemy import func
+
+    from cdcca_edge.cloud.service.rounds import run_round
+
+    while not stop.wait(poll):
+        with sessions() as s:
+            due = [name for name, n in s.execute(
+                select(Cohort.name, func.count(Upload.id)).join(Upload, Upload.cohort_id == Cohort.id)
+                .where(Upload.round_version.is_(None), Cohort.teacher_dir.is_not(None))
+                .group_by(Cohort.name)) if n >= min_uploads]
+        for name in due:
+            t0 = time.perf_counter()
+            try:
+                run_round(data_dir, name, db_url=db_url, min_new_uploads=min_uploads)
+                metrics.rounds.labels("published").inc()
+            except Exception as exc:  # noqa: BLE001 - logged, counted, retried at the next poll
+                metrics.rounds.labels("failed").inc()
+                print(f"cdcca-edge cloud: round of {name} failed ({type(exc).__name__}: {exc}); "
+                      "retrying at the next poll", file=sys.stderr, flush=True)
+            metrics.round_seconds.observe(time.perf_counter() - t0)
+
+
 class Metrics:
     """Prometheus metrics: counters of this process's requests, and gauges read from the
     database at each scrape (so every API process reports the fleet as it is)."""
@@ -68,6 +99,12 @@ class Metrics:
         self.update_checks = Counter("cdcca_update_checks", "Update queries answered", registry=self.registry)
         self.download_bytes = Counter("cdcca_download_bytes", "Bytes of artefacts and deltas served",
                                       registry=self.registry)
+        from prometheus_client import Histogram
+
+        self.rounds = Counter("cdcca_rounds", "Rounds run by this process, by outcome", ["result"],
+                              registry=self.registry)
+        self.round_seconds = Histogram("cdcca_round_seconds", "Duration of rounds run by this process",
+                                       buckets=(1, 5, 15, 60, 300, 900, 3600), registry=self.registry)
         self.registry.register(_FleetCollector(sessions))
 
 
@@ -106,15 +143,32 @@ class StatusRequest(BaseModel):
     healthy: bool
 
 
-def create_app(data_dir: str | Path, db_url: str | None = None, max_upload: int = MAX_UPLOAD_BYTES) -> FastAPI:
+def create_app(data_dir: str | Path, db_url: str | None = None, max_upload: int = MAX_UPLOAD_BYTES,
+               min_uploads: int | None = None, poll_seconds: float = 5.0) -> FastAPI:
+    """The service's app. ``min_uploads``: run a cohort's round in this process as soon as
+    that many uploads arrived since its last round (checked every ``poll_seconds``)."""
     data_dir = Path(data_dir)
     sessions = open_db(database_url(data_dir, db_url))
     blobs = BlobStore(data_dir / "blobs")
     incoming = data_dir / "incoming"
     incoming.mkdir(parents=True, exist_ok=True)
-    app = FastAPI(title="cdcca-edge cloud", version=__version__, openapi_url=f"{API}/openapi.json",
-                  docs_url=f"{API}/docs", redoc_url=None)
     metrics = Metrics(sessions)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: FastAPI) -> Any:
+        stop = threading.Event()
+        worker = None
+        if min_uploads is not None:
+            worker = threading.Thread(target=_round_worker, name="cdcca-rounds", daemon=True,
+                                      args=(data_dir, db_url, sessions, min_uploads, poll_seconds, stop, metrics))
+            worker.start()
+        yield
+        stop.set()
+        if worker is not None:
+            worker.join(timeout=poll_seconds + 1)
+
+    app = FastAPI(title="cdcca-edge cloud", version=__version__, openapi_url=f"{API}/openapi.json",
+                  docs_url=f"{API}/docs", redoc_url=None, lifespan=lifespan)
 
     def device_for(authorization: str | None) -> Device:
         if not authorization or not authorization.startswith("Bearer "):
