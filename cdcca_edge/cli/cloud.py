@@ -105,3 +105,22 @@ def revoke(
 
     revoke_device(data, device_id)
     out.print(f"device {device_id} revoked", highlight=False)
+
+
+@app.command("publish")
+def publish(
+    cohort: Annotated[str, typer.Argument(help="The cohort.")],
+    artifact: Annotated[Path, typer.Option(help="The new device artefact (same tensor layout), built elsewhere.")],
+    data: DataOpt,
+    json_out: JsonOpt = False,
+) -> None:
+    """Publish an artefact built elsewhere as the cohort's next version, with an exact
+    signed delta from the latest."""
+    from cdcca_edge.cloud.service.ops import publish as do_publish
+
+    doc = do_publish(data, cohort, artifact)
+    if json_out:
+        print_json(doc)
+    else:
+        out.print(f"cohort {cohort}: version {doc['version']} = {doc['identity'][:16]}, delta "
+                  f"{doc['delta_bytes']:,} bytes", highlight=False)

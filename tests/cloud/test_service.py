@@ -339,3 +339,34 @@ def test_the_service_runs_due_rounds_itself(tmp_path, capsys):
         assert 'cdcca_published_version{cohort="fleet"} 1.0' in m
     finally:
         svc.stop()
+
+
+def test_publish_an_artefact_built_elsewhere(service, tmp_path, capsys):
+    """`cloud publish`: version 1 from a changed copy of the model; a device on version 0
+    is offered the exact delta, which takes it to the published identity."""
+    from cdcca_edge.core.patch import apply_delta
+    from cdcca_edge.core.trust import Trust
+    from tests.core.delta_helpers import random_units
+
+    new = tmp_path / "new.gguf"
+    import shutil
+
+    shutil.copy(service.model, new)
+    t = open_artifact(new).tensor("Q8_0.w")
+    raw = bytearray(new.read_bytes())
+    raw[t.offset : t.offset + 34 * 3] = random_units("Q8_0", 3, np.random.default_rng(9))
+    new.write_bytes(bytes(raw))
+    capsys.readouterr()
+    assert main(["cloud", "publish", "demo", "--artifact", str(new), "--data", str(service.data), "--json"]) == 0
+    pub = json.loads(capsys.readouterr().out)
+    assert pub["version"] == 1 and pub["identity"] == compute_identity(open_artifact(new)).digest
+    assert main(["cloud", "publish", "demo", "--artifact", str(new), "--data", str(service.data)]) == 2
+    dev = _enroll(service, capsys)
+    auth = {"Authorization": f"Bearer {dev['device_token']}"}
+    up = httpx.get(f"{service.url}/v1/updates", params={"identity": service.identity}, headers=auth).json()["update"]
+    assert up["kind"] == "delta" and up["to_identity"] == pub["identity"]
+    device = tmp_path / "device.gguf"
+    shutil.copy(service.model, device)
+    (tmp_path / "u.cdcd").write_bytes(httpx.get(f"{service.url}{up['url']}", headers=auth).content)
+    assert apply_delta(device, tmp_path / "u.cdcd", trust=Trust.none()).applied
+    assert compute_identity(open_artifact(device)).digest == pub["identity"]

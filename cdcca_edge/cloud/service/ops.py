@@ -140,3 +140,49 @@ def revoke_device(data_dir: str | Path, device_id: str, db_url: str | None = Non
         if dev is None:
             raise UsageError(f"no device {device_id[:40]!r} in {data_dir}")
         dev.revoked = True
+
+
+def publish(data_dir: str | Path, cohort: str, artifact: str | Path, db_url: str | None = None) -> dict:
+    """Publish ``artifact`` (built elsewhere: same tensor layout) as the cohort's next
+    version, with an exact delta from the latest (``delta diff``, signed with the cohort's
+    key); the mirror is re-seeded from it. Returns what was published.
+
+    Raises:
+        UsageError: no such cohort, another layout, or the artefact is the latest already.
+    """
+    import tempfile
+
+    from sqlalchemy import select as sel
+
+    from cdcca_edge.cloud.service.store import Delta
+    from cdcca_edge.core.artifact import compute_identity, open_artifact
+    from cdcca_edge.core.delta_build import diff_artifacts
+    from cdcca_edge.core.delta_format import load_private_key
+
+    data_dir = Path(data_dir)
+    sessions = open_db(database_url(data_dir, db_url))
+    blobs = BlobStore(data_dir / "blobs")
+    with sessions() as s:
+        c = s.scalar(sel(Cohort).where(Cohort.name == cohort))
+        if c is None:
+            raise UsageError(f"no cohort {cohort!r}")
+        latest = s.scalar(sel(Version).where(Version.cohort_id == c.id).order_by(Version.number.desc()).limit(1))
+    assert latest is not None
+    identity = compute_identity(open_artifact(artifact)).digest
+    if identity == latest.identity:
+        raise UsageError(f"{artifact} is the cohort's latest version already")
+    with tempfile.TemporaryDirectory(dir=data_dir) as tmp:
+        out = Path(tmp) / "delta.cdcd"
+        summary = diff_artifacts(blobs.path(latest.artifact_sha256), artifact, out,
+                                 sign_key=load_private_key(c.sign_key) if c.sign_key else None,
+                                 from_version=latest.number, to_version=latest.number + 1)
+        dsha, dsize = blobs.put_file(out)
+    asha, asize = blobs.put_file(artifact)
+    with sessions.begin() as s:
+        s.add(Version(cohort_id=c.id, number=latest.number + 1, identity=summary.target_identity,
+                      artifact_sha256=asha, artifact_size=asize))
+        s.add(Delta(cohort_id=c.id, from_version=latest.number, to_version=latest.number + 1, sha256=dsha,
+                    size=dsize))
+    seed_mirror(data_dir, cohort, blobs.path(asha), summary.target_identity, latest.number + 1)
+    return {"cohort": cohort, "version": latest.number + 1, "identity": summary.target_identity,
+            "delta_sha256": dsha, "delta_bytes": dsize}
