@@ -135,6 +135,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--levels", default="10,100,1000")
     ap.add_argument("--seconds", type=float, default=15.0)
+    ap.add_argument("--phases", default="uploads,update_checks,delta_downloads")
+    ap.add_argument("--no-write", action="store_true", help="print only (for experiments)")
     args = ap.parse_args()
     levels = [int(x) for x in args.levels.split(",")]
     work = cache_dir() / "bench" / "fleet"
@@ -186,6 +188,8 @@ def main() -> None:
 
         row = {}
         for name, fn in (("uploads", up), ("update_checks", check), ("delta_downloads", down)):
+            if name not in args.phases.split(","):
+                continue
             res = asyncio.run(_run(server.url, toks, args.seconds, fn))
             res.pop("acked")
             row[name] = res
@@ -193,6 +197,9 @@ def main() -> None:
                   f"p50 {res['p50_ms']:.0f} ms, p99 {res['p99_ms']:.0f} ms, errors {res['errors']}",
                   file=sys.stderr)
         results[str(level)] = row
+    if args.no_write:
+        server.kill()
+        return
     # kill -9 in the middle of an upload run: what was acknowledged must be stored
     crash_level = min(100, n_dev)
     hdr = [{"Authorization": f"Bearer {t}"} for t in tokens[:crash_level]]
