@@ -104,11 +104,15 @@ def parse_json(raw: bytes, where: str) -> Any:
     """Strict JSON for headers and metadata: UTF-8, at most :data:`MAX_JSON_DEPTH` deep.
 
     Raises:
-        FormatError: not UTF-8, not JSON, too deeply nested, or an integer too long to
-            convert (Python's own JSON parser raises RecursionError and ValueError there).
+        FormatError: not UTF-8, not JSON, too deeply nested, ``NaN``/``Infinity`` (which
+            Python's parser accepts, JSON does not), or an integer too long to convert
+            (Python's own JSON parser raises RecursionError and ValueError there).
     """
+    def no_constants(name: str) -> Any:
+        raise ValueError(f"{name} is not a JSON number (the format allows finite numbers only)")
+
     try:
-        doc = json.loads(raw.decode("utf-8"))
+        doc = json.loads(raw.decode("utf-8"), parse_constant=no_constants)
     except RecursionError:
         raise _bad(where, f"JSON nested deeper than the format's maximum of {MAX_JSON_DEPTH}") from None
     except (UnicodeDecodeError, ValueError) as exc:  # JSONDecodeError, and too-long integers
@@ -155,7 +159,12 @@ class UplinkSample:
             blobs.append(np.ascontiguousarray(a, dtype=DTYPES[dt][0]).tobytes())
         check_arrays(UplinkSample(self.id, self.meta, arrays), f"sample {self.id!r}",
                      "fix the sample before uploading it")
-        meta = json.dumps({**self.meta, "id": self.id, "arrays": listing}, separators=(",", ":")).encode()
+        try:  # NaN or Infinity would be written, and then refused by every reader
+            meta = json.dumps({**self.meta, "id": self.id, "arrays": listing}, separators=(",", ":"),
+                              allow_nan=False).encode()
+        except ValueError as exc:
+            raise FormatError(f"sample {self.id!r}: its metadata holds a non-finite number ({exc}); "
+                              "fix the sample before uploading it") from None
         if len(meta) > MAX_METADATA_BYTES:
             raise FormatError(f"sample {self.id!r}: metadata of {len(meta):,} bytes is more than the uplink "
                               f"format's maximum of {MAX_METADATA_BYTES:,}; shorten its prompt or answer")
@@ -498,7 +507,10 @@ def write_uplink(path: str | Path, header: dict[str, Any], samples: list[UplinkS
     full = {"format": "cdcca-uplink", "version": FORMAT_VERSION,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             **header, "payload_bytes": len(payload), "samples": index}
-    raw = json.dumps(full, separators=(",", ":"), sort_keys=True).encode()
+    try:
+        raw = json.dumps(full, separators=(",", ":"), sort_keys=True, allow_nan=False).encode()
+    except ValueError as exc:
+        raise FormatError(f"{path}: the header holds a non-finite number ({exc})") from None
     if len(raw) > MAX_HEADER_BYTES:
         raise FormatError(f"{path}: a header of {len(raw):,} bytes is more than the uplink format's "
                           f"maximum of {MAX_HEADER_BYTES:,}; write several smaller bundles")

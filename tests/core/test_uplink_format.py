@@ -157,3 +157,26 @@ def test_not_a_bundle(tmp_path):
     (tmp_path / "x").write_bytes(b"hello world, this is not a bundle at all")
     with pytest.raises(FormatError, match="not an uplink bundle"):
         uf.read_uplink(tmp_path / "x")
+
+
+@pytest.mark.parametrize("constant", ["NaN", "Infinity", "-Infinity"])
+def test_non_finite_json_constants_are_refused(good, tmp_path, constant):
+    """Python's JSON parser accepts NaN and Infinity; JSON does not, and neither does the
+    format: a header holding one is a FormatError."""
+    raw = _forge(good, header_edit=lambda h: h.update(extra="__CONSTANT__"))
+    magic, version, flags, hlen = uf.PREAMBLE.unpack_from(raw)
+    header = raw[uf.PREAMBLE.size : uf.PREAMBLE.size + hlen].replace(b'"__CONSTANT__"', constant.encode())
+    body = uf.PREAMBLE.pack(magic, version, flags, len(header)) + header + raw[uf.PREAMBLE.size + hlen : -32]
+    p = tmp_path / "c.cdcu"
+    p.write_bytes(body + hashlib.sha256(body).digest())
+    hostile("uplink")
+    with pytest.raises(FormatError, match="not a JSON number"):
+        uf.read_uplink(p)
+
+
+
+def test_the_writer_refuses_non_finite_metadata(tmp_path):
+    bad = uf.UplinkSample("s", {uf.META_UNCERTAINTY: float("nan")}, {})
+    with pytest.raises(FormatError, match="non-finite"):
+        uf.write_uplink(tmp_path / "x.cdcu", {"artifact_identity": "a" * 64, "n_seen": 1}, [bad])
+    assert not (tmp_path / "x.cdcu").exists()
