@@ -64,6 +64,7 @@ PROMPT_LOGPROB = "prompt_logprob"  # (T_p - 1,) f16
 VISUAL_FEATURES = "visual_features"  # (k, D) i8 (with visual_scales) or f16: the tokens kept
 VISUAL_SCALES = "visual_scales"  # (k,) f16: one scale per int8 token
 VISUAL_POSITIONS = "visual_positions"  # (k,) u16: ascending, < n_visual_tokens
+MAX_VISUAL_TOKENS = 1 << 16  # positions are u16: an image of more tokens cannot be described
 RAW_IMAGE = "raw_image"  # u8: the image file's bytes, or (H, W, 3) pixels
 N_VISUAL_TOKENS = "n_visual_tokens"  # metadata field: positions the image takes
 META_PROMPT = "prompt"  # metadata field: the prompt's text

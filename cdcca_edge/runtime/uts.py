@@ -290,6 +290,9 @@ def collect(
         if d.visual is not None and calib.visual is not None:
             # token stage on the image: only the most out-of-distribution tokens go up,
             # int8 with a scale per token, with their positions (docs/formats/uplink.md)
+            if len(d.visual) > U.MAX_VISUAL_TOKENS:  # positions are u16 in the format
+                raise UsageError(f"input {d.item['id']!r}: {len(d.visual)} visual tokens, more than the "
+                                 f"uplink format's {U.MAX_VISUAL_TOKENS}; use a smaller image size")
             keep = calib.visual.select(d.visual)
             q, scale = U.quantize_tokens(d.visual[keep])
             arrays[U.VISUAL_FEATURES], arrays[U.VISUAL_SCALES] = q, scale
