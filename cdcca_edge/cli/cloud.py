@@ -24,6 +24,8 @@ def serve(
     min_uploads: Annotated[Optional[int], typer.Option(
         help="Run a cohort's round in this process once this many new uploads arrived.")] = None,
     round_poll: Annotated[float, typer.Option(help="Seconds between checks for due rounds.")] = 5.0,
+    uploads_per_hour: Annotated[Optional[int], typer.Option(
+        help="A device's quota of stored uploads per hour (429 beyond it).")] = None,
 ) -> None:
     """Run the service (embedded default: SQLite in DATA, blobs in DATA/blobs)."""
     import uvicorn
@@ -32,7 +34,8 @@ def serve(
 
     data.mkdir(parents=True, exist_ok=True)
     err.print(f"cdcca-edge cloud: serving {data} on http://{host}:{port} (API under /v1)", highlight=False)
-    app_ = create_app(data, max_upload=max_upload_mb << 20, min_uploads=min_uploads, poll_seconds=round_poll)
+    app_ = create_app(data, max_upload=max_upload_mb << 20, min_uploads=min_uploads, poll_seconds=round_poll,
+                      uploads_per_hour=uploads_per_hour)
     uvicorn.run(app_, host=host, port=port, log_level="warning")
 
 

@@ -370,3 +370,35 @@ def test_publish_an_artefact_built_elsewhere(service, tmp_path, capsys):
     (tmp_path / "u.cdcd").write_bytes(httpx.get(f"{service.url}{up['url']}", headers=auth).content)
     assert apply_delta(device, tmp_path / "u.cdcd", trust=Trust.none()).applied
     assert compute_identity(open_artifact(device)).digest == pub["identity"]
+
+
+def test_quota_and_wrong_cohort(tmp_path, capsys):
+    """429 over a device's hourly upload quota (with Retry-After, nothing stored); 403 for
+    another cohort's update file."""
+    model = make_gguf(tmp_path / "m.gguf")
+    other = make_gguf(tmp_path / "o.gguf", seed=3)
+    data = tmp_path / "data"
+    assert main(["cloud", "create-cohort", "demo", "--artifact", str(model), "--data", str(data)]) == 0
+    assert main(["cloud", "create-cohort", "other", "--artifact", str(other), "--data", str(data)]) == 0
+    svc = Service(data)
+    svc.start("--uploads-per-hour", "2")
+    try:
+        dev = _enroll(svc, capsys)
+        auth = {"Authorization": f"Bearer {dev['device_token']}"}
+        ident = compute_identity(open_artifact(model)).digest
+        for i in range(2):
+            r = httpx.post(f"{svc.url}/v1/uploads", headers=auth,
+                           content=_bundle(tmp_path / f"b{i}.cdcu", ident, seed=i).read_bytes())
+            assert r.status_code == 201
+        before = svc.state()
+        hostile("service")
+        r = httpx.post(f"{svc.url}/v1/uploads", headers=auth,
+                       content=_bundle(tmp_path / "b2.cdcu", ident, seed=2).read_bytes())
+        assert r.status_code == 429 and r.json()["detail"]["error"] == "over_quota"
+        assert r.headers["retry-after"] == "3600" and svc.state() == before
+        theirs = hashlib.sha256(other.read_bytes()).hexdigest()
+        hostile("service")
+        r = httpx.get(f"{svc.url}/v1/blobs/{theirs}", headers=auth)
+        assert r.status_code == 403 and r.json()["detail"]["error"] == "wrong_cohort"
+    finally:
+        svc.stop()

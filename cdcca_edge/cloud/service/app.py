@@ -144,9 +144,12 @@ class StatusRequest(BaseModel):
 
 
 def create_app(data_dir: str | Path, db_url: str | None = None, max_upload: int = MAX_UPLOAD_BYTES,
-               min_uploads: int | None = None, poll_seconds: float = 5.0) -> FastAPI:
+               min_uploads: int | None = None, poll_seconds: float = 5.0,
+               uploads_per_hour: int | None = None) -> FastAPI:
     """The service's app. ``min_uploads``: run a cohort's round in this process as soon as
-    that many uploads arrived since its last round (checked every ``poll_seconds``)."""
+    that many uploads arrived since its last round (checked every ``poll_seconds``).
+    ``uploads_per_hour``: a device's quota of stored uploads over the last hour (429
+    beyond it)."""
     data_dir = Path(data_dir)
     sessions = open_db(database_url(data_dir, db_url))
     blobs = BlobStore(data_dir / "blobs")
@@ -206,6 +209,18 @@ def create_app(data_dir: str | Path, db_url: str | None = None, max_upload: int 
     async def upload(request: Request, response: Response,
                      authorization: str | None = Header(default=None)) -> dict[str, Any]:
         dev = device_for(authorization)
+        if uploads_per_hour is not None:
+            import time
+
+            from sqlalchemy import func
+
+            with sessions() as s:
+                recent = s.scalar(select(func.count(Upload.id)).where(
+                    Upload.device_id == dev.id, Upload.created > time.time() - 3600)) or 0
+            if recent >= uploads_per_hour:
+                raise HTTPException(status_code=429, headers={"Retry-After": "3600"}, detail={
+                    "error": "over_quota", "message": f"this device stored {recent} uploads in the last "
+                    f"hour, its quota is {uploads_per_hour}; keep the bundle and send it later"})
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > max_upload:
             raise _fail(413, "too_large", f"{declared} bytes is over the {max_upload:,}-byte limit; "
@@ -335,6 +350,11 @@ def create_app(data_dir: str | Path, db_url: str | None = None, max_upload: int 
             ok = s.scalar(select(Version.id).where(Version.cohort_id == dev.cohort_id,
                                                    Version.artifact_sha256 == sha256)) or s.scalar(
                 select(Delta.id).where(Delta.cohort_id == dev.cohort_id, Delta.sha256 == sha256))
+            other = ok is None and (s.scalar(select(Version.id).where(Version.artifact_sha256 == sha256))
+                                    or s.scalar(select(Delta.id).where(Delta.sha256 == sha256)))
+        if other:
+            raise _fail(403, "wrong_cohort", "that update file belongs to another cohort; ask "
+                        f"{API}/updates what this device should fetch")
         if ok is None or not blobs.has(sha256):
             raise _fail(404, "no_such_blob", "no such update file for this device's cohort; ask "
                         f"{API}/updates what to fetch")
@@ -380,6 +400,6 @@ def create_app(data_dir: str | Path, db_url: str | None = None, max_upload: int 
     async def _errors(request: Request, exc: HTTPException) -> JSONResponse:
         if request.url.path == f"{API}/uploads":
             metrics.uploads.labels("refused").inc()
-        return JSONResponse({"detail": exc.detail}, status_code=exc.status_code)
+        return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)
 
     return app
