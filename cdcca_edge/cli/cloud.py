@@ -23,6 +23,9 @@ def serve(
     max_upload_mb: Annotated[int, typer.Option(help="Largest uplink bundle accepted, MiB.")] = 64,
     min_uploads: Annotated[Optional[int], typer.Option(
         help="Run a cohort's round in this process once this many new uploads arrived.")] = None,
+    every: Annotated[Optional[float], typer.Option(
+        help="Also run a cohort's round when any upload is new and this many seconds passed since its "
+             "latest version.")] = None,
     round_poll: Annotated[float, typer.Option(help="Seconds between checks for due rounds.")] = 5.0,
     uploads_per_hour: Annotated[Optional[int], typer.Option(
         help="A device's quota of stored uploads per hour (429 beyond it).")] = None,
@@ -35,7 +38,7 @@ def serve(
     data.mkdir(parents=True, exist_ok=True)
     err.print(f"cdcca-edge cloud: serving {data} on http://{host}:{port} (API under /v1)", highlight=False)
     app_ = create_app(data, max_upload=max_upload_mb << 20, min_uploads=min_uploads, poll_seconds=round_poll,
-                      uploads_per_hour=uploads_per_hour)
+                      uploads_per_hour=uploads_per_hour, every=every)
     uvicorn.run(app_, host=host, port=port, log_level="warning")
 
 

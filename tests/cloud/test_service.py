@@ -315,12 +315,14 @@ def test_a_round_publishes_a_signed_delta_the_device_patches_in_place(tmp_path, 
         svc.stop()
 
 
-def test_the_service_runs_due_rounds_itself(tmp_path, capsys):
-    """`serve --min-uploads 1`: the embedded default's worker runs the round once an
-    upload arrives, publishes once, and counts it in /metrics."""
+@pytest.mark.parametrize("policy", [("--min-uploads", "1"), ("--every", "1")])
+def test_the_service_runs_due_rounds_itself(tmp_path, capsys, policy):
+    """`serve --min-uploads 1` (or `--every 1`, seconds since the latest version): the
+    embedded default's worker runs the round once an upload arrives, publishes once, and
+    counts it in /metrics."""
     f = _fleet(tmp_path)
     svc = Service(f["data"])
-    svc.start("--min-uploads", "1", "--round-poll", "0.5")
+    svc.start(*policy, "--round-poll", "0.5")
     try:
         dev = _enroll(svc, capsys, "fleet")
         auth = {"Authorization": f"Bearer {dev['device_token']}"}

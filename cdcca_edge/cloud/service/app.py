@@ -56,11 +56,13 @@ def _fail(status: int, code: str, message: str) -> HTTPException:
     return HTTPException(status_code=status, detail={"error": code, "message": message})
 
 
-def _round_worker(data_dir: Path, db_url: str | None, sessions: Any, min_uploads: int, poll: float,
-                  stop: threading.Event, metrics: "Metrics") -> None:
-    """The embedded default's job runner: a round for every cohort with enough new
-    uploads. A round that fails publishes nothing and is tried again at the next poll;
-    rounds of one cohort never overlap (rounds.py's lock), so none publishes twice."""
+def _round_worker(data_dir: Path, db_url: str | None, sessions: Any, min_uploads: int | None,
+                  every: float | None, poll: float, stop: threading.Event, metrics: "Metrics") -> None:
+    """The embedded default's job runner: a round for every cohort that is due, that is
+    with ``min_uploads`` new uploads, or with any new upload and ``every`` seconds since
+    its latest version. A round that fails publishes nothing and is tried again at the
+    next poll; rounds of one cohort never overlap (rounds.py's lock), so none publishes
+    twice."""
     import sys
     import time
 
@@ -70,14 +72,20 @@ def _round_worker(data_dir: Path, db_url: str | None, sessions: Any, min_uploads
 
     while not stop.wait(poll):
         with sessions() as s:
-            due = [name for name, n in s.execute(
+            pending = s.execute(
                 select(Cohort.name, func.count(Upload.id)).join(Upload, Upload.cohort_id == Cohort.id)
                 .where(Upload.round_version.is_(None), Cohort.teacher_dir.is_not(None))
-                .group_by(Cohort.name)) if n >= min_uploads]
+                .group_by(Cohort.name)).all()
+            newest = dict(s.execute(select(Cohort.name, func.max(Version.created))
+                                    .join(Version, Version.cohort_id == Cohort.id).group_by(Cohort.name)).all())
+        now = time.time()
+        due = [name for name, n in pending
+               if (min_uploads is not None and n >= min_uploads)
+               or (every is not None and n >= 1 and now - newest.get(name, now) >= every)]
         for name in due:
             t0 = time.perf_counter()
             try:
-                run_round(data_dir, name, db_url=db_url, min_new_uploads=min_uploads)
+                run_round(data_dir, name, db_url=db_url, min_new_uploads=1)
                 metrics.rounds.labels("published").inc()
             except Exception as exc:  # noqa: BLE001 - logged, counted, retried at the next poll
                 metrics.rounds.labels("failed").inc()
@@ -145,11 +153,12 @@ class StatusRequest(BaseModel):
 
 def create_app(data_dir: str | Path, db_url: str | None = None, max_upload: int = MAX_UPLOAD_BYTES,
                min_uploads: int | None = None, poll_seconds: float = 5.0,
-               uploads_per_hour: int | None = None) -> FastAPI:
+               uploads_per_hour: int | None = None, every: float | None = None) -> FastAPI:
     """The service's app. ``min_uploads``: run a cohort's round in this process as soon as
     that many uploads arrived since its last round (checked every ``poll_seconds``).
-    ``uploads_per_hour``: a device's quota of stored uploads over the last hour (429
-    beyond it)."""
+    ``every``: also run it when any upload is new and this many seconds passed since the
+    cohort's latest version. ``uploads_per_hour``: a device's quota of stored uploads over
+    the last hour (429 beyond it)."""
     data_dir = Path(data_dir)
     sessions = open_db(database_url(data_dir, db_url))
     blobs = BlobStore(data_dir / "blobs")
@@ -161,9 +170,10 @@ def create_app(data_dir: str | Path, db_url: str | None = None, max_upload: int 
     async def lifespan(_app: FastAPI) -> Any:
         stop = threading.Event()
         worker = None
-        if min_uploads is not None:
+        if min_uploads is not None or every is not None:
             worker = threading.Thread(target=_round_worker, name="cdcca-rounds", daemon=True,
-                                      args=(data_dir, db_url, sessions, min_uploads, poll_seconds, stop, metrics))
+                                      args=(data_dir, db_url, sessions, min_uploads, every, poll_seconds, stop,
+                                            metrics))
             worker.start()
         yield
         stop.set()
