@@ -278,33 +278,16 @@ def _open_leaf_cache(artifact: Artifact, write: bool = False) -> int | None:
     return None
 
 
-def load_leaves(artifact: Artifact, state: ArtifactState, names: set[str] | list[str]) -> list[str]:
-    """Make ``state.leaves`` hold the leaf digests of the named tensors: from the cache
-    where they give the sidecar's digest of the tensor, else read from the bytes.
-    Returns the names whose leaves had to be computed."""
-    need = [n for n in names if n not in state.leaves]
-    computed: list[str] = []
-    if not need:
-        return computed
-    fd = _open_leaf_cache(artifact)
-    table = _leaf_table(artifact)[0] if fd is not None else {}
+def load_leaves(artifact: Artifact, state: ArtifactState, names: set[str] | list[str]) -> None:
+    """Make ``state.leaves`` hold the leaf digests of the named tensors, the cache read
+    only (as :class:`LeafCache` reads it: verified rows, else computed from the bytes)."""
+    cache = LeafCache(artifact, state, write=False)
     try:
-        for name in need:
-            t = artifact.tensor(name)
-            got = None
-            if fd is not None:
-                pos, n = table[name]
-                raw = os.pread(fd, n, pos)
-                if len(raw) == n and digest_from_chunks(t.nbytes, raw) == state.tensor_digests.get(name):
-                    got = bytearray(raw)
-            if got is None:
-                got = bytearray(tensor_chunks(t))
-                computed.append(name)
-            state.leaves[name] = got
+        for name in names:
+            if name not in state.leaves:
+                state.leaves[name] = cache.get(name)[0]
     finally:
-        if fd is not None:
-            os.close(fd)
-    return computed
+        cache.close()
 
 
 class LeafCache:
@@ -315,14 +298,10 @@ class LeafCache:
     is missing or does not fit the layout, the new leaves stay in ``state.leaves`` for
     :func:`write_leaves` to write a whole new cache after the patch."""
 
-    def __init__(self, artifact: Artifact, state: ArtifactState) -> None:
+    def __init__(self, artifact: Artifact, state: ArtifactState, write: bool = True) -> None:
         self.artifact, self.state = artifact, state
         self.table = _leaf_table(artifact)[0]
-        self.fd = _open_leaf_cache(artifact, write=True)
-
-    @property
-    def usable(self) -> bool:
-        return self.fd is not None
+        self.fd = _open_leaf_cache(artifact, write=write)
 
     def get(self, name: str) -> tuple[bytearray, bool]:
         """(leaves, computed from the bytes?) of tensor ``name``."""
