@@ -8,10 +8,11 @@ were. An upload is stored durably (blob fsync'd, row committed) before its 201.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import re
-import threading
 import tempfile
+import threading
 import uuid
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,7 @@ from cdcca_edge.cloud.service.store import (
     Upload,
     Version,
     database_url,
+    latest_version,
     new_token,
     open_db,
     token_hash,
@@ -40,16 +42,6 @@ from cdcca_edge.cloud.service.store import (
 API = "/v1"
 MAX_UPLOAD_BYTES = 64 << 20  # default; `cloud serve --max-upload-mb`
 _RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
-
-
-def _file_sha256(path: Path) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _fail(status: int, code: str, message: str) -> HTTPException:
@@ -238,19 +230,20 @@ def create_app(data_dir: str | Path, db_url: str | None = None, max_upload: int 
         fd, name = tempfile.mkstemp(prefix="upload-", suffix=".cdcu", dir=incoming)
         tmp = Path(name)
         try:
-            size = 0
+            size, h = 0, hashlib.sha256()  # the blob's name: the file's own bytes, trailer included
             with os.fdopen(fd, "wb") as f:
                 async for chunk in request.stream():
                     size += len(chunk)
                     if size > max_upload:
                         raise _fail(413, "too_large", f"over the {max_upload:,}-byte limit; send "
                                     "several smaller bundles")
+                    h.update(chunk)
                     f.write(chunk)
-            return _accept_upload(dev, tmp, size, response)
+            return _accept_upload(dev, tmp, size, h.hexdigest(), response)
         finally:
             tmp.unlink(missing_ok=True)
 
-    def _accept_upload(dev: Device, tmp: Path, size: int, response: Response) -> dict[str, Any]:
+    def _accept_upload(dev: Device, tmp: Path, size: int, sha: str, response: Response) -> dict[str, Any]:
         from cdcca_edge.core.errors import CdccaError
         from cdcca_edge.core.uplink_format import read_uplink
 
@@ -260,7 +253,6 @@ def create_app(data_dir: str | Path, db_url: str | None = None, max_upload: int 
         except (CdccaError, ValueError) as exc:
             raise _fail(422, "malformed_bundle", f"not a valid uplink bundle: {exc}") from None
         identity = bundle.header["artifact_identity"]
-        sha = _file_sha256(tmp)  # the blob's name: the file's own bytes, trailer included
         with sessions() as s:
             known = s.scalar(select(Version).where(Version.cohort_id == dev.cohort_id,
                                                    Version.identity == identity))
@@ -291,8 +283,7 @@ def create_app(data_dir: str | Path, db_url: str | None = None, max_upload: int 
         dev = device_for(authorization)
         metrics.update_checks.inc()
         with sessions() as s:
-            latest = s.scalar(select(Version).where(Version.cohort_id == dev.cohort_id)
-                              .order_by(Version.number.desc()).limit(1))
+            latest = latest_version(s, dev.cohort_id)
             held = s.scalar(select(Version).where(Version.cohort_id == dev.cohort_id,
                                                   Version.identity == identity))
             delta = None if held is None or latest is None else s.scalar(

@@ -7,11 +7,12 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import tempfile
 from pathlib import Path
-from typing import BinaryIO, Iterator
+from typing import Iterator
 
 from cdcca_edge.core.errors import UsageError
-from cdcca_edge.core.fileio import atomic_file
+from cdcca_edge.core.fileio import commit_file, fsync_dir
 
 _SHA = re.compile(r"^[0-9a-f]{64}$")
 COPY_CHUNK = 1 << 20
@@ -33,33 +34,28 @@ class BlobStore:
         return self.path(sha256).is_file()
 
     def put_file(self, src: str | Path, sha256: str | None = None) -> tuple[str, int]:
-        """Store a copy of ``src``; returns (sha256, size). Idempotent."""
-        with open(src, "rb") as f:
-            return self.put_stream(f, sha256)
-
-    def put_stream(self, f: BinaryIO, sha256: str | None = None) -> tuple[str, int]:
-        """Store what ``f`` yields; (sha256, size). With ``sha256`` given, a stream that
-        does not hash to it is refused (UsageError) and nothing is stored."""
-        h = hashlib.sha256()
+        """Store a copy of ``src`` (hashed while copied); returns (sha256, size).
+        Idempotent. With ``sha256`` given, content that does not hash to it is refused
+        (UsageError) and nothing is stored."""
         tmp_dir = self.root / "tmp"
         tmp_dir.mkdir(exist_ok=True)
-        size = 0
-        with atomic_file(tmp_dir / f"incoming-{os.getpid()}-{id(f)}", mode=0o644) as out:
-            while chunk := f.read(COPY_CHUNK):
-                h.update(chunk)
-                out.write(chunk)
-                size += len(chunk)
-        tmp = tmp_dir / f"incoming-{os.getpid()}-{id(f)}"
-        digest = h.hexdigest()
+        fd, name = tempfile.mkstemp(prefix="incoming-", dir=tmp_dir)
+        tmp = Path(name)
+        h, size = hashlib.sha256(), 0
         try:
+            with os.fdopen(fd, "wb") as out, open(src, "rb") as f:
+                while chunk := f.read(COPY_CHUNK):
+                    h.update(chunk)
+                    out.write(chunk)
+                    size += len(chunk)
+            digest = h.hexdigest()
             if sha256 is not None and digest != sha256:
                 raise UsageError(f"content hashes to {digest[:16]}, not {sha256[:16]}")
             final = self.path(digest)
-            final.parent.mkdir(exist_ok=True)
-            os.replace(tmp, final)  # same file system: atomic; the content was fsync'd
-            from cdcca_edge.core.fileio import fsync_dir
-
-            fsync_dir(final.parent)
+            if not final.parent.is_dir():
+                final.parent.mkdir()
+                fsync_dir(self.root)
+            commit_file(tmp, final, mode=0o644)  # fsync, rename, fsync of the fan-out directory
         finally:
             tmp.unlink(missing_ok=True)
         return digest, size

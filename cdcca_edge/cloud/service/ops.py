@@ -5,14 +5,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from sqlalchemy import select
-
 from cdcca_edge.cloud.service.blobs import BlobStore
 from cdcca_edge.cloud.service.store import (
     Cohort,
     EnrollToken,
     Version,
+    cohort_named,
     database_url,
+    latest_version,
     new_token,
     open_db,
     token_hash,
@@ -47,7 +47,7 @@ def create_cohort(data_dir: str | Path, name: str, artifact: str | Path, db_url:
     data_dir.mkdir(parents=True, exist_ok=True)
     sessions = open_db(database_url(data_dir, db_url))
     with sessions() as s:
-        if s.scalar(select(Cohort).where(Cohort.name == name)) is not None:
+        if cohort_named(s, name) is not None:
             raise UsageError(f"cohort {name!r} exists; choose another name")
     for what, d in (("teacher", teacher), ("student", student)):
         if d is not None and not (Path(d) / "config.json").is_file():
@@ -58,8 +58,9 @@ def create_cohort(data_dir: str | Path, name: str, artifact: str | Path, db_url:
         from cdcca_edge.core.delta_format import load_private_key
 
         load_private_key(sign_key)  # refuse a bad key now, not at the first round
-    sha, size = BlobStore(data_dir / "blobs").put_file(art.path)
-    seed_mirror(data_dir, name, BlobStore(data_dir / "blobs").path(sha), identity, 0)
+    blobs = BlobStore(data_dir / "blobs")
+    sha, size = blobs.put_file(art.path)
+    seed_mirror(data_dir, name, blobs.path(sha), identity, 0)
     with sessions.begin() as s:
         cohort = Cohort(name=name, artifact_format=art.format,
                         teacher_dir=str(Path(teacher).resolve()) if teacher else None,
@@ -119,9 +120,9 @@ def enroll_token(data_dir: str | Path, cohort: str, uses: int = 1, db_url: str |
     sessions = open_db(database_url(Path(data_dir), db_url))
     token = new_token()
     with sessions.begin() as s:
-        c = s.scalar(select(Cohort).where(Cohort.name == cohort))
+        c = cohort_named(s, cohort)
         if c is None:
-            raise UsageError(f"no cohort {cohort!r}; create it with `cdcca-edge cloud cohort create`")
+            raise UsageError(f"no cohort {cohort!r}; create it with `cdcca-edge cloud create-cohort`")
         s.add(EnrollToken(cohort_id=c.id, token_hash=token_hash(token), uses_left=uses))
     return token
 
@@ -152,8 +153,6 @@ def publish(data_dir: str | Path, cohort: str, artifact: str | Path, db_url: str
     """
     import tempfile
 
-    from sqlalchemy import select as sel
-
     from cdcca_edge.cloud.service.store import Delta
     from cdcca_edge.core.artifact import compute_identity, open_artifact
     from cdcca_edge.core.delta_build import diff_artifacts
@@ -163,10 +162,10 @@ def publish(data_dir: str | Path, cohort: str, artifact: str | Path, db_url: str
     sessions = open_db(database_url(data_dir, db_url))
     blobs = BlobStore(data_dir / "blobs")
     with sessions() as s:
-        c = s.scalar(sel(Cohort).where(Cohort.name == cohort))
+        c = cohort_named(s, cohort)
         if c is None:
             raise UsageError(f"no cohort {cohort!r}")
-        latest = s.scalar(sel(Version).where(Version.cohort_id == c.id).order_by(Version.number.desc()).limit(1))
+        latest = latest_version(s, c.id)
     assert latest is not None
     identity = compute_identity(open_artifact(artifact)).digest
     if identity == latest.identity:

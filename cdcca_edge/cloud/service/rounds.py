@@ -18,11 +18,12 @@ from sqlalchemy import select
 from cdcca_edge.cloud.service.blobs import BlobStore
 from cdcca_edge.cloud.service.ops import mirror_path, seed_mirror
 from cdcca_edge.cloud.service.store import (
-    Cohort,
     Delta,
     Upload,
     Version,
+    cohort_named,
     database_url,
+    latest_version,
     open_db,
 )
 from cdcca_edge.core.errors import UsageError
@@ -55,12 +56,12 @@ def _round_locked(data_dir: Path, cohort: str, db_url: str | None, akd: Any, min
     sessions = open_db(database_url(data_dir, db_url))
     blobs = BlobStore(data_dir / "blobs")
     with sessions() as s:
-        c = s.scalar(select(Cohort).where(Cohort.name == cohort))
+        c = cohort_named(s, cohort)
         if c is None:
             raise UsageError(f"no cohort {cohort!r}")
         if not (c.teacher_dir and c.student_dir):
             raise UsageError(f"cohort {cohort!r} has no teacher and student: it runs no rounds")
-        latest = s.scalar(select(Version).where(Version.cohort_id == c.id).order_by(Version.number.desc()).limit(1))
+        latest = latest_version(s, c.id)
         uploads = list(s.scalars(select(Upload).where(Upload.cohort_id == c.id).order_by(Upload.id)))
     assert latest is not None
     new = [u for u in uploads if u.round_version is None]

@@ -137,6 +137,15 @@ def open_db(url: str) -> sessionmaker[Session]:
     return sessionmaker(engine, expire_on_commit=False)
 
 
+def cohort_named(s: Session, name: str) -> Cohort | None:
+    return s.scalar(select(Cohort).where(Cohort.name == name))
+
+
+def latest_version(s: Session, cohort_id: int) -> Version | None:
+    """The cohort's newest published version (every cohort has its version 0)."""
+    return s.scalar(select(Version).where(Version.cohort_id == cohort_id).order_by(Version.number.desc()).limit(1))
+
+
 def row_counts(sessions: sessionmaker[Session]) -> dict[str, int]:
     """Rows per table (tests check that a refused request changed none)."""
     with sessions() as s:
