@@ -1,6 +1,8 @@
 """The service's state: cohorts, their published versions, enrollment tokens, devices and
-uploads, in SQLAlchemy 2 (SQLite in WAL mode by default; any SQLAlchemy URL, PostgreSQL
-for scale-out). Tokens are stored as SHA-256 digests, never in the clear."""
+uploads, in SQLAlchemy 2: SQLite in WAL mode by default, PostgreSQL for scale-out
+(``--db postgresql://...``, driver psycopg 3). The schema is made and moved by the Alembic
+migrations in ``migrations/`` (``open_db`` runs them); these classes mirror them. Tokens
+are stored as SHA-256 digests, never in the clear."""
 
 from __future__ import annotations
 
@@ -10,9 +12,11 @@ import time
 from pathlib import Path
 
 from sqlalchemy import (
+    BigInteger,
     Boolean,
     Float,
     ForeignKey,
+    Index,
     Integer,
     String,
     UniqueConstraint,
@@ -55,7 +59,7 @@ class Version(Base):
     number: Mapped[int] = mapped_column(Integer)
     identity: Mapped[str] = mapped_column(String(64))
     artifact_sha256: Mapped[str] = mapped_column(String(64))  # the whole artefact, as a blob
-    artifact_size: Mapped[int] = mapped_column(Integer)
+    artifact_size: Mapped[int] = mapped_column(BigInteger)
     created: Mapped[float] = mapped_column(Float, default=time.time)
 
 
@@ -82,12 +86,14 @@ class Device(Base):
 
 class Upload(Base):
     __tablename__ = "uploads"
-    __table_args__ = (UniqueConstraint("device_id", "sha256"),)
+    __table_args__ = (UniqueConstraint("device_id", "sha256"),
+                      Index("ix_uploads_device_created", "device_id", "created"),
+                      Index("ix_uploads_cohort_round", "cohort_id", "round_version"))
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     device_id: Mapped[str] = mapped_column(ForeignKey("devices.id"))
     cohort_id: Mapped[int] = mapped_column(ForeignKey("cohorts.id"))
     sha256: Mapped[str] = mapped_column(String(64))
-    size: Mapped[int] = mapped_column(Integer)
+    size: Mapped[int] = mapped_column(BigInteger)
     artifact_identity: Mapped[str] = mapped_column(String(64))
     n_samples: Mapped[int] = mapped_column(Integer)
     created: Mapped[float] = mapped_column(Float, default=time.time)
@@ -104,7 +110,7 @@ class Delta(Base):
     from_version: Mapped[int] = mapped_column(Integer)
     to_version: Mapped[int] = mapped_column(Integer)
     sha256: Mapped[str] = mapped_column(String(64))
-    size: Mapped[int] = mapped_column(Integer)
+    size: Mapped[int] = mapped_column(BigInteger)
     created: Mapped[float] = mapped_column(Float, default=time.time)
 
 
@@ -117,14 +123,28 @@ def new_token() -> str:
 
 
 def database_url(data_dir: Path, url: str | None = None) -> str:
-    return url or f"sqlite:///{(data_dir / 'state.sqlite3').resolve()}"
+    """``url`` as given (a PostgreSQL URL names the psycopg 3 driver), else the embedded
+    default's SQLite file in ``data_dir``."""
+    if url is None:
+        return f"sqlite:///{(data_dir / 'state.sqlite3').resolve()}"
+    if url.startswith(("postgresql://", "postgres://")):
+        return "postgresql+psycopg://" + url.split("://", 1)[1]
+    return url
+
+
+_ENGINES: dict[str, sessionmaker[Session]] = {}
 
 
 def open_db(url: str) -> sessionmaker[Session]:
-    """Engine and session factory; creates the tables. SQLite runs in WAL mode with
-    synchronous=FULL: a committed upload survives a power cut, not only a crash."""
-    engine: Engine = create_engine(url, future=True)
-    if url.startswith("sqlite"):
+    """Session factory for ``url``, its schema migrated to the newest revision (once per
+    process). SQLite runs in WAL mode with synchronous=FULL: a committed upload survives a
+    power cut, not only a crash."""
+    if url in _ENGINES:
+        return _ENGINES[url]
+    sqlite = url.startswith("sqlite")
+    engine: Engine = create_engine(url, future=True, **({} if sqlite else {"pool_size": 20, "max_overflow": 20,
+                                                                          "pool_pre_ping": True}))
+    if sqlite:
         @event.listens_for(engine, "connect")
         def _pragmas(conn, _record):  # noqa: ANN001
             cur = conn.cursor()
@@ -133,8 +153,32 @@ def open_db(url: str) -> sessionmaker[Session]:
             cur.execute("PRAGMA foreign_keys=ON")
             cur.execute("PRAGMA busy_timeout=10000")
             cur.close()
-    Base.metadata.create_all(engine)
-    return sessionmaker(engine, expire_on_commit=False)
+    migrate(engine)
+    _ENGINES[url] = sessionmaker(engine, expire_on_commit=False)
+    return _ENGINES[url]
+
+
+def migrate(engine: Engine) -> None:
+    """Run the Alembic migrations up to the newest revision. Processes that start together
+    (API processes, workers) take turns: a PostgreSQL advisory lock, a lock file beside a
+    SQLite database."""
+    import contextlib
+    import fcntl
+
+    from alembic import command
+    from alembic.config import Config
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(Path(__file__).with_name("migrations")))
+    with contextlib.ExitStack() as stack:
+        if engine.dialect.name == "sqlite" and engine.url.database not in (None, "", ":memory:"):
+            lock = stack.enter_context(open(f"{engine.url.database}.migrate-lock", "a"))
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+        with engine.begin() as conn:
+            if engine.dialect.name == "postgresql":
+                conn.exec_driver_sql("SELECT pg_advisory_xact_lock(7263100114)")  # any fixed key: ours
+            cfg.attributes["connection"] = conn
+            command.upgrade(cfg, "head")
 
 
 def cohort_named(s: Session, name: str) -> Cohort | None:
