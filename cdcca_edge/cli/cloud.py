@@ -12,7 +12,11 @@ from cdcca_edge.cli.options import JsonOpt
 
 app = typer.Typer(help="The cloud service: serve devices, create cohorts, enroll devices.", no_args_is_help=True)
 
-DataOpt = Annotated[Path, typer.Option("--data", help="The service's data directory (state and blobs).")]
+DataOpt = Annotated[Path, typer.Option("--data", help="The service's data directory (blobs, mirrors, TUF "
+                                        "metadata; shared by every process of one service).")]
+DbOpt = Annotated[Optional[str], typer.Option(
+    "--db", envvar="CDCCA_DB", help="Database URL (postgresql://USER@HOST:PORT/DB for scale-out); default: "
+    "SQLite in --data.")]
 
 
 @app.command("serve")
@@ -29,16 +33,21 @@ def serve(
     round_poll: Annotated[float, typer.Option(help="Seconds between checks for due rounds.")] = 5.0,
     uploads_per_hour: Annotated[Optional[int], typer.Option(
         help="A device's quota of stored uploads per hour (429 beyond it).")] = None,
+    db: DbOpt = None,
+    queue: Annotated[bool, typer.Option(
+        help="Hand due rounds to `cdcca-edge cloud worker` processes through the task queue (needs "
+             "PostgreSQL --db) instead of running them in this process.")] = False,
 ) -> None:
-    """Run the service (embedded default: SQLite in DATA, blobs in DATA/blobs)."""
+    """Run the service (embedded default: SQLite in DATA, blobs in DATA/blobs, rounds in a
+    thread of this process)."""
     import uvicorn
 
     from cdcca_edge.cloud.service.app import create_app
 
     data.mkdir(parents=True, exist_ok=True)
     err.print(f"cdcca-edge cloud: serving {data} on http://{host}:{port} (API under /v1)", highlight=False)
-    app_ = create_app(data, max_upload=max_upload_mb << 20, min_uploads=min_uploads, poll_seconds=round_poll,
-                      uploads_per_hour=uploads_per_hour, every=every)
+    app_ = create_app(data, db_url=db, max_upload=max_upload_mb << 20, min_uploads=min_uploads,
+                      poll_seconds=round_poll, uploads_per_hour=uploads_per_hour, every=every, queue=queue)
     uvicorn.run(app_, host=host, port=port, log_level="warning")
 
 
@@ -47,15 +56,22 @@ def create_cohort(
     name: Annotated[str, typer.Argument(help="Cohort name (letters, digits, '-', '_').")],
     artifact: Annotated[Path, typer.Option(help="The device artefact of version 0 (a GGUF file from export).")],
     data: DataOpt,
+    sign_key: Annotated[Path, typer.Option(
+        help="Online Ed25519 private key (PEM, `cdcca-edge delta keygen`): signs deltas and the TUF "
+             "targets, snapshot and timestamp metadata. Kept by path.")],
+    root_key: Annotated[Path, typer.Option(
+        help="TUF root Ed25519 private key (PEM): signs root metadata only; needed again only to rotate "
+             "keys, so keep it offline.")],
     teacher: Annotated[Optional[Path], typer.Option(help="Teacher HF directory (rounds need it).")] = None,
     student: Annotated[Optional[Path], typer.Option(help="Student HF directory the artefact was exported from.")] = None,
-    sign_key: Annotated[Optional[Path], typer.Option(help="Ed25519 private key (PEM) that signs the deltas.")] = None,
+    db: DbOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Create a cohort whose version 0 is the given device artefact."""
     from cdcca_edge.cloud.service.ops import create_cohort as do_create
 
-    doc = do_create(data, name, artifact, teacher=teacher, student=student, sign_key=sign_key)
+    doc = do_create(data, name, artifact, sign_key=sign_key, root_key=root_key, db_url=db, teacher=teacher,
+                    student=student)
     if json_out:
         print_json(doc)
     else:
@@ -68,12 +84,13 @@ def enroll_token(
     cohort: Annotated[str, typer.Option(help="The cohort the device joins.")],
     data: DataOpt,
     uses: Annotated[int, typer.Option(help="How many devices may enroll with it.")] = 1,
+    db: DbOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Make an enrollment token (shown once; stored hashed)."""
     from cdcca_edge.cloud.service.ops import enroll_token as do_token
 
-    token = do_token(data, cohort, uses)
+    token = do_token(data, cohort, uses, db_url=db)
     if json_out:
         print_json({"cohort": cohort, "token": token, "uses": uses})
     else:
@@ -84,6 +101,7 @@ def enroll_token(
 def round_(
     cohort: Annotated[str, typer.Argument(help="The cohort.")],
     data: DataOpt,
+    db: DbOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Run a round now: AKD from the cohort's uploads, DWC against its mirror, publish
@@ -92,7 +110,7 @@ def round_(
     from cdcca_edge.cloud.service.rounds import run_round
 
     with stage_status(not json_out) as on_stage:
-        doc = run_round(data, cohort, progress=on_stage)
+        doc = run_round(data, cohort, db_url=db, progress=on_stage)
     if json_out:
         print_json(doc)
     else:
@@ -105,11 +123,12 @@ def round_(
 def revoke(
     device_id: Annotated[str, typer.Argument(help="The device id its enrollment returned.")],
     data: DataOpt,
+    db: DbOpt = None,
 ) -> None:
     """Revoke a device: its token is refused from now on (it must enroll again)."""
     from cdcca_edge.cloud.service.ops import revoke_device
 
-    revoke_device(data, device_id)
+    revoke_device(data, device_id, db_url=db)
     out.print(f"device {device_id} revoked", highlight=False)
 
 
@@ -118,15 +137,57 @@ def publish(
     cohort: Annotated[str, typer.Argument(help="The cohort.")],
     artifact: Annotated[Path, typer.Option(help="The new device artefact (same tensor layout), built elsewhere.")],
     data: DataOpt,
+    db: DbOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Publish an artefact built elsewhere as the cohort's next version, with an exact
     signed delta from the latest."""
     from cdcca_edge.cloud.service.ops import publish as do_publish
 
-    doc = do_publish(data, cohort, artifact)
+    doc = do_publish(data, cohort, artifact, db_url=db)
     if json_out:
         print_json(doc)
     else:
         out.print(f"cohort {cohort}: version {doc['version']} = {doc['identity'][:16]}, delta "
                   f"{doc['delta_bytes']:,} bytes", highlight=False)
+
+
+@app.command("rotate-key")
+def rotate_key(
+    cohort: Annotated[str, typer.Argument(help="The cohort.")],
+    data: DataOpt,
+    root_key: Annotated[Path, typer.Option(help="The cohort's current TUF root key (PEM).")],
+    new_sign_key: Annotated[Optional[Path], typer.Option(help="The new online key (PEM).")] = None,
+    new_root_key: Annotated[Optional[Path], typer.Option(help="The new root key (PEM).")] = None,
+    db: DbOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Rotate a cohort's keys: new root metadata signed by the current root key (and the
+    new one); devices follow it at their next update check."""
+    from cdcca_edge.cloud.service.ops import rotate_keys
+
+    doc = rotate_keys(data, cohort, root_key, new_sign_key=new_sign_key, new_root_key=new_root_key, db_url=db)
+    if json_out:
+        print_json(doc)
+    else:
+        out.print(f"cohort {cohort}: root metadata version {doc['root_version']}", highlight=False)
+
+
+@app.command("migrate")
+def migrate(data: DataOpt, db: DbOpt = None, json_out: JsonOpt = False) -> None:
+    """Bring the database schema to this version's (Alembic; every command does it too) and
+    install the task queue's schema on PostgreSQL."""
+    from cdcca_edge.cloud.service.store import database_url, open_db
+
+    data.mkdir(parents=True, exist_ok=True)
+    open_db(database_url(data, db))
+    queue = False
+    if db is not None and db.startswith(("postgresql", "postgres:")):
+        from cdcca_edge.cloud.service.jobs import install_queue
+
+        queue = install_queue(db)
+    doc = {"migrated": True, "queue_schema_installed": queue}
+    if json_out:
+        print_json(doc)
+    else:
+        out.print("schema up to date" + ("; task queue schema installed" if queue else ""), highlight=False)

@@ -48,6 +48,23 @@ def _bundle(path: Path, identity: str, n: int = 3, seed: int = 0) -> Path:
     return path
 
 
+def _keys(tmp_path: Path) -> tuple[Path, Path]:
+    """(online key, root key) of a cohort, made once per test directory."""
+    from cdcca_edge.core.delta_format import generate_keypair
+
+    sign, root = tmp_path / "key.pem", tmp_path / "root.pem"
+    if not sign.exists():
+        generate_keypair(sign, tmp_path / "key.pem.pub")
+        generate_keypair(root, tmp_path / "root.pem.pub")
+    return sign, root
+
+
+def _create(tmp_path: Path, data: Path, name: str, model: Path, *extra: str) -> None:
+    sign, root = _keys(tmp_path)
+    assert main(["cloud", "create-cohort", name, "--artifact", str(model), "--data", str(data),
+                 "--sign-key", str(sign), "--root-key", str(root), *extra]) == 0
+
+
 class Service:
     def __init__(self, data: Path) -> None:
         self.data, self.port = data, _free_port()
@@ -82,7 +99,7 @@ class Service:
 def service(tmp_path):
     model = make_gguf(tmp_path / "m.gguf")
     data = tmp_path / "data"
-    assert main(["cloud", "create-cohort", "demo", "--artifact", str(model), "--data", str(data)]) == 0
+    _create(tmp_path, data, "demo", model)
     svc = Service(data)
     svc.start("--max-upload-mb", "1")
     svc.model = model
@@ -216,7 +233,6 @@ def _fleet(tmp_path: Path) -> dict:
     import shutil
 
     from cdcca_edge.converters.export import export
-    from cdcca_edge.core.delta_format import generate_keypair
     from cdcca_edge.demo.tiny import build_tiny_model
     from cdcca_edge.runtime import load
     from cdcca_edge.runtime.uts import calibrate, collect, read_inputs
@@ -227,11 +243,8 @@ def _fleet(tmp_path: Path) -> dict:
     teacher = build_tiny_model(tmp_path / "teacher", TEACHER)
     student = build_tiny_model(tmp_path / "student", STUDENT)
     model = export(student, tmp_path / "student.gguf", "gguf", quant="q8_0").path
-    generate_keypair(tmp_path / "key.pem", tmp_path / "key.pem.pub")
     data = tmp_path / "data"
-    assert main(["cloud", "create-cohort", "fleet", "--artifact", str(model), "--data", str(data),
-                 "--teacher", str(teacher), "--student", str(student),
-                 "--sign-key", str(tmp_path / "key.pem")]) == 0
+    _create(tmp_path, data, "fleet", model, "--teacher", str(teacher), "--student", str(student))
     device = tmp_path / "device.gguf"
     shutil.copy(model, device)
     identity = compute_identity(open_artifact(device)).digest
@@ -257,60 +270,72 @@ def test_a_round_publishes_a_signed_delta_the_device_patches_in_place(tmp_path, 
     cohort's public key as trust, reports; the mirror's identity is the device's."""
     from cdcca_edge.core.patch import apply_delta
     from cdcca_edge.core.trust import Trust
+    from cdcca_edge.runtime.sync_client import SyncClient, SyncError
 
     f = _fleet(tmp_path)
     data, device, old_device, identity = f["data"], f["device"], f["old_device"], f["identity"]
     svc = Service(data)
     svc.start()
     try:
-        dev = _enroll(svc, capsys, "fleet")
-        auth = {"Authorization": f"Bearer {dev['device_token']}"}
-        r = httpx.post(f"{svc.url}/v1/uploads", content=(tmp_path / "b.cdcu").read_bytes(), headers=auth)
-        assert r.status_code == 201, r.text
+        capsys.readouterr()
+        assert main(["cloud", "enroll-token", "--cohort", "fleet", "--data", str(data), "--uses", "2",
+                     "--json"]) == 0
+        token = json.loads(capsys.readouterr().out)["token"]
+        client = SyncClient(tmp_path / "device-state")  # the device's side: urllib3 + TUF ngclient
+        enr = client.enroll(svc.url, token)
+        auth = {"Authorization": f"Bearer {enr.token}"}
+        assert client.upload(tmp_path / "b.cdcu")["stored"] == "now"
         capsys.readouterr()
         assert main(["cloud", "round", "fleet", "--data", str(data), "--json"]) == 0
         published = json.loads(capsys.readouterr().out)
         assert published["version"] == 1 and published["signed"] and published["new_uploads"] == 1
         assert main(["cloud", "round", "fleet", "--data", str(data)]) == 2  # nothing new: publishes nothing
-        up = httpx.get(f"{svc.url}/v1/updates", params={"identity": identity}, headers=auth).json()
+        up = client.check(identity)
         assert up["held_version"] == 0 and up["latest_version"] == 1
         u = up["update"]
         assert u["kind"] == "delta" and u["to_identity"] == published["identity"]
-        half = u["length"] // 2
-        got = (httpx.get(f"{svc.url}{u['url']}", headers={**auth, "Range": f"bytes=0-{half - 1}"}).content
-               + httpx.get(f"{svc.url}{u['url']}", headers={**auth, "Range": f"bytes={half}-"}).content)
-        assert hashlib.sha256(got).hexdigest() == u["sha256"]
-        (tmp_path / "update.cdcd").write_bytes(got)
-        res = apply_delta(device, tmp_path / "update.cdcd", trust=Trust.keys([tmp_path / "key.pem.pub"]))
+        fetched = client.fetch(u)  # TUF-verified: signed length, SHA-256 and claimed identities
+        assert hashlib.sha256(fetched.read_bytes()).hexdigest() == u["sha256"]
+        # the second layer: the delta's own signature, by a key the TUF root gives the targets role
+        assert client.trust().public_keys == Trust.keys([tmp_path / "key.pem.pub"]).public_keys
+        res = apply_delta(device, fetched, trust=client.trust())
         assert res.applied and res.to_version == 1
         now = compute_identity(open_artifact(device)).digest
         assert now == u["to_identity"]
-        assert httpx.post(f"{svc.url}/v1/status", json={"identity": now, "healthy": True},
-                          headers=auth).status_code == 204
+        client.report(now, True)
         from cdcca_edge.cloud.service.ops import mirror_path
 
         assert compute_identity(open_artifact(mirror_path(data, "fleet"))).digest == now
-        assert httpx.get(f"{svc.url}/v1/updates", params={"identity": now}, headers=auth).json()["update"] is None
+        assert client.check(now)["update"] is None
         # a device still on an unknown model gets the whole new artefact, which is the mirror's bytes
-        whole = httpx.get(f"{svc.url}/v1/updates", params={"identity": "1" * 64}, headers=auth).json()["update"]
+        whole = client.check("1" * 64)["update"]
         assert whole["kind"] == "artifact" and whole["to_version"] == 1
-        assert httpx.get(f"{svc.url}{whole['url']}", headers=auth).content == device.read_bytes()
-        # round 2; the device left on version 0 gets a delta 0 -> 2, built on demand, signed
-        assert httpx.post(f"{svc.url}/v1/uploads", content=(tmp_path / "b2.cdcu").read_bytes(),
-                          headers=auth).status_code == 201
+        assert client.fetch(whole).read_bytes() == device.read_bytes()
+        # round 2; a second device left on version 0 gets a delta 0 -> 2, built on demand, signed
+        assert client.upload(tmp_path / "b2.cdcu")["stored"] == "now"
         assert main(["cloud", "round", "fleet", "--data", str(data)]) == 0
-        skip = httpx.get(f"{svc.url}/v1/updates", params={"identity": identity}, headers=auth).json()["update"]
+        other = SyncClient(tmp_path / "old-device-state")
+        other.enroll(svc.url, token)
+        skip = other.check(identity)["update"]
         assert skip["kind"] == "delta" and (skip["from_version"], skip["to_version"]) == (0, 2)
-        (tmp_path / "skip.cdcd").write_bytes(httpx.get(f"{svc.url}{skip['url']}", headers=auth).content)
-        assert apply_delta(old_device, tmp_path / "skip.cdcd", trust=Trust.keys([tmp_path / "key.pem.pub"])).applied
+        # a download that broke off half way resumes from the bytes it has (HTTP Range)
+        half = skip["length"] // 2
+        partial = httpx.get(f"{svc.url}{skip['url']}", headers={**auth, "Range": f"bytes=0-{half - 1}"}).content
+        (tmp_path / "old-device-state" / "downloads").mkdir(parents=True, exist_ok=True)
+        part = tmp_path / "old-device-state" / "downloads" / f"{skip['sha256']}.v0-v2.cdcd.part"
+        part.write_bytes(partial)
+        got = other.fetch(skip)
+        assert hashlib.sha256(got.read_bytes()).hexdigest() == skip["sha256"] and not part.exists()
+        assert apply_delta(old_device, got, trust=other.trust()).applied
         assert compute_identity(open_artifact(old_device)).digest == skip["to_identity"] == \
             compute_identity(open_artifact(mirror_path(data, "fleet"))).digest
-        again = httpx.get(f"{svc.url}/v1/updates", params={"identity": identity}, headers=auth).json()["update"]
+        again = other.check(identity)["update"]
         assert again["sha256"] == skip["sha256"]  # built once, then served from the store
         # an operator revokes the device: its token no longer works
-        assert main(["cloud", "revoke", dev["device_id"], "--data", str(data)]) == 0
-        r = httpx.get(f"{svc.url}/v1/updates", params={"identity": identity}, headers=auth)
-        assert r.status_code == 401 and r.json()["detail"]["error"] == "bad_token"
+        assert main(["cloud", "revoke", enr.device_id, "--data", str(data)]) == 0
+        with pytest.raises(SyncError) as exc:
+            client.check(identity)
+        assert exc.value.status == 401 and exc.value.code == "bad_token"
     finally:
         svc.stop()
 
@@ -380,8 +405,8 @@ def test_quota_and_wrong_cohort(tmp_path, capsys):
     model = make_gguf(tmp_path / "m.gguf")
     other = make_gguf(tmp_path / "o.gguf", seed=3)
     data = tmp_path / "data"
-    assert main(["cloud", "create-cohort", "demo", "--artifact", str(model), "--data", str(data)]) == 0
-    assert main(["cloud", "create-cohort", "other", "--artifact", str(other), "--data", str(data)]) == 0
+    _create(tmp_path, data, "demo", model)
+    _create(tmp_path, data, "other", other)
     svc = Service(data)
     svc.start("--uploads-per-hour", "2")
     try:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import re
 import tempfile
@@ -25,6 +26,7 @@ from sqlalchemy.exc import IntegrityError as DBIntegrityError
 
 from cdcca_edge import __version__
 from cdcca_edge.cloud.service.blobs import BlobStore
+from cdcca_edge.cloud.service.ops import sign_targets
 from cdcca_edge.cloud.service.store import (
     Cohort,
     Delta,
@@ -38,6 +40,8 @@ from cdcca_edge.cloud.service.store import (
     open_db,
     token_hash,
 )
+from cdcca_edge.cloud.service.tuf_repo import CohortRepository, artifact_target, delta_target
+from cdcca_edge.core.errors import UsageError
 
 API = "/v1"
 MAX_UPLOAD_BYTES = 64 << 20  # default; `cloud serve --max-upload-mb`
@@ -49,8 +53,11 @@ def _fail(status: int, code: str, message: str) -> HTTPException:
 
 
 def _round_worker(data_dir: Path, db_url: str | None, sessions: Any, min_uploads: int | None,
-                  every: float | None, poll: float, stop: threading.Event, metrics: "Metrics") -> None:
-    """The embedded default's job runner: a round for every cohort that is due, that is
+                  every: float | None, poll: float, stop: threading.Event, metrics: "Metrics",
+                  queue: bool = False) -> None:
+    """The embedded default's background work: every ``poll`` seconds, re-sign TUF
+    metadata that nears expiry (or lags the published rows), and run a round for every
+    cohort that is due, that is
     with ``min_uploads`` new uploads, or with any new upload and ``every`` seconds since
     its latest version. A round that fails publishes nothing and is tried again at the
     next poll; rounds of one cohort never overlap (rounds.py's lock), so none publishes
@@ -60,9 +67,17 @@ def _round_worker(data_dir: Path, db_url: str | None, sessions: Any, min_uploads
 
     from sqlalchemy import func
 
+    from cdcca_edge.cloud.service.ops import refresh_metadata
     from cdcca_edge.cloud.service.rounds import run_round
 
     while not stop.wait(poll):
+        try:
+            refresh_metadata(data_dir, sessions)
+        except Exception as exc:  # noqa: BLE001 - logged; tried again at the next poll
+            print(f"cdcca-edge cloud: re-signing metadata failed ({type(exc).__name__}: {exc})",
+                  file=sys.stderr, flush=True)
+        if min_uploads is None and every is None:
+            continue
         with sessions() as s:
             pending = s.execute(
                 select(Cohort.name, func.count(Upload.id)).join(Upload, Upload.cohort_id == Cohort.id)
@@ -75,6 +90,11 @@ def _round_worker(data_dir: Path, db_url: str | None, sessions: Any, min_uploads
                if (min_uploads is not None and n >= min_uploads)
                or (every is not None and n >= 1 and now - newest.get(name, now) >= every)]
         for name in due:
+            if queue:  # a worker process runs it; the queueing lock keeps one job per cohort queued
+                from cdcca_edge.cloud.service.jobs import defer_round
+
+                defer_round(db_url, name)
+                continue
             t0 = time.perf_counter()
             try:
                 run_round(data_dir, name, db_url=db_url, min_new_uploads=1)
@@ -145,12 +165,13 @@ class StatusRequest(BaseModel):
 
 def create_app(data_dir: str | Path, db_url: str | None = None, max_upload: int = MAX_UPLOAD_BYTES,
                min_uploads: int | None = None, poll_seconds: float = 5.0,
-               uploads_per_hour: int | None = None, every: float | None = None) -> FastAPI:
+               uploads_per_hour: int | None = None, every: float | None = None, queue: bool = False) -> FastAPI:
     """The service's app. ``min_uploads``: run a cohort's round in this process as soon as
     that many uploads arrived since its last round (checked every ``poll_seconds``).
     ``every``: also run it when any upload is new and this many seconds passed since the
     cohort's latest version. ``uploads_per_hour``: a device's quota of stored uploads over
-    the last hour (429 beyond it)."""
+    the last hour (429 beyond it). ``queue``: hand due rounds to worker processes through the
+    task queue (PostgreSQL) instead of running them in this process."""
     data_dir = Path(data_dir)
     sessions = open_db(database_url(data_dir, db_url))
     blobs = BlobStore(data_dir / "blobs")
@@ -161,16 +182,13 @@ def create_app(data_dir: str | Path, db_url: str | None = None, max_upload: int 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> Any:
         stop = threading.Event()
-        worker = None
-        if min_uploads is not None or every is not None:
-            worker = threading.Thread(target=_round_worker, name="cdcca-rounds", daemon=True,
-                                      args=(data_dir, db_url, sessions, min_uploads, every, poll_seconds, stop,
-                                            metrics))
-            worker.start()
+        worker = threading.Thread(target=_round_worker, name="cdcca-background", daemon=True,
+                                  args=(data_dir, db_url, sessions, min_uploads, every, poll_seconds, stop, metrics,
+                                        queue))
+        worker.start()
         yield
         stop.set()
-        if worker is not None:
-            worker.join(timeout=poll_seconds + 1)
+        worker.join(timeout=poll_seconds + 1)
 
     app = FastAPI(title="cdcca-edge cloud", version=__version__, openapi_url=f"{API}/openapi.json",
                   docs_url=f"{API}/docs", redoc_url=None, lifespan=lifespan)
@@ -205,7 +223,8 @@ def create_app(data_dir: str | Path, db_url: str | None = None, max_upload: int 
             cohort = s.get(Cohort, et.cohort_id)
             assert cohort is not None
             name = cohort.name
-        return {"device_id": dev.id, "device_token": device_token, "cohort": name}
+        root = json.loads(CohortRepository(data_dir, name).root_bytes())
+        return {"device_id": dev.id, "device_token": device_token, "cohort": name, "tuf_root": root}
 
     @app.post(f"{API}/uploads", status_code=201)
     async def upload(request: Request, response: Response,
@@ -297,14 +316,47 @@ def create_app(data_dir: str | Path, db_url: str | None = None, max_upload: int 
         if identity == latest.identity:
             return doc
         if delta is not None and held is not None:  # patch in place from the version held
-            doc["update"] = {"kind": "delta", "from_identity": held.identity, "to_identity": latest.identity,
-                             "from_version": held.number, "to_version": latest.number,
-                             "sha256": delta.sha256, "length": delta.size, "url": f"{API}/blobs/{delta.sha256}"}
+            target = delta_target(held.number, latest.number)
+            doc["update"] = {"kind": "delta", "target": target, "from_identity": held.identity,
+                             "to_identity": latest.identity, "from_version": held.number,
+                             "to_version": latest.number, "sha256": delta.sha256, "length": delta.size,
+                             "url": f"{API}/blobs/{delta.sha256}"}
         else:  # an unknown model, or no delta from its version: the whole latest artefact
-            doc["update"] = {"kind": "artifact", "to_identity": latest.identity, "to_version": latest.number,
-                             "sha256": latest.artifact_sha256, "length": latest.artifact_size,
-                             "url": f"{API}/blobs/{latest.artifact_sha256}"}
+            target = artifact_target(latest.number)
+            doc["update"] = {"kind": "artifact", "target": target, "to_identity": latest.identity,
+                             "to_version": latest.number, "sha256": latest.artifact_sha256,
+                             "length": latest.artifact_size, "url": f"{API}/blobs/{latest.artifact_sha256}"}
+        doc["update"]["tuf"] = {"metadata_url": f"{API}/tuf/metadata/", "targets_url": f"{API}/tuf/targets/"}
+        name = cohort_name(dev.cohort_id)
+        if target not in signed_targets(name):  # published, not signed yet (a crash between): sign now
+            sign_targets(data_dir, sessions, name)
         return doc
+
+    names: dict[int, str] = {}
+
+    def cohort_name(cohort_id: int) -> str:
+        if cohort_id not in names:  # names never change
+            with sessions() as s:
+                c = s.get(Cohort, cohort_id)
+                assert c is not None
+                names[cohort_id] = c.name
+        return names[cohort_id]
+
+    signed_cache: dict[str, tuple[int, set[str]]] = {}
+
+    def signed_targets(cohort: str) -> set[str]:
+        """Target paths in the cohort's current TUF metadata (re-read when timestamp.json
+        changed)."""
+        repo = CohortRepository(data_dir, cohort)
+        try:
+            stamp = (repo.dir / "timestamp.json").stat().st_mtime_ns
+        except FileNotFoundError:
+            return set()
+        got = signed_cache.get(cohort)
+        if got is None or got[0] != stamp:
+            got = (stamp, set(repo.targets()))
+            signed_cache[cohort] = got
+        return got[1]
 
     build_lock = threading.Lock()
 
@@ -334,6 +386,7 @@ def create_app(data_dir: str | Path, db_url: str | None = None, max_upload: int 
                     row = Delta(cohort_id=cohort_id, from_version=held.number, to_version=latest.number,
                                 sha256=sha, size=size)
                     s.add(row)
+                sign_targets(data_dir, sessions, cohort.name)
                 return row
             except DBIntegrityError:  # another process built it first
                 with sessions() as s:
@@ -346,7 +399,29 @@ def create_app(data_dir: str | Path, db_url: str | None = None, max_upload: int 
     @app.get(f"{API}/blobs/{{sha256}}")
     def blob(sha256: str, range: str | None = Header(default=None),  # noqa: A002
              authorization: str | None = Header(default=None)) -> Response:
+        return serve_blob(device_for(authorization), sha256, range)
+
+    @app.get(f"{API}/tuf/metadata/{{name}}")
+    def tuf_metadata(name: str, authorization: str | None = Header(default=None)) -> Response:
         dev = device_for(authorization)
+        repo = CohortRepository(data_dir, cohort_name(dev.cohort_id))
+        try:
+            path = repo.metadata_file(name)
+            data = path.read_bytes()
+        except (UsageError, FileNotFoundError):
+            # a 404 (not 401/403) ends a TUF client's walk up the root chain
+            raise _fail(404, "no_such_metadata", f"no metadata {name[:80]!r} for this device's cohort; "
+                        "TUF clients ask for N.root.json, timestamp.json, N.snapshot.json, N.targets.json") from None
+        return Response(data, media_type="application/json", headers={"Cache-Control": "no-store"})
+
+    @app.get(f"{API}/tuf/targets/{{path:path}}")
+    def tuf_target(path: str, range: str | None = Header(default=None),  # noqa: A002
+                   authorization: str | None = Header(default=None)) -> Response:
+        dev = device_for(authorization)
+        sha = path.rsplit("/", 1)[-1].split(".", 1)[0]  # consistent snapshots: DIR/SHA256.NAME
+        return serve_blob(dev, sha, range)
+
+    def serve_blob(dev: Device, sha256: str, range: str | None) -> Response:  # noqa: A002
         with sessions() as s:
             ok = s.scalar(select(Version.id).where(Version.cohort_id == dev.cohort_id,
                                                    Version.artifact_sha256 == sha256)) or s.scalar(

@@ -5,9 +5,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
 from cdcca_edge.cloud.service.blobs import BlobStore
 from cdcca_edge.cloud.service.store import (
     Cohort,
+    Delta,
     EnrollToken,
     Version,
     cohort_named,
@@ -17,17 +21,20 @@ from cdcca_edge.cloud.service.store import (
     open_db,
     token_hash,
 )
+from cdcca_edge.cloud.service.tuf_repo import Target
 from cdcca_edge.core.errors import UsageError
 
 COHORT_NAME_MAX = 64
 
 
-def create_cohort(data_dir: str | Path, name: str, artifact: str | Path, db_url: str | None = None,
-                  teacher: str | Path | None = None, student: str | Path | None = None,
-                  sign_key: str | Path | None = None) -> dict:
+def create_cohort(data_dir: str | Path, name: str, artifact: str | Path, sign_key: str | Path,
+                  root_key: str | Path, db_url: str | None = None, teacher: str | Path | None = None,
+                  student: str | Path | None = None) -> dict:
     """A cohort whose version 0 is ``artifact`` (a GGUF file, as `cdcca-edge export`
     writes it from ``student``). With ``teacher`` and ``student`` (HF directories) the
-    cohort runs rounds; ``sign_key`` (a PEM file, by path) signs its deltas. Returns its
+    cohort runs rounds. ``sign_key`` (the online key: deltas and the TUF targets,
+    snapshot and timestamp roles) and ``root_key`` (the TUF root role; needed again only to
+    rotate keys) are Ed25519 PEM files, kept by path, never copied. Returns its
     description.
 
     Raises:
@@ -54,10 +61,12 @@ def create_cohort(data_dir: str | Path, name: str, artifact: str | Path, db_url:
             raise UsageError(f"--{what} {d}: not a Hugging Face model directory (no config.json)")
     if (teacher is None) != (student is None):
         raise UsageError("a cohort that runs rounds needs both --teacher and --student")
-    if sign_key is not None:
-        from cdcca_edge.core.delta_format import load_private_key
+    from cdcca_edge.cloud.service.tuf_repo import CohortRepository, check_keys
 
-        load_private_key(sign_key)  # refuse a bad key now, not at the first round
+    check_keys(root_key, sign_key)  # refuse a bad key now, not at the first round
+    repo = CohortRepository(data_dir, name)
+    if repo.dir.exists():
+        raise UsageError(f"{repo.dir} exists (left by another cohort {name!r}?); move it away first")
     blobs = BlobStore(data_dir / "blobs")
     sha, size = blobs.put_file(art.path)
     seed_mirror(data_dir, name, blobs.path(sha), identity, 0)
@@ -65,11 +74,48 @@ def create_cohort(data_dir: str | Path, name: str, artifact: str | Path, db_url:
         cohort = Cohort(name=name, artifact_format=art.format,
                         teacher_dir=str(Path(teacher).resolve()) if teacher else None,
                         student_dir=str(Path(student).resolve()) if student else None,
-                        sign_key=str(Path(sign_key).resolve()) if sign_key else None)
+                        sign_key=str(Path(sign_key).resolve()))
         s.add(cohort)
         s.flush()
         s.add(Version(cohort_id=cohort.id, number=0, identity=identity, artifact_sha256=sha, artifact_size=size))
+        cohort_id = cohort.id
+    with sessions() as s:
+        repo.create(root_key, sign_key, cohort_targets(s, cohort_id))
     return {"cohort": name, "version": 0, "identity": identity, "artifact_sha256": sha, "bytes": size}
+
+
+def cohort_targets(s: Session, cohort_id: int) -> list[Target]:
+    """The cohort's TUF targets, from its rows: every version's artefact, every delta."""
+    from cdcca_edge.cloud.service.tuf_repo import artifact_target, delta_target
+
+    versions = {v.number: v for v in s.scalars(select(Version).where(Version.cohort_id == cohort_id))}
+    out = [Target(artifact_target(v.number), v.artifact_sha256, v.artifact_size,
+                  {"kind": "artifact", "to_version": v.number, "to_identity": v.identity})
+           for v in versions.values()]
+    for d in s.scalars(select(Delta).where(Delta.cohort_id == cohort_id)):
+        out.append(Target(delta_target(d.from_version, d.to_version), d.sha256, d.size,
+                          {"kind": "delta", "from_version": d.from_version, "to_version": d.to_version,
+                           "from_identity": versions[d.from_version].identity,
+                           "to_identity": versions[d.to_version].identity}))
+    return out
+
+
+def sign_targets(data_dir: str | Path, sessions: sessionmaker[Session], cohort: str) -> bool:
+    """Bring the cohort's TUF metadata up to its rows (after a version or a delta was
+    published). Returns False when it was up to date."""
+    from cdcca_edge.cloud.service.tuf_repo import CohortRepository
+
+    with sessions() as s:
+        c = cohort_named(s, cohort)
+        if c is None or c.sign_key is None:
+            raise UsageError(f"no cohort {cohort!r} with a signing key")
+        cohort_id, key = c.id, c.sign_key
+
+    def rows() -> list[Target]:
+        with sessions() as s:
+            return cohort_targets(s, cohort_id)
+
+    return CohortRepository(data_dir, cohort).set_targets(key, rows)
 
 
 def mirror_path(data_dir: str | Path, cohort: str) -> Path:
@@ -153,7 +199,6 @@ def publish(data_dir: str | Path, cohort: str, artifact: str | Path, db_url: str
     """
     import tempfile
 
-    from cdcca_edge.cloud.service.store import Delta
     from cdcca_edge.core.artifact import compute_identity, open_artifact
     from cdcca_edge.core.delta_build import diff_artifacts
     from cdcca_edge.core.delta_format import load_private_key
@@ -183,5 +228,54 @@ def publish(data_dir: str | Path, cohort: str, artifact: str | Path, db_url: str
         s.add(Delta(cohort_id=c.id, from_version=latest.number, to_version=latest.number + 1, sha256=dsha,
                     size=dsize))
     seed_mirror(data_dir, cohort, blobs.path(asha), summary.target_identity, latest.number + 1)
+    sign_targets(data_dir, sessions, cohort)
     return {"cohort": cohort, "version": latest.number + 1, "identity": summary.target_identity,
             "delta_sha256": dsha, "delta_bytes": dsize}
+
+
+def rotate_keys(data_dir: str | Path, cohort: str, root_key: str | Path, new_sign_key: str | Path | None = None,
+                new_root_key: str | Path | None = None, db_url: str | None = None) -> dict:
+    """Rotate a cohort's online key and/or root key: root metadata n+1 signed by the
+    current root key (and the new one), the online roles re-signed, and the cohort's deltas
+    signed with the new online key from now on. Devices follow through TUF's root chain.
+
+    Raises:
+        UsageError: no such cohort, or ``root_key`` is not its root key.
+    """
+    from cdcca_edge.cloud.service.tuf_repo import CohortRepository, check_keys
+
+    sessions = open_db(database_url(Path(data_dir), db_url))
+    with sessions() as s:
+        c = cohort_named(s, cohort)
+        if c is None:
+            raise UsageError(f"no cohort {cohort!r}")
+    if new_sign_key is not None:
+        check_keys(new_root_key or root_key, new_sign_key)
+    version = CohortRepository(data_dir, cohort).rotate(root_key, new_sign_key, new_root_key)
+    if new_sign_key is not None:
+        with sessions.begin() as s:
+            row = cohort_named(s, cohort)
+            assert row is not None
+            row.sign_key = str(Path(new_sign_key).resolve())
+    return {"cohort": cohort, "root_version": version, "online_key_rotated": new_sign_key is not None,
+            "root_key_rotated": new_root_key is not None}
+
+
+def refresh_metadata(data_dir: str | Path, sessions: sessionmaker[Session], force: bool = False) -> dict[str, list[str]]:
+    """For every cohort: sign the targets its rows name but its metadata lacks (a crash
+    between a commit and the signing), and re-sign online roles near expiry. Returns the
+    roles re-signed per cohort."""
+    from cdcca_edge.cloud.service.tuf_repo import CohortRepository
+
+    with sessions() as s:
+        cohorts = [(c.name, c.sign_key) for c in s.scalars(select(Cohort))]
+    done: dict[str, list[str]] = {}
+    for name, key in cohorts:
+        repo = CohortRepository(data_dir, name)
+        if key is None or not repo.exists():
+            continue
+        roles = ["targets", "snapshot", "timestamp"] if sign_targets(data_dir, sessions, name) else []
+        roles = roles or repo.refresh(key, force=force)
+        if roles:
+            done[name] = roles
+    return done

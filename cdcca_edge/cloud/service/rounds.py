@@ -16,7 +16,7 @@ from typing import Any, Callable
 from sqlalchemy import select
 
 from cdcca_edge.cloud.service.blobs import BlobStore
-from cdcca_edge.cloud.service.ops import mirror_path, seed_mirror
+from cdcca_edge.cloud.service.ops import mirror_path, seed_mirror, sign_targets
 from cdcca_edge.cloud.service.store import (
     Delta,
     Upload,
@@ -94,6 +94,7 @@ def _round_locked(data_dir: Path, cohort: str, db_url: str | None, akd: Any, min
         for u in new:
             s.get(Upload, u.id).round_version = latest.number + 1  # type: ignore[union-attr]
     shutil.rmtree(work, ignore_errors=True)
+    sign_targets(data_dir, sessions, cohort)  # a crash before this: the next poll or update check signs
     return {"cohort": cohort, "version": latest.number + 1, "identity": rep.target_identity,
             "delta_sha256": delta_sha, "delta_bytes": delta_size, "uploads": len(uploads),
             "new_uploads": len(new), "probe_kl": rep.probe_kl, "signed": rep.signed}
