@@ -77,3 +77,14 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:  # no
     if COUNTS:
         by = ", ".join(f"{k} {v}" for k, v in sorted(COUNTS.items()))
         terminalreporter.write_line(f"hostile cases: {sum(COUNTS.values())} ({by})")
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """One PostgreSQL server for the session (tests take a fresh database each)."""
+    pytest.importorskip("psycopg")
+    from tests.postgres import Postgres
+
+    pg = Postgres()
+    yield pg
+    pg.stop()

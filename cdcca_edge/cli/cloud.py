@@ -40,6 +40,8 @@ def serve(
 ) -> None:
     """Run the service (embedded default: SQLite in DATA, blobs in DATA/blobs, rounds in a
     thread of this process)."""
+    if queue and not (db or "").startswith(("postgresql", "postgres:")):
+        raise typer.BadParameter("--queue needs --db postgresql://... (the queue lives in PostgreSQL)")
     import uvicorn
 
     from cdcca_edge.cloud.service.app import create_app
@@ -175,19 +177,39 @@ def rotate_key(
 
 @app.command("migrate")
 def migrate(data: DataOpt, db: DbOpt = None, json_out: JsonOpt = False) -> None:
-    """Bring the database schema to this version's (Alembic; every command does it too) and
-    install the task queue's schema on PostgreSQL."""
-    from cdcca_edge.cloud.service.store import database_url, open_db
+    """Bring the database schema to this version's (Alembic; on PostgreSQL the task queue's
+    schema too). Every command does it at start; run it alone before a rolling upgrade."""
+    from cdcca_edge.cloud.service.store import database_url, open_db, schema_revision
 
     data.mkdir(parents=True, exist_ok=True)
-    open_db(database_url(data, db))
-    queue = False
-    if db is not None and db.startswith(("postgresql", "postgres:")):
-        from cdcca_edge.cloud.service.jobs import install_queue
-
-        queue = install_queue(db)
-    doc = {"migrated": True, "queue_schema_installed": queue}
+    sessions = open_db(database_url(data, db))
+    doc = {"revision": schema_revision(sessions)}
     if json_out:
         print_json(doc)
     else:
-        out.print("schema up to date" + ("; task queue schema installed" if queue else ""), highlight=False)
+        out.print(f"schema at revision {doc['revision']}", highlight=False)
+
+
+@app.command("worker")
+def worker(
+    data: DataOpt,
+    db: Annotated[str, typer.Option("--db", envvar="CDCCA_DB", help="PostgreSQL URL of the service's state "
+                                    "and task queue.")],
+    concurrency: Annotated[int, typer.Option(help="Rounds run at once by this process (of different "
+                                             "cohorts).")] = 1,
+    name: Annotated[Optional[str], typer.Option(help="Worker name (shown in the queue's tables).")] = None,
+    launcher: Annotated[Optional[str], typer.Option(
+        help="Run each round's AKD under this launcher, e.g. 'accelerate launch --multi_gpu --num_processes 4'.")
+    ] = None,
+    heartbeat: Annotated[float, typer.Option(help="Seconds between this worker's heartbeats.")] = 10.0,
+    stalled: Annotated[float, typer.Option(
+        help="A job whose worker sent no heartbeat for this long is queued again.")] = 30.0,
+) -> None:
+    """Run round jobs from the task queue (scale-out: `serve --db postgresql://... --queue`
+    defers them). SIGTERM lets the running round finish."""
+    from cdcca_edge.cloud.service.jobs import run_worker
+
+    if stalled <= 2 * heartbeat:
+        raise typer.BadParameter("--stalled must be more than twice --heartbeat, or live rounds would run twice")
+    err.print(f"cdcca-edge cloud worker: rounds of {data} from the queue in {db.split('@')[-1]}", highlight=False)
+    run_worker(db, data, concurrency=concurrency, name=name, launcher=launcher, heartbeat=heartbeat, stalled=stalled)

@@ -287,6 +287,8 @@ class SyncClient:
                 try:
                     for chunk in r.stream(CHUNK):
                         if have + len(chunk) > info.length:
+                            f.close()
+                            part.unlink()
                             raise IntegrityError(f"{info.path}: the service sent more than the signed "
                                                  f"{info.length} bytes; refused")
                         f.write(chunk)

@@ -59,22 +59,26 @@ def _keys(tmp_path: Path) -> tuple[Path, Path]:
     return sign, root
 
 
-def _create(tmp_path: Path, data: Path, name: str, model: Path, *extra: str) -> None:
+def _create(tmp_path: Path, data: Path, name: str, model: Path, *extra: str, db: str | None = None) -> None:
     sign, root = _keys(tmp_path)
     assert main(["cloud", "create-cohort", name, "--artifact", str(model), "--data", str(data),
-                 "--sign-key", str(sign), "--root-key", str(root), *extra]) == 0
+                 "--sign-key", str(sign), "--root-key", str(root), *_db(db), *extra]) == 0
+
+
+def _db(db: str | None) -> list[str]:
+    return ["--db", db] if db else []
 
 
 class Service:
-    def __init__(self, data: Path) -> None:
-        self.data, self.port = data, _free_port()
+    def __init__(self, data: Path, db: str | None = None) -> None:
+        self.data, self.db, self.port = data, db, _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None
 
     def start(self, *extra: str) -> None:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "cdcca_edge.cli", "cloud", "serve", "--data", str(self.data),
-             "--port", str(self.port), *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+             "--port", str(self.port), *_db(self.db), *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             try:
@@ -92,15 +96,17 @@ class Service:
 
     def state(self) -> tuple[dict, int]:
         """(rows per table, blobs): what a refused request must leave as it was."""
-        return row_counts(open_db(database_url(self.data))), BlobStore(self.data / "blobs").count()
+        return row_counts(open_db(database_url(self.data, self.db))), BlobStore(self.data / "blobs").count()
 
 
-@pytest.fixture
-def service(tmp_path):
+@pytest.fixture(params=["sqlite", "postgresql"])
+def service(request, tmp_path):
+    """A service with one cohort, on the embedded SQLite or on a real PostgreSQL."""
+    db = request.getfixturevalue("postgres").new_database() if request.param == "postgresql" else None
     model = make_gguf(tmp_path / "m.gguf")
     data = tmp_path / "data"
-    _create(tmp_path, data, "demo", model)
-    svc = Service(data)
+    _create(tmp_path, data, "demo", model, db=db)
+    svc = Service(data, db)
     svc.start("--max-upload-mb", "1")
     svc.model = model
     svc.identity = compute_identity(open_artifact(model)).digest
@@ -110,7 +116,7 @@ def service(tmp_path):
 
 def _enroll(svc: Service, capsys, cohort: str = "demo") -> dict:
     capsys.readouterr()
-    assert main(["cloud", "enroll-token", "--cohort", cohort, "--data", str(svc.data), "--json"]) == 0
+    assert main(["cloud", "enroll-token", "--cohort", cohort, "--data", str(svc.data), *_db(svc.db), "--json"]) == 0
     token = json.loads(capsys.readouterr().out)["token"]
     r = httpx.post(f"{svc.url}/v1/enroll", json={"token": token})
     assert r.status_code == 201, r.text
@@ -216,7 +222,7 @@ def test_an_acknowledged_upload_survives_kill_9(service, tmp_path, capsys):
     service.start()
     from cdcca_edge.cloud.service.store import Upload
 
-    sessions = open_db(database_url(service.data))
+    sessions = open_db(database_url(service.data, service.db))
     with sessions() as s:
         stored = {u.sha256 for u in s.query(Upload)}
     assert set(acked) <= stored
@@ -227,7 +233,7 @@ def test_an_acknowledged_upload_survives_kill_9(service, tmp_path, capsys):
     assert r.status_code == 200 and r.json()["stored"] == "already"
 
 
-def _fleet(tmp_path: Path) -> dict:
+def _fleet(tmp_path: Path, db: str | None = None) -> dict:
     """A cohort "fleet" of tiny models, the exported student, a signing key, and two real
     uplink bundles collected by the runtime on the student (different inputs)."""
     import shutil
@@ -244,7 +250,7 @@ def _fleet(tmp_path: Path) -> dict:
     student = build_tiny_model(tmp_path / "student", STUDENT)
     model = export(student, tmp_path / "student.gguf", "gguf", quant="q8_0").path
     data = tmp_path / "data"
-    _create(tmp_path, data, "fleet", model, "--teacher", str(teacher), "--student", str(student))
+    _create(tmp_path, data, "fleet", model, "--teacher", str(teacher), "--student", str(student), db=db)
     device = tmp_path / "device.gguf"
     shutil.copy(model, device)
     identity = compute_identity(open_artifact(device)).digest
@@ -384,10 +390,12 @@ def test_publish_an_artefact_built_elsewhere(service, tmp_path, capsys):
     raw[t.offset : t.offset + 34 * 3] = random_units("Q8_0", 3, np.random.default_rng(9))
     new.write_bytes(bytes(raw))
     capsys.readouterr()
-    assert main(["cloud", "publish", "demo", "--artifact", str(new), "--data", str(service.data), "--json"]) == 0
+    db = _db(service.db)
+    assert main(["cloud", "publish", "demo", "--artifact", str(new), "--data", str(service.data), *db,
+                 "--json"]) == 0
     pub = json.loads(capsys.readouterr().out)
     assert pub["version"] == 1 and pub["identity"] == compute_identity(open_artifact(new)).digest
-    assert main(["cloud", "publish", "demo", "--artifact", str(new), "--data", str(service.data)]) == 2
+    assert main(["cloud", "publish", "demo", "--artifact", str(new), "--data", str(service.data), *db]) == 2
     dev = _enroll(service, capsys)
     auth = {"Authorization": f"Bearer {dev['device_token']}"}
     up = httpx.get(f"{service.url}/v1/updates", params={"identity": service.identity}, headers=auth).json()["update"]

@@ -93,7 +93,7 @@ def _round_worker(data_dir: Path, db_url: str | None, sessions: Any, min_uploads
             if queue:  # a worker process runs it; the queueing lock keeps one job per cohort queued
                 from cdcca_edge.cloud.service.jobs import defer_round
 
-                defer_round(db_url, name)
+                defer_round(db_url, data_dir, name)
                 continue
             t0 = time.perf_counter()
             try:

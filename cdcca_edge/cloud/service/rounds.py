@@ -29,24 +29,31 @@ from cdcca_edge.cloud.service.store import (
 from cdcca_edge.core.errors import UsageError
 
 
+class NothingNew(UsageError):
+    """Fewer new uploads than a round needs (a job that ran twice lands here)."""
+
+
 def run_round(data_dir: str | Path, cohort: str, db_url: str | None = None, akd: Any = None,
-              min_new_uploads: int = 1, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Run one round of ``cohort``; returns what it published.
+              min_new_uploads: int = 1, progress: Callable[[str], None] | None = None,
+              launcher: str | None = None) -> dict[str, Any]:
+    """Run one round of ``cohort``; returns what it published. ``launcher``: run the AKD
+    stage as ``LAUNCHER -m cdcca_edge.cli distill ...`` (e.g. ``accelerate launch
+    --multi_gpu``) instead of in this process.
 
     Raises:
-        UsageError: no such cohort, the cohort has no teacher/student, or fewer than
-            ``min_new_uploads`` uploads arrived since the last round.
+        UsageError: no such cohort, or the cohort has no teacher/student.
+        NothingNew: fewer than ``min_new_uploads`` uploads arrived since the last round.
     """
     data_dir = Path(data_dir)
     say = progress or (lambda _m: None)
     lock_path = data_dir / f"round-{cohort}.lock"
     with open(lock_path, "a") as lock:
         fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
-        return _round_locked(data_dir, cohort, db_url, akd, min_new_uploads, say)
+        return _round_locked(data_dir, cohort, db_url, akd, min_new_uploads, say, launcher)
 
 
 def _round_locked(data_dir: Path, cohort: str, db_url: str | None, akd: Any, min_new: int,
-                  say: Callable[[str], None]) -> dict[str, Any]:
+                  say: Callable[[str], None], launcher: str | None) -> dict[str, Any]:
     from cdcca_edge.cloud.akd import AKDConfig, distill
     from cdcca_edge.cloud.dwc import make_delta
     from cdcca_edge.core.artifact import open_artifact
@@ -66,7 +73,7 @@ def _round_locked(data_dir: Path, cohort: str, db_url: str | None, akd: Any, min
     assert latest is not None
     new = [u for u in uploads if u.round_version is None]
     if len(new) < min_new:
-        raise UsageError(f"cohort {cohort!r}: {len(new)} new uploads since the last round, "
+        raise NothingNew(f"cohort {cohort!r}: {len(new)} new uploads since the last round, "
                          f"{min_new} needed; nothing published")
     mirror = mirror_path(data_dir, cohort)
     have = current_identity(open_artifact(mirror))[0] if mirror.is_file() else None
@@ -77,8 +84,11 @@ def _round_locked(data_dir: Path, cohort: str, db_url: str | None, akd: Any, min
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     say(f"AKD from {len(uploads)} uploads ({len(new)} new)")
-    distill(c.teacher_dir, c.student_dir, [blobs.path(u.sha256) for u in uploads], work / "adapter",
-            akd or AKDConfig())
+    bundles = [blobs.path(u.sha256) for u in uploads]
+    if launcher:
+        _launch_akd(launcher, c.teacher_dir, c.student_dir, bundles, work / "adapter", say)
+    else:
+        distill(c.teacher_dir, c.student_dir, bundles, work / "adapter", akd or AKDConfig())
     say("DWC against the mirror")
     key = load_private_key(c.sign_key) if c.sign_key else None
     rep = make_delta(mirror, work / "adapter", work / "delta.cdcd", target_base=c.student_dir, sign_key=key,
@@ -98,3 +108,22 @@ def _round_locked(data_dir: Path, cohort: str, db_url: str | None, akd: Any, min
     return {"cohort": cohort, "version": latest.number + 1, "identity": rep.target_identity,
             "delta_sha256": delta_sha, "delta_bytes": delta_size, "uploads": len(uploads),
             "new_uploads": len(new), "probe_kl": rep.probe_kl, "signed": rep.signed}
+
+
+def _launch_akd(launcher: str, teacher: str, student: str, bundles: list[Path], out: Path,
+                say: Callable[[str], None]) -> None:
+    import subprocess
+
+    from cdcca_edge.cloud.service.jobs import launch_command
+    from cdcca_edge.core.errors import ValidationError
+
+    cmd = launch_command(launcher, teacher, student, bundles, out)
+    say(f"AKD under `{launcher}`")
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+    except OSError as exc:
+        raise UsageError(f"the AKD launcher `{launcher}` could not start ({exc}); install it or fix "
+                         "--launcher") from None
+    if proc.returncode != 0:
+        raise ValidationError(f"the AKD launch `{launcher}` failed (exit {proc.returncode}): "
+                              f"{proc.stderr.strip()[-800:]}; nothing published")

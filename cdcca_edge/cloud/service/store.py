@@ -181,6 +181,14 @@ def migrate(engine: Engine) -> None:
             command.upgrade(cfg, "head")
 
 
+def schema_revision(sessions: sessionmaker[Session]) -> str | None:
+    """The Alembic revision the database is at."""
+    from sqlalchemy import text
+
+    with sessions() as s:
+        return s.execute(text("SELECT version_num FROM alembic_version")).scalar()
+
+
 def cohort_named(s: Session, name: str) -> Cohort | None:
     return s.scalar(select(Cohort).where(Cohort.name == name))
 
