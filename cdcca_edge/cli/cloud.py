@@ -37,6 +37,8 @@ def serve(
     queue: Annotated[bool, typer.Option(
         help="Hand due rounds to `cdcca-edge cloud worker` processes through the task queue (needs "
              "PostgreSQL --db) instead of running them in this process.")] = False,
+    workers: Annotated[int, typer.Option(
+        help="API processes sharing the port (uvicorn workers); each is stateless.")] = 1,
 ) -> None:
     """Run the service (embedded default: SQLite in DATA, blobs in DATA/blobs, rounds in a
     thread of this process)."""
@@ -48,9 +50,22 @@ def serve(
 
     data.mkdir(parents=True, exist_ok=True)
     err.print(f"cdcca-edge cloud: serving {data} on http://{host}:{port} (API under /v1)", highlight=False)
-    app_ = create_app(data, db_url=db, max_upload=max_upload_mb << 20, min_uploads=min_uploads,
-                      poll_seconds=round_poll, uploads_per_hour=uploads_per_hour, every=every, queue=queue)
-    uvicorn.run(app_, host=host, port=port, log_level="warning")
+    config = {"data_dir": str(data.resolve()), "db_url": db, "max_upload": max_upload_mb << 20,
+              "min_uploads": min_uploads, "poll_seconds": round_poll, "uploads_per_hour": uploads_per_hour,
+              "every": every, "queue": queue}
+    if workers > 1:  # uvicorn starts each process from an import string, so the config goes by env
+        import json
+        import os
+
+        from cdcca_edge.cloud.service.app import CONFIG_ENV
+        from cdcca_edge.cloud.service.store import database_url, open_db
+
+        open_db(database_url(data, db))  # migrate once here, not in N processes at once
+        os.environ[CONFIG_ENV] = json.dumps(config)
+        uvicorn.run("cdcca_edge.cloud.service.app:app_from_env", factory=True, workers=workers, host=host,
+                    port=port, log_level="warning")
+    else:
+        uvicorn.run(create_app(**config), host=host, port=port, log_level="warning")
 
 
 @app.command("create-cohort")

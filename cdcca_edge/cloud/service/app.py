@@ -15,6 +15,7 @@ import re
 import tempfile
 import threading
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,17 +36,35 @@ from cdcca_edge.cloud.service.store import (
     Upload,
     Version,
     database_url,
-    latest_version,
     new_token,
     open_db,
     token_hash,
 )
-from cdcca_edge.cloud.service.tuf_repo import CohortRepository, artifact_target, delta_target
+from cdcca_edge.cloud.service.tuf_repo import CohortRepository, Target
 from cdcca_edge.core.errors import UsageError
 
 API = "/v1"
 MAX_UPLOAD_BYTES = 64 << 20  # default; `cloud serve --max-upload-mb`
 _RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
+
+
+@dataclass(frozen=True)
+class SignedView:
+    """A cohort's signed TUF targets, indexed for update queries."""
+
+    artifacts: dict[int, Target]  # version -> its artefact
+    deltas: dict[tuple[int, int], Target]  # (from, to) -> the delta
+    by_identity: dict[str, int]  # identity -> version
+
+    @classmethod
+    def of(cls, targets: Any) -> "SignedView":
+        artifacts, deltas = {}, {}
+        for t in targets:
+            if t.custom.get("kind") == "artifact":
+                artifacts[t.custom["to_version"]] = t
+            elif t.custom.get("kind") == "delta":
+                deltas[(t.custom["from_version"], t.custom["to_version"])] = t
+        return cls(artifacts, deltas, {t.custom["to_identity"]: v for v, t in artifacts.items()})
 
 
 def _fail(status: int, code: str, message: str) -> HTTPException:
@@ -68,7 +87,7 @@ def _round_worker(data_dir: Path, db_url: str | None, sessions: Any, min_uploads
     from sqlalchemy import func
 
     from cdcca_edge.cloud.service.ops import refresh_metadata
-    from cdcca_edge.cloud.service.rounds import run_round
+    from cdcca_edge.cloud.service.rounds import NothingNew, run_round
 
     while not stop.wait(poll):
         try:
@@ -99,6 +118,8 @@ def _round_worker(data_dir: Path, db_url: str | None, sessions: Any, min_uploads
             try:
                 run_round(data_dir, name, db_url=db_url, min_new_uploads=1)
                 metrics.rounds.labels("published").inc()
+            except NothingNew:  # another API process of this service ran it first
+                continue
             except Exception as exc:  # noqa: BLE001 - logged, counted, retried at the next poll
                 metrics.rounds.labels("failed").inc()
                 print(f"cdcca-edge cloud: round of {name} failed ({type(exc).__name__}: {exc}); "
@@ -298,38 +319,36 @@ def create_app(data_dir: str | Path, db_url: str | None = None, max_upload: int 
         return {**body, "stored": "now"}
 
     @app.get(f"{API}/updates")
-    def updates(identity: str, authorization: str | None = Header(default=None)) -> dict[str, Any]:
+    async def updates(identity: str, authorization: str | None = Header(default=None)) -> dict[str, Any]:
+        """The answer comes from the cohort's signed TUF targets (cached until its
+        timestamp changes), so a device is offered exactly what it can verify, and a check
+        costs one database query (the token)."""
         dev = device_for(authorization)
         metrics.update_checks.inc()
-        with sessions() as s:
-            latest = latest_version(s, dev.cohort_id)
-            held = s.scalar(select(Version).where(Version.cohort_id == dev.cohort_id,
-                                                  Version.identity == identity))
-            delta = None if held is None or latest is None else s.scalar(
-                select(Delta).where(Delta.cohort_id == dev.cohort_id, Delta.from_version == held.number,
-                                    Delta.to_version == latest.number))
-        assert latest is not None  # a cohort is created with its version 0
-        if delta is None and held is not None and held.number < latest.number:
-            delta = _delta_on_demand(dev.cohort_id, held, latest)
-        doc: dict[str, Any] = {"latest_version": latest.number, "latest_identity": latest.identity,
-                               "held_version": held.number if held else None, "update": None}
-        if identity == latest.identity:
+        name = cohort_name(dev.cohort_id)
+        view = signed_view(name)
+        latest = max(view.artifacts)
+        held = view.by_identity.get(identity)
+        delta = view.deltas.get((held, latest)) if held is not None else None
+        if delta is None and held is not None and held < latest:
+            if _delta_on_demand(dev.cohort_id, held, latest) is not None:
+                view = signed_view(name)
+                delta = view.deltas.get((held, latest))
+        top = view.artifacts[latest]
+        doc: dict[str, Any] = {"latest_version": latest, "latest_identity": top.custom["to_identity"],
+                               "held_version": held, "update": None}
+        if held == latest:
             return doc
-        if delta is not None and held is not None:  # patch in place from the version held
-            target = delta_target(held.number, latest.number)
-            doc["update"] = {"kind": "delta", "target": target, "from_identity": held.identity,
-                             "to_identity": latest.identity, "from_version": held.number,
-                             "to_version": latest.number, "sha256": delta.sha256, "length": delta.size,
+        if delta is not None:  # patch in place from the version held
+            doc["update"] = {"kind": "delta", "target": delta.path, "from_identity": delta.custom["from_identity"],
+                             "to_identity": delta.custom["to_identity"], "from_version": held,
+                             "to_version": latest, "sha256": delta.sha256, "length": delta.length,
                              "url": f"{API}/blobs/{delta.sha256}"}
         else:  # an unknown model, or no delta from its version: the whole latest artefact
-            target = artifact_target(latest.number)
-            doc["update"] = {"kind": "artifact", "target": target, "to_identity": latest.identity,
-                             "to_version": latest.number, "sha256": latest.artifact_sha256,
-                             "length": latest.artifact_size, "url": f"{API}/blobs/{latest.artifact_sha256}"}
+            doc["update"] = {"kind": "artifact", "target": top.path, "to_identity": top.custom["to_identity"],
+                             "to_version": latest, "sha256": top.sha256, "length": top.length,
+                             "url": f"{API}/blobs/{top.sha256}"}
         doc["update"]["tuf"] = {"metadata_url": f"{API}/tuf/metadata/", "targets_url": f"{API}/tuf/targets/"}
-        name = cohort_name(dev.cohort_id)
-        if target not in signed_targets(name):  # published, not signed yet (a crash between): sign now
-            sign_targets(data_dir, sessions, name)
         return doc
 
     names: dict[int, str] = {}
@@ -342,25 +361,21 @@ def create_app(data_dir: str | Path, db_url: str | None = None, max_upload: int 
                 names[cohort_id] = c.name
         return names[cohort_id]
 
-    signed_cache: dict[str, tuple[int, set[str]]] = {}
+    views: dict[str, tuple[int, SignedView]] = {}
 
-    def signed_targets(cohort: str) -> set[str]:
-        """Target paths in the cohort's current TUF metadata (re-read when timestamp.json
-        changed)."""
+    def signed_view(cohort: str) -> SignedView:
+        """The cohort's signed targets by version (re-read when timestamp.json changed)."""
         repo = CohortRepository(data_dir, cohort)
-        try:
-            stamp = (repo.dir / "timestamp.json").stat().st_mtime_ns
-        except FileNotFoundError:
-            return set()
-        got = signed_cache.get(cohort)
+        stamp = (repo.dir / "timestamp.json").stat().st_mtime_ns
+        got = views.get(cohort)
         if got is None or got[0] != stamp:
-            got = (stamp, set(repo.targets()))
-            signed_cache[cohort] = got
+            got = (stamp, SignedView.of(repo.targets().values()))
+            views[cohort] = got
         return got[1]
 
     build_lock = threading.Lock()
 
-    def _delta_on_demand(cohort_id: int, held: Version, latest: Version) -> Delta | None:
+    def _delta_on_demand(cohort_id: int, held_number: int, latest_number: int) -> Delta | None:
         """An exact delta from an older version to the latest (``delta diff`` of the two
         published artefacts, signed with the cohort's key), built once and kept. None when
         it cannot be built (the device then gets the whole artefact)."""
@@ -369,10 +384,18 @@ def create_app(data_dir: str | Path, db_url: str | None = None, max_upload: int 
 
         with build_lock:  # one build at a time in this process; the row is unique across processes
             with sessions() as s:
+                held = s.scalar(select(Version).where(Version.cohort_id == cohort_id, Version.number == held_number))
+                latest = s.scalar(select(Version).where(Version.cohort_id == cohort_id,
+                                                        Version.number == latest_number))
+                if held is None or latest is None:
+                    return None
                 got = s.scalar(select(Delta).where(Delta.cohort_id == cohort_id, Delta.from_version == held.number,
                                                    Delta.to_version == latest.number))
                 cohort = s.get(Cohort, cohort_id)
-            if got is not None or cohort is None:
+            if cohort is None:
+                return None
+            if got is not None:  # built, maybe not signed yet (a crash between): sign it
+                sign_targets(data_dir, sessions, cohort.name)
                 return got
             out = incoming / f"delta-{cohort_id}-{held.number}-{latest.number}.cdcd"
             try:
@@ -390,9 +413,12 @@ def create_app(data_dir: str | Path, db_url: str | None = None, max_upload: int 
                 return row
             except DBIntegrityError:  # another process built it first
                 with sessions() as s:
-                    return s.scalar(select(Delta).where(Delta.cohort_id == cohort_id,
-                                                        Delta.from_version == held.number,
-                                                        Delta.to_version == latest.number))
+                    got = s.scalar(select(Delta).where(Delta.cohort_id == cohort_id,
+                                                       Delta.from_version == held.number,
+                                                       Delta.to_version == latest.number))
+                if got is not None:
+                    sign_targets(data_dir, sessions, cohort.name)
+                return got
             finally:
                 out.unlink(missing_ok=True)
 
@@ -479,3 +505,12 @@ def create_app(data_dir: str | Path, db_url: str | None = None, max_upload: int 
         return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)
 
     return app
+
+
+CONFIG_ENV = "CDCCA_SERVE_CONFIG"
+
+
+def app_from_env() -> FastAPI:
+    """The app of one of `serve --workers N`'s processes: :func:`create_app` with the
+    keyword arguments `serve` put in ``$CDCCA_SERVE_CONFIG`` (JSON)."""
+    return create_app(**json.loads(os.environ[CONFIG_ENV]))
