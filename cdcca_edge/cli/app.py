@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from cdcca_edge import __version__
-from cdcca_edge.cli import cloud, delta, uplink
+from cdcca_edge.cli import cloud, delta, sync, uplink
 from cdcca_edge.cli.demo import demo
 from cdcca_edge.cli.distill import distill
 from cdcca_edge.cli.export import export
@@ -46,3 +46,4 @@ for command in (export, inspect, run, patch, distill, demo):
 app.add_typer(delta.app, name="delta")
 app.add_typer(uplink.app, name="uplink")
 app.add_typer(cloud.app, name="cloud")
+app.add_typer(sync.app, name="sync")

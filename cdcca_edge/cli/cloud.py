@@ -57,13 +57,13 @@ def serve(
         import json
         import os
 
-        from cdcca_edge.cloud.service.app import CONFIG_ENV
+        from cdcca_edge.cloud.service.app import CONFIG_ENV, NoDelayH11Protocol
         from cdcca_edge.cloud.service.store import database_url, open_db
 
         open_db(database_url(data, db))  # migrate once here, not in N processes at once
         os.environ[CONFIG_ENV] = json.dumps(config)
         uvicorn.run("cdcca_edge.cloud.service.app:app_from_env", factory=True, workers=workers, host=host,
-                    port=port, log_level="warning")
+                    port=port, log_level="warning", http=NoDelayH11Protocol)
     else:
         uvicorn.run(create_app(**config), host=host, port=port, log_level="warning")
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 
@@ -24,12 +24,27 @@ def demo(
     quick: Annotated[bool, typer.Option("--quick", help="Tiny models and sets: the whole loop in seconds.")] = False,
     ablations: Annotated[bool, typer.Option(help="Also run the paper's ablations on round 1's data.")] = _DEMO.ablations,
     seed: Annotated[int, typer.Option(help="Seed of the data streams.")] = _DEMO.seed,
+    text_models: Annotated[Optional[Path], typer.Option(
+        help="Instead of the loop: write the tiny text teacher and student (HF directories) and the "
+             "student as GGUF q8_0 into this directory, for `cdcca-edge cloud create-cohort`.")] = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Run the CDCCA loop on the embedded multimodal domain-shift benchmark: the device
     answers and uploads (UTS), the cloud distils (AKD) and compresses (DWC), the device
     patches in place; writes OUT/report.md, OUT/report.json and plots."""
     from cdcca_edge.demo.loop import render_markdown, run_demo
+
+    if text_models is not None:
+        from cdcca_edge.demo.tiny import text_pair
+
+        with stage_status(not json_out) as on_stage:
+            paths = text_pair(text_models, on_stage)
+        if json_out:
+            print_json({k: str(v) for k, v in paths.items()})
+        else:
+            out.print(f"teacher {paths['teacher']}, student {paths['student']}, device artefact "
+                      f"{paths['artifact']}", highlight=False)
+        return
 
     cfg = DemoConfig(rounds=rounds, backend=value(backend), quick=quick, ablations=ablations, seed=seed)
     with stage_status(not json_out) as on_stage:

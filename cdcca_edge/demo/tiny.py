@@ -223,3 +223,46 @@ def tiny_model_dir(spec: TinySpec = TinySpec(), on_stage: Callable[[str], None] 
     if on_stage and not (target / "config.json").is_file():
         on_stage(f"training the tiny {spec.arch} model (first run only)")
     return build_cached(target, lambda d: build_tiny_model(d, spec))
+
+
+# The text pair the tests, `cloud` examples and `demo --text-models` share: a teacher that
+# knows every domain and a smaller student trained on the source domain only.
+TEXT_TEACHER = TinySpec(arch="llama", hidden_size=96, intermediate_size=192, num_hidden_layers=3,
+                        num_attention_heads=4, num_key_value_heads=2, domain="all", seed=5, train_steps=400)
+TEXT_STUDENT = TinySpec(arch="llama", domain="source", seed=6, train_steps=300)
+
+
+def text_prompts(domain: Domain, n: int, seed: int) -> list[str]:
+    """``n`` prompts of the embedded corpus's ``domain`` (each sentence cut before its
+    answer), for calibrating and exercising the tiny text models."""
+    out = []
+    for s in tiny_corpus(n, seed=seed, domain=domain):
+        out.append(s.split("answer:")[0] + "answer:" if "answer:" in s else " ".join(s.split()[:4]))
+    return out
+
+
+def text_pair(out_dir: str | Path, on_stage: Callable[[str], None] | None = None) -> dict[str, Path]:
+    """Write the tiny text teacher and student (HF directories), the student exported to
+    GGUF q8_0 (what `cdcca-edge cloud create-cohort` takes), and two input files: 30
+    in-distribution prompts (``source.jsonl``, for `uplink calibrate`) and 60 drifted ones
+    (``target.jsonl``, for `uplink collect`) into ``out_dir``."""
+    import shutil
+
+    from cdcca_edge.converters.export import export
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for name, spec in (("teacher", TEXT_TEACHER), ("student", TEXT_STUDENT)):
+        if on_stage:
+            on_stage(f"the {name}")
+        shutil.copytree(tiny_model_dir(spec, on_stage), out / name, dirs_exist_ok=True)
+        paths[name] = out / name
+    if on_stage:
+        on_stage("exporting the student to GGUF q8_0")
+    paths["artifact"] = export(paths["student"], out / "student.gguf", "gguf", quant="q8_0").path
+    for name, domain, n, seed in (("source", "source", 30, 30), ("target", "target", 60, 31)):
+        paths[name] = out / f"{name}.jsonl"
+        paths[name].write_text("".join(json.dumps({"id": f"{name[0]}{i}", "prompt": p}) + "\n"
+                                       for i, p in enumerate(text_prompts(domain, n, seed))))  # type: ignore[arg-type]
+    return paths

@@ -302,3 +302,59 @@ class SyncClient:
             raise StorageError(f"{part}: {exc}") from None
         finally:
             r.release_conn()
+
+
+def apply_update(client: SyncClient, model: str | Path, progress: Any = None) -> dict[str, Any]:
+    """Bring ``model`` (a GGUF file) to the cohort's latest version: ask, fetch through
+    TUF, apply (a delta in place with the trust the TUF root gives; a whole artefact by
+    atomic replacement), check the identity, report it. Returns what was done.
+
+    Raises:
+        IntegrityError: the update was refused, or the result is not the signed identity
+            (reported to the service as unhealthy).
+    """
+    import shutil
+    import tempfile
+
+    from cdcca_edge.core.artifact import open_artifact
+    from cdcca_edge.core.fileio import commit_file
+    from cdcca_edge.core.state import current_identity, read_state, record_export, write_state
+
+    say = progress or (lambda _m: None)
+    model = Path(model)
+    identity = current_identity(open_artifact(model))[0]
+    answer = client.check(identity)
+    up = answer["update"]
+    if up is None:
+        client.report(identity, True)
+        return {"update": None, "version": answer["latest_version"], "identity": identity}
+    say(f"fetching the {up['kind']} to version {up['to_version']} ({up['length']:,} bytes)")
+    path = client.fetch(up)
+    if up["kind"] == "delta":
+        from cdcca_edge.core.patch import apply_delta
+
+        say("patching in place")
+        apply_delta(model, path, trust=client.trust())
+    else:
+        say("replacing the artefact")
+        fd, name = tempfile.mkstemp(prefix=f".{model.name}.", dir=model.parent)
+        os.close(fd)
+        try:
+            shutil.copyfile(path, name)
+            commit_file(Path(name), model, mode=0o644)
+        finally:
+            Path(name).unlink(missing_ok=True)
+        art = open_artifact(model)
+        record_export(art, up["to_identity"])  # checks the bytes give the signed identity
+        state = read_state(art)
+        assert state is not None
+        state.version = up["to_version"]
+        write_state(art, state)
+    now = current_identity(open_artifact(model))[0]
+    healthy = now == up["to_identity"]
+    client.report(now, healthy)
+    if not healthy:
+        raise IntegrityError(f"{model} has identity {now[:16]} after the update, not the signed "
+                             f"{up['to_identity'][:16]}; reported unhealthy")
+    path.unlink(missing_ok=True)
+    return {"update": up["kind"], "version": up["to_version"], "identity": now, "bytes": up["length"]}

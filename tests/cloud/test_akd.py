@@ -17,7 +17,7 @@ from cdcca_edge.cloud.akd import (
     kd_divergence,
     weighted_mean,
 )
-from cdcca_edge.demo.tiny import TinySpec, build_tiny_model, tiny_corpus
+from cdcca_edge.demo.tiny import TEXT_STUDENT, TEXT_TEACHER, TinySpec, build_tiny_model, text_prompts
 from cdcca_edge.core.errors import UsageError
 
 
@@ -67,16 +67,10 @@ def test_config_validation():
 
 # --- end to end ---------------------------------------------------------------------------
 
-TEACHER = TinySpec(arch="llama", hidden_size=96, intermediate_size=192, num_hidden_layers=3,
-                   num_attention_heads=4, num_key_value_heads=2, domain="all", seed=5, train_steps=400)
-STUDENT = TinySpec(arch="llama", domain="source", seed=6, train_steps=300)
+TEACHER, STUDENT = TEXT_TEACHER, TEXT_STUDENT
 
 
-def prompts(domain: str, n: int, seed: int) -> list[str]:
-    out = []
-    for s in tiny_corpus(n, seed=seed, domain=domain):  # type: ignore[arg-type]
-        out.append(s.split("answer:")[0] + "answer:" if "answer:" in s else " ".join(s.split()[:4]))
-    return out
+prompts = text_prompts
 
 
 @pytest.fixture(scope="module")

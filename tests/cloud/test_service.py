@@ -354,11 +354,15 @@ def test_the_service_runs_due_rounds_itself(tmp_path, capsys, policy):
     f = _fleet(tmp_path)
     svc = Service(f["data"])
     svc.start(*policy, "--round-poll", "0.5")
-    try:
-        dev = _enroll(svc, capsys, "fleet")
-        auth = {"Authorization": f"Bearer {dev['device_token']}"}
-        assert httpx.post(f"{svc.url}/v1/uploads", content=(tmp_path / "b.cdcu").read_bytes(),
-                          headers=auth).status_code == 201
+    try:  # the device side through the CLI, as the README shows it
+        capsys.readouterr()
+        assert main(["cloud", "enroll-token", "--cohort", "fleet", "--data", str(f["data"])]) == 0
+        token = capsys.readouterr().out.strip()
+        state = str(tmp_path / "dev")
+        assert main(["sync", "enroll", svc.url, token, "--state", state]) == 0
+        assert main(["sync", "upload", str(tmp_path / "b.cdcu"), "--state", state, "--json"]) == 0
+        assert json.loads(capsys.readouterr().out)[0]["stored"] == "now"
+        auth = {"Authorization": f"Bearer {json.loads((tmp_path / 'dev' / 'device.json').read_text())['token']}"}
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
             up = httpx.get(f"{svc.url}/v1/updates", params={"identity": f["identity"]}, headers=auth).json()
@@ -370,6 +374,19 @@ def test_the_service_runs_due_rounds_itself(tmp_path, capsys, policy):
         m = httpx.get(f"{svc.url}/metrics").text
         assert 'cdcca_rounds_total{result="published"} 1.0' in m and 'result="failed"' not in m
         assert 'cdcca_published_version{cohort="fleet"} 1.0' in m
+        assert main(["sync", "update", str(f["device"]), "--state", state, "--json"]) == 0
+        done = json.loads(capsys.readouterr().out)
+        assert done["update"] == "delta" and done["version"] == 1 and done["identity"] == up["latest_identity"]
+        assert main(["sync", "update", str(f["device"]), "--state", state, "--json"]) == 0
+        assert json.loads(capsys.readouterr().out)["update"] is None  # the latest already
+        # a device whose model the cohort never published gets the whole artefact, atomically
+        raw = bytearray(f["old_device"].read_bytes())
+        raw[-100:] = bytes(100)
+        f["old_device"].write_bytes(bytes(raw))
+        assert main(["sync", "update", str(f["old_device"]), "--state", state, "--json"]) == 0
+        assert json.loads(capsys.readouterr().out)["update"] == "artifact"
+        assert compute_identity(open_artifact(f["old_device"])).digest == up["latest_identity"]
+        assert 'cdcca_devices{cohort="fleet",version="1"} 1.0' in httpx.get(f"{svc.url}/metrics").text
     finally:
         svc.stop()
 

@@ -22,6 +22,7 @@ from typing import Any
 from fastapi import FastAPI, Header, HTTPException, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel
+from uvicorn.protocols.http.h11_impl import H11Protocol
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError as DBIntegrityError
 
@@ -508,6 +509,21 @@ def create_app(data_dir: str | Path, db_url: str | None = None, max_upload: int 
 
 
 CONFIG_ENV = "CDCCA_SERVE_CONFIG"
+
+
+class NoDelayH11Protocol(H11Protocol):
+    """uvicorn's h11 protocol with TCP_NODELAY on every connection. With `--workers N`
+    uvicorn binds the socket itself without naming the protocol, and asyncio then leaves
+    Nagle's algorithm on: each answer waited ~40 ms for the client's delayed ACK (measured:
+    23 requests/s on one connection instead of ~600)."""
+
+    def connection_made(self, transport: Any) -> None:  # type: ignore[override]
+        import socket
+
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        super().connection_made(transport)
 
 
 def app_from_env() -> FastAPI:
