@@ -360,6 +360,7 @@ def test_the_service_runs_due_rounds_itself(tmp_path, capsys, policy):
         token = capsys.readouterr().out.strip()
         state = str(tmp_path / "dev")
         assert main(["sync", "enroll", svc.url, token, "--state", state]) == 0
+        assert "enrolled as" in capsys.readouterr().out
         assert main(["sync", "upload", str(tmp_path / "b.cdcu"), "--state", state, "--json"]) == 0
         assert json.loads(capsys.readouterr().out)[0]["stored"] == "now"
         auth = {"Authorization": f"Bearer {json.loads((tmp_path / 'dev' / 'device.json').read_text())['token']}"}
