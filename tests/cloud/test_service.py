@@ -201,6 +201,17 @@ def test_bad_downloads_and_queries(service, tmp_path, capsys):
         (f"{service.url}{up['url']}", {**auth, "Range": "bytes=999999999-"}, 416),
         (f"{service.url}{up['url']}", {**auth, "Range": "items=0-1"}, 416),
         (f"{service.url}/v1/updates", auth, 422),  # no identity parameter
+        # TUF metadata: only this protocol's names, only this cohort's files
+        (f"{service.url}/v1/tuf/metadata/1.root.json", {}, 401),
+        (f"{service.url}/v1/tuf/metadata/..%2F..%2Fstate.sqlite3", auth, 404),
+        (f"{service.url}/v1/tuf/metadata/root.json", auth, 404),
+        (f"{service.url}/v1/tuf/metadata/0.root.json", auth, 404),
+        (f"{service.url}/v1/tuf/metadata/99.root.json", auth, 404),  # the end of a root chain
+        (f"{service.url}/v1/tuf/metadata/timestamp.json.bak", auth, 404),
+        (f"{service.url}/v1/tuf/metadata/.lock", auth, 404),
+        (f"{service.url}/v1/tuf/targets/artifacts/{'0' * 64}.v0.gguf", auth, 404),
+        (f"{service.url}/v1/tuf/targets/artifacts/..%2F..%2Fstate.sqlite3", auth, 404),
+        (f"{service.url}/v1/tuf/targets/{up['sha256']}", {}, 401),
     ]
     for url, headers, code in cases:
         hostile("service")
