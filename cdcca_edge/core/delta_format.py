@@ -414,3 +414,28 @@ def describe_delta(delta: DeltaFile) -> dict[str, Any]:
         **{k: v for k, v in delta.header.to_json().items() if k != "records"},
         "records": [r.to_json() for r in delta.header.records],
     }
+
+
+def resign_delta(src: str | Path, dst: str | Path, private_key: Any) -> str:
+    """Write ``src`` to ``dst`` with its signature replaced by one of ``private_key``
+    (after a key rotation); the records, payload and digest are unchanged. Returns the new
+    signer's key id.
+
+    Raises:
+        FormatError / IntegrityError: ``src`` is not an intact delta.
+    """
+    from cdcca_edge.core.fileio import atomic_file
+
+    delta = read_delta(src)  # checks the digest
+    trailer = 1 + (ED25519_PUBLIC_SIZE + ED25519_SIG_SIZE if delta.signature is not None else 0)
+    public = private_key.public_key().public_bytes_raw()
+    with open(src, "rb") as f, atomic_file(dst) as out:
+        left = delta.size - trailer
+        while left > 0:
+            chunk = f.read(min(1 << 20, left))
+            if not chunk:
+                raise FormatError(f"{src}: changed while re-signing")
+            out.write(chunk)
+            left -= len(chunk)
+        out.write(bytes([SIG_ED25519]) + public + private_key.sign(bytes.fromhex(delta.digest)))
+    return key_id(public)

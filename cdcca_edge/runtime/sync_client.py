@@ -119,6 +119,14 @@ class SyncClient:
         doc = self._request("POST", f"{url}/v1/enroll", None, json.dumps({"token": token}).encode(),
                             {"Content-Type": "application/json"})
         enr = Enrollment(url, doc["device_id"], doc["device_token"], doc["cohort"])
+        try:
+            before = self.enrollment
+        except UsageError:
+            before = None
+        if before is not None and (before.url, before.cohort) != (enr.url, enr.cohort):
+            import shutil  # another service or cohort: the old trust anchor is not this one's
+
+            shutil.rmtree(self.dir / "tuf", ignore_errors=True)
         (self.dir / "tuf").mkdir(parents=True, exist_ok=True)
         root = self.dir / "tuf" / "root.json"
         if not root.exists():
@@ -200,6 +208,37 @@ class SyncClient:
             raise SyncError(f"update metadata could not be fetched ({type(exc).__name__}: {exc}); try again "
                             "later") from None
         return up
+
+    def plan(self, identity: str) -> dict[str, Any] | None:
+        """The update a device holding ``identity`` should apply, decided from the signed,
+        fresh metadata alone (the service's answer is only a hint: a forged or replayed
+        answer can neither roll the device back nor hold it on an old version): None when
+        ``identity`` is the latest signed version; else the delta from its version to the
+        latest when one is signed, else the latest whole artefact.
+
+        Raises:
+            IntegrityError / SyncError: as :meth:`refresh`.
+        """
+        self.refresh()
+        signed = json.loads((self.dir / "tuf" / "targets.json").read_bytes())["signed"]["targets"]
+        artifacts = {t["custom"]["to_version"]: (p, t) for p, t in signed.items()
+                     if t.get("custom", {}).get("kind") == "artifact"}
+        if not artifacts:
+            raise IntegrityError("the cohort's signed metadata names no artefact; ask the service's operator")
+        latest = max(artifacts)
+        held = next((v for v, (_, t) in artifacts.items() if t["custom"]["to_identity"] == identity), None)
+        if held == latest:
+            return None
+        if held is not None:
+            for path, t in signed.items():
+                c = t.get("custom", {})
+                if c.get("kind") == "delta" and (c.get("from_version"), c.get("to_version")) == (held, latest):
+                    return {"kind": "delta", "target": path, "from_version": held, "to_version": latest,
+                            "from_identity": c["from_identity"], "to_identity": c["to_identity"],
+                            "sha256": t["hashes"]["sha256"], "length": t["length"]}
+        path, t = artifacts[latest]
+        return {"kind": "artifact", "target": path, "to_version": latest, "to_identity": t["custom"]["to_identity"],
+                "sha256": t["hashes"]["sha256"], "length": t["length"]}
 
     def trusted_keys(self) -> list[str]:
         """Hex Ed25519 keys the trusted root gives the targets role: the keys a delta may be
@@ -304,9 +343,15 @@ class SyncClient:
             r.release_conn()
 
 
+def _version_of(client: SyncClient, identity: str) -> int | None:
+    signed = json.loads((client.dir / "tuf" / "targets.json").read_bytes())["signed"]["targets"]
+    return next((t["custom"]["to_version"] for t in signed.values()
+                 if t.get("custom", {}).get("kind") == "artifact" and t["custom"]["to_identity"] == identity), None)
+
+
 def apply_update(client: SyncClient, model: str | Path, progress: Any = None) -> dict[str, Any]:
-    """Bring ``model`` (a GGUF file) to the cohort's latest version: ask, fetch through
-    TUF, apply (a delta in place with the trust the TUF root gives; a whole artefact by
+    """Bring ``model`` (a GGUF file) to the cohort's latest signed version: decide from
+    the signed metadata (:meth:`SyncClient.plan`), fetch through TUF, apply (a delta in place with the trust the TUF root gives; a whole artefact by
     atomic replacement), check the identity, report it. Returns what was done.
 
     Raises:
@@ -323,11 +368,11 @@ def apply_update(client: SyncClient, model: str | Path, progress: Any = None) ->
     say = progress or (lambda _m: None)
     model = Path(model)
     identity = current_identity(open_artifact(model))[0]
-    answer = client.check(identity)
-    up = answer["update"]
+    client.check(identity)  # a hint only: it makes the service build a delta from an old version
+    up = client.plan(identity)  # what to apply: from the signed metadata alone
     if up is None:
         client.report(identity, True)
-        return {"update": None, "version": answer["latest_version"], "identity": identity}
+        return {"update": None, "version": _version_of(client, identity), "identity": identity}
     say(f"fetching the {up['kind']} to version {up['to_version']} ({up['length']:,} bytes)")
     path = client.fetch(up)
     if up["kind"] == "delta":

@@ -220,6 +220,21 @@ def test_bad_downloads_and_queries(service, tmp_path, capsys):
         assert service.state() == before
 
 
+def test_a_token_of_one_use_enrolls_one_device_when_many_race(service, capsys):
+    from concurrent.futures import ThreadPoolExecutor
+
+    capsys.readouterr()
+    assert main(["cloud", "enroll-token", "--cohort", "demo", "--data", str(service.data), *_db(service.db),
+                 "--json"]) == 0
+    token = json.loads(capsys.readouterr().out)["token"]
+    hostile("service")
+    with ThreadPoolExecutor(16) as pool:
+        codes = list(pool.map(lambda _: httpx.post(f"{service.url}/v1/enroll", json={"token": token}).status_code,
+                              range(16)))
+    assert sorted(codes) == [201] + [401] * 15
+    assert service.state()[0]["devices"] == 1
+
+
 def test_an_acknowledged_upload_survives_kill_9(service, tmp_path, capsys):
     dev = _enroll(service, capsys)
     auth = {"Authorization": f"Bearer {dev['device_token']}"}

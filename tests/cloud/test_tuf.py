@@ -22,7 +22,7 @@ from cdcca_edge.cloud.service.store import database_url, open_db  # noqa: E402
 from cdcca_edge.cloud.service.tuf_repo import CohortRepository  # noqa: E402
 from cdcca_edge.core.artifact import compute_identity, open_artifact  # noqa: E402
 from cdcca_edge.core.delta_format import generate_keypair  # noqa: E402
-from cdcca_edge.core.errors import IntegrityError  # noqa: E402
+from cdcca_edge.core.errors import IntegrityError, UsageError  # noqa: E402
 from cdcca_edge.core.patch import apply_delta  # noqa: E402
 from cdcca_edge.runtime.sync_client import SyncClient  # noqa: E402
 from tests.cloud.test_service import Service, _create, _keys  # noqa: E402
@@ -102,13 +102,11 @@ def test_replayed_expired_and_forged_metadata_are_refused(cohort, tmp_path, caps
 
     # forged: new metadata signed by a key the root never named
     generate_keypair(tmp_path / "evil.pem", tmp_path / "evil.pem.pub")
-    honest = {p.name: p.read_bytes() for p in repo.dir.glob("*.json")}
-    repo.set_targets(tmp_path / "evil.pem", lambda: [])
+    repo.sign_timestamp(tmp_path / "evil.pem", datetime.now(timezone.utc) + timedelta(days=1))
     assert "UnsignedMetadataError" in _refused(client, "forged")
-    for p in repo.dir.glob("*.json"):
-        p.unlink()
-    for name, data in honest.items():
-        (repo.dir / name).write_bytes(data)
+    with pytest.raises(UsageError):  # and the service itself never signs with a key root does not name
+        repo.set_targets(tmp_path / "evil.pem", lambda: [])
+    refresh_metadata(svc.data, open_db(database_url(svc.data)), force=True)
     client.refresh()
 
 
@@ -142,6 +140,7 @@ def test_tampered_endless_and_mismatched_targets_are_refused(cohort, tmp_path, c
 
 def test_key_rotation_is_followed_by_devices(cohort, tmp_path, capsys):
     from cdcca_edge.core.trust import Trust
+    from cdcca_edge.runtime.sync_client import apply_update
 
     svc, client = cohort, cohort.client
     sign, root = _keys(tmp_path)
@@ -149,20 +148,22 @@ def test_key_rotation_is_followed_by_devices(cohort, tmp_path, capsys):
     generate_keypair(tmp_path / "root2.pem", tmp_path / "root2.pem.pub")
     old_keys = client.trusted_keys()
     data = ["--data", str(svc.data)]
-    # the online key: root v2, signed by the root key
-    assert main(["cloud", "rotate-key", "demo", *data, "--root-key", str(root), "--new-sign-key",
-                 str(tmp_path / "key2.pem")]) == 0
-    pub = _publish(svc, tmp_path, 1, capsys)  # its delta is signed with the new key
-    up = client.check(svc.identity)["update"]
-    got = client.fetch(up)  # the device walked root v1 -> v2
-    assert client.trusted_keys() != old_keys
-    assert client.trust().public_keys == Trust.keys([tmp_path / "key2.pem.pub"]).public_keys
     device = tmp_path / "device.gguf"
     shutil.copy(svc.model, device)
+    v1 = _publish(svc, tmp_path, 1, capsys)  # its delta is signed with the old online key
+    # the online key: root v2, signed by the root key; the published delta is re-signed
+    assert main(["cloud", "rotate-key", "demo", *data, "--root-key", str(root), "--new-sign-key",
+                 str(tmp_path / "key2.pem")]) == 0
+    done = apply_update(client, device)  # the device, one version behind, walks root v1 -> v2
+    assert done["update"] == "delta" and done["identity"] == v1["identity"]
+    assert client.trusted_keys() != old_keys
+    assert client.trust().public_keys == Trust.keys([tmp_path / "key2.pem.pub"]).public_keys
+    v2 = _publish(svc, tmp_path, 2, capsys)  # signed with the new key from now on
+    up = client.plan(v1["identity"])
+    got = client.fetch(up)
     with pytest.raises(IntegrityError):  # the old key no longer signs deltas
         apply_delta(device, got, trust=Trust.keys([tmp_path / "key.pem.pub"]))
-    assert apply_delta(device, got, trust=client.trust()).applied
-    assert compute_identity(open_artifact(device)).digest == pub["identity"]
+    assert apply_update(client, device)["identity"] == v2["identity"]
     # the old online key, stolen, can no longer sign a timestamp the device accepts
     CohortRepository(svc.data, "demo").sign_timestamp(sign, datetime.now(timezone.utc) + timedelta(days=1))
     assert "UnsignedMetadataError" in _refused(client, "old key")
@@ -174,8 +175,66 @@ def test_key_rotation_is_followed_by_devices(cohort, tmp_path, capsys):
     client.refresh()
     assert json.loads((client.dir / "tuf" / "root.json").read_bytes())["signed"]["version"] == 3
     hostile("tuf")
+    capsys.readouterr()
     assert main(["cloud", "rotate-key", "demo", *data, "--root-key", str(root), "--new-sign-key", str(sign)]) == 2
     assert capsys.readouterr().err.count("not this cohort's root key") == 1
+
+
+def test_a_rotation_cut_short_keeps_devices_working_and_finishes_when_run_again(cohort, tmp_path, capsys,
+                                                                                 monkeypatch):
+    from cdcca_edge.cloud.service import ops
+
+    svc, client = cohort, cohort.client
+    _, root = _keys(tmp_path)
+    generate_keypair(tmp_path / "key2.pem", tmp_path / "key2.pem.pub")
+    _publish(svc, tmp_path, 1, capsys)
+
+    def crash(*_a, **_k):
+        raise OSError("killed")
+
+    with monkeypatch.context() as m:  # the process dies after the database moved to the new key
+        m.setattr(CohortRepository, "rotate", crash)
+        with pytest.raises(OSError):
+            ops.rotate_keys(svc.data, "demo", root, new_sign_key=tmp_path / "key2.pem")
+    sessions = open_db(database_url(svc.data))
+    assert refresh_metadata(svc.data, sessions, force=True) == {}  # never signs with a key root does not name
+    assert client.plan(svc.identity)["kind"] == "delta"  # the old metadata still verifies
+    ops.rotate_keys(svc.data, "demo", root, new_sign_key=tmp_path / "key2.pem")  # run again: finished
+    from cdcca_edge.runtime.sync_client import apply_update
+
+    device = tmp_path / "device.gguf"
+    shutil.copy(svc.model, device)
+    assert apply_update(client, device)["update"] == "delta"
+
+
+def test_the_device_decides_from_signed_metadata_not_from_the_answer(cohort, tmp_path, capsys):
+    """A forged or replayed /v1/updates answer cannot roll a device back or hold it: the
+    plan comes from the signed targets."""
+    svc, client = cohort, cohort.client
+    v1 = _publish(svc, tmp_path, 1, capsys)
+    assert client.plan(v1["identity"]) is None
+    assert client.plan(svc.identity)["kind"] == "delta"  # v0 -> v1
+    whole = client.plan("cd" * 32)
+    assert whole["kind"] == "artifact" and whole["to_version"] == 1  # never an older version
+    v2 = _publish(svc, tmp_path, 2, capsys)
+    up = client.plan(v1["identity"])
+    assert (up["kind"], up["to_version"], up["to_identity"]) == ("delta", 2, v2["identity"])
+
+
+def test_one_broken_cohort_does_not_stop_re_signing_the_others(tmp_path, capsys):
+    model = make_gguf(tmp_path / "m.gguf")
+    data = tmp_path / "data"
+    _create(tmp_path, data, "alpha", model)
+    generate_keypair(tmp_path / "beta.pem", tmp_path / "beta.pem.pub")
+    _, root = _keys(tmp_path)
+    assert main(["cloud", "create-cohort", "beta", "--artifact", str(model), "--data", str(data),
+                 "--sign-key", str(tmp_path / "beta.pem"), "--root-key", str(root)]) == 0
+    (tmp_path / "key.pem").rename(tmp_path / "moved.pem")  # alpha's key is gone
+    before = CohortRepository(data, "beta").versions()["timestamp"]
+    done = refresh_metadata(data, open_db(database_url(data)), force=True)
+    assert "alpha" not in done and "timestamp" in done["beta"]
+    assert CohortRepository(data, "beta").versions()["timestamp"] > before
+    assert "could not re-sign metadata of alpha" in capsys.readouterr().err
 
 
 def test_bad_keys_are_refused_at_creation(tmp_path, capsys):

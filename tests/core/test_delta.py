@@ -692,3 +692,28 @@ def test_computed_bytes_that_differ_from_the_delta_are_refused(tmp_path, case):
     with pytest.raises(err):
         apply_delta(a, tmp_path / "d.cdcd", trust=Trust.none(), computed=new)
     assert a.read_bytes() == before and not journal_path(open_artifact(a)).exists()
+
+
+def test_resign_replaces_only_the_signature(tmp_path):
+    """After a key rotation a published delta is re-signed: same records, payload and
+    digest; trusted under the new key, refused under the old; an altered delta is not
+    re-signed."""
+    from tests.core.delta_helpers import make_gguf
+
+    old = make_gguf(tmp_path / "a.gguf")
+    new = make_gguf(tmp_path / "b.gguf", seed=5)
+    for name in ("k1", "k2"):
+        df.generate_keypair(tmp_path / f"{name}.pem", tmp_path / f"{name}.pub")
+    diff_artifacts(old, new, tmp_path / "d.cdcd", sign_key=df.load_private_key(tmp_path / "k1.pem"))
+    kid = df.resign_delta(tmp_path / "d.cdcd", tmp_path / "r.cdcd", df.load_private_key(tmp_path / "k2.pem"))
+    a, b = df.read_delta(tmp_path / "d.cdcd"), df.read_delta(tmp_path / "r.cdcd")
+    assert a.digest == b.digest and a.header == b.header and b.signature.key_id == kid
+    df.check_trust(b, [df.load_public_key(tmp_path / "k2.pub")])
+    with pytest.raises(IntegrityError):
+        df.check_trust(b, [df.load_public_key(tmp_path / "k1.pub")])
+    raw = bytearray((tmp_path / "d.cdcd").read_bytes())
+    raw[200] ^= 1
+    (tmp_path / "bad.cdcd").write_bytes(bytes(raw))
+    with pytest.raises((FormatError, IntegrityError)):
+        df.resign_delta(tmp_path / "bad.cdcd", tmp_path / "x.cdcd", df.load_private_key(tmp_path / "k2.pem"))
+    assert not (tmp_path / "x.cdcd").exists()

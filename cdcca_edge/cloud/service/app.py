@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Header, HTTPException, Request, Response
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel
 from uvicorn.protocols.http.h11_impl import H11Protocol
@@ -113,11 +114,12 @@ def _round_worker(data_dir: Path, db_url: str | None, sessions: Any, min_uploads
             if queue:  # a worker process runs it; the queueing lock keeps one job per cohort queued
                 from cdcca_edge.cloud.service.jobs import defer_round
 
-                defer_round(db_url, data_dir, name)
+                defer_round(db_url, data_dir, name, min_new=min_uploads or 1)
                 continue
             t0 = time.perf_counter()
             try:
-                run_round(data_dir, name, db_url=db_url, min_new_uploads=1)
+                # re-checked under the round's lock: another process may have just taken them
+                run_round(data_dir, name, db_url=db_url, min_new_uploads=min_uploads or 1)
                 metrics.rounds.labels("published").inc()
             except NothingNew:  # another API process of this service ran it first
                 continue
@@ -233,37 +235,37 @@ def create_app(data_dir: str | Path, db_url: str | None = None, max_upload: int 
 
     @app.post(f"{API}/enroll", status_code=201)
     def enroll(req: EnrollRequest) -> dict[str, Any]:
+        from sqlalchemy import update as sql_update
+
         device_token = new_token()
+        used_up = _fail(401, "bad_enroll_token", "unknown or used-up enrollment token; ask the "
+                        "operator for a new one (`cdcca-edge cloud enroll-token`)")
         with sessions.begin() as s:
             et = s.scalar(select(EnrollToken).where(EnrollToken.token_hash == token_hash(req.token)))
-            if et is None or et.uses_left < 1:
-                raise _fail(401, "bad_enroll_token", "unknown or used-up enrollment token; ask the "
-                            "operator for a new one (`cdcca-edge cloud enroll-token`)")
-            et.uses_left -= 1
-            dev = Device(id=uuid.uuid4().hex, cohort_id=et.cohort_id, token_hash=token_hash(device_token))
-            s.add(dev)
+            if et is None:
+                raise used_up
             cohort = s.get(Cohort, et.cohort_id)
             assert cohort is not None
             name = cohort.name
-        root = json.loads(CohortRepository(data_dir, name).root_bytes())
+            try:  # the trust anchor first: a cohort without one enrolls nobody, uses up nothing
+                root = json.loads(CohortRepository(data_dir, name).root_bytes())
+            except (OSError, ValueError):
+                raise _fail(503, "cohort_not_ready", f"cohort {name!r} has no update metadata yet; the "
+                            "operator must finish `cdcca-edge cloud create-cohort`") from None
+            # one statement decrements only while uses are left, so concurrent enrollments
+            # cannot both take the last use (a read-then-write would)
+            taken = s.execute(sql_update(EnrollToken).where(EnrollToken.id == et.id, EnrollToken.uses_left > 0)
+                              .values(uses_left=EnrollToken.uses_left - 1)).rowcount
+            if taken != 1:
+                raise used_up
+            dev = Device(id=uuid.uuid4().hex, cohort_id=et.cohort_id, token_hash=token_hash(device_token))
+            s.add(dev)
         return {"device_id": dev.id, "device_token": device_token, "cohort": name, "tuf_root": root}
 
     @app.post(f"{API}/uploads", status_code=201)
     async def upload(request: Request, response: Response,
                      authorization: str | None = Header(default=None)) -> dict[str, Any]:
         dev = device_for(authorization)
-        if uploads_per_hour is not None:
-            import time
-
-            from sqlalchemy import func
-
-            with sessions() as s:
-                recent = s.scalar(select(func.count(Upload.id)).where(
-                    Upload.device_id == dev.id, Upload.created > time.time() - 3600)) or 0
-            if recent >= uploads_per_hour:
-                raise HTTPException(status_code=429, headers={"Retry-After": "3600"}, detail={
-                    "error": "over_quota", "message": f"this device stored {recent} uploads in the last "
-                    f"hour, its quota is {uploads_per_hour}; keep the bundle and send it later"})
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > max_upload:
             raise _fail(413, "too_large", f"{declared} bytes is over the {max_upload:,}-byte limit; "
@@ -280,7 +282,8 @@ def create_app(data_dir: str | Path, db_url: str | None = None, max_upload: int 
                                     "several smaller bundles")
                     h.update(chunk)
                     f.write(chunk)
-            return _accept_upload(dev, tmp, size, h.hexdigest(), response)
+            # decoding every sample and the fsyncs block: off the event loop
+            return await run_in_threadpool(_accept_upload, dev, tmp, size, h.hexdigest(), response)
         finally:
             tmp.unlink(missing_ok=True)
 
@@ -306,6 +309,18 @@ def create_app(data_dir: str | Path, db_url: str | None = None, max_upload: int 
             response.status_code = 200  # the same bundle again: already stored
             metrics.uploads.labels("already").inc()
             return {**body, "stored": "already"}
+        if uploads_per_hour is not None:  # after the duplicate check: a retry is never refused
+            import time
+
+            from sqlalchemy import func
+
+            with sessions() as s:
+                recent = s.scalar(select(func.count(Upload.id)).where(
+                    Upload.device_id == dev.id, Upload.created > time.time() - 3600)) or 0
+            if recent >= uploads_per_hour:
+                raise HTTPException(status_code=429, headers={"Retry-After": "3600"}, detail={
+                    "error": "over_quota", "message": f"this device stored {recent} uploads in the last "
+                    f"hour, its quota is {uploads_per_hour}; keep the bundle and send it later"})
         blobs.put_file(tmp, sha)
         try:
             with sessions.begin() as s:
@@ -320,7 +335,7 @@ def create_app(data_dir: str | Path, db_url: str | None = None, max_upload: int 
         return {**body, "stored": "now"}
 
     @app.get(f"{API}/updates")
-    async def updates(identity: str, authorization: str | None = Header(default=None)) -> dict[str, Any]:
+    def updates(identity: str, authorization: str | None = Header(default=None)) -> dict[str, Any]:
         """The answer comes from the cohort's signed TUF targets (cached until its
         timestamp changes), so a device is offered exactly what it can verify, and a check
         costs one database query (the token)."""
@@ -362,12 +377,13 @@ def create_app(data_dir: str | Path, db_url: str | None = None, max_upload: int 
                 names[cohort_id] = c.name
         return names[cohort_id]
 
-    views: dict[str, tuple[int, SignedView]] = {}
+    views: dict[str, tuple[tuple[int, int], SignedView]] = {}
 
     def signed_view(cohort: str) -> SignedView:
         """The cohort's signed targets by version (re-read when timestamp.json changed)."""
         repo = CohortRepository(data_dir, cohort)
-        stamp = (repo.dir / "timestamp.json").stat().st_mtime_ns
+        st = (repo.dir / "timestamp.json").stat()
+        stamp = (st.st_ino, st.st_mtime_ns)  # each write is a rename: a new inode
         got = views.get(cohort)
         if got is None or got[0] != stamp:
             got = (stamp, SignedView.of(repo.targets().values()))
@@ -375,6 +391,7 @@ def create_app(data_dir: str | Path, db_url: str | None = None, max_upload: int 
         return got[1]
 
     build_lock = threading.Lock()
+    failed_builds: set[tuple[int, int, int]] = set()  # (cohort, from, to) whose diff did not check out
 
     def _delta_on_demand(cohort_id: int, held_number: int, latest_number: int) -> Delta | None:
         """An exact delta from an older version to the latest (``delta diff`` of the two
@@ -383,6 +400,8 @@ def create_app(data_dir: str | Path, db_url: str | None = None, max_upload: int 
         from cdcca_edge.core.delta_build import diff_artifacts
         from cdcca_edge.core.delta_format import load_private_key
 
+        if (cohort_id, held_number, latest_number) in failed_builds:
+            return None
         with build_lock:  # one build at a time in this process; the row is unique across processes
             with sessions() as s:
                 held = s.scalar(select(Version).where(Version.cohort_id == cohort_id, Version.number == held_number))
@@ -404,6 +423,7 @@ def create_app(data_dir: str | Path, db_url: str | None = None, max_upload: int 
                 summary = diff_artifacts(blobs.path(held.artifact_sha256), blobs.path(latest.artifact_sha256),
                                          out, sign_key=key, from_version=held.number, to_version=latest.number)
                 if summary.target_identity != latest.identity or summary.base_identity != held.identity:
+                    failed_builds.add((cohort_id, held_number, latest_number))
                     return None
                 sha, size = blobs.put_file(out)
                 with sessions.begin() as s:
@@ -466,14 +486,16 @@ def create_app(data_dir: str | Path, db_url: str | None = None, max_upload: int 
         if range is not None:
             m = _RANGE.match(range.strip())
             if m is None or (not m.group(1) and not m.group(2)):
-                raise _fail(416, "bad_range", f"unsupported Range {range[:80]!r}; use bytes=START-[END]")
+                raise HTTPException(status_code=416, headers={"Content-Range": f"bytes */{size}"}, detail={
+                    "error": "bad_range", "message": f"unsupported Range {range[:80]!r}; use bytes=START-[END]"})
             if m.group(1):
                 start = int(m.group(1))
                 end = min(size, int(m.group(2)) + 1) if m.group(2) else size
             else:
                 start, end = max(0, size - int(m.group(2))), size
             if start >= size or start >= end:
-                raise _fail(416, "bad_range", f"range {range[:80]!r} is outside the {size}-byte file")
+                raise HTTPException(status_code=416, headers={"Content-Range": f"bytes */{size}"}, detail={
+                    "error": "bad_range", "message": f"range {range[:80]!r} is outside the {size}-byte file"})
             status = 206
         metrics.download_bytes.inc(end - start)
         headers = {"Accept-Ranges": "bytes", "Content-Length": str(end - start)}

@@ -42,7 +42,7 @@ def queue_app(db_url: str) -> Any:
 
     @app.task(name="cdcca.round", queue=QUEUE, pass_context=True,
               retry=procrastinate.RetryStrategy(max_attempts=MAX_ATTEMPTS, wait=10))
-    def round_job(context: Any, data_dir: str, cohort: str) -> dict[str, Any]:
+    def round_job(context: Any, data_dir: str, cohort: str, min_new: int = 1) -> dict[str, Any]:
         """Run a due round. A round with nothing new (the job ran twice, or a round by hand
         came first) publishes nothing and succeeds."""
         from cdcca_edge.cloud.service.rounds import NothingNew, run_round
@@ -51,7 +51,7 @@ def queue_app(db_url: str) -> Any:
         try:
             # the worker's own mount of the shared data directory, else the path the API process gave
             doc = run_round(_WORKER.get("data", data_dir), cohort, db_url=db_url, progress=log,
-                            launcher=_WORKER.get("launcher"))
+                            launcher=_WORKER.get("launcher"), min_new_uploads=min_new)
         except NothingNew as exc:
             log(f"nothing to do ({exc})")
             return {"cohort": cohort, "published": None}
@@ -63,7 +63,7 @@ def queue_app(db_url: str) -> Any:
     return app
 
 
-def defer_round(db_url: str, data_dir: str | Path, cohort: str) -> int | None:
+def defer_round(db_url: str, data_dir: str | Path, cohort: str, min_new: int = 1) -> int | None:
     """Queue a round of ``cohort``; returns the job id, None when one is waiting or running
     already (the uploads it would take are that round's). Two API processes may both queue
     one at the same moment: the second runs after the first (same ``lock``) and finds
@@ -73,7 +73,8 @@ def defer_round(db_url: str, data_dir: str | Path, cohort: str) -> int | None:
         lock = f"round-{cohort}"
         if any(app.job_manager.list_jobs(lock=lock, status=st) for st in ("todo", "doing")):
             return None
-        return app.round_job.configure(lock=lock).defer(data_dir=str(Path(data_dir).resolve()), cohort=cohort)
+        return app.round_job.configure(lock=lock).defer(data_dir=str(Path(data_dir).resolve()), cohort=cohort,
+                                                        min_new=min_new)
 
 
 async def _recover_stalled(app: Any, stalled: float, every: float) -> None:

@@ -22,7 +22,7 @@ from cdcca_edge.cloud.service.store import (
     token_hash,
 )
 from cdcca_edge.cloud.service.tuf_repo import Target
-from cdcca_edge.core.errors import UsageError
+from cdcca_edge.core.errors import CdccaError, UsageError
 
 COHORT_NAME_MAX = 64
 
@@ -197,19 +197,29 @@ def publish(data_dir: str | Path, cohort: str, artifact: str | Path, db_url: str
     Raises:
         UsageError: no such cohort, another layout, or the artefact is the latest already.
     """
+    import fcntl
+
+    data_dir = Path(data_dir)
+    sessions = open_db(database_url(data_dir, db_url))
+    with sessions() as s:
+        if cohort_named(s, cohort) is None:
+            raise UsageError(f"no cohort {cohort!r}")
+    with open(data_dir / f"round-{cohort}.lock", "a") as lock:  # rounds and publishes take turns
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+        return _publish_locked(data_dir, sessions, cohort, artifact)
+
+
+def _publish_locked(data_dir: Path, sessions: sessionmaker[Session], cohort: str, artifact: str | Path) -> dict:
     import tempfile
 
     from cdcca_edge.core.artifact import compute_identity, open_artifact
     from cdcca_edge.core.delta_build import diff_artifacts
     from cdcca_edge.core.delta_format import load_private_key
 
-    data_dir = Path(data_dir)
-    sessions = open_db(database_url(data_dir, db_url))
     blobs = BlobStore(data_dir / "blobs")
     with sessions() as s:
         c = cohort_named(s, cohort)
-        if c is None:
-            raise UsageError(f"no cohort {cohort!r}")
+        assert c is not None
         latest = latest_version(s, c.id)
     assert latest is not None
     identity = compute_identity(open_artifact(artifact)).digest
@@ -235,28 +245,54 @@ def publish(data_dir: str | Path, cohort: str, artifact: str | Path, db_url: str
 
 def rotate_keys(data_dir: str | Path, cohort: str, root_key: str | Path, new_sign_key: str | Path | None = None,
                 new_root_key: str | Path | None = None, db_url: str | None = None) -> dict:
-    """Rotate a cohort's online key and/or root key: root metadata n+1 signed by the
-    current root key (and the new one), the online roles re-signed, and the cohort's deltas
-    signed with the new online key from now on. Devices follow through TUF's root chain.
+    """Rotate a cohort's online key and/or root key. With a new online key: every
+    published delta is re-signed with it (new blobs; the old ones stay for devices that
+    fetched them) and the cohort's key path changes, in one transaction; then root
+    metadata n+1 signed by the current root key (and the new one) names the new keys, and
+    the online roles are re-signed. A crash between leaves the old, valid metadata served
+    (the background loop will not sign with a key the root does not name); running the
+    command again finishes it. Devices follow through TUF's root chain.
 
     Raises:
         UsageError: no such cohort, or ``root_key`` is not its root key.
     """
-    from cdcca_edge.cloud.service.tuf_repo import CohortRepository, check_keys
+    import fcntl
+    import tempfile
 
-    sessions = open_db(database_url(Path(data_dir), db_url))
+    from cdcca_edge.cloud.service.tuf_repo import CohortRepository, check_keys
+    from cdcca_edge.core.delta_format import load_private_key, resign_delta
+
+    data_dir = Path(data_dir)
+    sessions = open_db(database_url(data_dir, db_url))
     with sessions() as s:
         c = cohort_named(s, cohort)
         if c is None:
             raise UsageError(f"no cohort {cohort!r}")
+        cohort_id = c.id
+    repo = CohortRepository(data_dir, cohort)
     if new_sign_key is not None:
         check_keys(new_root_key or root_key, new_sign_key)
-    version = CohortRepository(data_dir, cohort).rotate(root_key, new_sign_key, new_root_key)
-    if new_sign_key is not None:
-        with sessions.begin() as s:
-            row = cohort_named(s, cohort)
-            assert row is not None
-            row.sign_key = str(Path(new_sign_key).resolve())
+        root_signer = check_keys(root_key, new_sign_key)[0]
+        if root_signer.public_key.keyid not in repo.role_keyids("root"):
+            raise UsageError("--root-key is not this cohort's root key; rotation needs the current root key")
+        key = load_private_key(new_sign_key)
+        blobs = BlobStore(data_dir / "blobs")
+        with open(data_dir / f"round-{cohort}.lock", "a") as lock:  # no round publishes meanwhile
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+            with sessions.begin() as s, tempfile.TemporaryDirectory(dir=data_dir) as tmp:
+                for d in s.scalars(select(Delta).where(Delta.cohort_id == cohort_id)):
+                    out = Path(tmp) / "resigned.cdcd"
+                    resign_delta(blobs.path(d.sha256), out, key)
+                    d.sha256, d.size = blobs.put_file(out)
+                row = s.get(Cohort, cohort_id)
+                assert row is not None
+                row.sign_key = str(Path(new_sign_key).resolve())
+
+    def rows() -> list[Target]:
+        with sessions() as s:
+            return cohort_targets(s, cohort_id)
+
+    version = repo.rotate(root_key, new_sign_key, new_root_key, targets=rows)
     return {"cohort": cohort, "root_version": version, "online_key_rotated": new_sign_key is not None,
             "root_key_rotated": new_root_key is not None}
 
@@ -270,12 +306,21 @@ def refresh_metadata(data_dir: str | Path, sessions: sessionmaker[Session], forc
     with sessions() as s:
         cohorts = [(c.name, c.sign_key) for c in s.scalars(select(Cohort))]
     done: dict[str, list[str]] = {}
+    failed = []
     for name, key in cohorts:
         repo = CohortRepository(data_dir, name)
         if key is None or not repo.exists():
             continue
-        roles = ["targets", "snapshot", "timestamp"] if sign_targets(data_dir, sessions, name) else []
-        roles = roles or repo.refresh(key, force=force)
+        try:  # one cohort's missing key or half-done rotation must not starve the others
+            roles = ["targets", "snapshot", "timestamp"] if sign_targets(data_dir, sessions, name) else []
+            roles = roles or repo.refresh(key, force=force)
+        except (CdccaError, OSError) as exc:
+            failed.append(f"{name}: {exc}")
+            continue
         if roles:
             done[name] = roles
+    if failed:
+        import sys
+
+        print("cdcca-edge cloud: could not re-sign metadata of " + "; ".join(failed), file=sys.stderr, flush=True)
     return done

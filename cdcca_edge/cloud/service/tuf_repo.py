@@ -121,6 +121,10 @@ class CohortRepository:
             return snap
         return Metadata.from_file(str(self.dir / f"{snap.signed.meta['targets.json'].version}.targets.json"))
 
+    def role_keyids(self, role: str) -> list[str]:
+        """The key ids the current root names for ``role``."""
+        return list(self._load("root").signed.roles[role].keyids)
+
     def versions(self) -> dict[str, int]:
         return {role: self._load(role).signed.version for role in ("root", "targets", "snapshot", "timestamp")}
 
@@ -167,6 +171,15 @@ class CohortRepository:
         return {p: Target(p, f.hashes["sha256"], f.length, f.custom)
                 for p, f in self._load("targets").signed.targets.items()}
 
+    def _online_signer(self, online_key: str | Path) -> Any:
+        """A signer for ``online_key``, refused unless the current root names it for the
+        online roles (a half-finished rotation must not produce metadata devices refuse)."""
+        signer = signer_from_pem(online_key)
+        if signer.public_key.keyid not in self.role_keyids("targets"):
+            raise UsageError(f"{online_key} is not the online key the root metadata names; finish the key "
+                             "rotation with `cdcca-edge cloud rotate-key`")
+        return signer
+
     def set_targets(self, online_key: str | Path, targets: Callable[[], list[Target]]) -> bool:
         """Publish ``targets()`` (the cohort's whole list, read under the repository's lock
         so that a slower writer never publishes an older list) as the next targets
@@ -176,7 +189,7 @@ class CohortRepository:
             want = targets()
             if {t.path: t for t in want} == self.targets():
                 return False
-            self._publish(signer_from_pem(online_key), want, first=False)
+            self._publish(self._online_signer(online_key), want, first=False)
             return True
 
     def _publish(self, signer: Any, targets: list[Target], first: bool) -> None:
@@ -220,7 +233,7 @@ class CohortRepository:
                     stale.append(role)
             if not stale:
                 return []
-            signer = signer_from_pem(online_key)
+            signer = self._online_signer(online_key)
             if "targets" in stale or "snapshot" in stale:  # a new version of each, chained
                 self._publish(signer, list(self.targets().values()), first=False)
                 return ["targets", "snapshot", "timestamp"]
@@ -236,11 +249,13 @@ class CohortRepository:
             self._write_timestamp(signer_from_pem(online_key), ts.version + 1, ts.snapshot_meta.version, expires)
 
     def rotate(self, root_key: str | Path, new_online_key: str | Path | None = None,
-               new_root_key: str | Path | None = None) -> int:
+               new_root_key: str | Path | None = None, targets: Callable[[], list[Target]] | None = None) -> int:
         """Root version n+1 that replaces the online key and/or the root key, signed by
         the current root key and (when it changes) the new one, so that a device holding
         root n verifies n+1 and trusts the new keys from then on; the online roles are then
-        re-signed with the new online key. Returns the new root version.
+        re-signed with the new online key, listing ``targets()``. Re-running it after a
+        crash finishes the job (a root that names the new online key already is kept).
+        Returns the root version.
 
         Raises:
             UsageError: ``root_key`` is not the cohort's root key, or nothing changes.
@@ -257,25 +272,28 @@ class CohortRepository:
                 raise UsageError("--root-key is not this cohort's root key; rotation needs the current root key")
             new_root = signer_from_pem(new_root_key) if new_root_key else None
             new_online = signer_from_pem(new_online_key) if new_online_key else None
-            if new_root is not None:
-                root.revoke_key(old_root.public_key.keyid, "root")
-                root.add_key(new_root.public_key, "root")
+            if new_online is not None and new_online.public_key.keyid in root.roles["root"].keyids:
+                raise UsageError("the new online key is the root key; give the root role its own key")
+            done = (new_root is None and new_online is not None
+                    and root.roles["targets"].keyids == [new_online.public_key.keyid])
+            if not done:
+                if new_root is not None:
+                    root.revoke_key(old_root.public_key.keyid, "root")
+                    root.add_key(new_root.public_key, "root")
+                if new_online is not None:
+                    for role in ("targets", "snapshot", "timestamp"):
+                        for kid in list(root.roles[role].keyids):
+                            root.revoke_key(kid, role)
+                        root.add_key(new_online.public_key, role)
+                root.version += 1
+                root.expires = _now() + ROOT_LIFETIME
+                md = Metadata(root)
+                md.sign(old_root)
+                if new_root is not None:
+                    md.sign(new_root, append=True)  # the new root must meet its own threshold
+                self._write(md, f"{root.version}.root.json")
             if new_online is not None:
-                if new_online.public_key.keyid in root.roles["root"].keyids:
-                    raise UsageError("the new online key is the root key; give the root role its own key")
-                for role in ("targets", "snapshot", "timestamp"):
-                    for kid in list(root.roles[role].keyids):
-                        root.revoke_key(kid, role)
-                    root.add_key(new_online.public_key, role)
-            root.version += 1
-            root.expires = _now() + ROOT_LIFETIME
-            md = Metadata(root)
-            md.sign(old_root)
-            if new_root is not None:
-                md.sign(new_root, append=True)  # the new root must meet its own threshold
-            self._write(md, f"{root.version}.root.json")
-            if new_online is not None:
-                self._publish(new_online, list(self.targets().values()), first=False)
+                self._publish(new_online, targets() if targets else list(self.targets().values()), first=False)
             return root.version
 
 
