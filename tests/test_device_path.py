@@ -61,3 +61,23 @@ def test_run_and_inspect_work_without_heavy_packages(exports, fmt):
     inspect_doc = json.loads(docs[0] + "\n}")
     assert inspect_doc["identity_matches_export"] is True
     assert json.loads(docs[1])["tokens"]
+
+
+@pytest.mark.parametrize("fmt", ["gguf", "onnx"])
+def test_the_device_agent_serves_without_heavy_packages(exports, fmt):
+    pytest.importorskip("fastapi")
+    path = str(exports("llama", fmt, "q8_0" if fmt == "gguf" else "f32").path)
+    code = BLOCKER + textwrap.dedent(
+        f"""
+        from fastapi.testclient import TestClient
+        from cdcca_edge.runtime.agent import create_agent_app
+        with TestClient(create_agent_app({path!r})) as c:
+            r = c.post("/v1/chat/completions", json={{"messages": [{{"role": "user", "content": "the red"}}],
+                                                     "max_tokens": 3}})
+            assert r.status_code == 200, r.text
+        print([m for m in {HEAVY!r} if m in sys.modules])
+        """
+    )
+    proc = _python(code)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().endswith("[]")

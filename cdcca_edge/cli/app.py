@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from cdcca_edge import __version__
-from cdcca_edge.cli import cloud, delta, sync, uplink
+from cdcca_edge.cli import cloud, delta, device, sync, uplink
 from cdcca_edge.cli.demo import demo
 from cdcca_edge.cli.distill import distill
 from cdcca_edge.cli.export import export
@@ -47,3 +47,4 @@ app.add_typer(delta.app, name="delta")
 app.add_typer(uplink.app, name="uplink")
 app.add_typer(cloud.app, name="cloud")
 app.add_typer(sync.app, name="sync")
+app.add_typer(device.app, name="device")
