@@ -25,6 +25,15 @@ def serve(
                                                       "file name).")] = None,
     threads: Annotated[Optional[int], typer.Option(help="CPU threads of the runtime.")] = None,
     n_ctx: Annotated[Optional[int], typer.Option(help="Context size (tokens).")] = None,
+    cloud_state: Annotated[Optional[Path], typer.Option(
+        help="Sync with the cloud service: the state directory of `cdcca-edge sync enroll`.")] = None,
+    calib: Annotated[Optional[Path], typer.Option(
+        help="UTS calibration (`uplink calibrate`): answers above its threshold are spooled for upload.")] = None,
+    spool: Annotated[Optional[Path], typer.Option(help="Spool directory (default: MODEL.spool beside it).")] = None,
+    spool_max_mb: Annotated[int, typer.Option(help="Spool cap, MiB (oldest samples dropped first).")] = 64,
+    sync_every: Annotated[float, typer.Option(help="Seconds between syncs with the cloud.")] = 300.0,
+    probe: Annotated[Optional[list[str]], typer.Option(
+        help="Health-check prompt after an update (repeatable).")] = None,
 ) -> None:
     """Serve MODEL to local apps: /v1/chat/completions, /v1/completions (streaming or not),
     /v1/models, /healthz, /metrics. Every answer carries its uncertainty in `cdcca`."""
@@ -34,7 +43,14 @@ def serve(
 
     if queue_max < 1:
         raise typer.BadParameter("--queue-max must be at least 1")
+    from cdcca_edge.runtime.agent import SyncConfig
+
+    if calib is not None and cloud_state is None:
+        raise typer.BadParameter("--calib spools answers for the cloud; give --cloud-state too")
     kwargs = {k: v for k, v in (("n_threads", threads), ("n_ctx", n_ctx)) if v is not None}
-    err.print(f"cdcca-edge device: serving {model} on http://{host}:{port}/v1", highlight=False)
-    uvicorn.run(create_agent_app(model, value(backend), queue_max, model_name, **kwargs), host=host, port=port,
-                log_level="warning")
+    sync = SyncConfig(state=cloud_state, calib=calib, spool=spool, spool_max_bytes=spool_max_mb << 20,
+                      every=sync_every, probes=tuple(probe) if probe else SyncConfig.probes)
+    err.print(f"cdcca-edge device: serving {model} on http://{host}:{port}/v1"
+              + (f", syncing every {sync_every:g} s" if cloud_state else ""), highlight=False)
+    uvicorn.run(create_agent_app(model, value(backend), queue_max, model_name, sync=sync, **kwargs), host=host,
+                port=port, log_level="warning")

@@ -124,21 +124,56 @@ def _token_dict(score: Any) -> dict[str, Any]:
     return {k: d[k] for k in ("token", "entropy", "top1_prob", "logprob") if k in d}
 
 
+@dataclass
+class SyncConfig:
+    """The agent's link to the cloud service (all optional: without it, a local server)."""
+
+    state: Path | None = None  # a `cdcca-edge sync enroll` state directory
+    calib: Path | None = None  # the UTS calibration: answers above its threshold are spooled
+    spool: Path | None = None  # the spool directory
+    spool_max_bytes: int = 64 << 20
+    every: float = 300.0  # seconds between syncs
+    low_weight: float = 0.1
+    probes: tuple[str, ...] = ("the",)  # health check prompts after an update
+
+
 def create_agent_app(model: str | Path, backend: str = "auto", queue_max: int = DEFAULT_QUEUE,
-                     model_name: str | None = None, **load_kwargs: Any) -> Any:
-    """The agent's FastAPI app over ``model``."""
+                     model_name: str | None = None, sync: SyncConfig | None = None, **load_kwargs: Any) -> Any:
+    """The agent's FastAPI app over ``model``; with ``sync``, it spools uncertain answers
+    and syncs with the cloud service in a background thread."""
     import contextlib
 
     from cdcca_edge import __version__
     from cdcca_edge.runtime.base import GenerationConfig
 
-    state: dict[str, Engine] = {}
+    state: dict[str, Any] = {}
     name = model_name or Path(model).name
+    sync = sync or SyncConfig()
+    calib = None
+    if sync.calib is not None:
+        from cdcca_edge.core.calibration import Calibration
+
+        calib = Calibration.load(sync.calib)
+    spool = None
+    if calib is not None:
+        from cdcca_edge.runtime.spool import Spool
+
+        spool = Spool(sync.spool or Path(model).with_name(Path(model).name + ".spool"), sync.spool_max_bytes)
+    counters = {"spooled": 0, "uploaded_bundles": 0, "updates": 0, "update_failures": 0, "sync_errors": 0}
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> Any:
         state["engine"] = Engine(model, backend, queue_max, **load_kwargs)
+        stop = threading.Event()
+        syncer = None
+        if sync.state is not None:
+            syncer = threading.Thread(target=_sync_loop, args=(state["engine"], sync, spool, counters, stop),
+                                      name="cdcca-sync", daemon=True)
+            syncer.start()
         yield
+        stop.set()
+        if syncer is not None:
+            syncer.join(timeout=60)
         state["engine"].close()
 
     app = FastAPI(title="cdcca-edge device agent", version=__version__, lifespan=lifespan,
@@ -167,7 +202,10 @@ def create_agent_app(model: str | Path, backend: str = "auto", queue_max: int = 
         if temperature < 0 or not 0 < top_p <= 1:
             raise fail(400, "invalid_request_error", "temperature must be >= 0 and top_p in (0, 1]")
         try:
-            return GenerationConfig(max_tokens=n, temperature=temperature, top_p=top_p, seed=seed)
+            from cdcca_edge.runtime.uts import NEEDS_PROMPT_SCORES
+
+            return GenerationConfig(max_tokens=n, temperature=temperature, top_p=top_p, seed=seed,
+                                    score_prompt=calib is not None and calib.score in NEEDS_PROMPT_SCORES)
         except (TypeError, ValueError, UsageError) as exc:
             raise fail(400, "invalid_request_error", str(exc)) from None
 
@@ -205,6 +243,21 @@ def create_agent_app(model: str | Path, backend: str = "auto", queue_max: int = 
             raise fail(429, "server_busy", f"{engine.jobs.maxsize} requests are waiting already; retry "
                        "shortly (or start the agent with a larger --queue-max)") from None
 
+    def keep_if_unsure(prompt: str, gen: Any) -> None:
+        """UTS on the device: an answer above the calibration's threshold goes to the spool."""
+        if calib is None or spool is None or not gen.tokens:
+            return
+        from cdcca_edge.runtime.uts import item_uncertainty, text_sample
+
+        u = item_uncertainty(gen, None, calib.score, None)
+        if u <= calib.threshold:
+            return
+        identity, version = state["engine"].identity()
+        sample = text_sample(gen, uuid.uuid4().hex[:16], prompt, len(prompt.encode()), u, calib, sync.low_weight)
+        spool.add({"artifact_identity": identity, "artifact_version": version, "low_weight": sync.low_weight,
+                   "calibration": {"score": calib.score, "threshold": calib.threshold}}, sample)
+        counters["spooled"] += 1
+
     def extension(gen: Any) -> dict[str, Any]:
         return {"sample": gen.sample.as_dict(), "tokens": [_token_dict(s) for s in gen.scores],
                 "model_identity": state["engine"].identity()[0]}
@@ -236,6 +289,7 @@ def create_agent_app(model: str | Path, backend: str = "auto", queue_max: int = 
             except CdccaError as exc:
                 raise fail(400, "invalid_request_error", str(exc)) from None
             state["engine"].stats["tokens"] += len(gen.tokens)
+            await run_in_threadpool(keep_if_unsure, prompt, gen)
             choice: dict[str, Any] = {"index": 0, "finish_reason": finish_reason(gen, cfg), "logprobs": None}
             if chat:
                 choice["message"] = {"role": "assistant", "content": gen.text}
@@ -271,6 +325,7 @@ def create_agent_app(model: str | Path, backend: str = "auto", queue_max: int = 
                             yield f"data: {json.dumps(err)}\n\n"
                         elif item.value is not None:
                             state["engine"].stats["tokens"] += len(item.value.tokens)
+                            await run_in_threadpool(keep_if_unsure, prompt, item.value)
                             yield chunk(None, item.value)
                         yield "data: [DONE]\n\n"
                         return
@@ -314,6 +369,13 @@ def create_agent_app(model: str | Path, backend: str = "auto", queue_max: int = 
             "# TYPE cdcca_agent_queue_depth gauge", f"cdcca_agent_queue_depth {e.jobs.qsize() + int(e.busy)}",
             "# TYPE cdcca_agent_model_version gauge", f"cdcca_agent_model_version {-1 if version is None else version}",
         ]
+        for key, value in counters.items():
+            lines += [f"# TYPE cdcca_agent_{key}_total counter", f"cdcca_agent_{key}_total {value}"]
+        if spool is not None:
+            waiting, nbytes = spool.size()
+            lines += ["# TYPE cdcca_agent_spool_bytes gauge", f"cdcca_agent_spool_bytes {nbytes}",
+                      "# TYPE cdcca_agent_spool_entries gauge", f"cdcca_agent_spool_entries {waiting}",
+                      "# TYPE cdcca_agent_spool_dropped_total counter", f"cdcca_agent_spool_dropped_total {spool.dropped}"]
         return PlainTextResponse("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
 
     return app
@@ -325,3 +387,112 @@ def iter_sse(lines: Iterator[bytes]) -> Iterator[dict[str, Any]]:
         line = raw.decode() if isinstance(raw, bytes) else raw
         if line.startswith("data: ") and line.strip() != "data: [DONE]":
             yield json.loads(line[6:])
+
+
+def _sync_loop(engine: Engine, sync: SyncConfig, spool: Any, counters: dict[str, int], stop: threading.Event) -> None:
+    """Every ``sync.every`` seconds: upload the spool, then take the cloud's update. A
+    failure waits longer each time (exponential, with jitter, up to 10 minutes); serving
+    never stops for it."""
+    import random
+    import sys
+
+    from cdcca_edge.runtime.sync_client import SyncClient
+
+    client = SyncClient(sync.state)  # type: ignore[arg-type]
+    delay, failures = min(2.0, sync.every), 0
+    while not stop.wait(delay):
+        try:
+            _sync_once(engine, client, sync, spool, counters)
+            failures, delay = 0, sync.every
+        except Exception as exc:  # noqa: BLE001 - logged, counted, retried later
+            failures += 1
+            counters["sync_errors"] += 1
+            delay = min(600.0, sync.every * 2 ** min(failures, 8)) * random.uniform(0.5, 1.0)
+            print(f"cdcca-edge device: sync failed ({type(exc).__name__}: {exc}); next try in {delay:.0f} s",
+                  file=sys.stderr, flush=True)
+
+
+def _sync_once(engine: Engine, client: Any, sync: SyncConfig, spool: Any, counters: dict[str, int]) -> None:
+    from cdcca_edge.runtime.sync_client import SyncError
+
+    if spool is not None:
+        for bundle in spool.seal():
+            try:
+                doc = client.upload(bundle)
+            except SyncError as exc:
+                if exc.status in (409, 422):  # never storable (e.g. collected on an unpublished model)
+                    spool.discard(bundle)
+                    continue
+                raise
+            if spool.acknowledged(bundle, doc["sha256"]):
+                counters["uploaded_bundles"] += 1
+    identity, _ = engine.identity()
+    try:
+        client.check(identity)  # a hint that makes the service build a delta from an old version
+    except SyncError as exc:
+        if exc.status == 0:
+            raise
+    up = client.plan(identity)
+    if up is None:
+        return
+    path = client.fetch(up)  # outside the engine: serving goes on while it downloads
+    job = engine.submit(Job(lambda m, _job: _apply(m, client, up, path, sync)))
+    now, healthy = job.result()
+    client.report(now, healthy)
+    counters["updates" if healthy else "update_failures"] += 1
+    path.unlink(missing_ok=True)
+
+
+def _apply(m: Any, client: Any, up: dict[str, Any], path: Path, sync: SyncConfig) -> tuple[str, bool]:
+    """In the engine thread (requests wait in the queue meanwhile): apply the update,
+    reload, run the health check; revert a delta that fails it."""
+    import math
+
+    from cdcca_edge.core.trust import Trust
+    from cdcca_edge.runtime.base import GenerationConfig
+    from cdcca_edge.runtime.uts import artifact_identity
+
+    undo = path.with_name(path.name + ".undo")
+    if up["kind"] == "delta":
+        m.apply_patch(path, trust=client.trust(), undo_out=undo)
+    else:
+        import shutil
+        import tempfile
+
+        from cdcca_edge.core.artifact import open_artifact
+        from cdcca_edge.core.fileio import commit_file
+        from cdcca_edge.core.state import read_state, record_export, write_state
+
+        target = m.artifact_path
+        m.close()
+        try:
+            fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
+            import os
+
+            os.close(fd)
+            shutil.copyfile(path, tmp)
+            commit_file(Path(tmp), target, mode=0o644)
+            art = open_artifact(target)
+            record_export(art, up["to_identity"])
+            st = read_state(art)
+            assert st is not None
+            st.version = up["to_version"]
+            write_state(art, st)
+        finally:
+            m.reload()
+
+    def healthy() -> bool:
+        try:
+            for p in sync.probes:
+                g = m.generate(p, GenerationConfig(max_tokens=4))
+                if not g.tokens or not all(math.isfinite(s.entropy) for s in g.scores):
+                    return False
+            return artifact_identity(m.artifact_path)[0] == up["to_identity"]
+        except Exception:  # noqa: BLE001 - any failure of the new model is "unhealthy"
+            return False
+
+    ok = healthy()
+    if not ok and up["kind"] == "delta" and undo.exists():
+        m.apply_patch(undo, trust=Trust.none())  # back to the version it had
+    undo.unlink(missing_ok=True)
+    return artifact_identity(m.artifact_path)[0], ok

@@ -212,6 +212,29 @@ def token_weights(gen: Generation, calib: Calibration, low_weight: float) -> tup
     return flags.astype(np.uint8), np.where(flags, 1.0, low_weight).astype(np.float16)
 
 
+def text_sample(g: Generation, sample_id: str, prompt: str, raw_bytes: int, uncertainty: float,
+                calib: Calibration, low_weight: float) -> U.UplinkSample:
+    """An uploaded sample's text part: the answer, its scores and the token weights AKD
+    uses (docs/formats/uplink.md section 3). ``collect`` and the device agent's spool
+    both build samples with it."""
+    flags, weights = token_weights(g, calib, low_weight)
+    sc = g.sample
+    arrays: dict[str, Any] = {
+        U.PROMPT_IDS: np.asarray(g.prompt_tokens, dtype=np.uint32),
+        U.ANSWER_IDS: np.asarray(g.tokens, dtype=np.uint32),
+        U.TOKEN_ENTROPY: np.asarray([s.entropy for s in g.scores], dtype=np.float16),
+        U.TOKEN_FLAGS: flags,
+        U.TOKEN_WEIGHTS: weights,
+        # confidence, ref_confidence, mean_entropy, max_entropy (SAMPLE_SCORES order)
+        U.SAMPLE_SCORES: np.asarray([getattr(sc, k) for k in SAMPLE_SCORES], dtype=np.float32),
+    }
+    if g.prompt_scores is not None:  # log-probability of prompt tokens 1..n-1
+        arrays[U.PROMPT_LOGPROB] = np.asarray([s.logprob for s in g.prompt_scores], dtype=np.float16)
+    meta: dict[str, Any] = {U.META_PROMPT: prompt, U.META_ANSWER: g.text,
+                            U.META_UNCERTAINTY: round(uncertainty, 6), U.META_RAW_BYTES: raw_bytes}
+    return U.UplinkSample(sample_id, meta, arrays)
+
+
 @dataclass
 class CollectReport:
     bundle: str
@@ -269,24 +292,9 @@ def collect(
     for d in decisions:
         if not d.upload:
             continue
-        g = d.generation
-        flags, weights = token_weights(g, calib, low_weight)
-        sc = g.sample
-        arrays: dict[str, Any] = {
-            U.PROMPT_IDS: np.asarray(g.prompt_tokens, dtype=np.uint32),
-            U.ANSWER_IDS: np.asarray(g.tokens, dtype=np.uint32),
-            U.TOKEN_ENTROPY: np.asarray([s.entropy for s in g.scores], dtype=np.float16),
-            U.TOKEN_FLAGS: flags,
-            U.TOKEN_WEIGHTS: weights,
-            # confidence, ref_confidence, mean_entropy, max_entropy (SAMPLE_SCORES order)
-            U.SAMPLE_SCORES: np.asarray([getattr(sc, k) for k in SAMPLE_SCORES], dtype=np.float32),
-        }
-        if g.prompt_scores is not None:  # log-probability of prompt tokens 1..n-1
-            arrays[U.PROMPT_LOGPROB] = np.asarray([s.logprob for s in g.prompt_scores], dtype=np.float16)
-        meta: dict[str, Any] = {
-            U.META_PROMPT: d.item["prompt"], U.META_ANSWER: g.text, U.META_UNCERTAINTY: round(d.uncertainty, 6),
-            U.META_RAW_BYTES: d.item["raw_bytes"],
-        }
+        base = text_sample(d.generation, d.item["id"], d.item["prompt"], d.item["raw_bytes"], d.uncertainty,
+                           calib, low_weight)
+        arrays, meta = base.arrays, base.meta
         if d.visual is not None and calib.visual is not None:
             # token stage on the image: only the most out-of-distribution tokens go up,
             # int8 with a scale per token, with their positions (docs/formats/uplink.md)

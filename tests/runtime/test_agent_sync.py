@@ -1,0 +1,77 @@
+"""The device agent with the cloud service, both real processes: apps ask the agent
+(openai package), the uncertain answers go to the spool and up to the service, a round
+runs there, and the agent takes the signed update in place, reloads, passes its health
+check and reports the identity the cloud published; later answers come from the new
+weights."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+openai = pytest.importorskip("openai")
+httpx = pytest.importorskip("httpx")
+
+from cdcca_edge.cli import main  # noqa: E402
+from cdcca_edge.cloud.service.ops import mirror_path  # noqa: E402
+from cdcca_edge.core.artifact import compute_identity, open_artifact  # noqa: E402
+from tests.cloud.test_service import Service, _fleet  # noqa: E402
+from tests.runtime.test_agent import Agent  # noqa: E402
+
+
+def _wait(what, until, seconds=300.0):
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        got = until()
+        if got:
+            return got
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_the_agent_uploads_what_it_is_unsure_of_and_updates_in_place(tmp_path, capsys):
+    from cdcca_edge.demo.tiny import text_prompts
+
+    f = _fleet(tmp_path)
+    svc = Service(f["data"])
+    svc.start("--min-uploads", "1", "--round-poll", "0.5")
+    agent = None
+    try:
+        capsys.readouterr()
+        assert main(["cloud", "enroll-token", "--cohort", "fleet", "--data", str(f["data"])]) == 0
+        token = capsys.readouterr().out.strip()
+        state = tmp_path / "agent-state"
+        assert main(["sync", "enroll", svc.url, token, "--state", str(state)]) == 0
+        with open(tmp_path / "source.jsonl", "w") as fh:
+            for i, p in enumerate(text_prompts("source", 30, seed=30)):
+                fh.write(json.dumps({"id": f"s{i}", "prompt": p}) + "\n")
+        assert main(["uplink", "calibrate", str(f["device"]), "--inputs", str(tmp_path / "source.jsonl"),
+                     "-o", str(tmp_path / "calib.json"), "--rate", "0.3", "-n", "10"]) == 0
+        agent = Agent(f["device"], "--cloud-state", str(state), "--calib", str(tmp_path / "calib.json"),
+                      "--sync-every", "1")
+        client = openai.OpenAI(base_url=f"{agent.url}/v1", api_key="unused")
+        before = client.models.list().data[0].model_extra["cdcca"]["identity"]
+        assert before == f["identity"]
+        probe = client.completions.create(model="m", prompt="the red circle is", max_tokens=10)
+        for p in text_prompts("target", 30, seed=31):  # drifted inputs: the agent is unsure of many
+            client.completions.create(model="m", prompt=p, max_tokens=10)
+        spooled = httpx.get(f"{agent.url}/metrics").text
+        assert "cdcca_agent_spooled_total 0" not in spooled
+        after = _wait("the agent to take version 1", lambda: (
+            i := client.models.list().data[0].model_extra["cdcca"])["version"] == 1 and i)
+        published = compute_identity(open_artifact(mirror_path(f["data"], "fleet"))).digest
+        assert after["identity"] == published == compute_identity(open_artifact(f["device"])).digest
+        m = httpx.get(f"{agent.url}/metrics").text
+        assert "cdcca_agent_updates_total 1" in m and "cdcca_agent_update_failures_total 0" in m
+        assert "cdcca_agent_spool_entries 0" in m  # every acknowledged sample left the spool
+        cloud = httpx.get(f"{svc.url}/metrics").text
+        assert 'cdcca_devices{cohort="fleet",version="1"} 1.0' in cloud  # the agent reported it
+        again = client.completions.create(model="m", prompt="the red circle is", max_tokens=10)
+        assert again.model_extra["cdcca"]["model_identity"] == published
+        assert again.model_extra["cdcca"]["tokens"] != probe.model_extra["cdcca"]["tokens"]  # new weights
+    finally:
+        if agent is not None:
+            agent.stop()
+        svc.stop()
