@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import queue
+import sys
 import threading
 import time
 import uuid
@@ -29,6 +30,7 @@ from cdcca_edge.core.errors import CdccaError, UsageError
 
 DEFAULT_QUEUE = 16
 MAX_TOKENS_LIMIT = 4096
+HEALTH_ENTROPY_SHARE = 0.85  # of ln(vocab): above it on the probes, an updated model is noise
 _DONE = object()
 
 
@@ -394,15 +396,15 @@ def _sync_loop(engine: Engine, sync: SyncConfig, spool: Any, counters: dict[str,
     failure waits longer each time (exponential, with jitter, up to 10 minutes); serving
     never stops for it."""
     import random
-    import sys
 
     from cdcca_edge.runtime.sync_client import SyncClient
 
     client = SyncClient(sync.state)  # type: ignore[arg-type]
     delay, failures = min(2.0, sync.every), 0
+    refused: set[str] = set()  # identities whose health check failed here: not tried again
     while not stop.wait(delay):
         try:
-            _sync_once(engine, client, sync, spool, counters)
+            _sync_once(engine, client, sync, spool, counters, refused)
             failures, delay = 0, sync.every
         except Exception as exc:  # noqa: BLE001 - logged, counted, retried later
             failures += 1
@@ -412,7 +414,8 @@ def _sync_loop(engine: Engine, sync: SyncConfig, spool: Any, counters: dict[str,
                   file=sys.stderr, flush=True)
 
 
-def _sync_once(engine: Engine, client: Any, sync: SyncConfig, spool: Any, counters: dict[str, int]) -> None:
+def _sync_once(engine: Engine, client: Any, sync: SyncConfig, spool: Any, counters: dict[str, int],
+               refused: set[str]) -> None:
     from cdcca_edge.runtime.sync_client import SyncError
 
     if spool is not None:
@@ -433,13 +436,17 @@ def _sync_once(engine: Engine, client: Any, sync: SyncConfig, spool: Any, counte
         if exc.status == 0:
             raise
     up = client.plan(identity)
-    if up is None:
+    if up is None or up["to_identity"] in refused:
         return
     path = client.fetch(up)  # outside the engine: serving goes on while it downloads
     job = engine.submit(Job(lambda m, _job: _apply(m, client, up, path, sync)))
     now, healthy = job.result()
     client.report(now, healthy)
     counters["updates" if healthy else "update_failures"] += 1
+    if not healthy:
+        refused.add(up["to_identity"])
+        print(f"cdcca-edge device: version {up['to_version']} failed the health check; reverted to "
+              f"{now[:16]} and reported", file=sys.stderr, flush=True)
     path.unlink(missing_ok=True)
 
 
@@ -482,17 +489,24 @@ def _apply(m: Any, client: Any, up: dict[str, Any], path: Path, sync: SyncConfig
             m.reload()
 
     def healthy() -> bool:
+        """Finite scores, an answer, and not near-uniform next-token distributions (mean
+        entropy under HEALTH_ENTROPY_SHARE of ln(vocabulary): a model whose weights were
+        damaged answers noise with finite logits); and the identity the update promised."""
         try:
+            ents = []
             for p in sync.probes:
                 g = m.generate(p, GenerationConfig(max_tokens=4))
                 if not g.tokens or not all(math.isfinite(s.entropy) for s in g.scores):
                     return False
+                ents += [s.entropy for s in g.scores]
+            if sum(ents) / len(ents) > HEALTH_ENTROPY_SHARE * math.log(m.n_vocab):
+                return False
             return artifact_identity(m.artifact_path)[0] == up["to_identity"]
         except Exception:  # noqa: BLE001 - any failure of the new model is "unhealthy"
             return False
 
     ok = healthy()
     if not ok and up["kind"] == "delta" and undo.exists():
-        m.apply_patch(undo, trust=Trust.none())  # back to the version it had
+        m.apply_patch(undo, trust=Trust.none(), allow_downgrade=True)  # back to the version it had
     undo.unlink(missing_ok=True)
     return artifact_identity(m.artifact_path)[0], ok

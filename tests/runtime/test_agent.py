@@ -11,6 +11,7 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 
@@ -31,9 +32,10 @@ class Agent:
     def __init__(self, model, *extra: str) -> None:
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        self.log = Path(model).parent / f"agent-{self.port}.log"  # read on failure
         self.proc = subprocess.Popen([sys.executable, "-m", "cdcca_edge.cli", "device", "serve", "--model",
                                       str(model), "--port", str(self.port), *extra],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                                     stdout=subprocess.DEVNULL, stderr=open(self.log, "wb"))
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             try:
@@ -41,7 +43,7 @@ class Agent:
                     return
             except httpx.TransportError:
                 if self.proc.poll() is not None:
-                    raise RuntimeError(self.proc.stderr.read().decode()[-2000:])
+                    raise RuntimeError(self.log.read_text()[-2000:])
                 time.sleep(0.1)
         self.stop()
         raise RuntimeError("the agent did not start")

@@ -75,3 +75,81 @@ def test_the_agent_uploads_what_it_is_unsure_of_and_updates_in_place(tmp_path, c
         if agent is not None:
             agent.stop()
         svc.stop()
+
+
+def _broken_copy(src, dst):
+    """``src`` with every Q8_0 block scale of one tensor at float16's largest finite value:
+    finite weights (a delta may carry them) whose activations overflow, so the model loads
+    and runs but its logits are not numbers."""
+    import shutil
+
+    shutil.copy(src, dst)
+    q8 = [t for t in open_artifact(dst).tensors if t.type_name == "Q8_0"]
+    t = next((t for t in q8 if "output" in t.name), q8[-1])
+    raw = bytearray(dst.read_bytes())
+    for off in range(t.offset, t.offset + t.nbytes, 34):
+        raw[off:off + 2] = b"\xff\x7b"  # float16 65504
+    dst.write_bytes(bytes(raw))
+    return dst
+
+
+def test_an_update_that_fails_the_health_check_is_reverted_and_reported(tmp_path, capsys):
+    from cdcca_edge.cloud.service.store import Device, database_url, open_db
+
+    f = _fleet(tmp_path)
+    broken = _broken_copy(f["model"], tmp_path / "broken.gguf")
+    assert main(["cloud", "publish", "fleet", "--artifact", str(broken), "--data", str(f["data"])]) == 0
+    svc = Service(f["data"])
+    svc.start()
+    agent = None
+    try:
+        capsys.readouterr()
+        assert main(["cloud", "enroll-token", "--cohort", "fleet", "--data", str(f["data"])]) == 0
+        state = tmp_path / "agent-state"
+        assert main(["sync", "enroll", svc.url, capsys.readouterr().out.strip(), "--state", str(state)]) == 0
+        agent = Agent(f["device"], "--cloud-state", str(state), "--sync-every", "1")
+        _wait("the failed update", lambda: "cdcca_agent_update_failures_total 1" in httpx.get(
+            f"{agent.url}/metrics").text, 120)
+        client = openai.OpenAI(base_url=f"{agent.url}/v1", api_key="unused")
+        info = client.models.list().data[0].model_extra["cdcca"]
+        assert info["identity"] == f["identity"]  # reverted to version 0
+        assert compute_identity(open_artifact(f["device"])).digest == f["identity"]
+        assert client.completions.create(model="m", prompt="the red", max_tokens=3).choices[0].text
+        with open_db(database_url(f["data"]))() as s:
+            dev = s.query(Device).one()
+        assert dev.identity == f["identity"] and dev.healthy is False
+        time.sleep(3)  # more syncs: the refused version is not tried again
+        assert "cdcca_agent_update_failures_total 1" in httpx.get(f"{agent.url}/metrics").text
+    finally:
+        if agent is not None:
+            agent.stop()
+        svc.stop()
+
+
+def test_serving_goes_on_with_the_cloud_down(tmp_path, capsys):
+    from cdcca_edge.demo.tiny import text_prompts
+
+    f = _fleet(tmp_path)
+    svc = Service(f["data"])
+    svc.start()
+    capsys.readouterr()
+    assert main(["cloud", "enroll-token", "--cohort", "fleet", "--data", str(f["data"])]) == 0
+    state = tmp_path / "agent-state"
+    assert main(["sync", "enroll", svc.url, capsys.readouterr().out.strip(), "--state", str(state)]) == 0
+    svc.stop()  # and it never comes back
+    with open(tmp_path / "source.jsonl", "w") as fh:
+        for i, p in enumerate(text_prompts("source", 30, seed=30)):
+            fh.write(json.dumps({"id": f"s{i}", "prompt": p}) + "\n")
+    assert main(["uplink", "calibrate", str(f["device"]), "--inputs", str(tmp_path / "source.jsonl"),
+                 "-o", str(tmp_path / "calib.json"), "--rate", "0.3", "-n", "10"]) == 0
+    agent = Agent(f["device"], "--cloud-state", str(state), "--calib", str(tmp_path / "calib.json"),
+                  "--sync-every", "0.5", "--spool-max-mb", "1")
+    try:
+        client = openai.OpenAI(base_url=f"{agent.url}/v1", api_key="unused")
+        for p in text_prompts("target", 20, seed=31):
+            assert client.completions.create(model="m", prompt=p, max_tokens=10).choices[0].text is not None
+        _wait("a failed sync", lambda: "cdcca_agent_sync_errors_total 0" not in httpx.get(f"{agent.url}/metrics").text)
+        m = httpx.get(f"{agent.url}/metrics").text
+        assert "cdcca_agent_spool_entries 0" not in m and "cdcca_agent_uploaded_bundles_total 0" in m
+    finally:
+        agent.stop()
