@@ -463,28 +463,11 @@ def _apply(m: Any, client: Any, up: dict[str, Any], path: Path, sync: SyncConfig
     if up["kind"] == "delta":
         m.apply_patch(path, trust=client.trust(), undo_out=undo)
     else:
-        import shutil
-        import tempfile
+        from cdcca_edge.runtime.sync_client import install_artifact
 
-        from cdcca_edge.core.artifact import open_artifact
-        from cdcca_edge.core.fileio import commit_file
-        from cdcca_edge.core.state import read_state, record_export, write_state
-
-        target = m.artifact_path
-        m.close()
+        m.close()  # the engine lets go of the file while it is replaced
         try:
-            fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
-            import os
-
-            os.close(fd)
-            shutil.copyfile(path, tmp)
-            commit_file(Path(tmp), target, mode=0o644)
-            art = open_artifact(target)
-            record_export(art, up["to_identity"])
-            st = read_state(art)
-            assert st is not None
-            st.version = up["to_version"]
-            write_state(art, st)
+            install_artifact(path, m.artifact_path, up["to_identity"], up["to_version"])
         finally:
             m.reload()
 

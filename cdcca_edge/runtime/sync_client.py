@@ -343,6 +343,35 @@ class SyncClient:
             r.release_conn()
 
 
+def install_artifact(src: Path, model: Path, identity: str, version: int) -> None:
+    """Replace ``model`` with the verified whole artefact ``src`` atomically (a temporary
+    copy beside it, fsync'd, renamed), and start its state at ``version``.
+
+    Raises:
+        IntegrityError: the bytes do not have ``identity``.
+    """
+    import shutil
+    import tempfile
+
+    from cdcca_edge.core.artifact import open_artifact
+    from cdcca_edge.core.fileio import commit_file
+    from cdcca_edge.core.state import read_state, record_export, write_state
+
+    fd, name = tempfile.mkstemp(prefix=f".{model.name}.", dir=model.parent)
+    os.close(fd)
+    try:
+        shutil.copyfile(src, name)
+        commit_file(Path(name), model, mode=0o644)
+    finally:
+        Path(name).unlink(missing_ok=True)
+    art = open_artifact(model)
+    record_export(art, identity)  # checks the bytes give the signed identity
+    state = read_state(art)
+    assert state is not None
+    state.version = version
+    write_state(art, state)
+
+
 def _version_of(client: SyncClient, identity: str) -> int | None:
     signed = json.loads((client.dir / "tuf" / "targets.json").read_bytes())["signed"]["targets"]
     return next((t["custom"]["to_version"] for t in signed.values()
@@ -358,12 +387,8 @@ def apply_update(client: SyncClient, model: str | Path, progress: Any = None) ->
         IntegrityError: the update was refused, or the result is not the signed identity
             (reported to the service as unhealthy).
     """
-    import shutil
-    import tempfile
-
     from cdcca_edge.core.artifact import open_artifact
-    from cdcca_edge.core.fileio import commit_file
-    from cdcca_edge.core.state import current_identity, read_state, record_export, write_state
+    from cdcca_edge.core.state import current_identity
 
     say = progress or (lambda _m: None)
     model = Path(model)
@@ -382,19 +407,7 @@ def apply_update(client: SyncClient, model: str | Path, progress: Any = None) ->
         apply_delta(model, path, trust=client.trust())
     else:
         say("replacing the artefact")
-        fd, name = tempfile.mkstemp(prefix=f".{model.name}.", dir=model.parent)
-        os.close(fd)
-        try:
-            shutil.copyfile(path, name)
-            commit_file(Path(name), model, mode=0o644)
-        finally:
-            Path(name).unlink(missing_ok=True)
-        art = open_artifact(model)
-        record_export(art, up["to_identity"])  # checks the bytes give the signed identity
-        state = read_state(art)
-        assert state is not None
-        state.version = up["to_version"]
-        write_state(art, state)
+        install_artifact(path, model, up["to_identity"], up["to_version"])
     now = current_identity(open_artifact(model))[0]
     healthy = now == up["to_identity"]
     client.report(now, healthy)

@@ -9,7 +9,6 @@ import json
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -19,6 +18,7 @@ httpx = pytest.importorskip("httpx")
 from cdcca_edge.cli import main  # noqa: E402
 from cdcca_edge.cloud.service.ops import mirror_path  # noqa: E402
 from cdcca_edge.core.artifact import compute_identity, open_artifact  # noqa: E402
+from tests.procs import wait_for  # noqa: E402
 from tests.cloud.test_service import Service, _fleet  # noqa: E402
 
 
@@ -35,16 +35,6 @@ def _jobs(db):
     with psycopg.connect(db) as conn:
         return conn.execute("SELECT id, status, attempts FROM procrastinate_jobs WHERE task_name = 'cdcca.round' "
                             "ORDER BY id").fetchall()
-
-
-def _wait(what, until, seconds=300.0):
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        got = until()
-        if got:
-            return got
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_rounds_on_workers_survive_a_killed_worker(tmp_path, capsys, postgres):
@@ -64,7 +54,7 @@ def test_rounds_on_workers_survive_a_killed_worker(tmp_path, capsys, postgres):
         client.enroll(svc.url, json.loads(capsys.readouterr().out)["token"])
         # round 1: deferred by the service, run by one of the two workers
         assert client.upload(tmp_path / "b.cdcu")["stored"] == "now"
-        up = _wait("version 1", lambda: (u := client.check(f["identity"]))["latest_version"] == 1 and u)
+        up = wait_for("version 1", lambda: (u := client.check(f["identity"]))["latest_version"] == 1 and u)
         fetched = client.fetch(up["update"])
         assert apply_delta(f["device"], fetched, trust=client.trust()).applied
         now = compute_identity(open_artifact(f["device"])).digest
@@ -77,12 +67,12 @@ def test_rounds_on_workers_survive_a_killed_worker(tmp_path, capsys, postgres):
             w.wait(timeout=120)
         workers = [_worker(data, db, "c")]
         assert client.upload(tmp_path / "b2.cdcu")["stored"] == "now"
-        _wait("the round to start", lambda: any(s == "doing" for _, s, _ in _jobs(db)))
+        wait_for("the round to start", lambda: any(s == "doing" for _, s, _ in _jobs(db)))
         workers[0].send_signal(signal.SIGKILL)
         workers[0].wait(timeout=30)
         assert any(s == "doing" for _, s, _ in _jobs(db))  # the dead worker's job, not finished
         workers.append(_worker(data, db, "d", "--launcher", "accelerate launch --num_processes 1 --cpu"))
-        _wait("the retried round", lambda: [s for _, s, _ in _jobs(db)] == ["succeeded", "succeeded"], 300)
+        wait_for("the retried round", lambda: [s for _, s, _ in _jobs(db)] == ["succeeded", "succeeded"], 300)
         assert _jobs(db)[1][2] == 2  # attempts: the killed run and the rerun
         up = client.check(now)
         assert up["latest_version"] == 2 and up["update"]["from_version"] == 1

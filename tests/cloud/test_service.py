@@ -8,7 +8,6 @@ import hashlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -27,12 +26,7 @@ from cdcca_edge.core import uplink_format as U  # noqa: E402
 from cdcca_edge.core.artifact import compute_identity, open_artifact  # noqa: E402
 from tests.core.delta_helpers import make_gguf  # noqa: E402
 from tests.hostile import hostile  # noqa: E402
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.procs import free_port  # noqa: E402
 
 
 def _bundle(path: Path, identity: str, n: int = 3, seed: int = 0) -> Path:
@@ -71,7 +65,7 @@ def _db(db: str | None) -> list[str]:
 
 class Service:
     def __init__(self, data: Path, db: str | None = None) -> None:
-        self.data, self.db, self.port = data, db, _free_port()
+        self.data, self.db, self.port = data, db, free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None
 

@@ -5,7 +5,6 @@ uncertainty extension, OpenAI-shaped refusals, and the bounded queue."""
 from __future__ import annotations
 
 import queue
-import socket
 import subprocess
 import sys
 import threading
@@ -20,17 +19,12 @@ httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
 
 from tests.hostile import hostile  # noqa: E402
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.procs import free_port  # noqa: E402
 
 
 class Agent:
     def __init__(self, model, *extra: str) -> None:
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = Path(model).parent / f"agent-{self.port}.log"  # read on failure
         self.proc = subprocess.Popen([sys.executable, "-m", "cdcca_edge.cli", "device", "serve", "--model",

@@ -17,18 +17,9 @@ httpx = pytest.importorskip("httpx")
 from cdcca_edge.cli import main  # noqa: E402
 from cdcca_edge.cloud.service.ops import mirror_path  # noqa: E402
 from cdcca_edge.core.artifact import compute_identity, open_artifact  # noqa: E402
+from tests.procs import wait_for  # noqa: E402
 from tests.cloud.test_service import Service, _fleet  # noqa: E402
 from tests.runtime.test_agent import Agent  # noqa: E402
-
-
-def _wait(what, until, seconds=300.0):
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        got = until()
-        if got:
-            return got
-        time.sleep(0.5)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_the_agent_uploads_what_it_is_unsure_of_and_updates_in_place(tmp_path, capsys):
@@ -59,7 +50,7 @@ def test_the_agent_uploads_what_it_is_unsure_of_and_updates_in_place(tmp_path, c
             client.completions.create(model="m", prompt=p, max_tokens=10)
         spooled = httpx.get(f"{agent.url}/metrics").text
         assert "cdcca_agent_spooled_total 0" not in spooled
-        after = _wait("the agent to take version 1", lambda: (
+        after = wait_for("the agent to take version 1", lambda: (
             i := client.models.list().data[0].model_extra["cdcca"])["version"] == 1 and i)
         published = compute_identity(open_artifact(mirror_path(f["data"], "fleet"))).digest
         assert after["identity"] == published == compute_identity(open_artifact(f["device"])).digest
@@ -108,7 +99,7 @@ def test_an_update_that_fails_the_health_check_is_reverted_and_reported(tmp_path
         state = tmp_path / "agent-state"
         assert main(["sync", "enroll", svc.url, capsys.readouterr().out.strip(), "--state", str(state)]) == 0
         agent = Agent(f["device"], "--cloud-state", str(state), "--sync-every", "1")
-        _wait("the failed update", lambda: "cdcca_agent_update_failures_total 1" in httpx.get(
+        wait_for("the failed update", lambda: "cdcca_agent_update_failures_total 1" in httpx.get(
             f"{agent.url}/metrics").text, 120)
         client = openai.OpenAI(base_url=f"{agent.url}/v1", api_key="unused")
         info = client.models.list().data[0].model_extra["cdcca"]
@@ -148,7 +139,7 @@ def test_serving_goes_on_with_the_cloud_down(tmp_path, capsys):
         client = openai.OpenAI(base_url=f"{agent.url}/v1", api_key="unused")
         for p in text_prompts("target", 20, seed=31):
             assert client.completions.create(model="m", prompt=p, max_tokens=10).choices[0].text is not None
-        _wait("a failed sync", lambda: "cdcca_agent_sync_errors_total 0" not in httpx.get(f"{agent.url}/metrics").text)
+        wait_for("a failed sync", lambda: "cdcca_agent_sync_errors_total 0" not in httpx.get(f"{agent.url}/metrics").text)
         m = httpx.get(f"{agent.url}/metrics").text
         assert "cdcca_agent_spool_entries 0" not in m and "cdcca_agent_uploaded_bundles_total 0" in m
     finally:
