@@ -61,3 +61,45 @@ def test_the_cap_drops_the_oldest_and_counts_them(tmp_path):
     assert sp.size()[0] == 3 and sp.dropped == 3
     ids = [s.id for s in U.read_uplink(sp.seal()[0]).samples()]
     assert ids == ["s3", "s4", "s5"]
+
+
+def test_a_bundle_re_sent_after_a_crash_is_stored_once(tmp_path, capsys):
+    """The agent dies after the service stored a bundle and before it forgot the entries:
+    after the restart the same file goes again, the service answers "already", and the
+    samples are stored once."""
+    import pytest
+
+    pytest.importorskip("fastapi")
+    from cdcca_edge.cli import main
+    from cdcca_edge.cloud.service.store import database_url, open_db, row_counts
+    from cdcca_edge.core.artifact import compute_identity, open_artifact
+    from cdcca_edge.runtime.sync_client import SyncClient
+    from tests.cloud.test_service import Service, _create
+    from tests.core.delta_helpers import make_gguf
+
+    model = make_gguf(tmp_path / "m.gguf")
+    data = tmp_path / "data"
+    _create(tmp_path, data, "demo", model)
+    svc = Service(data)
+    svc.start()
+    try:
+        capsys.readouterr()
+        assert main(["cloud", "enroll-token", "--cohort", "demo", "--data", str(data)]) == 0
+        client = SyncClient(tmp_path / "dev")
+        client.enroll(svc.url, capsys.readouterr().out.strip())
+        header = {"artifact_identity": compute_identity(open_artifact(model)).digest, "artifact_version": 0}
+        sp = Spool(tmp_path / "spool", 1 << 20)
+        for i in range(4):
+            sp.add(header, _sample(i))
+        (bundle,) = sp.seal()
+        assert client.upload(bundle)["stored"] == "now"
+        # -- killed here: acknowledged() never ran --
+        sp2 = Spool(tmp_path / "spool", 1 << 20)
+        (again,) = sp2.seal()
+        assert again == bundle  # the same file, not the samples in a new bundle
+        doc = client.upload(again)
+        assert doc["stored"] == "already" and sp2.acknowledged(again, doc["sha256"])
+        assert sp2.seal() == [] and sp2.size()[0] == 0
+        assert row_counts(open_db(database_url(data)))["uploads"] == 1
+    finally:
+        svc.stop()
