@@ -4,6 +4,7 @@ uncertainty extension, OpenAI-shaped refusals, and the bounded queue."""
 
 from __future__ import annotations
 
+import os
 import queue
 import subprocess
 import sys
@@ -23,13 +24,16 @@ from tests.procs import free_port  # noqa: E402
 
 
 class Agent:
-    def __init__(self, model, *extra: str) -> None:
+    def __init__(self, model, *extra: str, env: dict | None = None, wait: bool = True) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = Path(model).parent / f"agent-{self.port}.log"  # read on failure
         self.proc = subprocess.Popen([sys.executable, "-m", "cdcca_edge.cli", "device", "serve", "--model",
                                       str(model), "--port", str(self.port), *extra],
-                                     stdout=subprocess.DEVNULL, stderr=open(self.log, "wb"))
+                                     stdout=subprocess.DEVNULL, stderr=open(self.log, "ab"),
+                                     env={**os.environ, **(env or {})})
+        if not wait:
+            return
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             try:

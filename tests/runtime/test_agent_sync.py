@@ -144,3 +144,50 @@ def test_serving_goes_on_with_the_cloud_down(tmp_path, capsys):
         assert "cdcca_agent_spool_entries 0" not in m and "cdcca_agent_uploaded_bundles_total 0" in m
     finally:
         agent.stop()
+
+
+def test_an_agent_killed_mid_patch_restarts_consistent_and_finishes_the_update(tmp_path, capsys):
+    """kill -9 (the patcher's crash hook SIGKILLs the agent at its 3rd crash point, inside
+    the journaled patch); the restarted agent finds the model old or new (the journal
+    recovered), serves, and completes the update to the published identity."""
+    import shutil
+
+    import numpy as np
+
+    from tests.core.delta_helpers import random_units
+
+    f = _fleet(tmp_path)
+    new = tmp_path / "v1.gguf"
+    shutil.copy(f["model"], new)
+    t = next(t for t in open_artifact(new).tensors if t.type_name == "Q8_0")
+    raw = bytearray(new.read_bytes())
+    raw[t.offset : t.offset + 34 * 8] = random_units("Q8_0", 8, np.random.default_rng(5))
+    new.write_bytes(bytes(raw))
+    assert main(["cloud", "publish", "fleet", "--artifact", str(new), "--data", str(f["data"])]) == 0
+    published = compute_identity(open_artifact(new)).digest
+    svc = Service(f["data"])
+    svc.start()
+    agent = None
+    try:
+        capsys.readouterr()
+        assert main(["cloud", "enroll-token", "--cohort", "fleet", "--data", str(f["data"])]) == 0
+        state = tmp_path / "agent-state"
+        assert main(["sync", "enroll", svc.url, capsys.readouterr().out.strip(), "--state", str(state)]) == 0
+        agent = Agent(f["device"], "--cloud-state", str(state), "--sync-every", "1",
+                      env={"CDCCA_TEST_CRASH_AFTER": "3"})
+        wait_for("the agent to die mid-patch", lambda: agent.proc.poll() is not None, 120)
+        assert agent.proc.returncode == -9
+        assert (f["device"].parent / (f["device"].name + ".cdcca-journal")).exists() or \
+            compute_identity(open_artifact(f["device"])).digest in (f["identity"], published)
+        agent = Agent(f["device"], "--cloud-state", str(state), "--sync-every", "1")  # restarted
+        client = openai.OpenAI(base_url=f"{agent.url}/v1", api_key="unused")
+        first = client.models.list().data[0].model_extra["cdcca"]["identity"]
+        assert first in (f["identity"], published)  # old or new, never half
+        wait_for("the update to finish", lambda: client.models.list().data[0].model_extra["cdcca"]["identity"]
+                 == published, 120)
+        assert compute_identity(open_artifact(f["device"])).digest == published
+        assert client.completions.create(model="m", prompt="the red", max_tokens=3).choices[0].text
+    finally:
+        if agent is not None:
+            agent.stop()
+        svc.stop()
