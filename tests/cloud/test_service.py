@@ -475,3 +475,11 @@ def test_quota_and_wrong_cohort(tmp_path, capsys):
         assert r.status_code == 403 and r.json()["detail"]["error"] == "wrong_cohort"
     finally:
         svc.stop()
+
+
+def test_tokens_never_look_like_options():
+    """`cdcca-edge sync enroll URL TOKEN` takes the token as an argument: one starting
+    with '-' would be read as an option (it happened: token_urlsafe can start with '-')."""
+    from cdcca_edge.cloud.service.store import new_token
+
+    assert all(new_token()[0].isalpha() for _ in range(2000))

@@ -118,8 +118,13 @@ def token_hash(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
+TOKEN_PREFIX = "cdcca_"  # a letter first: a token is never read as a command-line option
+
+
 def new_token() -> str:
-    return secrets.token_urlsafe(TOKEN_BYTES)
+    """A bearer token: the prefix (recognisable in logs and secret scanners) and 256
+    random bits, URL-safe base64."""
+    return TOKEN_PREFIX + secrets.token_urlsafe(TOKEN_BYTES)
 
 
 def database_url(data_dir: Path, url: str | None = None) -> str:
