@@ -20,7 +20,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
@@ -381,14 +381,6 @@ def create_agent_app(model: str | Path, backend: str = "auto", queue_max: int = 
         return PlainTextResponse("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
 
     return app
-
-
-def iter_sse(lines: Iterator[bytes]) -> Iterator[dict[str, Any]]:
-    """The JSON events of a server-sent-events stream (tests and benchmarks)."""
-    for raw in lines:
-        line = raw.decode() if isinstance(raw, bytes) else raw
-        if line.startswith("data: ") and line.strip() != "data: [DONE]":
-            yield json.loads(line[6:])
 
 
 def _sync_loop(engine: Engine, sync: SyncConfig, spool: Any, counters: dict[str, int], stop: threading.Event) -> None:

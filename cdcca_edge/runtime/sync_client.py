@@ -220,7 +220,7 @@ class SyncClient:
             IntegrityError / SyncError: as :meth:`refresh`.
         """
         self.refresh()
-        signed = json.loads((self.dir / "tuf" / "targets.json").read_bytes())["signed"]["targets"]
+        signed = self.signed_targets()
         artifacts = {t["custom"]["to_version"]: (p, t) for p, t in signed.items()
                      if t.get("custom", {}).get("kind") == "artifact"}
         if not artifacts:
@@ -239,6 +239,11 @@ class SyncClient:
         path, t = artifacts[latest]
         return {"kind": "artifact", "target": path, "to_version": latest, "to_identity": t["custom"]["to_identity"],
                 "sha256": t["hashes"]["sha256"], "length": t["length"]}
+
+    def signed_targets(self) -> dict[str, Any]:
+        """The targets of the trusted metadata as of the last refresh (ngclient keeps the
+        verified targets.json): path -> {length, hashes, custom}."""
+        return json.loads((self.dir / "tuf" / "targets.json").read_bytes())["signed"]["targets"]
 
     def trusted_keys(self) -> list[str]:
         """Hex Ed25519 keys the trusted root gives the targets role: the keys a delta may be
@@ -373,8 +378,7 @@ def install_artifact(src: Path, model: Path, identity: str, version: int) -> Non
 
 
 def _version_of(client: SyncClient, identity: str) -> int | None:
-    signed = json.loads((client.dir / "tuf" / "targets.json").read_bytes())["signed"]["targets"]
-    return next((t["custom"]["to_version"] for t in signed.values()
+    return next((t["custom"]["to_version"] for t in client.signed_targets().values()
                  if t.get("custom", {}).get("kind") == "artifact" and t["custom"]["to_identity"] == identity), None)
 
 

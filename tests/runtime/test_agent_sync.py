@@ -22,6 +22,28 @@ from tests.cloud.test_service import Service, _fleet  # noqa: E402
 from tests.runtime.test_agent import Agent  # noqa: E402
 
 
+def _enrolled_state(svc: Service, f: dict, tmp_path, capsys):
+    """An agent's sync state, enrolled in the fleet cohort through the CLI."""
+    capsys.readouterr()
+    assert main(["cloud", "enroll-token", "--cohort", "fleet", "--data", str(f["data"])]) == 0
+    state = tmp_path / "agent-state"
+    assert main(["sync", "enroll", svc.url, capsys.readouterr().out.strip(), "--state", str(state)]) == 0
+    return state
+
+
+def _calibration(f: dict, tmp_path):
+    """UTS calibration of the device model on 30 in-distribution prompts."""
+    from cdcca_edge.demo.tiny import text_prompts
+
+    with open(tmp_path / "source.jsonl", "w") as fh:
+        for i, p in enumerate(text_prompts("source", 30, seed=30)):
+            fh.write(json.dumps({"id": f"s{i}", "prompt": p}) + "\n")
+    assert main(["uplink", "calibrate", str(f["device"]), "--inputs", str(tmp_path / "source.jsonl"),
+                 "-o", str(tmp_path / "calib.json"), "--rate", "0.3", "-n", "10"]) == 0
+    return tmp_path / "calib.json"
+
+
+
 def test_the_agent_uploads_what_it_is_unsure_of_and_updates_in_place(tmp_path, capsys):
     from cdcca_edge.demo.tiny import text_prompts
 
@@ -30,17 +52,8 @@ def test_the_agent_uploads_what_it_is_unsure_of_and_updates_in_place(tmp_path, c
     svc.start("--min-uploads", "1", "--round-poll", "0.5")
     agent = None
     try:
-        capsys.readouterr()
-        assert main(["cloud", "enroll-token", "--cohort", "fleet", "--data", str(f["data"])]) == 0
-        token = capsys.readouterr().out.strip()
-        state = tmp_path / "agent-state"
-        assert main(["sync", "enroll", svc.url, token, "--state", str(state)]) == 0
-        with open(tmp_path / "source.jsonl", "w") as fh:
-            for i, p in enumerate(text_prompts("source", 30, seed=30)):
-                fh.write(json.dumps({"id": f"s{i}", "prompt": p}) + "\n")
-        assert main(["uplink", "calibrate", str(f["device"]), "--inputs", str(tmp_path / "source.jsonl"),
-                     "-o", str(tmp_path / "calib.json"), "--rate", "0.3", "-n", "10"]) == 0
-        agent = Agent(f["device"], "--cloud-state", str(state), "--calib", str(tmp_path / "calib.json"),
+        state = _enrolled_state(svc, f, tmp_path, capsys)
+        agent = Agent(f["device"], "--cloud-state", str(state), "--calib", str(_calibration(f, tmp_path)),
                       "--sync-every", "1")
         client = openai.OpenAI(base_url=f"{agent.url}/v1", api_key="unused")
         before = client.models.list().data[0].model_extra["cdcca"]["identity"]
@@ -94,10 +107,7 @@ def test_an_update_that_fails_the_health_check_is_reverted_and_reported(tmp_path
     svc.start()
     agent = None
     try:
-        capsys.readouterr()
-        assert main(["cloud", "enroll-token", "--cohort", "fleet", "--data", str(f["data"])]) == 0
-        state = tmp_path / "agent-state"
-        assert main(["sync", "enroll", svc.url, capsys.readouterr().out.strip(), "--state", str(state)]) == 0
+        state = _enrolled_state(svc, f, tmp_path, capsys)
         agent = Agent(f["device"], "--cloud-state", str(state), "--sync-every", "1")
         wait_for("the failed update", lambda: "cdcca_agent_update_failures_total 1" in httpx.get(
             f"{agent.url}/metrics").text, 120)
@@ -123,17 +133,9 @@ def test_serving_goes_on_with_the_cloud_down(tmp_path, capsys):
     f = _fleet(tmp_path)
     svc = Service(f["data"])
     svc.start()
-    capsys.readouterr()
-    assert main(["cloud", "enroll-token", "--cohort", "fleet", "--data", str(f["data"])]) == 0
-    state = tmp_path / "agent-state"
-    assert main(["sync", "enroll", svc.url, capsys.readouterr().out.strip(), "--state", str(state)]) == 0
+    state = _enrolled_state(svc, f, tmp_path, capsys)
     svc.stop()  # and it never comes back
-    with open(tmp_path / "source.jsonl", "w") as fh:
-        for i, p in enumerate(text_prompts("source", 30, seed=30)):
-            fh.write(json.dumps({"id": f"s{i}", "prompt": p}) + "\n")
-    assert main(["uplink", "calibrate", str(f["device"]), "--inputs", str(tmp_path / "source.jsonl"),
-                 "-o", str(tmp_path / "calib.json"), "--rate", "0.3", "-n", "10"]) == 0
-    agent = Agent(f["device"], "--cloud-state", str(state), "--calib", str(tmp_path / "calib.json"),
+    agent = Agent(f["device"], "--cloud-state", str(state), "--calib", str(_calibration(f, tmp_path)),
                   "--sync-every", "0.5", "--spool-max-mb", "1")
     try:
         client = openai.OpenAI(base_url=f"{agent.url}/v1", api_key="unused")
@@ -169,10 +171,7 @@ def test_an_agent_killed_mid_patch_restarts_consistent_and_finishes_the_update(t
     svc.start()
     agent = None
     try:
-        capsys.readouterr()
-        assert main(["cloud", "enroll-token", "--cohort", "fleet", "--data", str(f["data"])]) == 0
-        state = tmp_path / "agent-state"
-        assert main(["sync", "enroll", svc.url, capsys.readouterr().out.strip(), "--state", str(state)]) == 0
+        state = _enrolled_state(svc, f, tmp_path, capsys)
         agent = Agent(f["device"], "--cloud-state", str(state), "--sync-every", "1",
                       env={"CDCCA_TEST_CRASH_AFTER": "3"})
         wait_for("the agent to die mid-patch", lambda: agent.proc.poll() is not None, 120)

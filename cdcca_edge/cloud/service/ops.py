@@ -271,8 +271,9 @@ def rotate_keys(data_dir: str | Path, cohort: str, root_key: str | Path, new_sig
         cohort_id = c.id
     repo = CohortRepository(data_dir, cohort)
     if new_sign_key is not None:
-        check_keys(new_root_key or root_key, new_sign_key)
-        root_signer = check_keys(root_key, new_sign_key)[0]
+        root_signer, _ = check_keys(root_key, new_sign_key)  # the new online key is no root key
+        if new_root_key is not None:
+            check_keys(new_root_key, new_sign_key)
         if root_signer.public_key.keyid not in repo.role_keyids("root"):
             raise UsageError("--root-key is not this cohort's root key; rotation needs the current root key")
         key = load_private_key(new_sign_key)

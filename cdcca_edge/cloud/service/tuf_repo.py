@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import json
 import re
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
@@ -295,10 +294,3 @@ class CohortRepository:
             if new_online is not None:
                 self._publish(new_online, targets() if targets else list(self.targets().values()), first=False)
             return root.version
-
-
-def online_public_keys(root_json: bytes) -> list[str]:
-    """The hex Ed25519 public keys a root gives the targets role (a device trusts deltas
-    signed by them: the second layer follows the TUF root, rotation included)."""
-    doc = json.loads(root_json)["signed"]
-    return [doc["keys"][k]["keyval"]["public"] for k in doc["roles"]["targets"]["keyids"]]
