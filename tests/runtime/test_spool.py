@@ -53,6 +53,23 @@ def test_a_seal_cut_short_is_undone_at_restart(tmp_path):
     assert len(bundles) == 1 and len(list(U.read_uplink(bundles[0]).samples())) == 3
 
 
+def test_damaged_entries_are_dropped_not_sent(tmp_path):
+    """A truncated or bit-flipped entry (a disk error) is dropped at sealing; the others
+    are sealed as usual."""
+    from tests.hostile import hostile
+
+    sp = Spool(tmp_path / "s", 1 << 20)
+    paths = [sp.add(HEADER, _sample(i)) for i in range(4)]
+    hostile("spool", 2)
+    paths[1].write_bytes(paths[1].read_bytes()[:-9])
+    raw = bytearray(paths[2].read_bytes())
+    raw[40] ^= 1
+    paths[2].write_bytes(bytes(raw))
+    (bundle,) = sp.seal()
+    assert [s.id for s in U.read_uplink(bundle).samples()] == ["s0", "s3"]
+    assert not paths[1].exists() and not paths[2].exists()
+
+
 def test_the_cap_drops_the_oldest_and_counts_them(tmp_path):
     one = Spool(tmp_path / "probe", 1 << 20).add(HEADER, _sample(0)).stat().st_size
     sp = Spool(tmp_path / "s", 3 * one + one // 2)
