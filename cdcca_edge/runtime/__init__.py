@@ -58,7 +58,13 @@ def load(path: str | Path, backend: BackendName = "auto", **kwargs: object) -> B
 
     # An interrupted patch is recovered first (never serve a half-written model); the
     # backend then holds its own shared lock for as long as it has the model mapped.
+    whole = None
+    if not Path(path).exists():  # a whole-directory update cut short between its renames
+        from cdcca_edge.core.pack import finish_directory_install
+
+        whole = finish_directory_install(Path(path).parent if Path(path).suffix == ".onnx" else Path(path))
     lock, recovered = hold_for_serving(path)
+    recovered = recovered or whole
     try:
         art = open_artifact(path)
     finally:

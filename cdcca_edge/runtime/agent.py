@@ -41,6 +41,7 @@ class Job:
     run: Callable[[Any, "Job"], Any]  # (backend, job) -> result
     out: "queue.Queue[Any]" = field(default_factory=queue.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
+    visual: tuple[Any, list[int]] | None = None  # an image request's (vision tokens (N, Dv), prompt ids)
 
     def result(self, timeout: float | None = None) -> Any:
         """Block until the job ends; its result, or its exception raised here."""
@@ -108,17 +109,75 @@ class Engine:
         return artifact_identity(self.model.artifact_path)
 
 
+def _text_of(content: Any) -> str:
+    if isinstance(content, list):  # content parts: their text ones, in order
+        return " ".join(str(p.get("text", "")) for p in content if isinstance(p, dict) and p.get("type") == "text")
+    return "" if content is None else str(content)
+
+
 def chat_prompt(messages: list[dict[str, Any]]) -> str:
     """A plain transcript prompt for chat requests ("role: text" lines, then
     "assistant:"). The tiny and exported models carry no chat template; a model that does
     is served the same transcript (documented in docs/device.md)."""
-    lines = []
+    lines = [f"{m.get('role', 'user')}: {_text_of(m.get('content'))}" for m in messages]
+    return "\n".join(lines) + "\nassistant:"
+
+
+def image_parts(messages: list[dict[str, Any]]) -> list[str]:
+    """The ``image_url`` URLs of a chat request's content parts, in order."""
+    urls = []
     for m in messages:
         content = m.get("content")
-        if isinstance(content, list):  # content parts: the text ones (images: not on this path yet)
-            content = " ".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
-        lines.append(f"{m.get('role', 'user')}: {content}")
-    return "\n".join(lines) + "\nassistant:"
+        for p in content if isinstance(content, list) else ():
+            if isinstance(p, dict) and p.get("type") == "image_url":
+                iu = p.get("image_url")
+                urls.append(iu.get("url") if isinstance(iu, dict) else iu)
+    return urls
+
+
+MAX_IMAGE_BYTES = 16 << 20
+MAX_IMAGE_PIXELS = 4096 * 4096
+
+
+def decode_data_url(url: Any) -> Any:
+    """An ``image_url`` data URL (``data:image/png;base64,...``, PNG/JPEG/WebP, any
+    format Pillow reads) as an (H, W, 3) uint8 array.
+
+    Raises:
+        UsageError: not a base64 data URL of an image (remote URLs are never fetched: the
+            agent serves apps on the device, and a model must not reach out for them).
+    """
+    import base64
+    import binascii
+    import io
+
+    import numpy as np
+
+    from cdcca_edge.core.errors import require
+
+    if not isinstance(url, str) or not url.startswith("data:"):
+        raise UsageError("image_url must be a data URL (data:image/png;base64,...); the agent never "
+                         "fetches remote images: read the file in the app and send its bytes")
+    head, sep, payload = url.partition(",")
+    if not sep or not head.endswith(";base64"):
+        raise UsageError("image_url: only base64 data URLs are read (data:image/png;base64,...)")
+    if len(payload) > MAX_IMAGE_BYTES * 4 // 3 + 4:
+        raise UsageError(f"image_url: the image is larger than {MAX_IMAGE_BYTES >> 20} MiB; send a smaller one")
+    try:
+        raw = base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError):
+        raise UsageError("image_url: the data URL is not valid base64") from None
+    pil = require("PIL.Image", "device")
+    try:
+        with pil.open(io.BytesIO(raw)) as im:
+            if im.width * im.height > MAX_IMAGE_PIXELS:  # checked before decoding: no pixel bomb
+                raise UsageError(f"image_url: {im.width}x{im.height} pixels, more than "
+                                 f"{MAX_IMAGE_PIXELS:,}; send a smaller image")
+            return np.asarray(im.convert("RGB"), dtype=np.uint8)
+    except UsageError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - Pillow raises many kinds on hostile bytes
+        raise UsageError(f"image_url: not an image Pillow can read ({type(exc).__name__}); send PNG or JPEG") from None
 
 
 def _token_dict(score: Any) -> dict[str, Any]:
@@ -220,8 +279,21 @@ def create_agent_app(model: str | Path, backend: str = "auto", queue_max: int = 
             raise fail(400, "invalid_request_error", "the body must be a JSON object")
         return body
 
-    def generation_job(prompt: str, cfg: GenerationConfig, stream: bool) -> Job:
+    def generation_job(prompt: str, cfg: GenerationConfig, stream: bool, image: Any = None) -> Job:
         def run(m: Any, job: Job) -> Any:
+            if image is not None:  # a multimodal bundle: the vision part, then the language part
+                if not hasattr(m, "encode_image"):
+                    raise UsageError("this model takes no images; serve a multimodal bundle (exported from "
+                                     "a LLaVA model) for image_url parts")
+                feats, embeds = m.encode_image(image)
+                full = m.prompt(prompt)
+                gen = m.generate(full, cfg, image_embeds=embeds)  # not token by token: sent whole
+                job.visual = (feats, m.language.tokenize(full))
+                if stream:
+                    from cdcca_edge.runtime.base import StreamEvent
+
+                    job.out.put(StreamEvent(text=gen.text, token=-1, score=None))  # type: ignore[arg-type]
+                return gen
             gen = m.stream(prompt, cfg)
             while True:
                 try:
@@ -245,17 +317,22 @@ def create_agent_app(model: str | Path, backend: str = "auto", queue_max: int = 
             raise fail(429, "server_busy", f"{engine.jobs.maxsize} requests are waiting already; retry "
                        "shortly (or start the agent with a larger --queue-max)") from None
 
-    def keep_if_unsure(prompt: str, gen: Any) -> None:
-        """UTS on the device: an answer above the calibration's threshold goes to the spool."""
+    def keep_if_unsure(prompt: str, gen: Any, job: Job) -> None:
+        """UTS on the device: an answer above the calibration's threshold goes to the
+        spool; with an image, scored with its vision tokens and spooled with the most
+        unfamiliar of them (not the image, docs/formats/uplink.md)."""
         if calib is None or spool is None or not gen.tokens:
             return
-        from cdcca_edge.runtime.uts import item_uncertainty, text_sample
+        from cdcca_edge.runtime.uts import add_visual, item_uncertainty, text_sample
 
-        u = item_uncertainty(gen, None, calib.score, None)
+        feats = job.visual[0] if job.visual is not None and calib.visual is not None else None
+        u = item_uncertainty(gen, feats, calib.score, calib.visual)
         if u <= calib.threshold:
             return
         identity, version = state["engine"].identity()
         sample = text_sample(gen, uuid.uuid4().hex[:16], prompt, len(prompt.encode()), u, calib, sync.low_weight)
+        if feats is not None:
+            add_visual(sample, feats, job.visual[1], calib)  # type: ignore[index]
         spool.add({"artifact_identity": identity, "artifact_version": version, "low_weight": sync.low_weight,
                    "calibration": {"score": calib.score, "threshold": calib.threshold}}, sample)
         counters["spooled"] += 1
@@ -269,11 +346,25 @@ def create_agent_app(model: str | Path, backend: str = "auto", queue_max: int = 
 
     async def complete(request: Request, chat: bool) -> Any:
         body = await read_body(request)
+        image = None
         if chat:
             msgs = body.get("messages")
             if not isinstance(msgs, list) or not msgs or not all(isinstance(m, dict) for m in msgs):
                 raise fail(400, "invalid_request_error", "messages must be a non-empty list of objects")
-            prompt = chat_prompt(msgs)
+            images = image_parts(msgs)
+            if len(images) > 1:
+                raise fail(400, "invalid_request_error", "one image per request: the model's prompt has "
+                           "one image slot; send the images in separate requests")
+            if images:  # the question in the bundle's own prompt template (docs/device.md)
+                try:
+                    image = await run_in_threadpool(decode_data_url, images[0])
+                except UsageError as exc:
+                    raise fail(400, "invalid_request_error", str(exc)) from None
+                prompt = " ".join(_text_of(m.get("content")) for m in msgs if m.get("role", "user") == "user")
+                if not prompt.strip():
+                    raise fail(400, "invalid_request_error", "an image needs a question in a text part")
+            else:
+                prompt = chat_prompt(msgs)
         else:
             prompt = body.get("prompt")
             if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
@@ -281,17 +372,20 @@ def create_agent_app(model: str | Path, backend: str = "auto", queue_max: int = 
             if not isinstance(prompt, str) or not prompt:
                 raise fail(400, "invalid_request_error", "prompt must be a non-empty string")
         cfg = config(body)
+        if image is not None and not hasattr(state["engine"].model, "encode_image"):
+            raise fail(400, "invalid_request_error", "this model takes no images; serve a multimodal bundle "
+                       "(exported from a LLaVA model) for image_url parts")
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         created = int(time.time())
         kind = "chat.completion" if chat else "text_completion"
-        job = submit(generation_job(prompt, cfg, bool(body.get("stream"))))
+        job = submit(generation_job(prompt, cfg, bool(body.get("stream")), image))
         if not body.get("stream"):
             try:
                 gen = await run_in_threadpool(job.result)
             except CdccaError as exc:
                 raise fail(400, "invalid_request_error", str(exc)) from None
             state["engine"].stats["tokens"] += len(gen.tokens)
-            await run_in_threadpool(keep_if_unsure, prompt, gen)
+            await run_in_threadpool(keep_if_unsure, prompt, gen, job)
             choice: dict[str, Any] = {"index": 0, "finish_reason": finish_reason(gen, cfg), "logprobs": None}
             if chat:
                 choice["message"] = {"role": "assistant", "content": gen.text}
@@ -327,7 +421,7 @@ def create_agent_app(model: str | Path, backend: str = "auto", queue_max: int = 
                             yield f"data: {json.dumps(err)}\n\n"
                         elif item.value is not None:
                             state["engine"].stats["tokens"] += len(item.value.tokens)
-                            await run_in_threadpool(keep_if_unsure, prompt, item.value)
+                            await run_in_threadpool(keep_if_unsure, prompt, item.value, job)
                             yield chunk(None, item.value)
                         yield "data: [DONE]\n\n"
                         return

@@ -349,11 +349,15 @@ class SyncClient:
 
 
 def install_artifact(src: Path, model: Path, identity: str, version: int) -> None:
-    """Replace ``model`` with the verified whole artefact ``src`` atomically (a temporary
-    copy beside it, fsync'd, renamed), and start its state at ``version``.
+    """Replace ``model`` with the verified whole artefact ``src`` atomically, and start its
+    state at ``version``. A GGUF file: a temporary copy beside it, fsync'd, renamed. A
+    directory (ONNX, bundle; ``src`` is its pack): unpacked beside it, checked, then
+    swapped in by two renames that :func:`cdcca_edge.core.pack.finish_directory_install`
+    completes or undoes after a crash.
 
     Raises:
-        IntegrityError: the bytes do not have ``identity``.
+        IntegrityError: the bytes do not have ``identity`` (the model is untouched).
+        FormatError: a pack that is not a well-formed directory artefact.
     """
     import shutil
     import tempfile
@@ -362,6 +366,27 @@ def install_artifact(src: Path, model: Path, identity: str, version: int) -> Non
     from cdcca_edge.core.fileio import commit_file
     from cdcca_edge.core.state import read_state, record_export, write_state
 
+    def start_state(path: Path) -> None:
+        art = open_artifact(path)
+        record_export(art, identity)  # checks the bytes give the signed identity
+        state = read_state(art)
+        assert state is not None
+        state.version = version
+        write_state(art, state)
+
+    if model.is_dir():
+        from cdcca_edge.core.pack import finish_directory_install, staging_path, swap_in, unpack_directory
+
+        finish_directory_install(model)
+        staged = staging_path(model)
+        unpack_directory(src, staged)
+        try:
+            start_state(staged)
+        except BaseException:
+            shutil.rmtree(staged, ignore_errors=True)
+            raise
+        swap_in(staged, model)
+        return
     fd, name = tempfile.mkstemp(prefix=f".{model.name}.", dir=model.parent)
     os.close(fd)
     try:
@@ -369,12 +394,7 @@ def install_artifact(src: Path, model: Path, identity: str, version: int) -> Non
         commit_file(Path(name), model, mode=0o644)
     finally:
         Path(name).unlink(missing_ok=True)
-    art = open_artifact(model)
-    record_export(art, identity)  # checks the bytes give the signed identity
-    state = read_state(art)
-    assert state is not None
-    state.version = version
-    write_state(art, state)
+    start_state(model)
 
 
 def _version_of(client: SyncClient, identity: str) -> int | None:
@@ -383,7 +403,7 @@ def _version_of(client: SyncClient, identity: str) -> int | None:
 
 
 def apply_update(client: SyncClient, model: str | Path, progress: Any = None) -> dict[str, Any]:
-    """Bring ``model`` (a GGUF file) to the cohort's latest signed version: decide from
+    """Bring ``model`` (a GGUF file, ONNX directory or bundle) to the cohort's latest signed version: decide from
     the signed metadata (:meth:`SyncClient.plan`), fetch through TUF, apply (a delta in place with the trust the TUF root gives; a whole artefact by
     atomic replacement), check the identity, report it. Returns what was done.
 

@@ -235,6 +235,31 @@ def text_sample(g: Generation, sample_id: str, prompt: str, raw_bytes: int, unce
     return U.UplinkSample(sample_id, meta, arrays)
 
 
+def add_visual(sample: U.UplinkSample, feats: np.ndarray, prompt_ids: list[int], calib: Calibration,
+               raw_image: np.ndarray | None = None) -> None:
+    """The token stage on an image (docs/formats/uplink.md): only the image's most
+    out-of-distribution vision tokens (``feats`` (N, Dv)) go up, int8 with a scale per
+    token, with their positions; the prompt ids become ``prompt_ids``, the whole prompt in
+    the bundle's template, its image token standing for the N positions. ``raw_image``:
+    the image's bytes too, when configured.
+
+    Raises:
+        UsageError: more visual tokens than the format's u16 positions hold.
+    """
+    assert calib.visual is not None
+    if len(feats) > U.MAX_VISUAL_TOKENS:
+        raise UsageError(f"sample {sample.id!r}: {len(feats)} visual tokens, more than the uplink "
+                         f"format's {U.MAX_VISUAL_TOKENS}; use a smaller image size")
+    keep = calib.visual.select(feats)
+    q, scale = U.quantize_tokens(feats[keep])
+    sample.arrays[U.VISUAL_FEATURES], sample.arrays[U.VISUAL_SCALES] = q, scale
+    sample.arrays[U.VISUAL_POSITIONS] = keep.astype(np.uint16)
+    sample.meta[U.N_VISUAL_TOKENS] = int(len(feats))
+    sample.arrays[U.PROMPT_IDS] = np.asarray(prompt_ids, np.uint32)
+    if raw_image is not None:
+        sample.arrays[U.RAW_IMAGE] = raw_image
+
+
 @dataclass
 class CollectReport:
     bundle: str
@@ -267,7 +292,7 @@ def collect(
     progress: Callable[[int], None] | None = None,
 ) -> CollectReport:
     """Answer every input, select uploads, write the bundle, report what it cost."""
-    from cdcca_edge.core.uplink_format import UplinkSample, write_uplink
+    from cdcca_edge.core.uplink_format import write_uplink
 
     if not (math.isfinite(low_weight) and low_weight >= 0):  # the bundle's loss weights (uplink.md)
         raise UsageError(f"low_weight must be a finite number >= 0, got {low_weight}")
@@ -294,25 +319,14 @@ def collect(
             continue
         base = text_sample(d.generation, d.item["id"], d.item["prompt"], d.item["raw_bytes"], d.uncertainty,
                            calib, low_weight)
-        arrays, meta = base.arrays, base.meta
         if d.visual is not None and calib.visual is not None:
-            # token stage on the image: only the most out-of-distribution tokens go up,
-            # int8 with a scale per token, with their positions (docs/formats/uplink.md)
-            if len(d.visual) > U.MAX_VISUAL_TOKENS:  # positions are u16 in the format
-                raise UsageError(f"input {d.item['id']!r}: {len(d.visual)} visual tokens, more than the "
-                                 f"uplink format's {U.MAX_VISUAL_TOKENS}; use a smaller image size")
-            keep = calib.visual.select(d.visual)
-            q, scale = U.quantize_tokens(d.visual[keep])
-            arrays[U.VISUAL_FEATURES], arrays[U.VISUAL_SCALES] = q, scale
-            arrays[U.VISUAL_POSITIONS] = keep.astype(np.uint16)
-            meta[U.N_VISUAL_TOKENS] = int(len(d.visual))
-            # the whole prompt, its image token standing for the image's N positions
-            arrays[U.PROMPT_IDS] = np.asarray(model.language.tokenize(model.prompt(d.item["prompt"])), np.uint32)
+            img = d.item["image"]
+            raw = None
             if include_raw:  # the image file's bytes, or the pixels of an in-memory frame
-                img = d.item["image"]
-                arrays[U.RAW_IMAGE] = (np.asarray(img, np.uint8) if isinstance(img, np.ndarray)
-                                       else np.frombuffer(Path(img).read_bytes(), np.uint8))
-        samples.append(UplinkSample(d.item["id"], meta, arrays))
+                raw = (np.asarray(img, np.uint8) if isinstance(img, np.ndarray)
+                       else np.frombuffer(Path(img).read_bytes(), np.uint8))
+            add_visual(base, d.visual, model.language.tokenize(model.prompt(d.item["prompt"])), calib, raw)
+        samples.append(base)
     header = {
         "artifact_identity": artifact_identity,
         "artifact_version": artifact_version,

@@ -29,7 +29,7 @@ from sqlalchemy.exc import IntegrityError as DBIntegrityError
 
 from cdcca_edge import __version__
 from cdcca_edge.cloud.service.blobs import BlobStore
-from cdcca_edge.cloud.service.ops import sign_targets
+from cdcca_edge.cloud.service.ops import sign_targets, unpacked_artifact
 from cdcca_edge.cloud.service.store import (
     Cohort,
     Delta,
@@ -420,8 +420,13 @@ def create_app(data_dir: str | Path, db_url: str | None = None, max_upload: int 
             out = incoming / f"delta-{cohort_id}-{held.number}-{latest.number}.cdcd"
             try:
                 key = load_private_key(cohort.sign_key) if cohort.sign_key else None
-                summary = diff_artifacts(blobs.path(held.artifact_sha256), blobs.path(latest.artifact_sha256),
-                                         out, sign_key=key, from_version=held.number, to_version=latest.number)
+                with tempfile.TemporaryDirectory(dir=incoming) as scratch:  # directory formats: unpacked
+                    a, b = Path(scratch) / "held", Path(scratch) / "latest"
+                    a.mkdir(), b.mkdir()
+                    summary = diff_artifacts(
+                        unpacked_artifact(blobs.path(held.artifact_sha256), cohort.artifact_format, a),
+                        unpacked_artifact(blobs.path(latest.artifact_sha256), cohort.artifact_format, b),
+                        out, sign_key=key, from_version=held.number, to_version=latest.number)
                 if summary.target_identity != latest.identity or summary.base_identity != held.identity:
                     failed_builds.add((cohort_id, held_number, latest_number))
                     return None

@@ -37,9 +37,11 @@ def create_cohort(data_dir: str | Path, name: str, artifact: str | Path, sign_ke
     rotate keys) are Ed25519 PEM files, kept by path, never copied. Returns its
     description.
 
+    ``artifact`` may also be an ONNX directory or a multimodal bundle: the service keeps
+    and serves it packed (``core.pack``), and devices unpack it.
+
     Raises:
-        UsageError: the name is taken or malformed, or the artefact is not a GGUF file
-            (ONNX directories and bundles are served once the service packs directories).
+        UsageError: the name is taken or malformed, or ``artifact`` is no artefact.
     """
     from cdcca_edge.core.artifact import open_artifact
     from cdcca_edge.core.state import current_identity
@@ -48,8 +50,6 @@ def create_cohort(data_dir: str | Path, name: str, artifact: str | Path, sign_ke
     if not name or len(name) > COHORT_NAME_MAX or not name.replace("-", "").replace("_", "").isalnum():
         raise UsageError(f"cohort name {name[:80]!r}: use 1-{COHORT_NAME_MAX} letters, digits, '-' or '_'")
     art = open_artifact(artifact)
-    if art.format != "gguf":
-        raise UsageError(f"{artifact}: the service serves GGUF artefacts so far; this is {art.format}")
     identity, _, _ = current_identity(art)
     data_dir.mkdir(parents=True, exist_ok=True)
     sessions = open_db(database_url(data_dir, db_url))
@@ -68,8 +68,8 @@ def create_cohort(data_dir: str | Path, name: str, artifact: str | Path, sign_ke
     if repo.dir.exists():
         raise UsageError(f"{repo.dir} exists (left by another cohort {name!r}?); move it away first")
     blobs = BlobStore(data_dir / "blobs")
-    sha, size = blobs.put_file(art.path)
-    seed_mirror(data_dir, name, blobs.path(sha), identity, 0)
+    sha, size = put_artifact(blobs, art.root)
+    seed_mirror(data_dir, name, blobs.path(sha), identity, 0, art.format)
     with sessions.begin() as s:
         cohort = Cohort(name=name, artifact_format=art.format,
                         teacher_dir=str(Path(teacher).resolve()) if teacher else None,
@@ -88,8 +88,9 @@ def cohort_targets(s: Session, cohort_id: int) -> list[Target]:
     """The cohort's TUF targets, from its rows: every version's artefact, every delta."""
     from cdcca_edge.cloud.service.tuf_repo import artifact_target, delta_target
 
+    fmt = s.get(Cohort, cohort_id).artifact_format  # type: ignore[union-attr]
     versions = {v.number: v for v in s.scalars(select(Version).where(Version.cohort_id == cohort_id))}
-    out = [Target(artifact_target(v.number), v.artifact_sha256, v.artifact_size,
+    out = [Target(artifact_target(v.number, fmt), v.artifact_sha256, v.artifact_size,
                   {"kind": "artifact", "to_version": v.number, "to_identity": v.identity})
            for v in versions.values()]
     for d in s.scalars(select(Delta).where(Delta.cohort_id == cohort_id)):
@@ -118,14 +119,42 @@ def sign_targets(data_dir: str | Path, sessions: sessionmaker[Session], cohort: 
     return CohortRepository(data_dir, cohort).set_targets(key, rows)
 
 
-def mirror_path(data_dir: str | Path, cohort: str) -> Path:
-    """The cloud's byte-exact copy of the cohort's latest published artefact."""
-    return Path(data_dir) / "mirrors" / cohort / "model.gguf"
+def mirror_path(data_dir: str | Path, cohort: str, fmt: str = "gguf") -> Path:
+    """The cloud's byte-exact copy of the cohort's latest published artefact: a GGUF
+    file, or an ONNX or bundle directory (``fmt``: the cohort's artefact format)."""
+    return Path(data_dir) / "mirrors" / cohort / ("model.gguf" if fmt == "gguf" else "model")
 
 
-def seed_mirror(data_dir: str | Path, cohort: str, artifact: Path, identity: str, version: int) -> Path:
-    """(Re)make the mirror from a published artefact: a copy with its state sidecar at
-    ``version``, so that the next delta goes from that version.
+def put_artifact(blobs: BlobStore, artifact: Path) -> tuple[str, int]:
+    """Store an artefact as one blob: a GGUF file as it is, a directory packed
+    (``core.pack``). Returns (sha256, size)."""
+    if not artifact.is_dir():
+        return blobs.put_file(artifact)
+    import tempfile
+
+    from cdcca_edge.core.pack import pack_directory
+
+    with tempfile.TemporaryDirectory(dir=blobs.root) as tmp:
+        pack_directory(artifact, Path(tmp) / "artifact.tar")
+        return blobs.put_file(Path(tmp) / "artifact.tar")
+
+
+def unpacked_artifact(blob: Path, fmt: str, where: Path) -> Path:
+    """A path that opens as the artefact stored in ``blob``: the blob itself for GGUF, a
+    directory unpacked into ``where`` (a scratch directory) otherwise."""
+    if fmt == "gguf":
+        return blob
+    from cdcca_edge.core.pack import unpack_directory
+
+    unpack_directory(blob, where / "artifact", durable=False)
+    return where / "artifact"
+
+
+def seed_mirror(data_dir: str | Path, cohort: str, artifact: Path, identity: str, version: int,
+                fmt: str = "gguf") -> Path:
+    """(Re)make the mirror from a published artefact's blob: a copy (unpacked, for a
+    directory format) with its state at ``version``, so that the next delta goes from
+    that version.
 
     Raises:
         IntegrityError: the copy does not have ``identity``.
@@ -135,12 +164,17 @@ def seed_mirror(data_dir: str | Path, cohort: str, artifact: Path, identity: str
     from cdcca_edge.core.artifact import open_artifact
     from cdcca_edge.core.state import read_state, record_export, write_state
 
-    mirror = mirror_path(data_dir, cohort)
+    mirror = mirror_path(data_dir, cohort, fmt)
     mirror.parent.mkdir(parents=True, exist_ok=True)
     for side in mirror.parent.iterdir():
-        side.unlink()
-    tmp = mirror.with_name(".model.gguf.tmp")
-    shutil.copyfile(artifact, tmp)
+        shutil.rmtree(side) if side.is_dir() and not side.is_symlink() else side.unlink()
+    tmp = mirror.with_name(f".{mirror.name}.tmp")
+    if fmt == "gguf":
+        shutil.copyfile(artifact, tmp)
+    else:
+        from cdcca_edge.core.pack import unpack_directory
+
+        unpack_directory(artifact, tmp)
     tmp.rename(mirror)
     art = open_artifact(mirror)
     record_export(art, identity)  # checks the bytes give the identity
@@ -222,22 +256,27 @@ def _publish_locked(data_dir: Path, sessions: sessionmaker[Session], cohort: str
         assert c is not None
         latest = latest_version(s, c.id)
     assert latest is not None
-    identity = compute_identity(open_artifact(artifact)).digest
+    art = open_artifact(artifact)
+    if art.format != c.artifact_format:
+        raise UsageError(f"{artifact} is a {art.format} artefact; cohort {cohort!r} serves {c.artifact_format}")
+    identity = compute_identity(art).digest
     if identity == latest.identity:
         raise UsageError(f"{artifact} is the cohort's latest version already")
     with tempfile.TemporaryDirectory(dir=data_dir) as tmp:
         out = Path(tmp) / "delta.cdcd"
-        summary = diff_artifacts(blobs.path(latest.artifact_sha256), artifact, out,
+        base = unpacked_artifact(blobs.path(latest.artifact_sha256), c.artifact_format, Path(tmp))
+        summary = diff_artifacts(base, art.root, out,
                                  sign_key=load_private_key(c.sign_key) if c.sign_key else None,
                                  from_version=latest.number, to_version=latest.number + 1)
         dsha, dsize = blobs.put_file(out)
-    asha, asize = blobs.put_file(artifact)
+    asha, asize = put_artifact(blobs, art.root)
     with sessions.begin() as s:
         s.add(Version(cohort_id=c.id, number=latest.number + 1, identity=summary.target_identity,
                       artifact_sha256=asha, artifact_size=asize))
         s.add(Delta(cohort_id=c.id, from_version=latest.number, to_version=latest.number + 1, sha256=dsha,
                     size=dsize))
-    seed_mirror(data_dir, cohort, blobs.path(asha), summary.target_identity, latest.number + 1)
+    seed_mirror(data_dir, cohort, blobs.path(asha), summary.target_identity, latest.number + 1,
+                c.artifact_format)
     sign_targets(data_dir, sessions, cohort)
     return {"cohort": cohort, "version": latest.number + 1, "identity": summary.target_identity,
             "delta_sha256": dsha, "delta_bytes": dsize}

@@ -16,7 +16,7 @@ from typing import Any, Callable
 from sqlalchemy import select
 
 from cdcca_edge.cloud.service.blobs import BlobStore
-from cdcca_edge.cloud.service.ops import mirror_path, seed_mirror, sign_targets
+from cdcca_edge.cloud.service.ops import mirror_path, put_artifact, seed_mirror, sign_targets
 from cdcca_edge.cloud.service.store import (
     Delta,
     Upload,
@@ -75,11 +75,12 @@ def _round_locked(data_dir: Path, cohort: str, db_url: str | None, akd: Any, min
     if len(new) < min_new:
         raise NothingNew(f"cohort {cohort!r}: {len(new)} new uploads since the last round, "
                          f"{min_new} needed; nothing published")
-    mirror = mirror_path(data_dir, cohort)
-    have = current_identity(open_artifact(mirror))[0] if mirror.is_file() else None
+    fmt = c.artifact_format
+    mirror = mirror_path(data_dir, cohort, fmt)
+    have = current_identity(open_artifact(mirror))[0] if mirror.exists() else None
     if have != latest.identity:  # a round died between advancing and publishing: start over
         say("re-seeding the mirror from the published version")
-        seed_mirror(data_dir, cohort, blobs.path(latest.artifact_sha256), latest.identity, latest.number)
+        seed_mirror(data_dir, cohort, blobs.path(latest.artifact_sha256), latest.identity, latest.number, fmt)
     work = data_dir / "rounds" / cohort / f"v{latest.number + 1}"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
@@ -95,7 +96,7 @@ def _round_locked(data_dir: Path, cohort: str, db_url: str | None, akd: Any, min
                      advance_mirror=True, expect_identity=latest.identity, progress=say)
     # make_delta checked that the advanced mirror has the delta's target identity
     delta_sha, delta_size = blobs.put_file(work / "delta.cdcd")
-    art_sha, art_size = blobs.put_file(mirror)
+    art_sha, art_size = put_artifact(blobs, mirror)
     with sessions.begin() as s:
         s.add(Version(cohort_id=c.id, number=latest.number + 1, identity=rep.target_identity,
                       artifact_sha256=art_sha, artifact_size=art_size))

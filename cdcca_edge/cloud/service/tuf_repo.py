@@ -34,9 +34,10 @@ REFRESH_SHARE = 0.5
 METADATA_NAME = re.compile(r"^(?:[1-9][0-9]{0,9}\.)?(root|targets|snapshot|timestamp)\.json$")
 
 
-def artifact_target(version: int) -> str:
-    """The target path of a version's whole artefact."""
-    return f"artifacts/v{version}.gguf"
+def artifact_target(version: int, fmt: str = "gguf") -> str:
+    """The target path of a version's whole artefact: a GGUF file, or a directory
+    format's pack (``core.pack``)."""
+    return f"artifacts/v{version}.gguf" if fmt == "gguf" else f"artifacts/v{version}.{fmt}.tar"
 
 
 def delta_target(from_version: int, to_version: int) -> str:
