@@ -28,7 +28,8 @@ def serve(
     cloud_state: Annotated[Optional[Path], typer.Option(
         help="Sync with the cloud service: the state directory of `cdcca-edge sync enroll`.")] = None,
     calib: Annotated[Optional[Path], typer.Option(
-        help="UTS calibration (`uplink calibrate`): answers above its threshold are spooled for upload.")] = None,
+        help="UTS calibration (`uplink calibrate`): answers above its threshold are spooled for upload "
+             "(without --cloud-state they wait in the spool for a later agent with one).")] = None,
     spool: Annotated[Optional[Path], typer.Option(help="Spool directory (default: MODEL.spool beside it).")] = None,
     spool_max_mb: Annotated[int, typer.Option(help="Spool cap, MiB (oldest samples dropped first).")] = 64,
     sync_every: Annotated[float, typer.Option(help="Seconds between syncs with the cloud.")] = 300.0,
@@ -45,8 +46,6 @@ def serve(
         raise typer.BadParameter("--queue-max must be at least 1")
     from cdcca_edge.runtime.agent import SyncConfig
 
-    if calib is not None and cloud_state is None:
-        raise typer.BadParameter("--calib spools answers for the cloud; give --cloud-state too")
     kwargs = {k: v for k, v in (("n_threads", threads), ("n_ctx", n_ctx)) if v is not None}
     sync = SyncConfig(state=cloud_state, calib=calib, spool=spool, spool_max_bytes=spool_max_mb << 20,
                       every=sync_every, probes=tuple(probe) if probe else SyncConfig.probes)

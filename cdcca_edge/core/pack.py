@@ -195,13 +195,17 @@ def finish_directory_install(model: str | Path) -> str | None:
     return done
 
 
-def swap_in(staged: Path, model: Path) -> None:
+def swap_in(staged: Path, model: Path, keep: Path | None = None) -> None:
     """Put the complete, durable directory ``staged`` (:func:`staging_path`) in place of
-    ``model``: two renames, recoverable between them by :func:`finish_directory_install`."""
+    ``model``: two renames, recoverable between them by :func:`finish_directory_install`.
+    ``keep``: move the old directory there (a sibling) instead of deleting it."""
     old = replaced_path(model)
     shutil.rmtree(old, ignore_errors=True)
     os.replace(model, old)
     os.replace(staged, model)
     fsync_dir(model.parent)
+    if keep is not None:
+        shutil.rmtree(keep, ignore_errors=True)
+        os.replace(old, keep)
     shutil.rmtree(old, ignore_errors=True)
 

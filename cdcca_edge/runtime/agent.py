@@ -13,7 +13,9 @@ Device path: FastAPI, uvicorn and the runtime; no torch.
 from __future__ import annotations
 
 import json
+import os
 import queue
+import signal
 import sys
 import threading
 import time
@@ -31,6 +33,7 @@ from cdcca_edge.core.errors import CdccaError, UsageError
 DEFAULT_QUEUE = 16
 MAX_TOKENS_LIMIT = 4096
 HEALTH_ENTROPY_SHARE = 0.85  # of ln(vocab): above it on the probes, an updated model is noise
+HEALTH_ENTROPY_RISE = 0.10  # of ln(vocab): a model already above the share may rise this much
 _DONE = object()
 
 
@@ -513,6 +516,8 @@ def _sync_once(engine: Engine, client: Any, sync: SyncConfig, spool: Any, counte
                     spool.discard(bundle)
                     continue
                 raise
+            if os.environ.get("CDCCA_TEST_KILL_AFTER_UPLOAD"):  # test hook: stored, not yet acknowledged
+                os.kill(os.getpid(), signal.SIGKILL)
             if spool.acknowledged(bundle, doc["sha256"]):
                 counters["uploaded_bundles"] += 1
     identity, _ = engine.identity()
@@ -525,6 +530,9 @@ def _sync_once(engine: Engine, client: Any, sync: SyncConfig, spool: Any, counte
     if up is None or up["to_identity"] in refused:
         return
     path = client.fetch(up)  # outside the engine: serving goes on while it downloads
+    if client.resumed_at:
+        print(f"cdcca-edge device: the download of version {up['to_version']} resumed at byte "
+              f"{client.resumed_at}", file=sys.stderr, flush=True)
     job = engine.submit(Job(lambda m, _job: _apply(m, client, up, path, sync)))
     now, healthy = job.result()
     client.report(now, healthy)
@@ -545,30 +553,49 @@ def _apply(m: Any, client: Any, up: dict[str, Any], path: Path, sync: SyncConfig
     from cdcca_edge.runtime.base import GenerationConfig
     from cdcca_edge.runtime.uts import artifact_identity
 
+    def probe_entropy() -> float | None:
+        """Mean token entropy on the probes; None when the model gives no finite answer."""
+        ents = []
+        for p in sync.probes:
+            g = m.generate(p, GenerationConfig(max_tokens=4))
+            if not g.tokens or not all(math.isfinite(s.entropy) for s in g.scores):
+                return None
+            ents += [s.entropy for s in g.scores]
+        return sum(ents) / len(ents)
+
+    try:
+        before = probe_entropy()
+    except Exception:  # noqa: BLE001 - the serving model fails its probes: judge the update alone
+        before = None
     undo = path.with_name(path.name + ".undo")
     if up["kind"] == "delta":
         m.apply_patch(path, trust=client.trust(), undo_out=undo)
     else:
         from cdcca_edge.runtime.sync_client import install_artifact
 
+        was = artifact_identity(m.artifact_path)
         m.close()  # the engine lets go of the file while it is replaced
         try:
-            install_artifact(path, m.artifact_path, up["to_identity"], up["to_version"])
+            install_artifact(path, m.artifact_path, up["to_identity"], up["to_version"], keep=True)
         finally:
             m.reload()
 
     def healthy() -> bool:
-        """Finite scores, an answer, and not near-uniform next-token distributions (mean
-        entropy under HEALTH_ENTROPY_SHARE of ln(vocabulary): a model whose weights were
-        damaged answers noise with finite logits); and the identity the update promised."""
+        """Finite scores, an answer, and not near-uniform next-token distributions (a
+        model whose weights were damaged answers noise with finite logits): the mean
+        entropy on the probes stays under HEALTH_ENTROPY_SHARE of ln(vocabulary), or, for
+        a model that was above it before the update too (probes outside its domain, as
+        text alone is for an image-question model), rises by at most HEALTH_ENTROPY_RISE
+        of it; and the identity the update promised."""
         try:
-            ents = []
-            for p in sync.probes:
-                g = m.generate(p, GenerationConfig(max_tokens=4))
-                if not g.tokens or not all(math.isfinite(s.entropy) for s in g.scores):
-                    return False
-                ents += [s.entropy for s in g.scores]
-            if sum(ents) / len(ents) > HEALTH_ENTROPY_SHARE * math.log(m.n_vocab):
+            after = probe_entropy()
+            if after is None:
+                return False
+            ln_v = math.log(m.n_vocab)
+            limit = HEALTH_ENTROPY_SHARE * ln_v
+            if before is not None and before > limit:
+                limit = before + HEALTH_ENTROPY_RISE * ln_v
+            if after > limit:
                 return False
             return artifact_identity(m.artifact_path)[0] == up["to_identity"]
         except Exception:  # noqa: BLE001 - any failure of the new model is "unhealthy"
@@ -577,5 +604,21 @@ def _apply(m: Any, client: Any, up: dict[str, Any], path: Path, sync: SyncConfig
     ok = healthy()
     if not ok and up["kind"] == "delta" and undo.exists():
         m.apply_patch(undo, trust=Trust.none(), allow_downgrade=True)  # back to the version it had
+    elif up["kind"] != "delta":
+        from cdcca_edge.runtime.sync_client import previous_path, restore_artifact
+
+        if not ok:  # the whole artefact it replaced comes back
+            m.close()
+            try:
+                restore_artifact(m.artifact_path, *was)
+            finally:
+                m.reload()
+        prev = previous_path(m.artifact_path)
+        if prev.is_dir():
+            import shutil
+
+            shutil.rmtree(prev, ignore_errors=True)
+        else:
+            prev.unlink(missing_ok=True)
     undo.unlink(missing_ok=True)
     return artifact_identity(m.artifact_path)[0], ok

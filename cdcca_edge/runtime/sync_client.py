@@ -95,6 +95,7 @@ class SyncClient:
 
     def __init__(self, state_dir: str | Path) -> None:
         self.dir = Path(state_dir)
+        self.resumed_at = 0  # the byte the last fetch's download resumed at (0: none)
 
     # --- enrollment -----------------------------------------------------------------------
 
@@ -268,6 +269,7 @@ class SyncClient:
             IntegrityError: the metadata does not name the target, or its signed claims
                 differ from the answer, or the bytes do not match.
         """
+        self.resumed_at = 0
         up = self.refresh()
         info = up.get_targetinfo(update["target"])
         if info is None:
@@ -315,6 +317,8 @@ class SyncClient:
             have = 0
         if have == info.length:
             return
+        self.resumed_at = have  # where this download started (0: from the beginning)
+        kill_at = int(os.environ.get("CDCCA_TEST_KILL_DOWNLOAD_AT", "0")) or None  # test hook: SIGKILL there
         d, _, base = info.path.rpartition("/")
         url = f"{enr.url}/v1/tuf/targets/{d + '/' if d else ''}{info.hashes['sha256']}.{base}"
         headers = _headers(enr.token, {"Range": f"bytes={have}-"} if have else None)
@@ -335,6 +339,13 @@ class SyncClient:
                             part.unlink()
                             raise IntegrityError(f"{info.path}: the service sent more than the signed "
                                                  f"{info.length} bytes; refused")
+                        if kill_at is not None and have < kill_at <= have + len(chunk):
+                            import signal
+
+                            f.write(chunk[:kill_at - have])
+                            f.flush()
+                            os.fsync(f.fileno())
+                            os.kill(os.getpid(), signal.SIGKILL)
                         f.write(chunk)
                         have += len(chunk)
                 except urllib3.exceptions.HTTPError as exc:
@@ -348,12 +359,18 @@ class SyncClient:
             r.release_conn()
 
 
-def install_artifact(src: Path, model: Path, identity: str, version: int) -> None:
+def previous_path(model: Path) -> Path:
+    """Where :func:`install_artifact` keeps the replaced artefact when asked to."""
+    return model.parent / f".{model.name}.previous"
+
+
+def install_artifact(src: Path, model: Path, identity: str, version: int, keep: bool = False) -> None:
     """Replace ``model`` with the verified whole artefact ``src`` atomically, and start its
     state at ``version``. A GGUF file: a temporary copy beside it, fsync'd, renamed. A
     directory (ONNX, bundle; ``src`` is its pack): unpacked beside it, checked, then
     swapped in by two renames that :func:`cdcca_edge.core.pack.finish_directory_install`
-    completes or undoes after a crash.
+    completes or undoes after a crash. ``keep``: keep the replaced artefact at
+    :func:`previous_path` (a hard link for a file) for :func:`restore_artifact`.
 
     Raises:
         IntegrityError: the bytes do not have ``identity`` (the model is untouched).
@@ -385,8 +402,11 @@ def install_artifact(src: Path, model: Path, identity: str, version: int) -> Non
         except BaseException:
             shutil.rmtree(staged, ignore_errors=True)
             raise
-        swap_in(staged, model)
+        swap_in(staged, model, previous_path(model) if keep else None)
         return
+    if keep:
+        previous_path(model).unlink(missing_ok=True)
+        os.link(model, previous_path(model))
     fd, name = tempfile.mkstemp(prefix=f".{model.name}.", dir=model.parent)
     os.close(fd)
     try:
@@ -395,6 +415,36 @@ def install_artifact(src: Path, model: Path, identity: str, version: int) -> Non
     finally:
         Path(name).unlink(missing_ok=True)
     start_state(model)
+
+
+def restore_artifact(model: Path, identity: str, version: int | None) -> None:
+    """Put back the artefact :func:`install_artifact` kept (``keep=True``), with its
+    state at ``identity`` and ``version`` (a whole update that failed its health check).
+
+    Raises:
+        UsageError: nothing was kept.
+        IntegrityError: the kept bytes do not have ``identity``.
+    """
+    from cdcca_edge.core.artifact import open_artifact
+    from cdcca_edge.core.fileio import fsync_dir
+    from cdcca_edge.core.state import read_state, record_export, write_state
+
+    kept = previous_path(model)
+    if not kept.exists():
+        raise UsageError(f"{kept}: no previous artefact was kept; reinstall the old version by hand")
+    if kept.is_dir():
+        from cdcca_edge.core.pack import swap_in
+
+        swap_in(kept, model)
+    else:
+        os.replace(kept, model)
+        fsync_dir(model.parent)
+    art = open_artifact(model)
+    record_export(art, identity)
+    state = read_state(art)
+    assert state is not None
+    state.version = version
+    write_state(art, state)
 
 
 def _version_of(client: SyncClient, identity: str) -> int | None:

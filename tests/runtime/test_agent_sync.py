@@ -190,3 +190,127 @@ def test_an_agent_killed_mid_patch_restarts_consistent_and_finishes_the_update(t
         if agent is not None:
             agent.stop()
         svc.stop()
+
+
+def _changed_copy(src, dst, seed: int):
+    """``src`` with 8 blocks of its first Q8_0 tensor replaced: a model of the same layout
+    and another identity."""
+    import shutil
+
+    import numpy as np
+
+    from tests.core.delta_helpers import random_units
+
+    shutil.copy(src, dst)
+    t = next(t for t in open_artifact(dst).tensors if t.type_name == "Q8_0")
+    raw = bytearray(dst.read_bytes())
+    raw[t.offset : t.offset + 34 * 8] = random_units("Q8_0", 8, np.random.default_rng(seed))
+    dst.write_bytes(bytes(raw))
+    return dst
+
+
+def test_a_whole_artefact_that_fails_the_health_check_is_replaced_back(tmp_path, capsys):
+    """A device the cloud has no delta for (its identity is no published version) takes
+    the latest whole artefact; that one is broken, so the agent puts back the file it
+    replaced, with its state, and reports it."""
+    f = _fleet(tmp_path)
+    broken = _broken_copy(f["model"], tmp_path / "broken.gguf")
+    assert main(["cloud", "publish", "fleet", "--artifact", str(broken), "--data", str(f["data"])]) == 0
+    _changed_copy(f["model"], f["device"], seed=7)  # a local model of the same layout
+    own = compute_identity(open_artifact(f["device"])).digest
+    svc = Service(f["data"])
+    svc.start()
+    agent = None
+    try:
+        state = _enrolled_state(svc, f, tmp_path, capsys)
+        agent = Agent(f["device"], "--cloud-state", str(state), "--sync-every", "1")
+        wait_for("the failed update", lambda: "cdcca_agent_update_failures_total 1" in httpx.get(
+            f"{agent.url}/metrics").text, 120)
+        client = openai.OpenAI(base_url=f"{agent.url}/v1", api_key="unused")
+        assert client.models.list().data[0].model_extra["cdcca"]["identity"] == own
+        assert compute_identity(open_artifact(f["device"])).digest == own
+        assert client.completions.create(model="m", prompt="the red", max_tokens=3).choices[0].text
+        assert not list(tmp_path.glob(".device.gguf.previous"))  # nothing left behind
+    finally:
+        if agent is not None:
+            agent.stop()
+        svc.stop()
+
+
+def test_an_agent_killed_mid_download_resumes_from_its_offset(tmp_path, capsys):
+    """kill -9 after the first 40,000 bytes of a whole-artefact download: the partial file
+    has exactly those bytes, the restarted agent asks for the rest (Range) and installs
+    the signed version."""
+    f = _fleet(tmp_path)
+    new = _changed_copy(f["model"], tmp_path / "v1.gguf", seed=5)
+    assert main(["cloud", "publish", "fleet", "--artifact", str(new), "--data", str(f["data"])]) == 0
+    published = compute_identity(open_artifact(new)).digest
+    _changed_copy(f["model"], f["device"], seed=9)  # no delta from here: the whole artefact comes
+    svc = Service(f["data"])
+    svc.start()
+    agent = None
+    try:
+        state = _enrolled_state(svc, f, tmp_path, capsys)
+        agent = Agent(f["device"], "--cloud-state", str(state), "--sync-every", "1",
+                      env={"CDCCA_TEST_KILL_DOWNLOAD_AT": "40000"})
+        wait_for("the agent to die mid-download", lambda: agent.proc.poll() is not None, 120)
+        assert agent.proc.returncode == -9
+        parts = list((state / "downloads").glob("*.part"))
+        assert len(parts) == 1 and parts[0].stat().st_size == 40000
+        assert parts[0].read_bytes() == new.read_bytes()[:40000]  # the same bytes, no more
+        agent = Agent(f["device"], "--cloud-state", str(state), "--sync-every", "1")
+        client = openai.OpenAI(base_url=f"{agent.url}/v1", api_key="unused")
+        wait_for("the update", lambda: client.models.list().data[0].model_extra["cdcca"]["identity"]
+                 == published, 120)
+        assert "resumed at byte 40000" in agent.log.read_text()
+        assert compute_identity(open_artifact(f["device"])).digest == published
+        assert not list((state / "downloads").glob("*.part"))
+    finally:
+        if agent is not None:
+            agent.stop()
+        svc.stop()
+
+
+def test_an_agent_killed_between_upload_and_acknowledgement_sends_no_bundle_twice(tmp_path, capsys):
+    """kill -9 right after the service stored a bundle, before the spool marked it sent:
+    the restarted agent sends the same sealed bundle again, the service keeps it once,
+    and every spooled sample reaches the service exactly once."""
+    from cdcca_edge.cloud.service.blobs import BlobStore
+    from cdcca_edge.cloud.service.store import Upload, database_url, open_db
+    from cdcca_edge.core.uplink_format import read_uplink
+    from cdcca_edge.demo.tiny import text_prompts
+
+    f = _fleet(tmp_path)
+    svc = Service(f["data"])
+    svc.start()  # no rounds: the uploads stay as they arrive
+    agent = None
+    try:
+        state = _enrolled_state(svc, f, tmp_path, capsys)
+        calib = _calibration(f, tmp_path)
+        spool = tmp_path / "spool"
+        # serve without sync first, so the spool fills before the first upload
+        agent = Agent(f["device"], "--calib", str(calib), "--spool", str(spool))
+        client = openai.OpenAI(base_url=f"{agent.url}/v1", api_key="unused")
+        for p in text_prompts("target", 30, seed=31):
+            client.completions.create(model="m", prompt=p, max_tokens=10)
+        spooled = int(next(ln.split()[1] for ln in httpx.get(f"{agent.url}/metrics").text.splitlines()
+                           if ln.startswith("cdcca_agent_spool_entries ")))
+        assert spooled > 0
+        agent.stop()
+        agent = Agent(f["device"], "--cloud-state", str(state), "--calib", str(calib), "--spool", str(spool),
+                      "--sync-every", "1", env={"CDCCA_TEST_KILL_AFTER_UPLOAD": "1"})
+        wait_for("the agent to die after its upload", lambda: agent.proc.poll() is not None, 120)
+        assert agent.proc.returncode == -9
+        agent = Agent(f["device"], "--cloud-state", str(state), "--calib", str(calib), "--spool", str(spool),
+                      "--sync-every", "1")
+        wait_for("the spool to empty", lambda: "cdcca_agent_spool_entries 0\n" in httpx.get(
+            f"{agent.url}/metrics").text, 120)
+        with open_db(database_url(f["data"]))() as s:
+            shas = [u.sha256 for u in s.query(Upload).all()]
+        assert len(shas) == len(set(shas)) >= 1
+        ids = [x.id for sha in shas for x in read_uplink(BlobStore(f["data"] / "blobs").path(sha)).samples()]
+        assert len(ids) == len(set(ids)) == spooled  # none lost, none twice
+    finally:
+        if agent is not None:
+            agent.stop()
+        svc.stop()
