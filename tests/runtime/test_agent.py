@@ -116,6 +116,32 @@ def test_bad_requests_get_openai_errors_and_change_nothing(agent):
         hostile("agent")
         r = httpx.post(f"{agent.url}/v1/chat/completions", content=body)
         assert r.status_code == 400, case
+    import base64
+    import io
+
+    from PIL import Image
+
+    def png(size, mode="RGB"):
+        buf = io.BytesIO()
+        Image.new(mode, size).save(buf, format="PNG")
+        return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+    def parts(*urls):
+        return {"messages": [{"role": "user", "content": [{"type": "text", "text": "what is it?"}] + [
+            {"type": "image_url", "image_url": {"url": u}} for u in urls]}], "max_tokens": 2}
+
+    for case, (body, says) in {
+        "remote url": (parts("http://example.com/a.png"), "data URL"),
+        "not base64": (parts("data:image/png;base64,!!!!"), "base64"),
+        "not base64-encoded": (parts("data:image/png,abc"), "base64"),
+        "not an image": (parts("data:image/png;base64," + base64.b64encode(b"GIF89a nonsense").decode()), "Pillow"),
+        "pixel bomb": (parts(png((5000, 5000), "1")), "pixels"),
+        "two images": (parts(png((8, 8)), png((8, 8))), "one image"),
+        "image on a text model": (parts(png((8, 8))), "takes no images"),
+    }.items():
+        hostile("agent")
+        r = httpx.post(f"{agent.url}/v1/chat/completions", json=body)
+        assert r.status_code == 400 and says in r.json()["error"]["message"], (case, r.status_code, r.text)
     client = openai.OpenAI(base_url=f"{agent.url}/v1", api_key="unused", max_retries=0)
     with pytest.raises(openai.BadRequestError):
         client.completions.create(model="m", prompt="", max_tokens=3)

@@ -314,3 +314,61 @@ def test_an_agent_killed_between_upload_and_acknowledgement_sends_no_bundle_twic
         if agent is not None:
             agent.stop()
         svc.stop()
+
+
+@pytest.mark.parametrize("attack", ["corrupted", "expired", "foreign", "replayed"])
+def test_a_bad_update_is_refused_and_the_model_untouched(tmp_path, capsys, attack):
+    """A delta whose bytes were changed, metadata past its expiry, metadata signed by a
+    key the root never named, or an older validly signed timestamp replayed to an agent
+    that saw a newer one: the agent refuses (a sync error, logged), the model keeps its
+    bytes and identity, and serving goes on."""
+    from datetime import datetime, timedelta, timezone
+
+    from cdcca_edge.cloud.service.tuf_repo import CohortRepository
+    from cdcca_edge.core.delta_format import generate_keypair
+
+    f = _fleet(tmp_path)
+    repo = CohortRepository(f["data"], "fleet")
+    old_timestamp = (repo.dir / "timestamp.json").read_bytes()
+    new = _changed_copy(f["model"], tmp_path / "v1.gguf", seed=5)
+    assert main(["cloud", "publish", "fleet", "--artifact", str(new), "--data", str(f["data"])]) == 0
+    svc = Service(f["data"])
+    svc.start("--round-poll", "3600")  # no background re-signing while the test plays attacker
+    agent = None
+    try:
+        state = _enrolled_state(svc, f, tmp_path, capsys)
+        expect = f["identity"]
+        if attack == "corrupted":
+            targets = json.loads((repo.dir / "2.targets.json").read_bytes())["signed"]["targets"]
+            sha = next(t["hashes"]["sha256"] for p, t in targets.items() if p.startswith("deltas/"))
+            blob = f["data"] / "blobs" / sha[:2] / sha
+            blob.chmod(0o644)
+            good = blob.read_bytes()
+            blob.write_bytes(good[:-1] + bytes([good[-1] ^ 1]))
+        elif attack == "expired":
+            repo.sign_timestamp(tmp_path / "key.pem", datetime.now(timezone.utc) - timedelta(hours=1))
+        elif attack == "foreign":
+            generate_keypair(tmp_path / "evil.pem", tmp_path / "evil.pem.pub")
+            repo.sign_timestamp(tmp_path / "evil.pem", datetime.now(timezone.utc) + timedelta(days=1))
+        agent = Agent(f["device"], "--cloud-state", str(state), "--sync-every", "1")
+        client = openai.OpenAI(base_url=f"{agent.url}/v1", api_key="unused")
+        if attack == "replayed":  # the agent takes version 1 and trusts its timestamp; then the old one
+            expect = compute_identity(open_artifact(new)).digest
+            wait_for("version 1", lambda: client.models.list().data[0].model_extra["cdcca"]["identity"] == expect)
+            (repo.dir / "timestamp.json").write_bytes(old_timestamp)
+        before = f["device"].read_bytes()
+        wait_for("a refused sync", lambda: "cdcca_agent_sync_errors_total 0" not in httpx.get(
+            f"{agent.url}/metrics").text, 60)
+        assert f["device"].read_bytes() == before
+        assert compute_identity(open_artifact(f["device"])).digest == expect
+        assert client.models.list().data[0].model_extra["cdcca"]["identity"] == expect
+        assert client.completions.create(model="m", prompt="the red", max_tokens=3).choices[0].text
+        log = agent.log.read_text()
+        assert {"corrupted": "SHA-256", "expired": "Expired", "foreign": "Unsigned",
+                "replayed": "BadVersion"}[attack] in log, log[-1500:]
+        assert "cdcca_agent_updates_total " + ("1" if attack == "replayed" else "0") in httpx.get(
+            f"{agent.url}/metrics").text
+    finally:
+        if agent is not None:
+            agent.stop()
+        svc.stop()
