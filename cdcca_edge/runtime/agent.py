@@ -527,6 +527,12 @@ def _sync_once(engine: Engine, client: Any, sync: SyncConfig, spool: Any, counte
         if exc.status == 0:
             raise
     up = client.plan(identity)
+    if up is None and engine.identity()[1] is None:  # a copy without its state: learn its version
+        from cdcca_edge.runtime.sync_client import adopt_version, version_of
+
+        known = version_of(client, identity)
+        if known is not None:
+            adopt_version(engine.path, identity, known)
     if up is None or up["to_identity"] in refused:
         return
     path = client.fetch(up)  # outside the engine: serving goes on while it downloads

@@ -379,17 +379,10 @@ def install_artifact(src: Path, model: Path, identity: str, version: int, keep: 
     import shutil
     import tempfile
 
-    from cdcca_edge.core.artifact import open_artifact
     from cdcca_edge.core.fileio import commit_file
-    from cdcca_edge.core.state import read_state, record_export, write_state
 
     def start_state(path: Path) -> None:
-        art = open_artifact(path)
-        record_export(art, identity)  # checks the bytes give the signed identity
-        state = read_state(art)
-        assert state is not None
-        state.version = version
-        write_state(art, state)
+        adopt_version(path, identity, version)
 
     if model.is_dir():
         from cdcca_edge.core.pack import finish_directory_install, staging_path, swap_in, unpack_directory
@@ -425,9 +418,7 @@ def restore_artifact(model: Path, identity: str, version: int | None) -> None:
         UsageError: nothing was kept.
         IntegrityError: the kept bytes do not have ``identity``.
     """
-    from cdcca_edge.core.artifact import open_artifact
     from cdcca_edge.core.fileio import fsync_dir
-    from cdcca_edge.core.state import read_state, record_export, write_state
 
     kept = previous_path(model)
     if not kept.exists():
@@ -439,15 +430,29 @@ def restore_artifact(model: Path, identity: str, version: int | None) -> None:
     else:
         os.replace(kept, model)
         fsync_dir(model.parent)
+    adopt_version(model, identity, version)
+
+
+def adopt_version(model: Path, identity: str, version: int | None) -> None:
+    """Start ``model``'s state afresh at ``identity`` (checked against its bytes) and
+    ``version`` (a version the signed metadata gives that identity).
+
+    Raises:
+        IntegrityError: the bytes do not have ``identity``.
+    """
+    from cdcca_edge.core.artifact import open_artifact
+    from cdcca_edge.core.state import read_state, record_export, write_state
+
     art = open_artifact(model)
     record_export(art, identity)
     state = read_state(art)
     assert state is not None
-    state.version = version
+    state.version = -1 if version is None else version
     write_state(art, state)
 
 
-def _version_of(client: SyncClient, identity: str) -> int | None:
+def version_of(client: SyncClient, identity: str) -> int | None:
+    """The cohort version the trusted metadata gives ``identity`` (None: no version)."""
     return next((t["custom"]["to_version"] for t in client.signed_targets().values()
                  if t.get("custom", {}).get("kind") == "artifact" and t["custom"]["to_identity"] == identity), None)
 
@@ -471,7 +476,7 @@ def apply_update(client: SyncClient, model: str | Path, progress: Any = None) ->
     up = client.plan(identity)  # what to apply: from the signed metadata alone
     if up is None:
         client.report(identity, True)
-        return {"update": None, "version": _version_of(client, identity), "identity": identity}
+        return {"update": None, "version": version_of(client, identity), "identity": identity}
     say(f"fetching the {up['kind']} to version {up['to_version']} ({up['length']:,} bytes)")
     path = client.fetch(up)
     if up["kind"] == "delta":

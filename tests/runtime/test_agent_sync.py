@@ -58,6 +58,8 @@ def test_the_agent_uploads_what_it_is_unsure_of_and_updates_in_place(tmp_path, c
         client = openai.OpenAI(base_url=f"{agent.url}/v1", api_key="unused")
         before = client.models.list().data[0].model_extra["cdcca"]["identity"]
         assert before == f["identity"]
+        # a copy of the model without its state: the first sync learns its version from the metadata
+        wait_for("version 0", lambda: client.models.list().data[0].model_extra["cdcca"]["version"] == 0, 60)
         probe = client.completions.create(model="m", prompt="the red circle is", max_tokens=10)
         for p in text_prompts("target", 30, seed=31):  # drifted inputs: the agent is unsure of many
             client.completions.create(model="m", prompt=p, max_tokens=10)
@@ -97,12 +99,37 @@ def _broken_copy(src, dst):
     return dst
 
 
-def test_an_update_that_fails_the_health_check_is_reverted_and_reported(tmp_path, capsys):
+def _changed_copy(src, dst, seed: int):
+    """``src`` with 8 blocks of its first Q8_0 tensor replaced: a model of the same layout
+    and another identity."""
+    import shutil
+
+    import numpy as np
+
+    from tests.core.delta_helpers import random_units
+
+    shutil.copy(src, dst)
+    t = next(t for t in open_artifact(dst).tensors if t.type_name == "Q8_0")
+    raw = bytearray(dst.read_bytes())
+    raw[t.offset : t.offset + 34 * 8] = random_units("Q8_0", 8, np.random.default_rng(seed))
+    dst.write_bytes(bytes(raw))
+    return dst
+
+
+@pytest.mark.parametrize("kind", ["delta", "artifact"])
+def test_an_update_that_fails_the_health_check_is_reverted_and_reported(tmp_path, capsys, kind):
+    """The published version is broken. A device on version 0 takes it as a delta and
+    reverts with the undo delta; a device the cloud has no delta for (a local model of
+    the same layout, no published version) takes the whole artefact and gets the file it
+    replaced back, with its state. Either reports the failure and does not try again."""
     from cdcca_edge.cloud.service.store import Device, database_url, open_db
 
     f = _fleet(tmp_path)
     broken = _broken_copy(f["model"], tmp_path / "broken.gguf")
     assert main(["cloud", "publish", "fleet", "--artifact", str(broken), "--data", str(f["data"])]) == 0
+    if kind == "artifact":
+        _changed_copy(f["model"], f["device"], seed=7)
+    expect = compute_identity(open_artifact(f["device"])).digest
     svc = Service(f["data"])
     svc.start()
     agent = None
@@ -112,13 +139,13 @@ def test_an_update_that_fails_the_health_check_is_reverted_and_reported(tmp_path
         wait_for("the failed update", lambda: "cdcca_agent_update_failures_total 1" in httpx.get(
             f"{agent.url}/metrics").text, 120)
         client = openai.OpenAI(base_url=f"{agent.url}/v1", api_key="unused")
-        info = client.models.list().data[0].model_extra["cdcca"]
-        assert info["identity"] == f["identity"]  # reverted to version 0
-        assert compute_identity(open_artifact(f["device"])).digest == f["identity"]
+        assert client.models.list().data[0].model_extra["cdcca"]["identity"] == expect  # reverted
+        assert compute_identity(open_artifact(f["device"])).digest == expect
         assert client.completions.create(model="m", prompt="the red", max_tokens=3).choices[0].text
+        assert not list(tmp_path.glob(".device.gguf.*"))  # nothing left behind
         with open_db(database_url(f["data"]))() as s:
             dev = s.query(Device).one()
-        assert dev.identity == f["identity"] and dev.healthy is False
+        assert dev.identity == expect and dev.healthy is False
         time.sleep(3)  # more syncs: the refused version is not tried again
         assert "cdcca_agent_update_failures_total 1" in httpx.get(f"{agent.url}/metrics").text
     finally:
@@ -152,19 +179,8 @@ def test_an_agent_killed_mid_patch_restarts_consistent_and_finishes_the_update(t
     """kill -9 (the patcher's crash hook SIGKILLs the agent at its 3rd crash point, inside
     the journaled patch); the restarted agent finds the model old or new (the journal
     recovered), serves, and completes the update to the published identity."""
-    import shutil
-
-    import numpy as np
-
-    from tests.core.delta_helpers import random_units
-
     f = _fleet(tmp_path)
-    new = tmp_path / "v1.gguf"
-    shutil.copy(f["model"], new)
-    t = next(t for t in open_artifact(new).tensors if t.type_name == "Q8_0")
-    raw = bytearray(new.read_bytes())
-    raw[t.offset : t.offset + 34 * 8] = random_units("Q8_0", 8, np.random.default_rng(5))
-    new.write_bytes(bytes(raw))
+    new = _changed_copy(f["model"], tmp_path / "v1.gguf", seed=5)
     assert main(["cloud", "publish", "fleet", "--artifact", str(new), "--data", str(f["data"])]) == 0
     published = compute_identity(open_artifact(new)).digest
     svc = Service(f["data"])
@@ -186,51 +202,6 @@ def test_an_agent_killed_mid_patch_restarts_consistent_and_finishes_the_update(t
                  == published, 120)
         assert compute_identity(open_artifact(f["device"])).digest == published
         assert client.completions.create(model="m", prompt="the red", max_tokens=3).choices[0].text
-    finally:
-        if agent is not None:
-            agent.stop()
-        svc.stop()
-
-
-def _changed_copy(src, dst, seed: int):
-    """``src`` with 8 blocks of its first Q8_0 tensor replaced: a model of the same layout
-    and another identity."""
-    import shutil
-
-    import numpy as np
-
-    from tests.core.delta_helpers import random_units
-
-    shutil.copy(src, dst)
-    t = next(t for t in open_artifact(dst).tensors if t.type_name == "Q8_0")
-    raw = bytearray(dst.read_bytes())
-    raw[t.offset : t.offset + 34 * 8] = random_units("Q8_0", 8, np.random.default_rng(seed))
-    dst.write_bytes(bytes(raw))
-    return dst
-
-
-def test_a_whole_artefact_that_fails_the_health_check_is_replaced_back(tmp_path, capsys):
-    """A device the cloud has no delta for (its identity is no published version) takes
-    the latest whole artefact; that one is broken, so the agent puts back the file it
-    replaced, with its state, and reports it."""
-    f = _fleet(tmp_path)
-    broken = _broken_copy(f["model"], tmp_path / "broken.gguf")
-    assert main(["cloud", "publish", "fleet", "--artifact", str(broken), "--data", str(f["data"])]) == 0
-    _changed_copy(f["model"], f["device"], seed=7)  # a local model of the same layout
-    own = compute_identity(open_artifact(f["device"])).digest
-    svc = Service(f["data"])
-    svc.start()
-    agent = None
-    try:
-        state = _enrolled_state(svc, f, tmp_path, capsys)
-        agent = Agent(f["device"], "--cloud-state", str(state), "--sync-every", "1")
-        wait_for("the failed update", lambda: "cdcca_agent_update_failures_total 1" in httpx.get(
-            f"{agent.url}/metrics").text, 120)
-        client = openai.OpenAI(base_url=f"{agent.url}/v1", api_key="unused")
-        assert client.models.list().data[0].model_extra["cdcca"]["identity"] == own
-        assert compute_identity(open_artifact(f["device"])).digest == own
-        assert client.completions.create(model="m", prompt="the red", max_tokens=3).choices[0].text
-        assert not list(tmp_path.glob(".device.gguf.previous"))  # nothing left behind
     finally:
         if agent is not None:
             agent.stop()
