@@ -71,7 +71,7 @@ def serve(
 @app.command("create-cohort")
 def create_cohort(
     name: Annotated[str, typer.Argument(help="Cohort name (letters, digits, '-', '_').")],
-    artifact: Annotated[Path, typer.Option(help="The device artefact of version 0 (a GGUF file from export).")],
+    artifact: Annotated[Path, typer.Option(help="The device artefact of version 0 (from export: a GGUF file, ONNX directory or bundle).")],
     data: DataOpt,
     sign_key: Annotated[Path, typer.Option(
         help="Online Ed25519 private key (PEM, `cdcca-edge delta keygen`): signs deltas and the TUF "

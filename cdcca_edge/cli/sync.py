@@ -56,7 +56,7 @@ def upload(
 
 @app.command("update")
 def update(
-    model: Annotated[Path, typer.Argument(help="The device's artefact (GGUF), patched in place.")],
+    model: Annotated[Path, typer.Argument(help="The device's artefact (GGUF file, ONNX directory or bundle), patched in place.")],
     state: StateOpt,
     json_out: JsonOpt = False,
 ) -> None:
