@@ -483,3 +483,57 @@ def test_tokens_never_look_like_options():
     from cdcca_edge.cloud.service.store import new_token
 
     assert all(new_token()[0].isalpha() for _ in range(2000))
+
+
+def _nudged(src: Path, dst: Path, scale: float) -> Path:
+    """A copy of the ONNX directory ``src`` whose largest float tensor is scaled: the same
+    layout, another identity."""
+    import shutil
+
+    import numpy as np
+
+    shutil.copytree(src, dst)
+    for side in ("cdcca-state.json", "cdcca-state.leaves"):
+        (dst / side).unlink(missing_ok=True)
+    t = max((t for t in open_artifact(dst).tensors if t.type_name == "F32"), key=lambda t: t.nbytes)
+    with open(t.file, "r+b") as f:
+        f.seek(t.offset)
+        x = np.frombuffer(f.read(t.nbytes), np.float32) * np.float32(scale)
+        f.seek(t.offset)
+        f.write(x.tobytes())
+    return dst
+
+
+def test_directory_artefacts_are_served_packed_patched_by_delta_or_installed_whole(tmp_path, capsys, exports):
+    """An ONNX cohort: version 0 and 1 are stored as packs (core.pack); a device on version
+    0 takes the delta and patches its directory in place; a device the cloud has no delta
+    for gets the pack of version 1, unpacked beside it and swapped in whole."""
+    import shutil
+
+    root = open_artifact(exports("llama", "onnx").path).root
+    v0 = tmp_path / "v0"
+    shutil.copytree(root, v0)
+    data = tmp_path / "data"
+    _create(tmp_path, data, "dirs", v0)
+    v1 = _nudged(v0, tmp_path / "v1", 1.01)
+    assert main(["cloud", "publish", "dirs", "--artifact", str(v1), "--data", str(data)]) == 0
+    published = compute_identity(open_artifact(v1)).digest
+    on_v0 = tmp_path / "on-v0"
+    shutil.copytree(v0, on_v0)
+    elsewhere = _nudged(v0, tmp_path / "elsewhere", 0.99)
+    svc = Service(data)
+    svc.start()
+    try:
+        for device, kind in ((on_v0, "delta"), (elsewhere, "artifact")):
+            capsys.readouterr()
+            assert main(["cloud", "enroll-token", "--cohort", "dirs", "--data", str(data)]) == 0
+            state = tmp_path / f"state-{device.name}"
+            assert main(["sync", "enroll", svc.url, capsys.readouterr().out.strip(), "--state", str(state)]) == 0
+            capsys.readouterr()
+            assert main(["sync", "update", str(device), "--state", str(state), "--json"]) == 0
+            done = json.loads(capsys.readouterr().out)
+            assert done["update"] == kind and done["version"] == 1 and done["identity"] == published
+            assert compute_identity(open_artifact(device)).digest == published
+        assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no staging left
+    finally:
+        svc.stop()
