@@ -259,7 +259,9 @@ def bind(art: Artifact, meta: dict[str, Any], entries: list[JournalEntry]) -> li
             raise JournalUnusable("an entry has a span of a length no patcher writes")
         starts, ends = regions[e.fi]
         k = np.searchsorted(starts, e.offsets, side="right") - 1
-        ok = (k >= 0) & (e.offsets + e.lengths <= ends[np.maximum(k, 0)]) if len(starts) else k < -1
+        # offset <= end - length, not offset + length <= end: an offset near 2**63 would
+        # overflow the sum into a negative number that passes (found by hypothesis)
+        ok = (k >= 0) & (e.offsets <= ends[np.maximum(k, 0)] - e.lengths) if len(starts) else k < -1
         if not np.all(ok):
             raise JournalUnusable("a span lies outside every tensor of the model (it would write "
                             "into the header or past the end)")

@@ -541,8 +541,8 @@ def _sync_once(engine: Engine, client: Any, sync: SyncConfig, spool: Any, counte
               f"{client.resumed_at}", file=sys.stderr, flush=True)
     job = engine.submit(Job(lambda m, _job: _apply(m, client, up, path, sync)))
     now, healthy = job.result()
+    counters["updates" if healthy else "update_failures"] += 1  # done, whether or not the report arrives
     client.report(now, healthy)
-    counters["updates" if healthy else "update_failures"] += 1
     if not healthy:
         refused.add(up["to_identity"])
         print(f"cdcca-edge device: version {up['to_version']} failed the health check; reverted to "

@@ -302,6 +302,25 @@ def test_mutated_journals_roll_back_exactly_or_are_quarantined(scene, tmp_path_f
         assert outcome == "discarded" or outcome.startswith("quarantined"), outcome
 
 
+
+@pytest.mark.parametrize("offset", [2**63 - 102, 2**63 - 1, 2**64 - 1])
+def test_a_journal_span_offset_near_two_to_the_63_is_quarantined(scene, tmp_path, offset):
+    """Regression (hypothesis found it): offset + length overflowed int64 into a negative
+    number that passed the bounds check, and the read failed with EINVAL."""
+    hostile("journal")
+    meta, entries = split_journal(scene["journal"])
+    fi, offs, lens, old, new = entries[0]
+    entries[0] = (fi, [offset] + list(offs[1:]), lens, old, new)
+    m = place(scene, tmp_path / "m.gguf", b"")
+    st_ = os.stat(m)
+    meta["files"][0].update(size=st_.st_size, ino=st_.st_ino, dev=st_.st_dev)
+    P.journal_path_for(m).write_bytes(seal_journal(meta, entries))
+    before = file_digest(m)
+    outcome = P.recover(m)
+    assert outcome.startswith("quarantined") and "outside every tensor" in outcome, outcome
+    assert file_digest(m) == before
+
+
 # --- locks: serving and patching exclude each other ------------------------------------
 
 HOLDER = textwrap.dedent("""

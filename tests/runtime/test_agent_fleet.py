@@ -25,6 +25,7 @@ from cdcca_edge.core.artifact import compute_identity, open_artifact  # noqa: E4
 from tests.cloud.test_service import Service, _create  # noqa: E402
 from tests.procs import wait_for  # noqa: E402
 from tests.runtime.test_agent import Agent  # noqa: E402
+from tests.runtime.test_agent_sync import published_versions, settled  # noqa: E402
 
 
 def data_url(image) -> str:
@@ -135,31 +136,31 @@ def test_three_agents_one_cloud(tmp_path, capsys):
             m = httpx.get(f"{a.url}/metrics").text
             assert "cdcca_agent_spooled_total 0" not in m, kind
 
-        after = {}
         for kind in made:
-            after[kind] = wait_for(f"the {kind} agent to take version 1", lambda k=kind: (
-                i := clients[k].models.list().data[0].model_extra["cdcca"])["version"] == 1 and i, seconds=600)
-        for kind in made:
-            published = compute_identity(open_artifact(mirror_path(data, f"fleet-{kind}",
-                                                                   "gguf" if kind == "gguf" else "x"))).digest
-            assert after[kind]["identity"] == published == compute_identity(open_artifact(devices[kind])).digest
+            now = wait_for(f"the {kind} agent to settle on the latest version",
+                           lambda k=kind: settled(data, f"fleet-{k}", clients[k], agents[k].url), 600)
+            versions, _ = published_versions(data, f"fleet-{kind}")
+            assert now["identity"] == versions[now["version"]] == compute_identity(open_artifact(devices[kind])).digest
+            assert now["identity"] == compute_identity(open_artifact(mirror_path(
+                data, f"fleet-{kind}", "gguf" if kind == "gguf" else "directory"))).digest
             m = httpx.get(f"{agents[kind].url}/metrics").text
-            assert "cdcca_agent_updates_total 1" in m and "cdcca_agent_update_failures_total 0" in m, kind
+            assert "cdcca_agent_updates_total 0\n" not in m and "cdcca_agent_update_failures_total 0\n" in m, kind
             again = probe(kind)
-            assert again["model_identity"] == published != before[kind]["model_identity"]
+            assert again["model_identity"] == now["identity"] != before[kind]["model_identity"]
             # the new weights answer: the same request scores differently
             assert [t["entropy"] for t in again["tokens"]] != [t["entropy"] for t in before[kind]["tokens"]], kind
-        cloud = httpx.get(f"{svc.url}/metrics").text
-        for kind in made:
-            assert f'cdcca_devices{{cohort="fleet-{kind}",version="1"}} 1.0' in cloud
+            # the agent reported the version it runs (after its update, asynchronously)
+            wait_for(f"the {kind} agent's report", lambda k=kind, n=now["version"]: (
+                f'cdcca_devices{{cohort="fleet-{k}",version="{n}"}} 1.0' in httpx.get(f"{svc.url}/metrics").text), 30)
         # the bundle's uploads carried vision tokens, not images
         from cdcca_edge.cloud.service.blobs import BlobStore
-        from cdcca_edge.cloud.service.store import Upload, cohort_named, database_url, open_db
         from cdcca_edge.core.uplink_format import read_uplink
+
         from sqlalchemy import select
 
-        sessions = open_db(database_url(data))
-        with sessions() as s:
+        from cdcca_edge.cloud.service.store import Upload, cohort_named, database_url, open_db
+
+        with open_db(database_url(data))() as s:
             c = cohort_named(s, "fleet-mm")
             shas = list(s.scalars(select(Upload.sha256).where(Upload.cohort_id == c.id)))
         samples = [x for sha in shas for x in read_uplink(BlobStore(data / "blobs").path(sha)).samples()]

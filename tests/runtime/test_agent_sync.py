@@ -44,6 +44,31 @@ def _calibration(f: dict, tmp_path):
 
 
 
+def published_versions(data, cohort: str) -> tuple[dict[int, str], int]:
+    """(the cohort's published versions {number: identity}, uploads no round used yet)."""
+    from sqlalchemy import select
+
+    from cdcca_edge.cloud.service.store import Upload, Version, cohort_named, database_url, open_db
+
+    with open_db(database_url(data))() as s:
+        c = cohort_named(s, cohort)
+        versions = {v.number: v.identity for v in s.scalars(select(Version).where(Version.cohort_id == c.id))}
+        waiting = len(list(s.scalars(select(Upload.id).where(Upload.cohort_id == c.id, Upload.round_version.is_(None)))))
+    return versions, waiting
+
+
+def settled(data, cohort: str, client, agent_url: str):
+    """The agent's model info once it runs the cohort's latest version (at least 1), its
+    spool is empty and every upload was used by a round, so no further round can come
+    (uploads arrive in several bundles, so more than one round may have run); else None."""
+    info = client.models.list().data[0].model_extra["cdcca"]
+    versions, waiting = published_versions(data, cohort)
+    latest = max(versions)
+    ok = (latest >= 1 and info["version"] == latest and info["identity"] == versions[latest] and waiting == 0
+          and "cdcca_agent_spool_entries 0\n" in httpx.get(f"{agent_url}/metrics").text)
+    return info if ok else None
+
+
 def test_the_agent_uploads_what_it_is_unsure_of_and_updates_in_place(tmp_path, capsys):
     from cdcca_edge.demo.tiny import text_prompts
 
@@ -65,15 +90,15 @@ def test_the_agent_uploads_what_it_is_unsure_of_and_updates_in_place(tmp_path, c
             client.completions.create(model="m", prompt=p, max_tokens=10)
         spooled = httpx.get(f"{agent.url}/metrics").text
         assert "cdcca_agent_spooled_total 0" not in spooled
-        after = wait_for("the agent to take version 1", lambda: (
-            i := client.models.list().data[0].model_extra["cdcca"])["version"] == 1 and i)
+        after = wait_for("the agent to settle on the latest version",
+                         lambda: settled(f["data"], "fleet", client, agent.url))
         published = compute_identity(open_artifact(mirror_path(f["data"], "fleet"))).digest
         assert after["identity"] == published == compute_identity(open_artifact(f["device"])).digest
         m = httpx.get(f"{agent.url}/metrics").text
-        assert "cdcca_agent_updates_total 1" in m and "cdcca_agent_update_failures_total 0" in m
-        assert "cdcca_agent_spool_entries 0" in m  # every acknowledged sample left the spool
-        cloud = httpx.get(f"{svc.url}/metrics").text
-        assert 'cdcca_devices{cohort="fleet",version="1"} 1.0' in cloud  # the agent reported it
+        assert "cdcca_agent_updates_total 0\n" not in m and "cdcca_agent_update_failures_total 0\n" in m
+        n = after["version"]
+        wait_for("the agent's report", lambda: f'cdcca_devices{{cohort="fleet",version="{n}"}} 1.0' in httpx.get(
+            f"{svc.url}/metrics").text, 30)
         again = client.completions.create(model="m", prompt="the red circle is", max_tokens=10)
         assert again.model_extra["cdcca"]["model_identity"] == published
         assert again.model_extra["cdcca"]["tokens"] != probe.model_extra["cdcca"]["tokens"]  # new weights
