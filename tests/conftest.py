@@ -7,6 +7,7 @@ steps so their next-token distributions are peaked like a real model's.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,10 @@ from hypothesis import HealthCheck, settings
 
 from cdcca_edge.demo.tiny import TinySpec, build_tiny_model
 from tests.hostile import COUNTS
+
+# The aarch64 lane (tools/arm64_lane.py) runs the device-side tests under qemu without
+# torch: the artefacts are built on the host (tests/prebuilt.py) and read from here.
+PREBUILT = os.environ.get("CDCCA_PREBUILT")
 
 # A fixed seed profile: CI runs the same generated cases every time (a failure found once
 # is found again), and no example database is written into the checkout.
@@ -33,6 +38,10 @@ SPECS = {
 
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    if PREBUILT:
+        from tests.prebuilt import prebuilt_models
+
+        return prebuilt_models(Path(PREBUILT))
     root = tmp_path_factory.mktemp("tiny")
     return {arch: build_tiny_model(root / arch, spec) for arch, spec in SPECS.items()}
 
@@ -47,6 +56,10 @@ def exports(tiny_models: dict[str, Path], tmp_path_factory: pytest.TempPathFacto
 
     def get(arch: str, fmt: str, quant: str = "f32"):
         key = (arch, fmt, quant)
+        if PREBUILT:
+            from tests.prebuilt import prebuilt_export
+
+            return prebuilt_export(Path(PREBUILT), arch, fmt, quant)
         if key not in cache:
             out = root / (f"{arch}-{quant}.gguf" if fmt == "gguf" else f"{arch}-onnx")
             cache[key] = export(tiny_models[arch], out, fmt, quant=quant)  # type: ignore[arg-type]
@@ -59,7 +72,7 @@ def exports(tiny_models: dict[str, Path], tmp_path_factory: pytest.TempPathFacto
 def lora_adapter(tiny_models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A PEFT LoRA adapter on the tiny Llama with random (non-zero) B: merging it really
     changes q/k/v and down projections."""
-    import torch
+    torch = pytest.importorskip("torch")  # absent in the aarch64 lane: the tests that need it skip
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 

@@ -117,7 +117,7 @@ def test_out_of_range_tokens_are_refused(backend):
 
 
 def test_special_tokens_parse_alike(exports, tiny_models):
-    from transformers import AutoTokenizer
+    AutoTokenizer = pytest.importorskip("transformers").AutoTokenizer  # absent in the aarch64 lane
 
     text = "yes.<|endoftext|>no"
     hf = AutoTokenizer.from_pretrained(tiny_models["llama"])(text)["input_ids"]

@@ -1,0 +1,89 @@
+"""Artefacts built on the host for the aarch64 lane (tools/arm64_lane.py), which runs the
+device-side tests under qemu where torch is absent: the tiny models and their exports,
+and the host's greedy answers that the parity test compares against.
+
+    python -m tests.prebuilt OUT    # on the host: build everything into OUT
+
+Under qemu, ``CDCCA_PREBUILT=OUT`` makes the ``tiny_models`` and ``exports`` fixtures
+(tests/conftest.py) read from OUT instead of building.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+MANIFEST = "prebuilt.json"
+EXPORTS = [("llama", "gguf", q) for q in ("f32", "f16", "q8_0", "q4_0")] + [
+    ("qwen2", "gguf", q) for q in ("f32", "q8_0")] + [("llama", "onnx", "f32"), ("qwen2", "onnx", "f32")]
+PARITY_PROMPTS = ("the red circle is", "a small blue square", "the", "where is the green triangle")
+PARITY_TOKENS = 12
+
+
+def _key(arch: str, fmt: str, quant: str) -> str:
+    return f"{arch}/{fmt}/{quant}"
+
+
+def build(out: Path) -> dict:
+    """The tiny models, every export the device-side tests ask for, and the host's greedy
+    tokens for the parity prompts on each export."""
+    from cdcca_edge.converters.export import export
+    from cdcca_edge.demo.tiny import build_tiny_model
+    from cdcca_edge.runtime import load
+    from cdcca_edge.runtime.base import GenerationConfig
+    from tests.conftest import SPECS
+
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    doc: dict = {"tiny_models": {}, "exports": {}, "answers": {}}
+    for arch, spec in SPECS.items():
+        build_tiny_model(out / "tiny" / arch, spec)
+        doc["tiny_models"][arch] = f"tiny/{arch}"
+    for arch, fmt, quant in EXPORTS:
+        name = f"{arch}-{quant}.gguf" if fmt == "gguf" else f"{arch}-onnx"
+        res = export(out / "tiny" / arch, out / "exports" / name, fmt, quant=quant)  # type: ignore[arg-type]
+        d = res.as_dict()
+        d["path"] = str(Path(d["path"]).relative_to(out))
+        doc["exports"][_key(arch, fmt, quant)] = d
+        with load(res.path) as m:
+            doc["answers"][_key(arch, fmt, quant)] = {
+                p: m.generate(p, GenerationConfig(max_tokens=PARITY_TOKENS)).tokens for p in PARITY_PROMPTS}
+    (out / MANIFEST).write_text(json.dumps(doc, indent=1))
+    return doc
+
+
+def manifest(root: Path) -> dict:
+    return json.loads((root / MANIFEST).read_text())
+
+
+def prebuilt_models(root: Path) -> dict[str, Path]:
+    return {arch: root / rel for arch, rel in manifest(root)["tiny_models"].items()}
+
+
+@dataclass(frozen=True)
+class PrebuiltExport:
+    """What the tests read of an ExportResult (cdcca_edge.converters imports torch-side
+    modules, so the class itself is not used here)."""
+
+    path: Path
+    format: str
+    quant: str
+    arch: str
+    identity: str
+
+
+def prebuilt_export(root: Path, arch: str, fmt: str, quant: str = "f32") -> PrebuiltExport:
+    import pytest
+
+    d = manifest(root)["exports"].get(_key(arch, fmt, quant))
+    if d is None:
+        pytest.skip(f"{arch} {fmt} {quant} is not among the prebuilt exports (tests/prebuilt.py EXPORTS)")
+    return PrebuiltExport(root / d["path"], d["format"], d["quant"], d["arch"], d["identity"])
+
+
+if __name__ == "__main__":
+    build(Path(sys.argv[1]))
+    print(f"prebuilt fixtures in {sys.argv[1]}", file=sys.stderr)

@@ -1,0 +1,44 @@
+"""Parity with the host: the greedy tokens the runtime generates here (aarch64 under qemu,
+in the aarch64 lane) equal the host's answers recorded in the prebuilt fixtures
+(tests/prebuilt.py). Exact for f32 and f16; the quantised exports may differ where a
+near-tie flips (a first differing position late in the answer), as the export tolerance
+allows. Without prebuilt fixtures there is no host to compare with: skipped."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+PREBUILT = os.environ.get("CDCCA_PREBUILT")
+pytestmark = pytest.mark.skipif(not PREBUILT, reason="needs the host's answers (CDCCA_PREBUILT, the aarch64 lane)")
+EXACT = ("f32", "f16")
+QUANT_MIN_AGREEMENT = 0.75  # of positions before the first difference, for q8_0 / q4_0
+
+
+def _cases():
+    if not PREBUILT:
+        return []
+    from tests.prebuilt import manifest
+
+    return sorted(manifest(Path(PREBUILT))["answers"])
+
+
+@pytest.mark.parametrize("key", _cases())
+def test_tokens_equal_the_hosts(key):
+    from cdcca_edge.runtime import load
+    from cdcca_edge.runtime.base import GenerationConfig
+    from tests.prebuilt import PARITY_TOKENS, manifest
+
+    doc = manifest(Path(PREBUILT))  # type: ignore[arg-type]
+    host = doc["answers"][key]
+    quant = key.rsplit("/", 1)[1]
+    with load(Path(PREBUILT) / doc["exports"][key]["path"]) as m:  # type: ignore[operator]
+        for prompt, want in host.items():
+            got = m.generate(prompt, GenerationConfig(max_tokens=PARITY_TOKENS)).tokens
+            if quant in EXACT:
+                assert got == want, (key, prompt)
+            else:
+                same = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want)))
+                assert same >= QUANT_MIN_AGREEMENT * len(want), (key, prompt, got, want)
