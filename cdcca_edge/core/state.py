@@ -372,9 +372,10 @@ def write_state(artifact: Artifact, state: ArtifactState) -> None:
         f.write((json.dumps(state.to_json(), indent=1) + "\n").encode())
 
 
-def record_export(artifact: Artifact, identity: str) -> None:
-    """Start a freshly exported artefact's state at version 0, with the per-tensor digests
-    later patches update (read from the written bytes, so they must give ``identity``).
+def record_export(artifact: Artifact, identity: str, version: int = 0) -> None:
+    """Start an artefact's state afresh at ``version`` (0 for a fresh export; -1 for
+    unknown), with the per-tensor digests later patches update (read from the written
+    bytes, so they must give ``identity``).
 
     Raises:
         IntegrityError: the bytes on disk do not have the identity the exporter computed.
@@ -385,7 +386,7 @@ def record_export(artifact: Artifact, identity: str) -> None:
     if ident.digest != identity:
         raise IntegrityError(f"{artifact.path}: the written artefact's identity {ident.digest[:16]} "
                              f"differs from the exporter's {identity[:16]}; export again")
-    state = ArtifactState(identity=identity, version=0, history=[
+    state = ArtifactState(identity=identity, version=version, history=[
         {"event": "export", "identity": identity, "time": _now()}
     ], tensor_digests=dict(ident.tensors), leaves={k: bytearray(v) for k, v in ident.chunks.items()})
     write_state(artifact, state)

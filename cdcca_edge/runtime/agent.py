@@ -284,10 +284,7 @@ def create_agent_app(model: str | Path, backend: str = "auto", queue_max: int = 
 
     def generation_job(prompt: str, cfg: GenerationConfig, stream: bool, image: Any = None) -> Job:
         def run(m: Any, job: Job) -> Any:
-            if image is not None:  # a multimodal bundle: the vision part, then the language part
-                if not hasattr(m, "encode_image"):
-                    raise UsageError("this model takes no images; serve a multimodal bundle (exported from "
-                                     "a LLaVA model) for image_url parts")
+            if image is not None:  # a multimodal bundle (checked before submitting): vision, then language
                 feats, embeds = m.encode_image(image)
                 full = m.prompt(prompt)
                 gen = m.generate(full, cfg, image_embeds=embeds)  # not token by token: sent whole
@@ -611,7 +608,7 @@ def _apply(m: Any, client: Any, up: dict[str, Any], path: Path, sync: SyncConfig
     if not ok and up["kind"] == "delta" and undo.exists():
         m.apply_patch(undo, trust=Trust.none(), allow_downgrade=True)  # back to the version it had
     elif up["kind"] != "delta":
-        from cdcca_edge.runtime.sync_client import previous_path, restore_artifact
+        from cdcca_edge.runtime.sync_client import discard_previous, restore_artifact
 
         if not ok:  # the whole artefact it replaced comes back
             m.close()
@@ -619,12 +616,6 @@ def _apply(m: Any, client: Any, up: dict[str, Any], path: Path, sync: SyncConfig
                 restore_artifact(m.artifact_path, *was)
             finally:
                 m.reload()
-        prev = previous_path(m.artifact_path)
-        if prev.is_dir():
-            import shutil
-
-            shutil.rmtree(prev, ignore_errors=True)
-        else:
-            prev.unlink(missing_ok=True)
+        discard_previous(m.artifact_path)
     undo.unlink(missing_ok=True)
     return artifact_identity(m.artifact_path)[0], ok

@@ -433,6 +433,17 @@ def restore_artifact(model: Path, identity: str, version: int | None) -> None:
     adopt_version(model, identity, version)
 
 
+def discard_previous(model: Path) -> None:
+    """Delete what :func:`install_artifact` kept (the update passed its checks)."""
+    import shutil
+
+    kept = previous_path(model)
+    if kept.is_dir():
+        shutil.rmtree(kept, ignore_errors=True)
+    else:
+        kept.unlink(missing_ok=True)
+
+
 def adopt_version(model: Path, identity: str, version: int | None) -> None:
     """Start ``model``'s state afresh at ``identity`` (checked against its bytes) and
     ``version`` (a version the signed metadata gives that identity).
@@ -441,14 +452,9 @@ def adopt_version(model: Path, identity: str, version: int | None) -> None:
         IntegrityError: the bytes do not have ``identity``.
     """
     from cdcca_edge.core.artifact import open_artifact
-    from cdcca_edge.core.state import read_state, record_export, write_state
+    from cdcca_edge.core.state import record_export
 
-    art = open_artifact(model)
-    record_export(art, identity)
-    state = read_state(art)
-    assert state is not None
-    state.version = -1 if version is None else version
-    write_state(art, state)
+    record_export(open_artifact(model), identity, -1 if version is None else version)
 
 
 def version_of(client: SyncClient, identity: str) -> int | None:

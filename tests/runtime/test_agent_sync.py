@@ -141,6 +141,20 @@ def _changed_copy(src, dst, seed: int):
     return dst
 
 
+def _published_v1(f: dict, tmp_path):
+    """Version 1 published as a changed copy of version 0: (its file, its identity)."""
+    new = _changed_copy(f["model"], tmp_path / "v1.gguf", seed=5)
+    assert main(["cloud", "publish", "fleet", "--artifact", str(new), "--data", str(f["data"])]) == 0
+    return new, compute_identity(open_artifact(new)).digest
+
+
+def _killed_agent(f: dict, state, hook: dict, *extra: str) -> None:
+    """An agent started with a test hook that SIGKILLs it; returns once it died so."""
+    agent = Agent(f["device"], "--cloud-state", str(state), "--sync-every", "1", *extra, env=hook)
+    wait_for(f"the agent to die at {sorted(hook)}", lambda: agent.proc.poll() is not None, 120)
+    assert agent.proc.returncode == -9
+
+
 @pytest.mark.parametrize("kind", ["delta", "artifact"])
 def test_an_update_that_fails_the_health_check_is_reverted_and_reported(tmp_path, capsys, kind):
     """The published version is broken. A device on version 0 takes it as a delta and
@@ -205,18 +219,13 @@ def test_an_agent_killed_mid_patch_restarts_consistent_and_finishes_the_update(t
     the journaled patch); the restarted agent finds the model old or new (the journal
     recovered), serves, and completes the update to the published identity."""
     f = _fleet(tmp_path)
-    new = _changed_copy(f["model"], tmp_path / "v1.gguf", seed=5)
-    assert main(["cloud", "publish", "fleet", "--artifact", str(new), "--data", str(f["data"])]) == 0
-    published = compute_identity(open_artifact(new)).digest
+    _, published = _published_v1(f, tmp_path)
     svc = Service(f["data"])
     svc.start()
     agent = None
     try:
         state = _enrolled_state(svc, f, tmp_path, capsys)
-        agent = Agent(f["device"], "--cloud-state", str(state), "--sync-every", "1",
-                      env={"CDCCA_TEST_CRASH_AFTER": "3"})
-        wait_for("the agent to die mid-patch", lambda: agent.proc.poll() is not None, 120)
-        assert agent.proc.returncode == -9
+        _killed_agent(f, state, {"CDCCA_TEST_CRASH_AFTER": "3"})
         assert (f["device"].parent / (f["device"].name + ".cdcca-journal")).exists() or \
             compute_identity(open_artifact(f["device"])).digest in (f["identity"], published)
         agent = Agent(f["device"], "--cloud-state", str(state), "--sync-every", "1")  # restarted
@@ -238,19 +247,14 @@ def test_an_agent_killed_mid_download_resumes_from_its_offset(tmp_path, capsys):
     has exactly those bytes, the restarted agent asks for the rest (Range) and installs
     the signed version."""
     f = _fleet(tmp_path)
-    new = _changed_copy(f["model"], tmp_path / "v1.gguf", seed=5)
-    assert main(["cloud", "publish", "fleet", "--artifact", str(new), "--data", str(f["data"])]) == 0
-    published = compute_identity(open_artifact(new)).digest
+    new, published = _published_v1(f, tmp_path)
     _changed_copy(f["model"], f["device"], seed=9)  # no delta from here: the whole artefact comes
     svc = Service(f["data"])
     svc.start()
     agent = None
     try:
         state = _enrolled_state(svc, f, tmp_path, capsys)
-        agent = Agent(f["device"], "--cloud-state", str(state), "--sync-every", "1",
-                      env={"CDCCA_TEST_KILL_DOWNLOAD_AT": "40000"})
-        wait_for("the agent to die mid-download", lambda: agent.proc.poll() is not None, 120)
-        assert agent.proc.returncode == -9
+        _killed_agent(f, state, {"CDCCA_TEST_KILL_DOWNLOAD_AT": "40000"})
         parts = list((state / "downloads").glob("*.part"))
         assert len(parts) == 1 and parts[0].stat().st_size == 40000
         assert parts[0].read_bytes() == new.read_bytes()[:40000]  # the same bytes, no more
@@ -293,10 +297,7 @@ def test_an_agent_killed_between_upload_and_acknowledgement_sends_no_bundle_twic
                            if ln.startswith("cdcca_agent_spool_entries ")))
         assert spooled > 0
         agent.stop()
-        agent = Agent(f["device"], "--cloud-state", str(state), "--calib", str(calib), "--spool", str(spool),
-                      "--sync-every", "1", env={"CDCCA_TEST_KILL_AFTER_UPLOAD": "1"})
-        wait_for("the agent to die after its upload", lambda: agent.proc.poll() is not None, 120)
-        assert agent.proc.returncode == -9
+        _killed_agent(f, state, {"CDCCA_TEST_KILL_AFTER_UPLOAD": "1"}, "--calib", str(calib), "--spool", str(spool))
         agent = Agent(f["device"], "--cloud-state", str(state), "--calib", str(calib), "--spool", str(spool),
                       "--sync-every", "1")
         wait_for("the spool to empty", lambda: "cdcca_agent_spool_entries 0\n" in httpx.get(
@@ -326,8 +327,7 @@ def test_a_bad_update_is_refused_and_the_model_untouched(tmp_path, capsys, attac
     f = _fleet(tmp_path)
     repo = CohortRepository(f["data"], "fleet")
     old_timestamp = (repo.dir / "timestamp.json").read_bytes()
-    new = _changed_copy(f["model"], tmp_path / "v1.gguf", seed=5)
-    assert main(["cloud", "publish", "fleet", "--artifact", str(new), "--data", str(f["data"])]) == 0
+    _, v1 = _published_v1(f, tmp_path)
     svc = Service(f["data"])
     svc.start("--round-poll", "3600")  # no background re-signing while the test plays attacker
     agent = None
@@ -349,7 +349,7 @@ def test_a_bad_update_is_refused_and_the_model_untouched(tmp_path, capsys, attac
         agent = Agent(f["device"], "--cloud-state", str(state), "--sync-every", "1")
         client = openai.OpenAI(base_url=f"{agent.url}/v1", api_key="unused")
         if attack == "replayed":  # the agent takes version 1 and trusts its timestamp; then the old one
-            expect = compute_identity(open_artifact(new)).digest
+            expect = v1
             wait_for("version 1", lambda: client.models.list().data[0].model_extra["cdcca"]["identity"] == expect)
             (repo.dir / "timestamp.json").write_bytes(old_timestamp)
         before = f["device"].read_bytes()

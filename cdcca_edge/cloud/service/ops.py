@@ -162,7 +162,7 @@ def seed_mirror(data_dir: str | Path, cohort: str, artifact: Path, identity: str
     import shutil
 
     from cdcca_edge.core.artifact import open_artifact
-    from cdcca_edge.core.state import read_state, record_export, write_state
+    from cdcca_edge.core.state import record_export
 
     mirror = mirror_path(data_dir, cohort, fmt)
     mirror.parent.mkdir(parents=True, exist_ok=True)
@@ -176,12 +176,7 @@ def seed_mirror(data_dir: str | Path, cohort: str, artifact: Path, identity: str
 
         unpack_directory(artifact, tmp)
     tmp.rename(mirror)
-    art = open_artifact(mirror)
-    record_export(art, identity)  # checks the bytes give the identity
-    state = read_state(art)
-    assert state is not None
-    state.version = version
-    write_state(art, state)
+    record_export(open_artifact(mirror), identity, version)  # checks the bytes give the identity
     return mirror
 
 
