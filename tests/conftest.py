@@ -68,21 +68,61 @@ def exports(tiny_models: dict[str, Path], tmp_path_factory: pytest.TempPathFacto
     return get
 
 
-@pytest.fixture(scope="session")
-def lora_adapter(tiny_models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+def build_lora_adapter(tiny_llama: Path, out: Path) -> Path:
     """A PEFT LoRA adapter on the tiny Llama with random (non-zero) B: merging it really
     changes q/k/v and down projections."""
-    torch = pytest.importorskip("torch")  # absent in the aarch64 lane: the tests that need it skip
+    import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    base = AutoModelForCausalLM.from_pretrained(tiny_models["llama"])
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama)
     torch.manual_seed(0)
     cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "down_proj"],
                      init_lora_weights=False)
-    out = tmp_path_factory.mktemp("adapter") / "lora"
     get_peft_model(base, cfg).save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def lora_adapter(tiny_models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    if PREBUILT:
+        from tests.prebuilt import prebuilt_path
+
+        return prebuilt_path(Path(PREBUILT), "lora")
+    pytest.importorskip("torch")
+    return build_lora_adapter(tiny_models["llama"], tmp_path_factory.mktemp("adapter") / "lora")
+
+
+# The smallest LLaVA the device-side tests use (crash trials, aarch64 parity): its bundle
+# has an ONNX vision part and a GGUF or ONNX language part.
+LLAVA_SPEC = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                  num_key_value_heads=1, vision_hidden=32, vision_layers=1, train_steps=60,
+                  vision_pretrain_steps=5, batch_size=8)
+
+
+@pytest.fixture(scope="session")
+def llava_bundles(tmp_path_factory: pytest.TempPathFactory):
+    """Lazily exported f32 bundles of a tiny LLaVA, keyed by the language part's format."""
+    cache: dict[str, Path] = {}
+
+    def get(fmt: str) -> Path:
+        if PREBUILT:
+            from tests.prebuilt import prebuilt_path
+
+            return prebuilt_path(Path(PREBUILT), f"bundle-{fmt}")
+        if fmt not in cache:
+            pytest.importorskip("torch")
+            from cdcca_edge.converters.export import export
+            from cdcca_edge.demo.tiny_llava import TinyLlavaSpec, build_tiny_llava
+
+            root = tmp_path_factory.getbasetemp() / "llava"
+            model = root / "model"
+            if not (model / "config.json").exists():
+                build_tiny_llava(model, TinyLlavaSpec(**LLAVA_SPEC))
+            cache[fmt] = export(model, root / f"bundle-{fmt}", fmt, quant="f32").path  # type: ignore[arg-type]
+        return cache[fmt]
+
+    return get
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:  # noqa: ARG001

@@ -1,6 +1,7 @@
 """Artefacts built on the host for the aarch64 lane (tools/arm64_lane.py), which runs the
-device-side tests under qemu where torch is absent: the tiny models and their exports,
-and the host's greedy answers that the parity test compares against.
+device-side tests under qemu where torch is absent: the tiny models and their exports, a
+PEFT LoRA adapter and the exports merged with it (patch tests), the tiny LLaVA's bundles,
+and the host's greedy answers (text and image prompts) that the parity test compares with.
 
     python -m tests.prebuilt OUT    # on the host: build everything into OUT
 
@@ -15,12 +16,19 @@ import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import numpy as np
 
 MANIFEST = "prebuilt.json"
 EXPORTS = [("llama", "gguf", q) for q in ("f32", "f16", "q8_0", "q4_0")] + [
     ("qwen2", "gguf", q) for q in ("f32", "q8_0")] + [("llama", "onnx", "f32"), ("qwen2", "onnx", "f32")]
 PARITY_PROMPTS = ("the red circle is", "a small blue square", "the", "where is the green triangle")
 PARITY_TOKENS = 12
+PAIRS = (("gguf", "q8_0"), ("gguf", "f32"), ("onnx", "f32"))  # LoRA-merged targets (test_patch_runtime)
+BUNDLES = ("gguf", "onnx")  # the tiny LLaVA's bundles, by language format
+PARITY_IMAGES = 3  # scenes (demo.scenes.dataset, seed 7) asked about on each bundle
 
 
 def _key(arch: str, fmt: str, quant: str) -> str:
@@ -32,13 +40,15 @@ def build(out: Path) -> dict:
     tokens for the parity prompts on each export."""
     from cdcca_edge.converters.export import export
     from cdcca_edge.demo.tiny import build_tiny_model
+    from cdcca_edge.demo.tiny_llava import TinyLlavaSpec, build_tiny_llava
     from cdcca_edge.runtime import load
     from cdcca_edge.runtime.base import GenerationConfig
-    from tests.conftest import SPECS
+    from cdcca_edge.runtime.multimodal import MultimodalModel
+    from tests.conftest import LLAVA_SPEC, SPECS, build_lora_adapter
 
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
-    doc: dict = {"tiny_models": {}, "exports": {}, "answers": {}}
+    doc: dict = {"tiny_models": {}, "exports": {}, "answers": {}, "paths": {}, "image_answers": {}}
     for arch, spec in SPECS.items():
         build_tiny_model(out / "tiny" / arch, spec)
         doc["tiny_models"][arch] = f"tiny/{arch}"
@@ -51,12 +61,47 @@ def build(out: Path) -> dict:
         with load(res.path) as m:
             doc["answers"][_key(arch, fmt, quant)] = {
                 p: m.generate(p, GenerationConfig(max_tokens=PARITY_TOKENS)).tokens for p in PARITY_PROMPTS}
+    adapter = build_lora_adapter(out / "tiny" / "llama", out / "lora")
+    doc["paths"]["lora"] = "lora"
+    for fmt, quant in PAIRS:
+        name = f"llama-lora-{quant}.gguf" if fmt == "gguf" else "llama-lora-onnx"
+        export(out / "tiny" / "llama", out / "exports" / name, fmt, quant=quant, adapter=adapter)  # type: ignore[arg-type]
+        doc["paths"][_pair_key(fmt, quant)] = f"exports/{name}"
+    llava = build_tiny_llava(out / "tiny" / "llava", TinyLlavaSpec(**LLAVA_SPEC))
+    for fmt in BUNDLES:
+        path = export(llava, out / "exports" / f"bundle-{fmt}", fmt, quant="f32").path  # type: ignore[arg-type]
+        doc["paths"][f"bundle-{fmt}"] = f"exports/bundle-{fmt}"
+        with MultimodalModel(path) as mm:
+            doc["image_answers"][f"bundle-{fmt}"] = [
+                mm.generate(mm.prompt(q), GenerationConfig(max_tokens=PARITY_TOKENS, stop_at_eos=False), image=img).tokens
+                for q, img in parity_images()]
     (out / MANIFEST).write_text(json.dumps(doc, indent=1))
     return doc
 
 
+def parity_images() -> list[tuple[str, "np.ndarray"]]:
+    """(question, image) pairs the bundles answer on both machines."""
+    from cdcca_edge.demo.scenes import DOMAINS, dataset
+
+    return [(ex.question.text, ex.image) for ex in dataset(PARITY_IMAGES, seed=7, domains=DOMAINS)]
+
+
+def _pair_key(fmt: str, quant: str) -> str:
+    return f"lora-target/{fmt}/{quant}"
+
+
 def manifest(root: Path) -> dict:
     return json.loads((root / MANIFEST).read_text())
+
+
+def prebuilt_path(root: Path, name: str) -> Path:
+    """A prebuilt artefact by name: "lora" (the adapter), "bundle-gguf", "bundle-onnx"."""
+    return root / manifest(root)["paths"][name]
+
+
+def prebuilt_pair(root: Path, fmt: str, quant: str) -> Path:
+    """The export of the tiny Llama merged with the LoRA adapter (the patch tests' target)."""
+    return prebuilt_path(root, _pair_key(fmt, quant))
 
 
 def prebuilt_models(root: Path) -> dict[str, Path]:

@@ -40,7 +40,7 @@ MIRROR = "http://deb.debian.org/debian"
 SUITE = "bookworm"
 LLAMA_CPP_PYTHON = "0.3.36"
 PLATFORMS = ("manylinux2014_aarch64", "manylinux_2_17_aarch64", "manylinux_2_28_aarch64")
-TEST_PACKAGES = ("onnx>=1.17", "httpx>=0.27", "diskcache>=5.6", "jinja2>=2.11")  # llama_cpp needs the last two
+TEST_PACKAGES = ("onnx>=1.17", "httpx>=0.27", "safetensors>=0.4", "diskcache>=5.6", "jinja2>=2.11")  # llama_cpp needs the last two
 APT = ("qemu-user-static", "debootstrap", "g++-aarch64-linux-gnu")
 BINFMT = Path("/proc/sys/fs/binfmt_misc")
 BINFMT_CONF = Path("/usr/lib/binfmt.d/qemu-aarch64.conf")
@@ -141,7 +141,7 @@ def site(cache: Path, fs: Path) -> Path:
 
 def llama(cache: Path, fs: Path, jobs: int) -> Path:
     """libllama and libggml for generic armv8-a in /opt/llama/lib, and llama-cpp-python's
-    Python package in /opt/site."""
+    Python package in /opt/llama/python."""
     k = key(LLAMA_CPP_PYTHON, TOOLCHAIN, "generic")
     lib = fs / "opt/llama/lib"
     stamp = fs / "opt" / f".llama-{k}"
@@ -169,14 +169,16 @@ def llama(cache: Path, fs: Path, jobs: int) -> Path:
     lib.mkdir(parents=True)
     for so in (build / "bin").glob("*.so*"):
         shutil.copy2(so, lib / so.name, follow_symlinks=False)
-    shutil.rmtree(fs / "opt/site/llama_cpp", ignore_errors=True)
-    shutil.copytree(tree / "llama_cpp", fs / "opt/site/llama_cpp")
+    shutil.rmtree(fs / "opt/llama/python", ignore_errors=True)  # apart from /opt/site: rebuilt on its own
+    shutil.copytree(tree / "llama_cpp", fs / "opt/llama/python/llama_cpp")
     stamp.touch()
     return lib
 
 
 def fixtures(cache: Path) -> Path:
-    out = cache / f"prebuilt-{key(ROOT / 'tests/prebuilt.py', ROOT / 'tests/conftest.py', ROOT / 'cdcca_edge/demo/tiny.py')}"
+    # keyed by every source file that shapes them (building takes seconds)
+    sources = sorted((ROOT / "cdcca_edge").rglob("*.py")) + [ROOT / "tests/prebuilt.py", ROOT / "tests/conftest.py"]
+    out = cache / f"prebuilt-{key(*sources)}"
     if not (out / "prebuilt.json").exists():
         say("building the fixtures on the host")
         run([sys.executable, "-m", "tests.prebuilt", str(out)], cwd=ROOT)
@@ -200,7 +202,7 @@ def lane(jobs: int, pytest_args: list[str]) -> int:
             dst.mkdir(exist_ok=True)
             run(["mount", *how, str(src), str(dst)])
             mounts.append(dst)
-        env = {"HOME": "/root", "PATH": "/usr/bin:/bin", "PYTHONPATH": "/src:/opt/site",
+        env = {"HOME": "/root", "PATH": "/usr/bin:/bin", "PYTHONPATH": "/src:/opt/site:/opt/llama/python",
                "LLAMA_CPP_LIB_PATH": "/opt/llama/lib", "CDCCA_PREBUILT": "/prebuilt", "PYTHONDONTWRITEBYTECODE": "1"}
         cmd = ["chroot", str(fs), "/usr/bin/env", "-i", *(f"{k}={v}" for k, v in env.items()),
                "/usr/bin/python3", "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs",

@@ -35,7 +35,6 @@ from typing import Iterator
 import numpy as np
 import pytest
 
-pytest.importorskip("torch")
 pytest.importorskip("llama_cpp")
 pytest.importorskip("onnxruntime")
 
@@ -181,24 +180,16 @@ def _make_case(kind: str, src: Path, root: Path, seed: int, image: Path | None =
 
 
 @pytest.fixture(scope="module")
-def cases(exports, tmp_path_factory, request) -> Iterator[dict[str, Case]]:
+def cases(exports, llava_bundles, tmp_path_factory, request) -> Iterator[dict[str, Case]]:
     """One Case per kind: the tiny Llama's Q8_0 GGUF and f32 ONNX exports, and a bundle
     (ONNX vision part, GGUF language part) of a tiny LLaVA trained for a few steps."""
-    from cdcca_edge.demo.tiny_llava import TinyLlavaSpec, build_tiny_llava
-    from cdcca_edge.converters.export import export
-
     root = tmp_path_factory.mktemp("crash")
-    spec = TinyLlavaSpec(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                         num_key_value_heads=1, vision_hidden=32, vision_layers=1, train_steps=5,
-                         vision_pretrain_steps=5, batch_size=8)
-    llava = build_tiny_llava(root / "llava", spec)
-    bundle = export(llava, root / "bundle", "gguf", quant="f32").path
     image = root / "image.npy"
     np.save(image, np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8))
     made = {
         "gguf": _make_case("gguf", exports("llama", "gguf", "q8_0").path, root / "gguf", 1),
         "onnx": _make_case("onnx", exports("llama", "onnx").path, root / "onnx", 2),
-        "bundle": _make_case("bundle", bundle, root / "bundle-case", 3, image),
+        "bundle": _make_case("bundle", llava_bundles("gguf"), root / "bundle-case", 3, image),
     }
     yield made
     # the trials per entry point, for the issue's evidence (the total per kind is on the

@@ -1,6 +1,7 @@
 """Parity with the host: the greedy tokens the runtime generates here (aarch64 under qemu,
 in the aarch64 lane) equal the host's answers recorded in the prebuilt fixtures
-(tests/prebuilt.py). Exact for f32 and f16; the quantised exports may differ where a
+(tests/prebuilt.py), for text prompts and for image prompts to the tiny LLaVA's bundles
+(ONNX vision part; GGUF or ONNX language part). Exact for f32 and f16; the quantised exports may differ where a
 near-tie flips (a first differing position late in the answer), as the export tolerance
 allows. Without prebuilt fixtures there is no host to compare with: skipped."""
 
@@ -42,3 +43,16 @@ def test_tokens_equal_the_hosts(key):
             else:
                 same = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want)))
                 assert same >= QUANT_MIN_AGREEMENT * len(want), (key, prompt, got, want)
+
+
+@pytest.mark.parametrize("fmt", ["gguf", "onnx"])
+def test_image_answers_equal_the_hosts(fmt):
+    from cdcca_edge.runtime.base import GenerationConfig
+    from cdcca_edge.runtime.multimodal import MultimodalModel
+    from tests.prebuilt import PARITY_TOKENS, manifest, parity_images, prebuilt_path
+
+    want = manifest(Path(PREBUILT))["image_answers"][f"bundle-{fmt}"]  # type: ignore[arg-type]
+    with MultimodalModel(prebuilt_path(Path(PREBUILT), f"bundle-{fmt}")) as mm:  # type: ignore[arg-type]
+        got = [mm.generate(mm.prompt(q), GenerationConfig(max_tokens=PARITY_TOKENS, stop_at_eos=False), image=img).tokens
+               for q, img in parity_images()]
+    assert got == want

@@ -5,13 +5,14 @@ encodings — and a live backend patches itself safely."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
-from cdcca_edge.converters.export import export
 from cdcca_edge.converters.gguf_export import hf_tensor_transform, hf_to_gguf_name
 from cdcca_edge.converters.validate import TOLERANCES
 from cdcca_edge.core.artifact import compute_identity, open_artifact
@@ -20,22 +21,34 @@ from cdcca_edge.core.errors import IntegrityError
 from cdcca_edge.core.patch import apply_delta
 from cdcca_edge.core.trust import Trust
 from cdcca_edge.runtime import load
+from tests.conftest import PREBUILT
 
 PROMPT = "question: what colour is the circle? answer: red. question: how many"
 
 
+PAIRS = (("gguf", "q8_0"), ("gguf", "f32"), ("onnx", "f32"))
+
+
+def _export(tiny_llama: Path, out: Path, fmt: str, quant: str, adapter: Path | None = None) -> Path:
+    from cdcca_edge.converters.export import export
+
+    return export(tiny_llama, out, fmt, quant=quant, adapter=adapter).path  # type: ignore[arg-type]
+
+
 @pytest.fixture(scope="module")
-def pair(tiny_models, lora_adapter, tmp_path_factory):
-    """Base and LoRA-merged target exports, GGUF q8_0 / f32 and ONNX."""
+def pair(tiny_models, exports, lora_adapter, tmp_path_factory):
+    """Base and LoRA-merged target exports, GGUF q8_0 / f32 and ONNX (built on the host
+    for the aarch64 lane: tests/prebuilt.py)."""
+    if PREBUILT:
+        from tests.prebuilt import prebuilt_pair
+
+        return {key: (exports("llama", *key).path, prebuilt_pair(Path(PREBUILT), *key)) for key in PAIRS}
     root = tmp_path_factory.mktemp("pair")
     out = {}
-    for fmt, quant in (("gguf", "q8_0"), ("gguf", "f32"), ("onnx", "f32")):
-        name = f"{fmt}-{quant}" + (".gguf" if fmt == "gguf" else "")
-        out[(fmt, quant)] = (
-            export(tiny_models["llama"], root / f"base-{name}", fmt, quant=quant).path,
-            export(tiny_models["llama"], root / f"target-{name}", fmt, quant=quant,
-                   adapter=lora_adapter).path,
-        )
+    for fmt, quant in PAIRS:
+        name = f"target-{fmt}-{quant}" + (".gguf" if fmt == "gguf" else "")
+        out[(fmt, quant)] = (exports("llama", fmt, quant).path,
+                             _export(tiny_models["llama"], root / name, fmt, quant, lora_adapter))
     return out
 
 
@@ -70,9 +83,7 @@ def test_block_replacement_is_bit_identical(pair, tmp_path, key):
 
 def _lora_factors(adapter: Path):
     """(hf module name, A (r, in), B (out, r), scale) for every LoRA pair of the adapter."""
-    import json
-
-    from safetensors.torch import load_file
+    from safetensors.numpy import load_file  # not safetensors.torch: torch is absent on aarch64
 
     cfg = json.loads((adapter / "adapter_config.json").read_text())
     sd = load_file(str(adapter / "adapter_model.safetensors"))
@@ -81,7 +92,7 @@ def _lora_factors(adapter: Path):
         if k.endswith("lora_A.weight"):
             mod = k.replace("base_model.model.", "").replace(".lora_A.weight", "")
             b = sd[k.replace("lora_A", "lora_B")]
-            yield mod, a.float().numpy(), b.float().numpy(), scale
+            yield mod, a.astype(np.float32), b.astype(np.float32), scale
 
 
 def _close(patched: np.ndarray, fresh: np.ndarray, tol: float) -> None:
@@ -94,16 +105,12 @@ def _close(patched: np.ndarray, fresh: np.ndarray, tol: float) -> None:
 def test_low_rank_patch_matches_merged_export(pair, tiny_models, lora_adapter, tmp_path, key):
     """The LoRA factors themselves as a delta, mapped into the artefact's layout (GGUF row
     permutation of q/k, ONNX transposed MatMul weights)."""
-    from transformers import AutoConfig
-
     base, target = pair[key]
     device = _copy(base, tmp_path / base.name)
-    cfg = AutoConfig.from_pretrained(tiny_models["llama"])
+    cfg = SimpleNamespace(**json.loads((tiny_models["llama"] / "config.json").read_text()))
     b = DeltaBuilder(device)
     transposed = set()
     if key[0] == "onnx":
-        import json
-
         transposed = set(json.loads(open_artifact(device).metadata["cdcca.transposed"]))
     for mod, a, bm, scale in _lora_factors(lora_adapter):
         hf_name = mod + ".weight"
@@ -173,9 +180,13 @@ def test_failed_live_patch_keeps_serving(pair, tmp_path):
 def test_export_records_state_so_patch_skips_hashing(tiny_models, pair, tmp_path):
     """An exported artefact's sidecar lets the first patch trust its identity without
     reading the whole model; the patch then records the new identity and version."""
-    from cdcca_edge.core.state import read_state
+    from cdcca_edge.core.state import read_state, record_export
 
-    device = export(tiny_models["llama"], tmp_path / "m.gguf", "gguf", quant="q8_0").path
+    if PREBUILT:  # exported on the host: a copy gets its sidecar as export() writes it
+        device = _copy(pair[("gguf", "q8_0")][0], tmp_path / "m.gguf")
+        record_export(open_artifact(device), compute_identity(open_artifact(device)).digest)
+    else:
+        device = _export(tiny_models["llama"], tmp_path / "m.gguf", "gguf", "q8_0")
     diff_artifacts(device, pair[("gguf", "q8_0")][1], tmp_path / "d.cdcd")
     r = apply_delta(device, tmp_path / "d.cdcd", trust=Trust.none())
     assert r.applied and r.identity_check == "state"
