@@ -14,7 +14,7 @@ import pytest
 from hypothesis import HealthCheck, settings
 
 from cdcca_edge.demo.tiny import TinySpec, build_tiny_model
-from tests.hostile import COUNTS
+from tests.hostile import COUNTS, SUMMARY
 
 # The aarch64 lane (tools/arm64_lane.py) runs the device-side tests under qemu without
 # torch: the artefacts are built on the host (tests/prebuilt.py) and read from here.
@@ -125,8 +125,24 @@ def llava_bundles(tmp_path_factory: pytest.TempPathFactory):
     return get
 
 
+def pytest_sessionfinish(session) -> None:
+    """Under pytest-xdist (the aarch64 lane), a worker hands its counts to the controller."""
+    out = getattr(session.config, "workeroutput", None)
+    if out is not None:
+        out["hostile_counts"] = dict(COUNTS)
+        out["summary_lines"] = list(SUMMARY)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error) -> None:  # noqa: ARG001 - pytest-xdist's controller
+    COUNTS.update(node.workeroutput.get("hostile_counts", {}))
+    SUMMARY.extend(node.workeroutput.get("summary_lines", []))
+
+
 def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:  # noqa: ARG001
     """Print how many hostile cases this run fed the readers (tests/hostile.py)."""
+    for line in SUMMARY:
+        terminalreporter.write_line(line)
     if COUNTS:
         by = ", ".join(f"{k} {v}" for k, v in sorted(COUNTS.items()))
         terminalreporter.write_line(f"hostile cases: {sum(COUNTS.values())} ({by})")

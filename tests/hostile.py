@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections import Counter
 
 COUNTS: Counter[str] = Counter()
+SUMMARY: list[str] = []  # lines for the end of the run (the crash trials' counts per entry point)
 
 
 def hostile(reader: str, n: int = 1) -> None:

@@ -46,7 +46,8 @@ MIRROR = "http://deb.debian.org/debian"
 SUITE = "bookworm"
 LLAMA_CPP_PYTHON = "0.3.36"
 PLATFORMS = ("manylinux2014_aarch64", "manylinux_2_17_aarch64", "manylinux_2_28_aarch64")
-TEST_PACKAGES = ("onnx>=1.17", "httpx>=0.27", "safetensors>=0.4", "diskcache>=5.6", "jinja2>=2.11")  # llama_cpp needs the last two
+TEST_PACKAGES = ("onnx>=1.17", "httpx>=0.27", "safetensors>=0.4", "pytest-xdist>=3.5",
+                 "diskcache>=5.6", "jinja2>=2.11")  # llama_cpp needs the last two
 APT = ("qemu-user-static", "debootstrap", "g++-aarch64-linux-gnu")
 BINFMT = Path("/proc/sys/fs/binfmt_misc")
 BINFMT_CONF = Path("/usr/lib/binfmt.d/qemu-aarch64.conf")
@@ -405,10 +406,12 @@ def lane(jobs: int, builds: list[str], pytest_args: list[str]) -> int:
                 paths = pytest_args or [f"/src/{p}" for p in (SUITE_PATHS if name == "generic" else BACKEND_PATHS)]
                 say(f"running {len(paths)} test paths under qemu-aarch64 -cpu {build.qemu_cpu} "
                     f"with the {name} llama.cpp")
+                # the suite in `jobs` emulated processes (pytest-xdist; a module stays in one)
+                par = ["-n", str(jobs), "--dist", "loadfile"] if jobs > 1 and name == "generic" else []
                 with stages(f"tests {name}"):
                     # onnxruntime's cpuinfo cannot read /sys (never bound): its warnings are harmless
                     code = subprocess.call(chroot_cmd(fs, build, ["/usr/bin/python3", "-m", "pytest", "-q",
-                                                                  "-p", "no:cacheprovider", "-rs", *paths]))
+                                                                  "-p", "no:cacheprovider", "-rs", *par, *paths]))
                 if code != 0:
                     failed.append(name)
     finally:

@@ -45,7 +45,7 @@ from cdcca_edge.core.delta_build import DeltaBuilder  # noqa: E402
 from cdcca_edge.core.ggml import type_layout  # noqa: E402
 from cdcca_edge.core.state import read_state, record_export, state_is_current, state_path_for  # noqa: E402
 from cdcca_edge.core.trust import Trust  # noqa: E402
-from tests.hostile import hostile  # noqa: E402
+from tests.hostile import SUMMARY, hostile  # noqa: E402
 
 NONE = Trust.none()
 CRASH_ENV = "CDCCA_TEST_CRASH_AFTER"
@@ -180,7 +180,7 @@ def _make_case(kind: str, src: Path, root: Path, seed: int, image: Path | None =
 
 
 @pytest.fixture(scope="module")
-def cases(exports, llava_bundles, tmp_path_factory, request) -> Iterator[dict[str, Case]]:
+def cases(exports, llava_bundles, tmp_path_factory) -> Iterator[dict[str, Case]]:
     """One Case per kind: the tiny Llama's Q8_0 GGUF and f32 ONNX exports, and a bundle
     (ONNX vision part, GGUF language part) of a tiny LLaVA trained for a few steps."""
     root = tmp_path_factory.mktemp("crash")
@@ -193,18 +193,13 @@ def cases(exports, llava_bundles, tmp_path_factory, request) -> Iterator[dict[st
     }
     yield made
     # the trials per entry point, for the issue's evidence (the total per kind is on the
-    # "hostile cases" summary line)
-    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
-    capture = request.config.pluginmanager.get_plugin("capturemanager")
-    if reporter is not None and capture is not None:
-        with capture.global_and_fixture_disabled():
-            reporter.write_line("")
-            for kind, case in made.items():
-                if case.trials:
-                    by = ", ".join(f"{e} {case.trials.get(e, 0)}" for e in ENTRY_POINTS[kind])
-                    sub = ", ".join(f"{e} {n}" for e, n in sorted(case.subprocesses.items()))
-                    reporter.write_line(f"crash trials {kind}: {sum(case.trials.values())} ({by}; "
-                                        f"of these through the console script: {sub or 'none'})")
+    # "hostile cases" summary line); printed at the end of the run (tests/conftest.py)
+    for kind, case in made.items():
+        if case.trials:
+            by = ", ".join(f"{e} {case.trials.get(e, 0)}" for e in ENTRY_POINTS[kind])
+            sub = ", ".join(f"{e} {n}" for e, n in sorted(case.subprocesses.items()))
+            SUMMARY.append(f"crash trials {kind}: {sum(case.trials.values())} ({by}; "
+                           f"of these through the console script: {sub or 'none'})")
 
 
 # --- a patch killed in a forked child --------------------------------------------------------
