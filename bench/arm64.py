@@ -76,19 +76,21 @@ def install_sizes(cache: Path) -> dict:
             "llama_cpp": libs}
 
 
-WRAPPER = (
-    "import json, os, subprocess, sys, time\n"
+WRAPPER = (  # stderr to a file, not a pipe: a chatty child cannot block before wait4
+    "import json, os, subprocess, sys, tempfile, time\n"
+    "log = tempfile.TemporaryFile()\n"
     "t = time.monotonic()\n"
-    "p = subprocess.Popen(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)\n"
+    "p = subprocess.Popen(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=log)\n"
     "_, status, ru = os.wait4(p.pid, 0)\n"
-    "err = p.stderr.read().decode()[-2000:]\n"
+    "log.seek(0)\n"
+    "err = log.read().decode(errors='replace')[-2000:]\n"
     "print(json.dumps({'status': status, 'wall_s': time.monotonic() - t, 'maxrss_kb': ru.ru_maxrss, 'err': err}))\n"
 )
 
 
 def _wrapped(python: list[str], argv: list[str], repeat: int, setup=None) -> dict:
     """Run ``argv`` ``repeat`` times, each under a small wrapper (run by ``python``) that
-    reads the child's own peak RSS from wait4: median wall seconds, max peak RSS MB."""
+    reads the child's own peak RSS from wait4: median wall seconds, max peak RSS MiB."""
     walls, rss = [], []
     for _ in range(repeat):
         if setup is not None:
@@ -101,7 +103,7 @@ def _wrapped(python: list[str], argv: list[str], repeat: int, setup=None) -> dic
             raise RuntimeError(f"{' '.join(argv)} failed: {doc['err']}")
         walls.append(doc["wall_s"])
         rss.append(doc["maxrss_kb"] / 1024)
-        print(f"  {' '.join(argv[:4])[:70]}: {walls[-1]:.1f} s, {rss[-1]:.0f} MB", file=sys.stderr)
+        print(f"  {' '.join(argv[:4])[:70]}: {walls[-1]:.1f} s, {rss[-1]:.0f} MiB", file=sys.stderr)
     return {"wall_s": statistics.median(walls), "peak_rss_mb": max(rss)}
 
 
@@ -233,19 +235,19 @@ largest: {largest} MB); llama.cpp's stripped libraries **{ll['generic']['librari
 generic, {ll['pi5']['libraries_mb']:.1f} MB Pi 5 (goal <= 10 MB); the wheels
 (`make wheel-arm64`) {ll['generic']['wheel_mb']:.1f} / {ll['pi5']['wheel_mb']:.1f} MB.
 
-**Peak RSS, MB** (`patch`: {m['patched_file_mb']:.0f} MB q8_0 GGUF, {m['change']['blocks_changed']:,}
+**Peak RSS, MiB** (`patch`: {m['patched_file_mb']:.0f} MB q8_0 GGUF, {m['change']['blocks_changed']:,}
 blocks changed = {100 * m['change']['fraction']:.1f}%, no state sidecar so the identity is hashed;
-"above" = minus a bare `python3 -c pass` on the same machine; goal <= 64 MB above):
+"above" = minus a bare `python3 -c pass` on the same machine; goal <= 64 MiB above):
 
 | command | aarch64 peak | aarch64 above | aarch64 wall s | x86_64 peak | x86_64 above | x86_64 wall s |
 |---|---|---|---|---|---|---|
 {rows}
 
-`patch` on the 512 MB file rises {a[patch]['above_interpreter_mb']:.0f} MB above the bare interpreter on
-aarch64 ({x[patch]['above_interpreter_mb']:.0f} MB on x86_64); above the modules it imports
-(`import numpy, cdcca_edge.cli, cdcca_edge.core.patch`, {a['imports_for_patch']['above_interpreter_mb']:.0f} MB above bare on
-aarch64, {x['imports_for_patch']['above_interpreter_mb']:.0f} MB on x86_64) it is {a[patch]['above_imports_mb']:.0f} MB on aarch64 and
-{x[patch]['above_imports_mb']:.0f} MB on x86_64: the patch's own buffers do not grow under emulation,
+`patch` on the 512 MiB file rises {a[patch]['above_interpreter_mb']:.0f} MiB above the bare interpreter on
+aarch64 ({x[patch]['above_interpreter_mb']:.0f} MiB on x86_64); above the modules it imports
+(`import numpy, cdcca_edge.cli, cdcca_edge.core.patch`, {a['imports_for_patch']['above_interpreter_mb']:.0f} MiB above bare on
+aarch64, {x['imports_for_patch']['above_interpreter_mb']:.0f} MiB on x86_64) it is {a[patch]['above_imports_mb']:.0f} MiB on aarch64 and
+{x[patch]['above_imports_mb']:.0f} MiB on x86_64: the patch's own buffers do not grow under emulation,
 while qemu's translated-code cache, counted in every aarch64 figure, grows with the code run.
 
 **Parity with x86_64**: greedy answers ({doc['parity_tokens']} tokens) on aarch64 against the host's, per

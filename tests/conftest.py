@@ -135,8 +135,9 @@ def pytest_sessionfinish(session) -> None:
 
 @pytest.hookimpl(optionalhook=True)
 def pytest_testnodedown(node, error) -> None:  # noqa: ARG001 - pytest-xdist's controller
-    COUNTS.update(node.workeroutput.get("hostile_counts", {}))
-    SUMMARY.extend(node.workeroutput.get("summary_lines", []))
+    out = getattr(node, "workeroutput", None) or {}  # absent when the worker crashed
+    COUNTS.update(out.get("hostile_counts", {}))
+    SUMMARY.extend(out.get("summary_lines", []))
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:  # noqa: ARG001

@@ -11,8 +11,8 @@ Steps, each cached under ``$CDCCA_CACHE/arm64/<key>`` (the key hashes its inputs
 2. the project's wheel with its ``device`` and ``dev`` extras, plus the test-only packages,
    installed for aarch64 from PyPI's aarch64 wheels (``pip install --target --platform``);
 3. llama.cpp as vendored by llama-cpp-python 0.3.36, cross-compiled with Debian's
-   ``g++-aarch64-linux-gnu`` (generic armv8-a, no native tuning), and llama-cpp-python's
-   pure-Python package pointed at it (``LLAMA_CPP_LIB_PATH``);
+   ``g++-aarch64-linux-gnu`` twice (generic armv8-a; Pi 5's armv8.2-a+dotprod+fp16),
+   each packaged as an installable llama-cpp-python wheel and installed with pip;
 4. the fixtures, on the host (tests/prebuilt.py): tiny models, their exports, and the
    host's greedy answers that tests/runtime/test_parity.py compares with.
 Then pytest runs in a chroot of that root file system, with the checkout bind-mounted at
@@ -34,6 +34,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -48,7 +49,7 @@ LLAMA_CPP_PYTHON = "0.3.36"
 PLATFORMS = ("manylinux2014_aarch64", "manylinux_2_17_aarch64", "manylinux_2_28_aarch64")
 TEST_PACKAGES = ("onnx>=1.17", "httpx>=0.27", "safetensors>=0.4", "pytest-xdist>=3.5",
                  "diskcache>=5.6", "jinja2>=2.11")  # llama_cpp needs the last two
-APT = ("qemu-user-static", "debootstrap", "g++-aarch64-linux-gnu")
+APT = ("qemu-user-static", "debootstrap", "g++-aarch64-linux-gnu", "cmake")
 BINFMT = Path("/proc/sys/fs/binfmt_misc")
 BINFMT_CONF = Path("/usr/lib/binfmt.d/qemu-aarch64.conf")
 # the device-side suite (the cloud side needs torch and runs on the host only)
@@ -106,7 +107,7 @@ def key(*parts: str | Path) -> str:
 def check_machine() -> None:
     if os.geteuid() != 0:
         raise LaneError("needs root (chroot, bind mounts, binfmt_misc); run `sudo make test-arm64`")
-    missing = [p for p, exe in zip(APT, ("qemu-aarch64-static", "debootstrap", "aarch64-linux-gnu-g++"))
+    missing = [p for p, exe in zip(APT, ("qemu-aarch64-static", "debootstrap", "aarch64-linux-gnu-g++", "cmake"))
                if shutil.which(exe) is None]
     if missing:
         if shutil.which("apt-get") is None:
@@ -144,10 +145,11 @@ def rootfs(cache: Path) -> Path:
 def site(cache: Path, fs: Path) -> Path:
     """The aarch64 packages, installed into the root file system's /opt/site."""
     k = key(ROOT / "pyproject.toml", *TEST_PACKAGES, *PLATFORMS)
-    stamp = fs / "opt" / f".site-{k}"
+    stamp = fs / "opt" / ".site-key"  # one stamp holding the key: a reverted input rebuilds
     target = fs / "opt/site"
-    if stamp.exists():
+    if stamp.exists() and stamp.read_text() == k:
         return target
+    stamp.unlink(missing_ok=True)
     BUILT.append("wheels")
     say("installing the aarch64 wheels (device and dev extras)")
     shutil.rmtree(target, ignore_errors=True)
@@ -159,7 +161,7 @@ def site(cache: Path, fs: Path) -> Path:
     run([sys.executable, "-m", "pip", "install", "-q", "--target", str(target), *plat, "--only-binary=:all:",
          "--python-version", "3.11", "--implementation", "cp", "--abi", "cp311",
          f"{wheel}[device,dev]", *TEST_PACKAGES])
-    stamp.touch()
+    stamp.write_text(k)
     return target
 
 
@@ -171,12 +173,13 @@ class Build:
     flags: tuple[str, ...]  # extra CMake flags
     qemu_cpu: str  # QEMU_CPU for the tests: a core of the class the build is for
     features: tuple[str, ...]  # what llama_print_system_info must report as on ("X = 1")
+    absent: tuple[str, ...] = ()  # and what it must not (the generic build has no dot products)
 
 
 BUILDS = {
     # the default: plain armv8-a (any 64-bit Pi; Pi 3/4 have no dot-product instructions),
     # tested on an emulated Cortex-A72, the Raspberry Pi 4's core
-    "generic": Build("generic", (), "cortex-a72", ("NEON",)),
+    "generic": Build("generic", (), "cortex-a72", ("NEON",), ("DOTPROD", "FP16_VA")),
     # Pi 5 class (Cortex-A76): int8 dot products and fp16 arithmetic; tested on qemu's
     # "max" CPU, which has both (a Cortex-A72 would die of SIGILL)
     "pi5": Build("pi5", ("-DGGML_CPU_ARM_ARCH=armv8.2-a+dotprod+fp16",), "max", ("NEON", "DOTPROD", "FP16_VA")),
@@ -261,13 +264,15 @@ def make_wheel(cache: Path, jobs: int, build: Build, out_dir: Path) -> Path:
             files[f"llama_cpp/{p.relative_to(tree / 'llama_cpp').as_posix()}"] = p.read_bytes()
     for so in sorted(lib.glob("*.so")):
         files[f"llama_cpp/lib/{so.name}"] = so.read_bytes()
-    requires = "".join(f"Requires-Dist: {r}\n" for r in ("typing-extensions>=4.5.0", "numpy>=1.20.0",
-                                                         "diskcache>=5.6.1", "jinja2>=2.11.3"))
-    files[f"{dist_info}/METADATA"] = (
-        f"Metadata-Version: 2.1\nName: llama_cpp_python\nVersion: {version}\n"
+    # upstream's metadata (dependencies, extras) from the sdist, with this build's version
+    # and summary; the long description after the blank line is left out
+    head = (tree / "PKG-INFO").read_text().split("\n\n", 1)[0].splitlines()
+    keep = [ln for ln in head if ln.split(":", 1)[0] in ("License", "Requires-Python", "Requires-Dist",
+                                                        "Provides-Extra", "Classifier", "Project-URL")]
+    files[f"{dist_info}/METADATA"] = "\n".join([
+        "Metadata-Version: 2.1", "Name: llama_cpp_python", f"Version: {version}",
         f"Summary: Python bindings for llama.cpp, cross-built for aarch64 ({build.name}: "
-        f"{' '.join(build.flags) or 'generic armv8-a'}) by cdcca-edge's tools/arm64_lane.py\n"
-        f"License: MIT\nRequires-Python: >=3.8\n{requires}").encode()
+        f"{' '.join(build.flags) or 'generic armv8-a'}) by cdcca-edge's tools/arm64_lane.py", *keep, ""]).encode()
     files[f"{dist_info}/WHEEL"] = (f"Wheel-Version: 1.0\nGenerator: cdcca-edge arm64_lane\n"
                                    f"Root-Is-Purelib: false\nTag: {tag}\n").encode()
     files[f"{dist_info}/LICENSE"] = (tree / "LICENSE.md").read_bytes()
@@ -295,14 +300,16 @@ def llama(cache: Path, fs: Path, jobs: int, build: Build) -> Path:
     /opt/llama/<name> of the root file system, as a device would install it."""
     wheel = make_wheel(cache, jobs, build, cache / "wheels")
     target = fs / "opt/llama" / build.name
-    stamp = fs / "opt" / f".llama-{build.name}-{key(wheel)}"
-    if stamp.exists():
+    k = key(wheel)
+    stamp = fs / "opt" / f".llama-{build.name}-key"
+    if stamp.exists() and stamp.read_text() == k:
         return target
+    stamp.unlink(missing_ok=True)
     shutil.rmtree(target, ignore_errors=True)
     run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target),
          "--platform", wheel.name.rsplit("-", 1)[1].removesuffix(".whl"), "--only-binary=:all:",
          "--python-version", "3.11", "--implementation", "cp", "--abi", "cp311", str(wheel)])
-    stamp.touch()
+    stamp.write_text(k)
     return target
 
 
@@ -333,9 +340,11 @@ class Stages:
 
     def report(self) -> None:
         """Print the times, and keep them (with what this run built rather than found
-        cached) in the cache for bench/arm64.py."""
+        cached) in the cache for bench/arm64.py, if the tests ran."""
         from cdcca_edge.core.paths import cache_dir
 
+        if not any(k.startswith("tests") for k in self.times):
+            return
         say("wall time per stage: " + ", ".join(f"{k} {v:.0f} s" for k, v in self.times.items())
             + f"; total {sum(self.times.values()):.0f} s")
         doc = {"when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "stages_s": self.times,
@@ -347,6 +356,7 @@ class Stages:
 def chroot_env(build: Build, **extra: str) -> dict[str, str]:
     return {"HOME": "/root", "PATH": "/usr/bin:/bin", "PYTHONPATH": f"/src:/opt/site:/opt/llama/{build.name}",
             "CDCCA_PREBUILT": "/prebuilt", "CDCCA_LLAMA_FEATURES": ",".join(build.features),
+            "CDCCA_LLAMA_FEATURES_OFF": ",".join(build.absent),
             "QEMU_CPU": build.qemu_cpu, "PYTHONDONTWRITEBYTECODE": "1", **extra}
 
 
@@ -356,22 +366,45 @@ def chroot_cmd(fs: Path, build: Build, argv: list[str], **extra: str) -> list[st
             *argv]
 
 
+def _mounts_under(fs: Path) -> list[str]:
+    """Mount points inside ``fs`` (left by a run that was killed before its clean-up)."""
+    root = str(fs.resolve())
+    points = [line.split()[4] for line in Path("/proc/self/mountinfo").read_text().splitlines()]
+    return sorted((p for p in points if p == root or p.startswith(root + "/")), reverse=True)
+
+
 @contextlib.contextmanager
 def mounted(fs: Path, pre: Path, binds: dict[str, Path] | None = None):
-    """The checkout at /src, the fixtures at /prebuilt, ``binds`` (chroot path -> host
-    path) and /proc mounted in ``fs``; all undone on exit, whatever happens."""
+    """The checkout at /src and the fixtures at /prebuilt (both read-only), ``binds``
+    (chroot path -> host path, writable) and /proc mounted in ``fs``; all undone on exit,
+    whatever happens (SIGTERM included). Mounts a killed run left are undone first, so a
+    later ``rm -rf`` of the cache cannot reach through them."""
+    for left in _mounts_under(fs):
+        say(f"undoing a mount a previous run left: {left}")
+        run(["umount", "-l", left])
     mounts: list[Path] = []
+    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
-        for src, dst, how in ((ROOT, fs / "src", ["--bind"]), (pre, fs / "prebuilt", ["--bind"]),
-                              *((p, fs / d.lstrip("/"), ["--bind"]) for d, p in (binds or {}).items()),
-                              (Path("proc"), fs / "proc", ["-t", "proc"])):
+        for src, dst, how, ro in ((ROOT, fs / "src", ["--bind"], True), (pre, fs / "prebuilt", ["--bind"], True),
+                                  *((p, fs / d.lstrip("/"), ["--bind"], False) for d, p in (binds or {}).items()),
+                                  (Path("proc"), fs / "proc", ["-t", "proc"], False)):
             dst.mkdir(parents=True, exist_ok=True)
             run(["mount", *how, str(src), str(dst)])
             mounts.append(dst)
+            if ro:
+                run(["mount", "-o", "remount,bind,ro", str(dst)])
         yield
     finally:
         for m in reversed(mounts):
             subprocess.run(["umount", "-l", str(m)], capture_output=True)
+        signal.signal(signal.SIGTERM, previous)
+        left = _mounts_under(fs)
+        if left:
+            say(f"WARNING: mounts left under {fs}: {', '.join(left)}; undo them with umount -l before deleting it")
+
+
+def _terminate(signum, frame) -> None:  # noqa: ARG001
+    raise SystemExit(128 + signum)  # unwinds through the finally blocks that unmount
 
 
 def prepare(jobs: int, builds: list[str], stages: Stages | None = None) -> tuple[Path, Path]:
@@ -432,7 +465,9 @@ def wheels(jobs: int, builds: list[str], out: Path) -> int:
     cache = cache_dir() / "arm64"
     cache.mkdir(parents=True, exist_ok=True)
     for name in builds:
-        wheel = make_wheel(cache, jobs, BUILDS[name], out)
+        # one directory per build: side by side, `pip --find-links` would pick +pi5 (it sorts
+        # last), which dies of SIGILL on a Pi 4
+        wheel = make_wheel(cache, jobs, BUILDS[name], out / name)
         print(wheel)
     return 0
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import queue
 import subprocess
+import tempfile
 import sys
 import threading
 import time
@@ -27,7 +28,8 @@ class Agent:
     def __init__(self, model, *extra: str, env: dict | None = None, wait: bool = True) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.log = Path(model).parent / f"agent-{self.port}.log"  # read on failure
+        # read on failure; not beside the model, which may be a read-only fixture
+        self.log = Path(tempfile.gettempdir()) / f"cdcca-agent-{self.port}.log"
         self.proc = subprocess.Popen([sys.executable, "-m", "cdcca_edge.cli", "device", "serve", "--model",
                                       str(model), "--port", str(self.port), *extra],
                                      stdout=subprocess.DEVNULL, stderr=open(self.log, "ab"),
