@@ -161,27 +161,21 @@ def memory(fs: Path, pre: Path, work: Path, repeat: int) -> dict:
 
 
 PARITY = """
-import json, sys
+import json
 from pathlib import Path
 from cdcca_edge.runtime import load
-from cdcca_edge.runtime.base import GenerationConfig
 from cdcca_edge.runtime.multimodal import MultimodalModel
-from tests.prebuilt import PARITY_TOKENS, manifest, parity_images, prebuilt_path
+from tests.prebuilt import agreement, image_answers, manifest, prebuilt_path, text_answers
 root = Path("/prebuilt")
 doc = manifest(root)
 out = {}
-def agree(got, want):
-    same = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want)))
-    return same / max(1, len(want))
-for key, answers in sorted(doc["answers"].items()):
+for key, want in sorted(doc["answers"].items()):
     with load(root / doc["exports"][key]["path"]) as m:
-        got = {p: m.generate(p, GenerationConfig(max_tokens=PARITY_TOKENS)).tokens for p in answers}
-    out[key] = [agree(got[p], w) for p, w in answers.items()]
+        got = text_answers(m)
+    out[key] = [agreement(got[p], w) for p, w in want.items()]
 for name, want in sorted(doc["image_answers"].items()):
     with MultimodalModel(prebuilt_path(root, name)) as mm:
-        got = [mm.generate(mm.prompt(q), GenerationConfig(max_tokens=PARITY_TOKENS, stop_at_eos=False), image=img).tokens
-               for q, img in parity_images()]
-    out[name + " (image prompts)"] = [agree(g, w) for g, w in zip(got, want)]
+        out[name + " (image prompts)"] = [agreement(g, w) for g, w in zip(image_answers(mm), want)]
 print(json.dumps(out))
 """
 

@@ -16,10 +16,6 @@ import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    import numpy as np
 
 MANIFEST = "prebuilt.json"
 EXPORTS = [("llama", "gguf", q) for q in ("f32", "f16", "q8_0", "q4_0")] + [
@@ -42,7 +38,6 @@ def build(out: Path) -> dict:
     from cdcca_edge.demo.tiny import build_tiny_model
     from cdcca_edge.demo.tiny_llava import TinyLlavaSpec, build_tiny_llava
     from cdcca_edge.runtime import load
-    from cdcca_edge.runtime.base import GenerationConfig
     from cdcca_edge.runtime.multimodal import MultimodalModel
     from tests.conftest import LLAVA_SPEC, SPECS, build_lora_adapter
 
@@ -59,8 +54,7 @@ def build(out: Path) -> dict:
         d["path"] = str(Path(d["path"]).relative_to(out))
         doc["exports"][_key(arch, fmt, quant)] = d
         with load(res.path) as m:
-            doc["answers"][_key(arch, fmt, quant)] = {
-                p: m.generate(p, GenerationConfig(max_tokens=PARITY_TOKENS)).tokens for p in PARITY_PROMPTS}
+            doc["answers"][_key(arch, fmt, quant)] = text_answers(m)
     adapter = build_lora_adapter(out / "tiny" / "llama", out / "lora")
     doc["paths"]["lora"] = "lora"
     for fmt, quant in PAIRS:
@@ -72,18 +66,34 @@ def build(out: Path) -> dict:
         path = export(llava, out / "exports" / f"bundle-{fmt}", fmt, quant="f32").path  # type: ignore[arg-type]
         doc["paths"][f"bundle-{fmt}"] = f"exports/bundle-{fmt}"
         with MultimodalModel(path) as mm:
-            doc["image_answers"][f"bundle-{fmt}"] = [
-                mm.generate(mm.prompt(q), GenerationConfig(max_tokens=PARITY_TOKENS, stop_at_eos=False), image=img).tokens
-                for q, img in parity_images()]
+            doc["image_answers"][f"bundle-{fmt}"] = image_answers(mm)
     (out / MANIFEST).write_text(json.dumps(doc, indent=1))
     return doc
 
 
-def parity_images() -> list[tuple[str, "np.ndarray"]]:
-    """(question, image) pairs the bundles answer on both machines."""
-    from cdcca_edge.demo.scenes import DOMAINS, dataset
+def text_answers(model) -> dict[str, list[int]]:
+    """The greedy tokens of a text model (a runtime Backend) for each parity prompt."""
+    from cdcca_edge.runtime.base import GenerationConfig
 
-    return [(ex.question.text, ex.image) for ex in dataset(PARITY_IMAGES, seed=7, domains=DOMAINS)]
+    return {p: model.generate(p, GenerationConfig(max_tokens=PARITY_TOKENS)).tokens for p in PARITY_PROMPTS}
+
+
+def image_answers(mm) -> list[list[int]]:
+    """A bundle's (MultimodalModel) greedy tokens for each parity image and question; not
+    stopped at EOS, so that a tiny model's early EOS leaves tokens to compare."""
+    from cdcca_edge.demo.scenes import DOMAINS, dataset
+    from cdcca_edge.runtime.base import GenerationConfig
+
+    cfg = GenerationConfig(max_tokens=PARITY_TOKENS, stop_at_eos=False)
+    return [mm.generate(mm.prompt(ex.question.text), cfg, image=ex.image).tokens
+            for ex in dataset(PARITY_IMAGES, seed=7, domains=DOMAINS)]
+
+
+def agreement(got: list[int], want: list[int]) -> float:
+    """The share of the host's answer ``want`` that ``got`` reproduces before its first
+    difference (1.0: identical)."""
+    same = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want)))
+    return same / max(1, len(want))
 
 
 def _pair_key(fmt: str, quant: str) -> str:

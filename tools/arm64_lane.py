@@ -353,16 +353,16 @@ class Stages:
         (cache_dir() / "arm64" / "last-run.json").write_text(json.dumps(doc, indent=1))
 
 
-def chroot_env(build: Build, **extra: str) -> dict[str, str]:
+def chroot_env(build: Build) -> dict[str, str]:
     return {"HOME": "/root", "PATH": "/usr/bin:/bin", "PYTHONPATH": f"/src:/opt/site:/opt/llama/{build.name}",
             "CDCCA_PREBUILT": "/prebuilt", "CDCCA_LLAMA_FEATURES": ",".join(build.features),
             "CDCCA_LLAMA_FEATURES_OFF": ",".join(build.absent),
-            "QEMU_CPU": build.qemu_cpu, "PYTHONDONTWRITEBYTECODE": "1", **extra}
+            "QEMU_CPU": build.qemu_cpu, "PYTHONDONTWRITEBYTECODE": "1"}
 
 
-def chroot_cmd(fs: Path, build: Build, argv: list[str], **extra: str) -> list[str]:
+def chroot_cmd(fs: Path, build: Build, argv: list[str]) -> list[str]:
     """``argv`` run in the root file system, under qemu with ``build``'s llama.cpp."""
-    return ["chroot", str(fs), "/usr/bin/env", "-i", *(f"{k}={v}" for k, v in chroot_env(build, **extra).items()),
+    return ["chroot", str(fs), "/usr/bin/env", "-i", *(f"{k}={v}" for k, v in chroot_env(build).items()),
             *argv]
 
 

@@ -7,8 +7,8 @@ from __future__ import annotations
 import os
 import queue
 import subprocess
-import tempfile
 import sys
+import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor

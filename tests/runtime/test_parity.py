@@ -29,33 +29,29 @@ def _cases():
 @pytest.mark.parametrize("key", _cases())
 def test_tokens_equal_the_hosts(key):
     from cdcca_edge.runtime import load
-    from cdcca_edge.runtime.base import GenerationConfig
-    from tests.prebuilt import PARITY_TOKENS, manifest
+    from tests.prebuilt import agreement, manifest, text_answers
 
     doc = manifest(Path(PREBUILT))  # type: ignore[arg-type]
     host = doc["answers"][key]
     quant = key.rsplit("/", 1)[1]
     with load(Path(PREBUILT) / doc["exports"][key]["path"]) as m:  # type: ignore[operator]
-        for prompt, want in host.items():
-            got = m.generate(prompt, GenerationConfig(max_tokens=PARITY_TOKENS)).tokens
-            if quant in EXACT:
-                assert got == want, (key, prompt)
-            else:
-                same = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want)))
-                assert same >= QUANT_MIN_AGREEMENT * len(want), (key, prompt, got, want)
+        here = text_answers(m)
+    for prompt, want in host.items():
+        got = here[prompt]
+        if quant in EXACT:
+            assert got == want, (key, prompt)
+        else:
+            assert agreement(got, want) >= QUANT_MIN_AGREEMENT, (key, prompt, got, want)
 
 
 @pytest.mark.parametrize("fmt", ["gguf", "onnx"])
 def test_image_answers_equal_the_hosts(fmt):
-    from cdcca_edge.runtime.base import GenerationConfig
     from cdcca_edge.runtime.multimodal import MultimodalModel
-    from tests.prebuilt import PARITY_TOKENS, manifest, parity_images, prebuilt_path
+    from tests.prebuilt import image_answers, manifest, prebuilt_path
 
     want = manifest(Path(PREBUILT))["image_answers"][f"bundle-{fmt}"]  # type: ignore[arg-type]
     with MultimodalModel(prebuilt_path(Path(PREBUILT), f"bundle-{fmt}")) as mm:  # type: ignore[arg-type]
-        got = [mm.generate(mm.prompt(q), GenerationConfig(max_tokens=PARITY_TOKENS, stop_at_eos=False), image=img).tokens
-               for q, img in parity_images()]
-    assert got == want
+        assert image_answers(mm) == want
 
 
 def test_llama_cpp_build_has_the_expected_features():

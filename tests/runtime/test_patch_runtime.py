@@ -22,11 +22,9 @@ from cdcca_edge.core.patch import apply_delta
 from cdcca_edge.core.trust import Trust
 from cdcca_edge.runtime import load
 from tests.conftest import PREBUILT
+from tests.prebuilt import PAIRS
 
 PROMPT = "question: what colour is the circle? answer: red. question: how many"
-
-
-PAIRS = (("gguf", "q8_0"), ("gguf", "f32"), ("onnx", "f32"))
 
 
 def _export(tiny_llama: Path, out: Path, fmt: str, quant: str, adapter: Path | None = None) -> Path:
