@@ -536,9 +536,15 @@ def _sync_once(engine: Engine, client: Any, sync: SyncConfig, spool: Any, counte
     if client.resumed_at:
         print(f"cdcca-edge device: the download of version {up['to_version']} resumed at byte "
               f"{client.resumed_at}", file=sys.stderr, flush=True)
-    job = engine.submit(Job(lambda m, _job: _apply(m, client, up, path, sync)))
-    now, healthy = job.result()
-    counters["updates" if healthy else "update_failures"] += 1  # done, whether or not the report arrives
+    def apply(m: Any, _job: Job) -> tuple[str, bool]:
+        now, healthy = _apply(m, client, up, path, sync)
+        # counted inside the engine's job, before it serves a request on the new model (a
+        # client that sees the new version then sees the update counted); done whether or
+        # not the report arrives
+        counters["updates" if healthy else "update_failures"] += 1
+        return now, healthy
+
+    now, healthy = engine.submit(Job(apply)).result()
     client.report(now, healthy)
     if not healthy:
         refused.add(up["to_identity"])
