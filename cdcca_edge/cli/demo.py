@@ -23,7 +23,12 @@ def demo(
         "cdcca-demo"),
     quick: Annotated[bool, typer.Option("--quick", help="Tiny models and sets: the whole loop in seconds.")] = False,
     ablations: Annotated[bool, typer.Option(help="Also run the paper's ablations on round 1's data.")] = _DEMO.ablations,
-    seed: Annotated[int, typer.Option(help="Seed of the data streams.")] = _DEMO.seed,
+    seed: Annotated[int, typer.Option(help="Seed of the data streams (the first seed with --seeds).")] = _DEMO.seed,
+    seeds: Annotated[int, typer.Option(
+        help="Run the loop for this many seeds (own streams, test sets and upload draws), with UTS and with "
+             "random uploads, and report means, 95% intervals and paired differences. 1: one run.")] = 1,
+    test: Annotated[int, typer.Option(help="Held-out questions per domain (each target domain, and the "
+                                           "source domain).")] = _DEMO.test,
     text_models: Annotated[Optional[Path], typer.Option(
         help="Instead of the loop: write the tiny text teacher and student (HF directories) and the "
              "student as GGUF q8_0 into this directory, for `cdcca-edge cloud create-cohort`.")] = None,
@@ -46,7 +51,10 @@ def demo(
                       f"{paths['artifact']}", highlight=False)
         return
 
-    cfg = DemoConfig(rounds=rounds, backend=value(backend), quick=quick, ablations=ablations, seed=seed)
+    cfg = DemoConfig(rounds=rounds, backend=value(backend), quick=quick, ablations=ablations, seed=seed, test=test)
+    if seeds != 1:
+        _many_seeds(out_dir, cfg, seeds, json_out)
+        return
     with stage_status(not json_out) as on_stage:
         report = run_demo(out_dir, cfg, stage=on_stage, on_round=None if json_out else _round_line)
     if json_out:
@@ -63,3 +71,23 @@ def _round_line(r: dict) -> None:
               f"({r['uplink_bytes'] / r['raw_input_bytes']:.1%} of raw), down {r['downlink_bytes']:,} B "
               f"({r['downlink_bytes'] / r['artifact_bytes']:.1%} of the artefact), patch "
               f"{r['patch_seconds'] * 1000:.0f} ms", highlight=False)
+
+
+def _many_seeds(out_dir: Path, cfg: DemoConfig, seeds: int, json_out: bool) -> None:
+    from cdcca_edge.demo.seeds import render_seeds_markdown, run_seeds
+
+    def seed_line(k: int, pair: dict) -> None:
+        u, r = pair["uts"]["rounds"][-1], pair["random"]["rounds"][-1]
+        err.print(f"seed {k}: after round {u['round']}, target {u['target_accuracy']:.1%} with UTS uploads, "
+                  f"{r['target_accuracy']:.1%} with random uploads; source {u['source_accuracy']:.1%}",
+                  highlight=False)
+
+    with stage_status(not json_out) as on_stage:
+        summary = run_seeds(out_dir, cfg, seeds, stage=on_stage, on_seed=None if json_out else seed_line)
+    if json_out:
+        print_json(summary)
+        return
+    table = [row for row in render_seeds_markdown(summary).split("\n") if row.startswith("|")]
+    out.print("\n".join(table), highlight=False)
+    out.print(f"report: {out_dir / 'report.md'} (+ report.json, seeds-accuracy.png, seeds-differences.png; "
+              f"each run under {out_dir}/seed-K/)", highlight=False)

@@ -8,7 +8,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from cdcca_edge.cli._output import out, print_json, stage_progress
-from cdcca_edge.cli.options import KD, Adapter, JsonOpt, value
+from cdcca_edge.cli.options import KD, Adapter, JsonOpt, TeacherWeight, value
 from cdcca_edge.cloud.akd import AKDConfig
 
 _AKD = AKDConfig()  # the defaults shown are the library's
@@ -28,6 +28,9 @@ def distill(
     kd_weight: Annotated[float, typer.Option(help="Weight of logit KD.")] = _AKD.kd_weight,
     kd_loss: Annotated[KD, typer.Option(help="Logit KD divergence.")] = KD(_AKD.kd_loss),
     kd_temperature: Annotated[float, typer.Option(help="KD softmax temperature.")] = _AKD.kd_temperature,
+    teacher_weighting: Annotated[TeacherWeight, typer.Option(
+        help="confidence: weigh each answer token's CE and KD by the teacher's probability of it; "
+             "none: all alike (the paper's loss).")] = TeacherWeight(_AKD.teacher_weighting),
     device_kd: Annotated[bool, typer.Option(
         "--device-kd/--no-device-kd", help="Also KD on the device's uploaded answers, token-weighted.")
     ] = _AKD.kd_on_device_answer,
@@ -50,7 +53,7 @@ def distill(
         target_modules=tuple(target_modules.split(",")) if target_modules else _AKD.target_modules,
         epochs=epochs, lr=lr, batch_size=batch_size, max_new_tokens=max_new_tokens,
         ce_weight=ce_weight, kd_weight=kd_weight, kd_loss=value(kd_loss), kd_temperature=kd_temperature,
-        kd_on_device_answer=device_kd, feature_weight=feature_weight, holdout=holdout, seed=seed,
+        kd_on_device_answer=device_kd, teacher_weighting=value(teacher_weighting), feature_weight=feature_weight, holdout=holdout, seed=seed,
     )
     with stage_progress(json_out) as tick:
         report = run_distill(teacher, student, bundle, output, cfg, merge=merge, progress=tick)

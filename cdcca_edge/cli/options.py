@@ -10,7 +10,7 @@ from typing import Annotated, Any, Iterable, get_args
 
 import typer
 
-from cdcca_edge.cloud.akd import AdapterKind, KDLoss
+from cdcca_edge.cloud.akd import AdapterKind, KDLoss, TeacherWeighting
 from cdcca_edge.converters.export import ExportFormat
 from cdcca_edge.converters.gguf_export import QUANT_TYPES
 from cdcca_edge.runtime import BackendName
@@ -29,6 +29,7 @@ Score = choices("Score", SCORES)
 SelectorChoice = choices("Selector", get_args(Selector))
 Adapter = choices("Adapter", get_args(AdapterKind))
 KD = choices("KDLoss", get_args(KDLoss))
+TeacherWeight = choices("TeacherWeighting", get_args(TeacherWeighting))
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
 BackendOpt = Annotated[Backend, typer.Option(help="Device runtime (auto: by the artefact's format).")]

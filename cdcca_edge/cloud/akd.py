@@ -33,6 +33,7 @@ from cdcca_edge.core.errors import FormatError, UsageError, require
 
 AdapterKind = Literal["lora", "bias-norm"]
 KDLoss = Literal["forward_kl", "reverse_kl", "jsd"]
+TeacherWeighting = Literal["none", "confidence"]
 DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 NORM_TARGETS = ("input_layernorm", "post_attention_layernorm", "norm")
 # Input limits (docs/akd.md, "Input"): an uploaded bundle is hostile until checked.
@@ -58,12 +59,19 @@ class AKDConfig:
     kd_temperature: float = 1.0  # T=2 agreed less with the teacher in bench/akd.py
     kd_on_device_answer: bool = True  # also KD on the device's uploaded answer (token-weighted)
     feature_weight: float = 1.0  # MSE between (aligned) last hidden states
+    # "confidence": each answer token's CE and logit-KD weight is the teacher's own
+    # probability of that token, so the labels the teacher is unsure of teach less (the
+    # uploads UTS picks are where the student is unsure, and some are where the teacher is
+    # too); "none": every answer token weighs the same (the paper's loss)
+    teacher_weighting: TeacherWeighting = "none"
     holdout: float = 0.2  # fraction of uploaded samples kept out of training, for the report
     seed: int = 0
 
     def __post_init__(self) -> None:
         if self.adapter not in ("lora", "bias-norm"):
             raise UsageError(f"adapter must be lora or bias-norm, got {self.adapter!r}")
+        if self.teacher_weighting not in ("none", "confidence"):
+            raise UsageError(f"teacher_weighting must be none or confidence, got {self.teacher_weighting!r}")
         if self.kd_loss not in ("forward_kl", "reverse_kl", "jsd"):
             raise UsageError(f"kd_loss must be forward_kl, reverse_kl or jsd, got {self.kd_loss!r}")
         for name in ("ce_weight", "kd_weight", "feature_weight"):
@@ -199,6 +207,15 @@ def kd_divergence(student_logits: Any, teacher_logits: Any, kind: KDLoss, temper
         log_m = torch.logsumexp(torch.stack([log_s, log_t]), dim=0) - math.log(2.0)
         d = 0.5 * ((log_t.exp() * (log_t - log_m)).sum(-1) + (log_s.exp() * (log_s - log_m)).sum(-1))
     return d * t * t
+
+
+def teacher_confidence(teacher_logits: Any, targets: Any) -> Any:
+    """(B, T, V) teacher logits, (B, T) target tokens -> (B, T): the teacher's probability of
+    each target token, without gradient (AKDConfig.teacher_weighting)."""
+    import torch
+
+    with torch.no_grad():
+        return torch.softmax(teacher_logits.float(), -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
 
 
 def weighted_mean(values: Any, weights: Any) -> Any:
@@ -548,12 +565,16 @@ def _batch_losses(model: Any, teacher: Any, aligner: Any, batch: list[Sample], c
     logits_s = out_s.logits[:, :-1]  # (B, T-1, V): position t predicts token t+1
     targets = ids[:, 1:]
     pos_w = w[:, :-1]
+    out_t = None
+    if cfg.kd_weight > 0 or need_hidden or cfg.teacher_weighting == "confidence":
+        with torch.no_grad():
+            out_t = teacher(input_ids=ids, attention_mask=mask, output_hidden_states=need_hidden)
+        if cfg.teacher_weighting == "confidence":
+            pos_w = pos_w * teacher_confidence(out_t.logits[:, :-1], targets)
     if cfg.ce_weight > 0:
         ce = F.cross_entropy(logits_s.reshape(-1, logits_s.shape[-1]), targets.reshape(-1), reduction="none")
         terms["ce"] = weighted_mean(ce, pos_w.reshape(-1))
-    if cfg.kd_weight > 0 or need_hidden:
-        with torch.no_grad():
-            out_t = teacher(input_ids=ids, attention_mask=mask, output_hidden_states=need_hidden)
+    if out_t is not None:
         if cfg.kd_weight > 0:
             d = kd_divergence(logits_s.reshape(-1, logits_s.shape[-1]),
                               out_t.logits[:, :-1].reshape(-1, logits_s.shape[-1]),

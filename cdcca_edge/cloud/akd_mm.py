@@ -23,7 +23,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from cdcca_edge.cloud.akd import AKDConfig, kd_divergence, train_loop, weighted_mean
+from cdcca_edge.cloud.akd import AKDConfig, kd_divergence, teacher_confidence, train_loop, weighted_mean
 from cdcca_edge.core import uplink_format as U
 from cdcca_edge.core.errors import FormatError, UsageError, require
 
@@ -304,8 +304,11 @@ def visual_batch_losses(student: Any, teacher: Any, aligner: Any, batch: list[Vi
                            position_ids=inp_t["position_ids"]).logits[:, :-1]
     logits_s = student(inputs_embeds=inp_s["inputs_embeds"], attention_mask=inp_s["attention_mask"],
                        position_ids=inp_s["position_ids"]).logits[:, :-1]  # (B, T-1, V)
-    w = inp_s["answer_mask"][:, :-1].reshape(-1)
-    targets = inp_s["ids"][:, 1:].reshape(-1)
+    targets = inp_s["ids"][:, 1:]
+    w = inp_s["answer_mask"][:, :-1]
+    if cfg.teacher_weighting == "confidence":
+        w = w * teacher_confidence(logits_t, targets)  # the labels the teacher is unsure of teach less
+    w, targets = w.reshape(-1), targets.reshape(-1)
     V = logits_s.shape[-1]
     zero = torch.zeros(())
     terms = {"ce": zero, "kd": zero, "feature": zero}

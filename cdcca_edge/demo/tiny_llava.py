@@ -45,6 +45,7 @@ class TinyLlavaSpec:
     batch_size: int = 32
     lr: float = 2e-3
     vision_pretrain_steps: int = 300  # the shared tower's own pretraining (teacher only)
+    vision_pretrain_images: int = 2000  # its training set (fewer overfit: per-patch shape accuracy stalls)
     seed: int = 0
 
 
@@ -208,12 +209,14 @@ def pretrain_vision(tower: Any, spec: TinyLlavaSpec) -> None:
     from cdcca_edge.demo.scenes import DOMAINS, PALETTE, SHAPES
 
     grid = IMAGE_SIZE // spec.patch_size
-    data = dataset(2000, seed=spec.seed + 5, domains=DOMAINS)
+    data = dataset(spec.vision_pretrain_images, seed=spec.seed + 5, domains=DOMAINS)
     labels = [patch_labels(e, grid) for e in data]
     n_s, n_c = 1 + len(SHAPES), 1 + len(PALETTE)
     head = torch.nn.Linear(tower.config.hidden_size, n_s + n_c)
     params = list(tower.parameters()) + list(head.parameters())
     opt = torch.optim.AdamW(params, lr=spec.lr)
+    # one cycle: at the same steps, per-patch shape accuracy 0.87 against 0.84 at a constant rate
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=spec.lr, total_steps=max(1, spec.vision_pretrain_steps))
     rng = random.Random(spec.seed + 5)
     tower.train()
     for _ in range(spec.vision_pretrain_steps):
@@ -227,23 +230,35 @@ def pretrain_vision(tower: Any, spec: TinyLlavaSpec) -> None:
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        sched.step()
     tower.eval()
 
 
-def answer(model: Any, tokenizer: Any, examples: list[Example], max_new_tokens: int = 6) -> list[str]:
-    """Greedy one-word answers of a torch LLaVA (the reference for runtime parity)."""
+def answer(model: Any, tokenizer: Any, examples: list[Example], max_new_tokens: int = 6,
+           batch_size: int = 64) -> list[str]:
+    """Greedy one-word answers of a torch LLaVA (the reference for runtime parity), in
+    left-padded batches: the padding is masked and the positions count from each prompt's
+    first real token, so each answer is the one the prompt alone would get."""
     import torch
 
     n_img = model.config.image_seq_length
-    ids, mask, _ = encode_examples(tokenizer, examples, n_img, with_answer=False)
-    outs = []
-    for k, ex in enumerate(examples):
-        n = int(mask[k].sum())
+    eos = tokenizer.eos_token_id
+    outs: list[str] = []
+    for k in range(0, len(examples), batch_size):
+        part = examples[k : k + batch_size]
+        ids, mask, _ = encode_examples(tokenizer, part, n_img, with_answer=False)  # right-padded
+        lengths = mask.sum(1)
+        width = int(lengths.max())
+        left_ids = torch.full((len(part), width), eos)
+        left_mask = torch.zeros((len(part), width), dtype=torch.long)
+        for b, n in enumerate(lengths.tolist()):
+            left_ids[b, width - n :] = ids[b, :n]
+            left_mask[b, width - n :] = 1
         with torch.no_grad():
-            gen = model.generate(input_ids=ids[k : k + 1, :n], attention_mask=mask[k : k + 1, :n],
-                                 pixel_values=pixel_values(ex.image[None]), max_new_tokens=max_new_tokens,
-                                 do_sample=False, pad_token_id=tokenizer.eos_token_id)
-        outs.append(first_word(tokenizer.decode(gen[0, n:], skip_special_tokens=True)))
+            gen = model.generate(input_ids=left_ids, attention_mask=left_mask,
+                                 pixel_values=pixel_values(np.stack([e.image for e in part])),
+                                 max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=eos)
+        outs += [first_word(tokenizer.decode(g[width:], skip_special_tokens=True)) for g in gen]
     return outs
 
 

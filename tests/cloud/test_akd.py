@@ -15,6 +15,7 @@ from cdcca_edge.cloud.akd import (
     AKDConfig,
     distill,
     kd_divergence,
+    teacher_confidence,
     weighted_mean,
 )
 from cdcca_edge.demo.tiny import TEXT_STUDENT, TEXT_TEACHER, TinySpec, build_tiny_model, text_prompts
@@ -63,6 +64,28 @@ def test_config_validation():
         AKDConfig(kd_loss="l2")  # type: ignore[arg-type]
     with pytest.raises(UsageError, match="adapter"):
         AKDConfig(adapter="prefix")  # type: ignore[arg-type]
+    with pytest.raises(UsageError, match="teacher_weighting"):
+        AKDConfig(teacher_weighting="entropy")  # type: ignore[arg-type]
+
+
+def test_teacher_confidence_is_the_teachers_probability_of_the_label():
+    logits = torch.tensor([[[2.0, 0.0, 0.0], [0.0, 0.0, 0.0]]], requires_grad=True)  # (1, 2, 3)
+    targets = torch.tensor([[0, 2]])
+    c = teacher_confidence(logits, targets)
+    e = math.exp(2.0)
+    assert c.tolist()[0] == pytest.approx([e / (e + 2), 1 / 3])
+    assert not c.requires_grad  # a weight, not a path for gradients into the teacher
+    # weighted by it, a confident label's loss counts more than an unsure one's
+    assert float(weighted_mean(torch.tensor([1.0, 0.0]), c[0])) == pytest.approx(c[0, 0].item() / c[0].sum().item())
+
+
+def test_confidence_weighting_changes_training_and_stays_deterministic(pair, bundle, tmp_path):
+    plain = distill(pair[0], pair[1], [bundle], tmp_path / "plain", AKDConfig(epochs=1, max_new_tokens=6, seed=3))
+    cfg = AKDConfig(epochs=1, max_new_tokens=6, seed=3, teacher_weighting="confidence")
+    w1 = distill(pair[0], pair[1], [bundle], tmp_path / "w1", cfg)
+    w2 = distill(pair[0], pair[1], [bundle], tmp_path / "w2", cfg)
+    assert w1.losses == w2.losses
+    assert w1.losses[0]["ce"] != plain.losses[0]["ce"]  # the weights reach the loss
 
 
 # --- end to end ---------------------------------------------------------------------------

@@ -34,7 +34,16 @@ def test_demo_quick(tmp_path, monkeypatch, capsys):
     assert report["rounds"][-1]["identity"] == compute_identity(open_artifact(device)).digest
     assert report["rounds"][0]["identity"] != report["rounds"][1]["identity"]
     assert set(report["ablations"]["variants"]) == {"akd", "akd_random_selection", "pseudo_label_only",
-                                                   "logit_kd_only"}
+                                                   "logit_kd_only", "akd_teacher_weighted"}
+    # the anchor set carries every visual token, an upload half of them
+    from cdcca_edge.core import uplink_format as U
+    from cdcca_edge.core.uplink_format import read_uplink
+
+    work = out / "work"
+    for bundle, frac in (("uplink-anchor.cdcu", 1.0), ("uplink-1.cdcu", 0.5)):
+        for smp in read_uplink(work / bundle).samples():
+            n = int(smp.meta[U.N_VISUAL_TOKENS])
+            assert len(smp.arrays[U.VISUAL_POSITIONS]) == round(n * frac)
     for name in ("report.md", "report.json", "accuracy.png", "bytes.png"):
         assert (out / name).stat().st_size > 0
     assert json.loads((out / "report.json").read_text())["rounds"] == report["rounds"]
