@@ -36,8 +36,10 @@ def section(r: dict) -> str:
     drift = (f"Target accuracy {b['target_accuracy']:.1%} -> {rounds[-1]['target_accuracy']:.1%} (teacher "
              f"{b['teacher_accuracy']:.1%}: {(rounds[-1]['target_accuracy'] - b['target_accuracy']) / max(1e-9, b['teacher_accuracy'] - b['target_accuracy']):.0%} "
              f"of the gap closed); source accuracy {b['source_accuracy']:.1%} -> {src[-1]:.1%} at the end, "
-             f"lowest {src[worst]:.1%} after round {rounds[worst]['round']} (each test set: {r['config']['test']} "
-             f"questions, one standard error about {100 * (0.25 / r['config']['test']) ** 0.5:.1f} points).")
+             f"lowest {src[worst]:.1%} after round {rounds[worst]['round']} ({2 * r['config']['test']} target and "
+             f"{r['config']['test']} source questions: one standard error about "
+             f"{100 * (0.25 / (2 * r['config']['test'])) ** 0.5:.1f} and {100 * (0.25 / r['config']['test']) ** 0.5:.1f} "
+             "points). One seed: the figures with intervals over ten seeds are [below](#demo-seeds).")
     anchor = sum(x.get("anchor_bytes", 0) for x in rounds)
     per_sample = (sum(x["uplink_bytes"] for x in rounds) - anchor) / max(1, sum(x["n_uploaded"] for x in rounds))
     anchor_line = (f" Round 1's uplink includes the anchor set sent once ({r['config']['calibration']} source-domain "
@@ -47,7 +49,10 @@ def section(r: dict) -> str:
     for name, label in (("akd", "AKD (CE + logit KD + feature KD), UTS uploads"),
                         ("akd_random_selection", "AKD, random uploads (same count)"),
                         ("pseudo_label_only", "pseudo-label CE only, UTS uploads"),
-                        ("logit_kd_only", "logit KD only, UTS uploads")):
+                        ("logit_kd_only", "logit KD only, UTS uploads"),
+                        ("akd_teacher_weighted", "AKD weighted by the teacher's confidence, UTS uploads")):
+        if name not in v:
+            continue
         abl.append(f"| {label} | {v[name]['n_uploaded']} | {v[name]['uplink_bytes']:,} | {v[name]['target_accuracy']:.1%} |")
     abl.append(f"| teacher | - | - | {a['teacher']:.1%} |")
     d = a["downlink"]
@@ -63,7 +68,7 @@ def section(r: dict) -> str:
 ## Demo: the CDCCA loop on the embedded multimodal benchmark (`cdcca-edge demo`, `bench/demo.py`)
 
 {r['config']['rounds']} rounds, device backend `{r['config']['backend']}`, {r['config']['stream']} questions per round
-(half source domain, half drifted: noise, texture), evaluation on {r['config']['test']} held-out target and
+(half source domain, half drifted: noise, texture), evaluation on {2 * r['config']['test']} held-out target and
 {r['config']['test']} source questions with whole images; whole run {r['seconds']:.0f} s (training the models
 included when they are not cached yet).
 Bundle: {r['artifact_bytes']:,} bytes (vision ONNX f32 + language GGUF q8_0). Raw inputs = uncompressed
@@ -137,7 +142,8 @@ def seeds_section(s: dict, seconds: float | None) -> str:
     return f"""<a id="demo-seeds"></a>
 ## Demo over seeds: the method's claims with 95% intervals (`bench/demo.py --seeds {s['seeds']}`)
 
-`cdcca-edge demo --seeds {s['seeds']} --test {s['test_per_domain']}`: {c['rounds']} rounds, device backend
+`cdcca-edge demo --seeds {s['seeds']} --seed {c['seed']} --test {s['test_per_domain']}` (seeds {c['seed']} to
+{c['seed'] + s['seeds'] - 1}; seed 0 is the one the defaults were chosen on): {c['rounds']} rounds, device backend
 `{c['backend']}`, {c['stream']} questions per round; per seed, the loop runs once with UTS uploads (and the
 round-1 ablations) and once with random uploads of the same count.{took}
 

@@ -209,6 +209,22 @@ def kd_divergence(student_logits: Any, teacher_logits: Any, kind: KDLoss, temper
     return d * t * t
 
 
+def make_accelerator(accelerate: Any) -> Any:
+    """The run's ``accelerate.Accelerator``; refuses a launch where each process would
+    train alone (and all write the same adapter)."""
+    import os
+
+    accelerator = accelerate.Accelerator()
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world > 1 and accelerator.num_processes == 1:
+        raise UsageError(
+            f"WORLD_SIZE is {world} but accelerate sees one process, so each process would train alone; "
+            "on CPU launch with ACCELERATE_USE_CPU=1 (`ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu "
+            "--num_processes N ...`), or run `accelerate launch --cpu` under mpirun (docs/akd.md, "
+            "\"Several processes\")")
+    return accelerator
+
+
 def teacher_confidence(teacher_logits: Any, targets: Any) -> Any:
     """(B, T, V) teacher logits, (B, T) target tokens -> (B, T): the teacher's probability of
     each target token, without gradient (AKDConfig.teacher_weighting)."""
@@ -291,6 +307,7 @@ class DistillReport:
     agreement_after: dict[str, float]
     output: str
     merged: str | None = None
+    processes: int = 1  # data-parallel processes (`accelerate launch --num_processes`)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -445,7 +462,7 @@ def distill(
     samples = read_samples(bundles, vocab_size=s_cfg.vocab_size,
                            context=getattr(s_cfg, "max_position_embeddings", None),
                            answer_tokens=config.max_new_tokens)
-    accelerator = accelerate.Accelerator()
+    accelerator = make_accelerator(accelerate)
     device = accelerator.device
 
     tok_t = transformers.AutoTokenizer.from_pretrained(teacher_dir)
@@ -500,6 +517,7 @@ def distill(
         n_train=len(train), n_holdout=len(hold), steps=step, seconds=time.perf_counter() - t0,
         trainable_params=trainable, losses=losses, agreement_before=before, agreement_after=after,
         output=str(out_dir), merged=str(merged_path) if merged_path else None,
+        processes=accelerator.num_processes,
     )
     if accelerator.is_main_process:
         (out_dir / "report.json").write_text(json.dumps(report.as_dict(), indent=1) + "\n")
@@ -521,7 +539,14 @@ def train_loop(accelerator: Any, model: Any, aligner: Any, train: list[Any], con
                "feature": config.feature_weight}
     params = [p for p in model.parameters() if p.requires_grad] + list(aligner.parameters())
     opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
-    model, aligner, opt = accelerator.prepare(model, aligner, opt)
+    if any(True for _ in aligner.parameters()):  # DDP refuses a module without parameters
+        model, aligner, opt = accelerator.prepare(model, aligner, opt)
+    else:
+        model, opt = accelerator.prepare(model, opt)
+    # data parallel (`accelerate launch --num_processes N`): each process takes every N-th
+    # sample of the batch and DDP averages the gradients; a batch smaller than N is taken
+    # whole by every process (equal gradients, so the average is that batch's)
+    world, rank = accelerator.num_processes, accelerator.process_index
     steps_per_epoch = math.ceil(len(train) / config.batch_size)
     total_steps = steps_per_epoch * config.epochs
     losses: list[dict[str, float]] = []
@@ -533,15 +558,19 @@ def train_loop(accelerator: Any, model: Any, aligner: Any, train: list[Any], con
         gen.shuffle(idx)
         sums: dict[str, float] = {"total": 0.0}
         for k in range(0, len(idx), config.batch_size):
-            terms = batch_losses(model, aligner, [train[i] for i in idx[k : k + config.batch_size]])
+            batch = [train[i] for i in idx[k : k + config.batch_size]]
+            terms = batch_losses(model, aligner, batch[rank::world] if len(batch) >= world else batch)
             loss = sum(weights[name] * value for name, value in terms.items())
             opt.zero_grad(set_to_none=True)
             accelerator.backward(loss)
             opt.step()
             step += 1
-            sums["total"] += float(loss.detach())
-            for name, value in terms.items():
-                sums[name] = sums.get(name, 0.0) + float(value.detach())
+            # the report's losses are the mean over processes: the same figures as one process's
+            logged = {"total": loss.detach(), **{n: v.detach() for n, v in terms.items()}}
+            if world > 1:
+                logged = {n: accelerator.reduce(v.reshape(1), reduction="mean")[0] for n, v in logged.items()}
+            for name, value in logged.items():
+                sums[name] = sums.get(name, 0.0) + float(value)
             tick("training", step, total_steps)
         losses.append({k: v / steps_per_epoch for k, v in sums.items()} | {"epoch": epoch + 1})
     model.eval()

@@ -23,7 +23,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from cdcca_edge.cloud.akd import AKDConfig, kd_divergence, teacher_confidence, train_loop, weighted_mean
+from cdcca_edge.cloud.akd import (AKDConfig, kd_divergence, make_accelerator, teacher_confidence, train_loop,
+                                  weighted_mean)
 from cdcca_edge.core import uplink_format as U
 from cdcca_edge.core.errors import FormatError, UsageError, require
 
@@ -191,6 +192,7 @@ class MultimodalDistillReport:
     agreement_after: dict[str, float]
     output: str
     merged: str | None
+    processes: int = 1  # data-parallel processes (`accelerate launch --num_processes`)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -210,7 +212,7 @@ def distill_multimodal(teacher_dir: str | Path, student_dir: str | Path, bundles
     tick = progress or (lambda _s, _i, _n: None)
     out_dir = Path(out_dir)
     torch.manual_seed(config.seed)
-    accelerator = accelerate.Accelerator()
+    accelerator = make_accelerator(accelerate)
     if config.adapter != "lora":
         raise UsageError("multimodal distillation supports the lora adapter")
 
@@ -252,12 +254,13 @@ def distill_multimodal(teacher_dir: str | Path, student_dir: str | Path, bundles
     d_s, d_t = student.config.text_config.hidden_size, teacher.config.text_config.hidden_size
     aligner = torch.nn.Linear(d_s, d_t, bias=False) if d_s != d_t else torch.nn.Identity()
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    # the same loop as text AKD; the LLaVA forward takes the inputs' embeddings, so it runs
-    # on the model under the adapter (single process: the prepared model is that model)
+    # the same loop as text AKD; the inputs' embeddings come from the model under the
+    # adapter, the forward goes through the prepared model (under `accelerate launch`, the
+    # DDP wrapper, whose forward is what synchronises the gradients)
     losses, step, model = train_loop(
         accelerator, model, aligner, train, config, tick,
         lambda m, al, batch: visual_batch_losses(accelerator.unwrap_model(m).base_model.model, teacher, al,
-                                                 batch, config, eos))
+                                                 batch, config, eos, forward=m))
     inner = accelerator.unwrap_model(model)
     after = {"bundle": answer_accuracy(inner.base_model.model, train, eos),
              "holdout": answer_accuracy(inner.base_model.model, hold, eos)}
@@ -282,7 +285,8 @@ def distill_multimodal(teacher_dir: str | Path, student_dir: str | Path, bundles
     report = MultimodalDistillReport(
         n_train=len(train), n_holdout=len(hold), steps=step, seconds=time.perf_counter() - t0,
         trainable_params=trainable, kept_token_fraction=kept, losses=losses, agreement_before=before,
-        agreement_after=after, output=str(out_dir), merged=str(merged_path) if merged_path else None)
+        agreement_after=after, output=str(out_dir), merged=str(merged_path) if merged_path else None,
+        processes=accelerator.num_processes)
     if accelerator.is_main_process:
         (out_dir / "report.json").write_text(json.dumps(report.as_dict(), indent=1) + "\n")
     accelerator.wait_for_everyone()
@@ -290,9 +294,10 @@ def distill_multimodal(teacher_dir: str | Path, student_dir: str | Path, bundles
 
 
 def visual_batch_losses(student: Any, teacher: Any, aligner: Any, batch: list[VisualSample],
-                        cfg: AKDConfig, eos: int) -> dict[str, Any]:
+                        cfg: AKDConfig, eos: int, forward: Any = None) -> dict[str, Any]:
     """CE on the teacher's answers, logit KD on the answer positions, feature KD between
-    projected visual tokens (kept ones only)."""
+    projected visual tokens (kept ones only). ``forward``: what runs the student's forward
+    (the prepared model; default ``student``)."""
     import torch
     import torch.nn.functional as F
 
@@ -302,8 +307,8 @@ def visual_batch_losses(student: Any, teacher: Any, aligner: Any, batch: list[Vi
         inp_t = build_inputs(teacher, batch, answers, eos)
         logits_t = teacher(inputs_embeds=inp_t["inputs_embeds"], attention_mask=inp_t["attention_mask"],
                            position_ids=inp_t["position_ids"]).logits[:, :-1]
-    logits_s = student(inputs_embeds=inp_s["inputs_embeds"], attention_mask=inp_s["attention_mask"],
-                       position_ids=inp_s["position_ids"]).logits[:, :-1]  # (B, T-1, V)
+    logits_s = (forward or student)(inputs_embeds=inp_s["inputs_embeds"], attention_mask=inp_s["attention_mask"],
+                                    position_ids=inp_s["position_ids"]).logits[:, :-1]  # (B, T-1, V)
     targets = inp_s["ids"][:, 1:]
     w = inp_s["answer_mask"][:, :-1]
     if cfg.teacher_weighting == "confidence":

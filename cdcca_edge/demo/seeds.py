@@ -233,7 +233,7 @@ def write_seed_plots(s: dict[str, Any], out: Path) -> None:
     for name, v in (s.get("ablations") or {}).items():
         if name != "akd":
             diffs.append((f"{name} - akd (round 1)", v["minus_akd"]))
-    fig, ax = plt.subplots(figsize=(5.5, 0.45 * len(diffs) + 1.0))
+    fig, ax = plt.subplots(figsize=(6.5, 0.45 * len(diffs) + 1.0))
     y = np.arange(len(diffs))[::-1]
     m = np.array([100 * d["mean"] for _, d in diffs])
     err = np.array([[100 * (d["mean"] - d["lo"]) for _, d in diffs], [100 * (d["hi"] - d["mean"]) for _, d in diffs]])
@@ -241,7 +241,7 @@ def write_seed_plots(s: dict[str, Any], out: Path) -> None:
     ax.axvline(0, c="grey", lw=0.8)
     ax.set_yticks(y)
     ax.set_yticklabels([n for n, _ in diffs], fontsize=7)
-    ax.set_xlabel(f"paired difference, accuracy points (mean, 95% CI, {s['seeds']} seeds)")
+    ax.set_xlabel(f"paired difference, points (mean, 95% CI, {s['seeds']} seeds)", fontsize=8)
     fig.tight_layout()
     fig.savefig(out / "seeds-differences.png", dpi=120)
     plt.close(fig)

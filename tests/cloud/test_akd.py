@@ -234,3 +234,41 @@ def test_cli_distill_and_module_entry_point(pair, bundle, tmp_path):
     doc = json.loads(proc.stdout)
     assert doc["steps"] >= 1 and (out / "adapter_model.safetensors").is_file()
     assert math.isfinite(doc["losses"][0]["total"])
+
+
+def test_distill_under_accelerate_launch_matches_one_process(pair, bundle, tmp_path):
+    """`accelerate launch --num_processes 2 --cpu cdcca-edge distill` (gloo, data parallel):
+    the same command runs unchanged, and its losses track one process's. Tolerance: each
+    epoch's mean loss within 10% of the single process's (the two processes split each batch,
+    so a batch's mean over tokens is weighted a little differently)."""
+    from tests.procs import accelerate_launch
+
+    args = ["--teacher", str(pair[0]), "--student", str(pair[1]), "--bundle", str(bundle), "--epochs", "3",
+            "--max-new-tokens", "6", "--holdout", "0.2", "--seed", "1"]
+    proc = accelerate_launch(["cdcca_edge.cli", "distill", *args, "-o", str(tmp_path / "ddp"), "--json"])
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    ddp = json.loads((tmp_path / "ddp" / "report.json").read_text())
+    assert ddp["processes"] == 2  # really two processes
+    one = distill(pair[0], pair[1], [bundle], tmp_path / "one",
+                  AKDConfig(epochs=3, max_new_tokens=6, holdout=0.2, seed=1))
+    assert ddp["steps"] == one.steps
+    for a, b in zip(ddp["losses"], one.losses):
+        assert a["total"] == pytest.approx(b["total"], rel=0.10), (ddp["losses"], one.losses)
+    assert ddp["losses"][-1]["total"] < ddp["losses"][0]["total"]  # it learns
+    # one adapter, written once, that loads
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(pair[1]), tmp_path / "ddp")
+
+
+def test_a_launch_where_each_process_would_train_alone_is_refused(pair, bundle, tmp_path):
+    """WORLD_SIZE says 2, accelerate sees 1 (`accelerate launch --multi_gpu` on a machine
+    without GPUs and without ACCELERATE_USE_CPU): refused, nothing written."""
+    from tests.procs import accelerate_launch
+
+    args = ["--teacher", str(pair[0]), "--student", str(pair[1]), "--bundle", str(bundle), "--epochs", "1"]
+    proc = accelerate_launch(["cdcca_edge.cli", "distill", *args, "-o", str(tmp_path / "x")], use_cpu=False)
+    assert proc.returncode != 0
+    assert "ACCELERATE_USE_CPU=1" in proc.stderr and "would train alone" in proc.stderr
+    assert not (tmp_path / "x").exists()

@@ -157,7 +157,6 @@ def test_akd_visual_tokens(llava, bundles, tmp_path):
     from cdcca_edge.core.artifact import compute_identity, open_artifact
     from cdcca_edge.core.patch import apply_delta
     from cdcca_edge.runtime.multimodal import MultimodalModel
-    from cdcca_edge.runtime.uts import calibrate, collect
 
     teacher_dir, student_dir = llava
     student = LlavaForConditionalGeneration.from_pretrained(student_dir).eval()
@@ -184,18 +183,7 @@ def test_akd_visual_tokens(llava, bundles, tmp_path):
     assert torch.allclose(outs[0][0, after], outs[1][0, after], atol=1e-5)
     assert torch.allclose(outs[0][0, after], masked[0, after], atol=1e-5)
 
-    gguf, _ = bundles["gguf"]
-    device = tmp_path / "device"
-    import shutil
-
-    shutil.copytree(gguf, device)
-    ident = compute_identity(open_artifact(device)).digest
-    with MultimodalModel(device) as mm:
-        calib = calibrate(mm, [{"prompt": e.question.text, "image": e.image}
-                               for e in dataset(12, seed=1, domains=("source",))], ident, rate=0.5, max_tokens=4)
-        collect(mm, [{"id": str(i), "prompt": e.question.text, "image": e.image, "raw_bytes": 1}
-                     for i, e in enumerate(dataset(24, seed=3, domains=("noise", "texture")))],
-                calib, tmp_path / "up.cdcu", ident)
+    device, ident = _device_uplink(bundles, tmp_path, "uts")
     cfg = AKDConfig(epochs=3, lr=5e-3, batch_size=8, max_new_tokens=4, holdout=0.0)
     rep = distill_multimodal(teacher_dir, student_dir, [tmp_path / "up.cdcu"], tmp_path / "akd", cfg)
     assert rep.losses[-1]["total"] < rep.losses[0]["total"]
@@ -216,6 +204,27 @@ def test_akd_visual_tokens(llava, bundles, tmp_path):
     with MultimodalModel(device) as mm:  # the patched bundle loads and answers
         ex = dataset(1, seed=9, domains=("noise",))[0]
         assert mm.generate(mm.prompt(ex.question.text), image=ex.image).tokens
+
+
+def _device_uplink(bundles, tmp_path: Path, selector: str) -> tuple[Path, str]:
+    """A copy of the GGUF bundle as a device (``tmp_path/device``), calibrated on 12 source
+    images, and its uplink of 24 drifted ones (``tmp_path/up.cdcu``). Returns (device, identity)."""
+    import shutil
+
+    from cdcca_edge.core.artifact import compute_identity, open_artifact
+    from cdcca_edge.runtime.multimodal import MultimodalModel
+    from cdcca_edge.runtime.uts import calibrate, collect
+
+    device = tmp_path / "device"
+    shutil.copytree(bundles["gguf"][0], device)
+    ident = compute_identity(open_artifact(device)).digest
+    with MultimodalModel(device) as mm:
+        calib = calibrate(mm, [{"prompt": e.question.text, "image": e.image}
+                               for e in dataset(12, seed=1, domains=("source",))], ident, rate=0.5, max_tokens=4)
+        collect(mm, [{"id": str(i), "prompt": e.question.text, "image": e.image, "raw_bytes": 1}
+                     for i, e in enumerate(dataset(24, seed=3, domains=("noise", "texture")))],
+                calib, tmp_path / "up.cdcu", ident, selector=selector)
+    return device, ident
 
 
 def _delta_tensors(path: Path) -> list[str]:
@@ -293,3 +302,27 @@ def test_runtime_load_opens_bundles_and_patches_them_live(bundles, fmt, tmp_path
         assert r.applied and m.generate(m.prompt(ex.question.text), image=ex.image).tokens
         assert len(before) > 0
     assert compute_identity(open_artifact(device)).digest == target
+
+
+def test_visual_distill_under_accelerate_launch(llava, bundles, tmp_path):
+    """The visual-token path under `accelerate launch --num_processes 2 --cpu` (gloo): runs
+    unchanged and each epoch's mean loss is within 10% of one process's."""
+    from cdcca_edge.cloud.akd import AKDConfig
+    from cdcca_edge.cloud.akd_mm import distill_multimodal
+    from tests.procs import accelerate_launch
+
+    needs_llama()
+    teacher_dir, student_dir = llava
+    _device_uplink(bundles, tmp_path, "all")
+    args = ["--teacher", str(teacher_dir), "--student", str(student_dir), "--bundle", str(tmp_path / "up.cdcu"),
+            "--epochs", "3", "--lr", "5e-3", "--max-new-tokens", "4", "--holdout", "0"]
+    proc = accelerate_launch(["cdcca_edge.cli", "distill", *args, "-o", str(tmp_path / "ddp"), "--json"])
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    ddp = json.loads((tmp_path / "ddp" / "report.json").read_text())
+    assert ddp["processes"] == 2  # really two processes
+    one = distill_multimodal(teacher_dir, student_dir, [tmp_path / "up.cdcu"], tmp_path / "one",
+                             AKDConfig(epochs=3, lr=5e-3, max_new_tokens=4, holdout=0.0), merge=False)
+    assert ddp["steps"] == one.steps and ddp["n_train"] == one.n_train == 24
+    for a, b in zip(ddp["losses"], one.losses):
+        assert a["total"] == pytest.approx(b["total"], rel=0.10), (ddp["losses"], one.losses)
+    assert (tmp_path / "ddp" / "adapter_model.safetensors").is_file()
