@@ -21,6 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import RESULTS, update_section  # noqa: E402
+from cdcca_edge.demo.loop import ABLATIONS  # noqa: E402
 
 
 def section(r: dict) -> str:
@@ -46,11 +47,7 @@ def section(r: dict) -> str:
                    f"calibration images, {anchor:,} bytes).") if anchor else ""
     v = a["variants"]
     abl = [f"| student before | - | - | {a['student_before']:.1%} |"]
-    for name, label in (("akd", "AKD (CE + logit KD + feature KD), UTS uploads"),
-                        ("akd_random_selection", "AKD, random uploads (same count)"),
-                        ("pseudo_label_only", "pseudo-label CE only, UTS uploads"),
-                        ("logit_kd_only", "logit KD only, UTS uploads"),
-                        ("akd_teacher_weighted", "AKD weighted by the teacher's confidence, UTS uploads")):
+    for name, label in ABLATIONS.items():
         if name not in v:
             continue
         abl.append(f"| {label} | {v[name]['n_uploaded']} | {v[name]['uplink_bytes']:,} | {v[name]['target_accuracy']:.1%} |")

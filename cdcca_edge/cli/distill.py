@@ -53,7 +53,8 @@ def distill(
         target_modules=tuple(target_modules.split(",")) if target_modules else _AKD.target_modules,
         epochs=epochs, lr=lr, batch_size=batch_size, max_new_tokens=max_new_tokens,
         ce_weight=ce_weight, kd_weight=kd_weight, kd_loss=value(kd_loss), kd_temperature=kd_temperature,
-        kd_on_device_answer=device_kd, teacher_weighting=value(teacher_weighting), feature_weight=feature_weight, holdout=holdout, seed=seed,
+        kd_on_device_answer=device_kd, teacher_weighting=value(teacher_weighting), feature_weight=feature_weight,
+        holdout=holdout, seed=seed,
     )
     with stage_progress(json_out) as tick:
         report = run_distill(teacher, student, bundle, output, cfg, merge=merge, progress=tick)

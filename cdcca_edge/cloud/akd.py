@@ -25,7 +25,7 @@ import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal, Sequence
+from typing import Any, Callable, Literal, Sequence, get_args
 
 from cdcca_edge.core.adapters import BIAS_ADAPTER_DIR
 from cdcca_edge.core import uplink_format as U
@@ -70,7 +70,7 @@ class AKDConfig:
     def __post_init__(self) -> None:
         if self.adapter not in ("lora", "bias-norm"):
             raise UsageError(f"adapter must be lora or bias-norm, got {self.adapter!r}")
-        if self.teacher_weighting not in ("none", "confidence"):
+        if self.teacher_weighting not in get_args(TeacherWeighting):
             raise UsageError(f"teacher_weighting must be none or confidence, got {self.teacher_weighting!r}")
         if self.kd_loss not in ("forward_kl", "reverse_kl", "jsd"):
             raise UsageError(f"kd_loss must be forward_kl, reverse_kl or jsd, got {self.kd_loss!r}")

@@ -47,6 +47,13 @@ QUICK_STUDENT = replace(STUDENT, train_steps=80)
 RAW_IMAGE_BYTES = IMAGE_SIZE * IMAGE_SIZE * 3  # an uncompressed RGB frame
 DEVICE_BACKENDS = ("llama", "onnx")  # the device's language part: GGUF q8_0, or ONNX f32
 LOOP_SELECTORS = ("uts", "random")
+ABLATIONS = {  # the round-1 ablation variants, as reports label them; "akd" is the full method
+    "akd": "AKD (CE + logit KD + feature KD), UTS uploads",
+    "akd_random_selection": "AKD, random uploads (same count)",
+    "pseudo_label_only": "pseudo-label CE only, UTS uploads",
+    "logit_kd_only": "logit KD only, UTS uploads",
+    "akd_teacher_weighted": "AKD weighted by the teacher's confidence, UTS uploads",
+}
 
 
 @dataclass
@@ -114,7 +121,7 @@ def models(quick: bool, stage: Stage) -> tuple[Path, Path]:
     return t_dir, s_dir
 
 
-def test_set(per_domain: int, seed: int, domains: tuple[str, ...]) -> list[Example]:
+def held_out(per_domain: int, seed: int, domains: tuple[str, ...]) -> list[Example]:
     """``per_domain`` held-out questions from each of ``domains`` (equal counts, so the set's
     accuracy is the mean of the domains'), disjoint in seed from the streams."""
     if len(domains) == 1:
@@ -219,8 +226,8 @@ def run_demo(out_dir: str | Path, config: DemoConfig = DemoConfig(), stage: Stag
     artifact_bytes = sum(p.stat().st_size for p in device.rglob("*") if p.is_file() and "cdcca-" not in p.name)
 
     s = config.seed * 10_000  # seeds far apart: no two seeds' sets share a scene
-    target_test = test_set(config.test, s, TARGET_DOMAINS)
-    source_test = test_set(config.test, s, ("source",))
+    target_test = held_out(config.test, s, TARGET_DOMAINS)
+    source_test = held_out(config.test, s, ("source",))
     calib_set = dataset(config.calibration, seed=s + 103, domains=("source",))
     say("teacher accuracy (torch)")
     teacher_ok = torch_correct(teacher, target_test)
@@ -237,10 +244,9 @@ def run_demo(out_dir: str | Path, config: DemoConfig = DemoConfig(), stage: Stag
         student_ok = device_correct(mm, target_test)
         base = {"target": float(student_ok.mean()), "source": device_accuracy(mm, source_test)}
     calib.save(work / "calibration.json")
-    # an anchor set, sent once: the calibration images' uploads (half their tokens, like
-    # any upload). Distilling on them every round keeps the update from trading the
-    # source domain for the drifted one (measured: without them source accuracy fell
-    # 3-6 points after the first round)
+    # an anchor set, sent once: the calibration images' uploads, with anchor_keep of their
+    # tokens (every one by default). Distilling on them every round holds the source domain
+    # back from trading itself for the drifted one (docs/demo.md, "How the defaults were chosen")
     anchor = work / "uplink-anchor.cdcu"
     if config.anchor:
         assert calib.visual is not None  # calibrated on images

@@ -20,19 +20,12 @@ from typing import Any, Callable
 import numpy as np
 
 from cdcca_edge.core.errors import UsageError
-from cdcca_edge.demo.loop import DemoConfig, DemoReport, Stage, run_demo
+from cdcca_edge.demo.loop import ABLATIONS, DemoConfig, DemoReport, Stage, run_demo
 
 # two-sided 95% quantiles of Student's t, by degrees of freedom (1-30); beyond, the normal's
 T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
         2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
         2.045, 2.042)
-ABLATIONS = {  # variant -> label; each is compared with "akd" (the full method on UTS uploads)
-    "akd": "AKD (CE + logit KD + feature KD), UTS uploads",
-    "akd_random_selection": "AKD, random uploads (same count)",
-    "pseudo_label_only": "pseudo-label CE only, UTS uploads",
-    "logit_kd_only": "logit KD only, UTS uploads",
-    "akd_teacher_weighted": "AKD weighted by the teacher's confidence, UTS uploads",
-}
 
 
 @dataclass(frozen=True)
@@ -56,6 +49,15 @@ class Interval:
         half = t975(v.size - 1) * float(v.std(ddof=1)) / math.sqrt(v.size)
         return cls(m, m - half, m + half, int(v.size), tuple(float(x) for x in values))
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Interval":
+        """An interval as report.json holds it (``asdict``)."""
+        return cls(d["mean"], d["lo"], d["hi"], d["n"], tuple(d["values"]))
+
+    def negated(self) -> "Interval":
+        """The interval of the opposite difference (a - b -> b - a)."""
+        return Interval(-self.mean, -self.hi, -self.lo, self.n, tuple(-x for x in self.values))
+
     def above(self, x: float) -> bool:
         """The whole interval lies above ``x``."""
         return self.lo > x
@@ -78,7 +80,7 @@ def t975(df: int) -> float:
 
 def run_seeds(out_dir: str | Path, config: DemoConfig, seeds: int, stage: Stage | None = None,
               on_seed: Callable[[int, dict[str, Any]], None] | None = None) -> dict[str, Any]:
-    """Run the loop for seeds 0..``seeds``-1, with UTS and with random uploads; write
+    """Run the loop for seeds ``config.seed`` .. ``config.seed + seeds - 1``, with UTS and with random uploads; write
     ``out_dir/report.{md,json}``, the plots, and each run under ``out_dir/seed-K/{uts,random}``.
     Returns the summary (what report.json holds)."""
     if seeds < 2:
@@ -166,9 +168,7 @@ def summarise(runs: list[dict[str, dict[str, Any]]]) -> dict[str, Any]:
 
 def goals(s: dict[str, Any]) -> list[dict[str, Any]]:
     """Issue 17's goals that this run measures, each with its figure and whether it is met."""
-    def I(d: dict[str, Any]) -> Interval:  # noqa: E743 - a short name for a re-read Interval
-        return Interval(d["mean"], d["lo"], d["hi"], d["n"], tuple(d["values"]))
-
+    I = Interval.from_dict  # noqa: E741 - a short name for a re-read Interval
     g: list[dict[str, Any]] = []
     tt, gap = I(s["teacher_target"]), I(s["teacher_minus_student_target"])
     g.append({"goal": "teacher accuracy on the target domains >= 85%", "measured": tt.percent(),
@@ -189,12 +189,10 @@ def goals(s: dict[str, Any]) -> list[dict[str, Any]]:
     if abl:
         singles = [n for n in ("pseudo_label_only", "logit_kd_only") if n in abl]
         best = max(singles, key=lambda n: abl[n]["target"]["mean"])
-        d = I(abl[best]["minus_akd"])  # best single - full, turned round below
-        full_minus_best = Interval(-d.mean, -d.hi, -d.lo, d.n, tuple(-x for x in d.values))
+        full_minus_best = I(abl[best]["minus_akd"]).negated()
         g.append({"goal": f"full AKD - best single loss ({best}): interval includes or is above 0",
                   "measured": full_minus_best.points(), "met": full_minus_best.hi >= 0.0})
-        d = I(abl["pseudo_label_only"]["minus_akd"])
-        full_minus_pl = Interval(-d.mean, -d.hi, -d.lo, d.n, tuple(-x for x in d.values))
+        full_minus_pl = I(abl["pseudo_label_only"]["minus_akd"]).negated()
         g.append({"goal": "full AKD - pseudo-labels only: interval above 0", "measured": full_minus_pl.points(),
                   "met": full_minus_pl.above(0.0)})
     return g
@@ -202,7 +200,7 @@ def goals(s: dict[str, Any]) -> list[dict[str, Any]]:
 
 def write_seed_plots(s: dict[str, Any], out: Path) -> None:
     """seeds-accuracy.png (accuracy by round, mean and 95% interval, UTS and random uploads)
-    and seeds-ablations.png (paired differences from the full method, with intervals)."""
+    and seeds-differences.png (the paired differences, with intervals)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -213,8 +211,8 @@ def write_seed_plots(s: dict[str, Any], out: Path) -> None:
     for key, label, fmt, dx in (("uts_target", "target, UTS uploads", "o-", -0.04),
                                 ("random_target", "target, random uploads", "^--", 0.0),
                                 ("uts_source", "source, UTS uploads", "s-", 0.04)):
-        xs = [r["round"] + dx for r in rows if key in r or (r["round"] == 0 and key.endswith("_target"))]
-        pts = [r.get(key) or r["uts_target"] for r in rows if key in r or (r["round"] == 0 and key.endswith("_target"))]
+        xs = [r["round"] + dx for r in rows]
+        pts = [r.get(key, r["uts_target"]) for r in rows]  # round 0 has no random arm: the same model
         m = np.array([p["mean"] for p in pts])
         err = np.array([[p["mean"] - p["lo"] for p in pts], [p["hi"] - p["mean"] for p in pts]])
         ax.errorbar(xs, m, yerr=err, fmt=fmt, capsize=3, label=label)
@@ -249,10 +247,10 @@ def write_seed_plots(s: dict[str, Any], out: Path) -> None:
 
 def render_seeds_markdown(s: dict[str, Any]) -> str:
     def p(d: dict[str, Any]) -> str:
-        return Interval(d["mean"], d["lo"], d["hi"], d["n"], tuple(d["values"])).percent()
+        return Interval.from_dict(d).percent()
 
     def pts(d: dict[str, Any]) -> str:
-        return Interval(d["mean"], d["lo"], d["hi"], d["n"], tuple(d["values"])).points()
+        return Interval.from_dict(d).points()
 
     n, per = s["seeds"], s["test_per_domain"]
     lines = [f"# cdcca-edge demo over {n} seeds", "",
