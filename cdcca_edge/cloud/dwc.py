@@ -37,12 +37,22 @@ import numpy as np
 
 from cdcca_edge.core.artifact import Artifact, TensorInfo, iter_tensor_bytes, open_artifact
 from cdcca_edge.core.delta_build import BuiltRecord, DeltaBuilder, changed_runs
-from cdcca_edge.core.encodings import REQUANT_TYPES, dequantize, quantize, symmetric_quantize
+from cdcca_edge.core.encodings import (
+    MX_BITS,
+    MX_GROUP,
+    REQUANT_TYPES,
+    dequantize,
+    mx_dequantize,
+    mx_quantize,
+    quantize,
+    symmetric_quantize,
+)
 from cdcca_edge.core.errors import IntegrityError, UsageError, require
 from cdcca_edge.core.ggml import SCALE_FIRST_TYPES, block_scales, type_layout
 
 RECORD_OVERHEAD = 250  # bytes of (compressed) header per record, measured 200-260
 MIN_STEP_FRACTION = 0.5  # block changes below this many quantisation steps are skipped
+FACTOR_BITS = (2, 3, 4, 5, 6, 8)  # the bit widths a low-rank component may be sent at
 
 
 @dataclass
@@ -54,6 +64,9 @@ class DWCConfig:
     lowrank: bool = True  # allow low-rank records for LoRA-shaped updates
     max_bits: int = 8  # 8: int8 or int4 per tensor; 4: int4 only
     min_step_fraction: float = MIN_STEP_FRACTION
+    # bit widths a low-rank component may take under a budget (each singular component
+    # gets its own, by error removed per byte); (8,): every component at 8 bits
+    factor_bits: tuple[int, ...] = FACTOR_BITS
 
     def __post_init__(self) -> None:
         if self.budget_bytes is not None and self.max_kl is not None:
@@ -64,6 +77,9 @@ class DWCConfig:
             raise UsageError("the KL bound must be > 0")
         if self.max_bits not in (4, 8):
             raise UsageError("max_bits must be 4 or 8")
+        self.factor_bits = tuple(sorted(set(int(b) for b in self.factor_bits)))
+        if not self.factor_bits or any(b not in MX_BITS for b in self.factor_bits):
+            raise UsageError(f"factor_bits must be bit widths in [2, 8], got {self.factor_bits!r}")
 
 
 @dataclass
@@ -183,15 +199,16 @@ class UpdatePlan:
     lr_a: np.ndarray | None = None  # (R, cols) sqrt(sigma) v^T
     lr_b: np.ndarray | None = None  # (rows, R) u sqrt(sigma)
     lr_gains: np.ndarray | None = None  # (R,) squared error each component removes
-    lr_rank_cost: float = 0.0  # bytes per component (int8 factors with row scales)
+    lr_bits: tuple[int, ...] = ()  # (L,) the bit widths priced, ascending
+    lr_err: np.ndarray | None = None  # (R, L) squared error a component leaves at each width
+    lr_cost: np.ndarray | None = None  # (R, L) its bytes at each width (deflated codes, scales)
 
     @property
     def prefer_lowrank(self) -> bool:
         """Whether the whole update is cheaper as low rank than as blocks."""
         if self.lr_gains is None:
             return False
-        full_lr = len(self.lr_gains) * self.lr_rank_cost
-        return full_lr < len(self.order) * self.block_cost
+        return float(self.lr_cost[:, -1].sum()) < len(self.order) * self.block_cost
 
 
 def factored_svd(factors: list[tuple[np.ndarray, np.ndarray, float]]
@@ -245,8 +262,6 @@ def price(t: TensorTarget, cfg: DWCConfig, importance: np.ndarray | None = None,
         enc, cost = "replace", replace_cost
     plan = UpdatePlan(t, group, order, gains, cost + 4, enc, d, mirror)
     if cfg.lowrank and t.lowrank:
-        cols = info.shape[-1]
-        rows = info.n_elements // cols
         upd = sum(s * (b.astype(np.float64) @ a.astype(np.float64)) for a, b, s in t.lowrank)  # (rows, cols)
         miss = d - upd.reshape(-1, group)  # what the factors leave undone, per group
         # The factors describe target - base; they reach the target only while the mirror
@@ -259,8 +274,58 @@ def price(t: TensorTarget, cfg: DWCConfig, importance: np.ndarray | None = None,
             plan.lr_a = (root[:, None] * vt).astype(np.float32)  # (R, cols)
             plan.lr_b = (u * root[None, :]).astype(np.float32)  # (rows, R)
             plan.lr_gains = (sv.astype(np.float64) ** 2)
-            plan.lr_rank_cost = rows + cols + 4
+            plan.lr_bits = cfg.factor_bits
+            plan.lr_err, plan.lr_cost = factor_ladder(plan.lr_a, plan.lr_b, cfg.factor_bits)
     return plan
+
+
+def factor_ladder(a: np.ndarray, b: np.ndarray, widths: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    """What each singular component costs and leaves undone at each bit width.
+
+    ``a`` (R, cols), ``b`` (rows, R). Returns (err, cost), each (R, len(widths)):
+    ``err[k, j] = ||b_k a_k - b^_k a^_k||^2`` with the mx-quantised vectors (exact for a
+    rank-1 term: ``|a|^2 |b|^2 - 2 (a.a^)(b.b^) + |a^|^2 |b^|^2``), and ``cost[k, j]`` the
+    codes' empirical entropy (at least 1 bit a code: deflate's Huffman codes whole bytes)
+    plus the float16 group scales, in bytes."""
+    rank = a.shape[0]
+    err = np.zeros((rank, len(widths)))
+    cost = np.zeros((rank, len(widths)))
+    for k in range(rank):
+        va, vb = a[k].astype(np.float64), b[:, k].astype(np.float64)
+        aa, bb = float(va @ va), float(vb @ vb)
+        for j, nb in enumerate(widths):
+            qa, sa = mx_quantize(a[k], nb, MX_GROUP)
+            qb, sb = mx_quantize(b[:, k], nb, MX_GROUP)
+            ha = mx_dequantize(qa, sa, MX_GROUP).astype(np.float64)
+            hb = mx_dequantize(qb, sb, MX_GROUP).astype(np.float64)
+            err[k, j] = max(0.0, aa * bb - 2 * float(va @ ha) * float(vb @ hb) + float(ha @ ha) * float(hb @ hb))
+            codes = np.concatenate([qa, qb])
+            _, counts = np.unique(codes, return_counts=True)
+            pr = counts / codes.size
+            bits = max(1.0, float(-(pr * np.log2(pr)).sum()))
+            cost[k, j] = codes.size * bits / 8 + 2 * (sa.size + sb.size)
+    return err, cost
+
+
+def _hull(err0: float, err: np.ndarray, cost: np.ndarray, widths: Sequence[int]) -> list[tuple[int, int, float, float]]:
+    """The steps up one component's bit ladder that a greedy allocator should take in
+    order: the lower convex hull of (bytes, error) from (0, err0) (not sent), so that error
+    removed per byte falls step by step. Returns (from bits, to bits, gain, bytes) steps."""
+    pts = [(0.0, err0, 0)] + sorted((float(c), float(e), int(w)) for c, e, w in zip(cost, err, widths))
+    hull = [pts[0]]
+    for p in pts[1:]:
+        if p[1] >= hull[-1][1]:
+            continue  # costs more and leaves as much
+        while len(hull) >= 2:
+            (c0, e0, _), (c1, e1, _) = hull[-2], hull[-1]
+            # drop the middle point when going straight from hull[-2] to p removes more per byte
+            if (e0 - p[1]) * (c1 - c0) >= (e0 - e1) * (p[0] - c0):
+                hull.pop()
+            else:
+                break
+        hull.append(p)
+    return [(hull[i][2], hull[i + 1][2], hull[i][1] - hull[i + 1][1], hull[i + 1][0] - hull[i][0])
+            for i in range(len(hull) - 1)]
 
 
 # --- selection ----------------------------------------------------------------------------
@@ -270,63 +335,77 @@ def price(t: TensorTarget, cfg: DWCConfig, importance: np.ndarray | None = None,
 class Choice:
     plan: UpdatePlan
     n_groups: int = 0  # the first n groups of plan.order are updated (block encodings)
-    rank: int = 0  # or: the first ``rank`` singular components (low rank)
+    bits: tuple[int, ...] = ()  # or: each singular component's bit width, 0 = not sent (low rank)
+
+    @property
+    def rank(self) -> int:
+        return sum(1 for b in self.bits if b)
 
     @property
     def cost(self) -> float:
         if self.rank:
-            return self.rank * self.plan.lr_rank_cost + RECORD_OVERHEAD
+            p = self.plan
+            return sum(float(p.lr_cost[k, p.lr_bits.index(b)]) for k, b in enumerate(self.bits) if b) + RECORD_OVERHEAD
         return self.n_groups * self.plan.block_cost + (RECORD_OVERHEAD if self.n_groups else 0)
 
 
 def select(plans: list[UpdatePlan], budget: int | None) -> list[Choice]:
     """Greedy allocation by error removed per byte, over block prefixes (most important
-    first) or singular components (strongest first) of each tensor, whichever carries its
-    whole update more cheaply. Without a budget, every tensor gets all of it."""
+    first) or singular components and their bit widths (each component climbs its own
+    ladder of widths) of each tensor, whichever carries its whole update more cheaply.
+    Without a budget, every tensor gets all of it: every component at its widest."""
     choices = []
     for p in plans:
         if p.prefer_lowrank:
-            choices.append(Choice(p, rank=len(p.lr_gains)))
+            choices.append(Choice(p, bits=(p.lr_bits[-1],) * len(p.lr_gains)))
         else:
             choices.append(Choice(p, n_groups=len(p.order)))
     if budget is None:
         return choices
-    chunks = []  # (gain per byte, tensor index, prefix length)
+    chunks = []  # (gain per byte, tensor index, step): step = prefix length, or (k, from, to, bytes)
     for i, (p, c) in enumerate(zip(plans, choices)):
-        c.n_groups = c.rank = 0
+        c.n_groups, c.bits = 0, ()
         if p.prefer_lowrank:
-            gains, unit_cost = p.lr_gains, p.lr_rank_cost
-            edges = list(range(1, len(gains) + 1))
-        else:
-            gains, unit_cost = p.gains, p.block_cost
-            n = len(gains)
-            edges = sorted({max(1, int(n * f)) for f in (0.01, 0.02, 0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 1.0)})
+            c.bits = (0,) * len(p.lr_gains)
+            for k in range(len(p.lr_gains)):
+                for j, (b0, b1, gain, nbytes) in enumerate(_hull(float(p.lr_gains[k]), p.lr_err[k],
+                                                                  p.lr_cost[k], p.lr_bits)):
+                    over = RECORD_OVERHEAD if (k == 0 and j == 0) else 0  # the record's header
+                    chunks.append((gain / (nbytes + over), i, (k, b0, b1, nbytes)))
+            continue
+        gains, unit_cost = p.gains, p.block_cost
+        n = len(gains)
+        edges = sorted({max(1, int(n * f)) for f in (0.01, 0.02, 0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 1.0)})
         prev = 0
         for e in edges:
             cost = (e - prev) * unit_cost + (RECORD_OVERHEAD if prev == 0 else 0)
             chunks.append((float(gains[prev:e].sum()) / cost, i, e))
             prev = e
     spent = 0.0
-    # gains per byte fall along each tensor's ladder, so ratio order takes prefixes
-    for _ratio, i, upto in sorted(chunks, key=lambda c: -c[0]):
+    # gains per byte fall along each ladder, so ratio order climbs them in order
+    for _ratio, i, step in sorted(chunks, key=lambda c: -c[0]):
         c = choices[i]
-        lowrank = c.plan.prefer_lowrank
-        have = c.rank if lowrank else c.n_groups
-        if upto <= have:
+        if isinstance(step, tuple):
+            k, b0, b1, nbytes = step
+            if c.bits[k] != b0:
+                continue  # an earlier step of this component did not fit
+            cost = nbytes + (RECORD_OVERHEAD if c.rank == 0 else 0)
+            if spent + cost > budget:
+                continue
+            spent += cost
+            c.bits = c.bits[:k] + (b1,) + c.bits[k + 1 :]
             continue
-        unit_cost = c.plan.lr_rank_cost if lowrank else c.plan.block_cost
-        cost = (upto - have) * unit_cost + (RECORD_OVERHEAD if have == 0 else 0)
+        if step <= c.n_groups:
+            continue
+        cost = (step - c.n_groups) * c.plan.block_cost + (RECORD_OVERHEAD if c.n_groups == 0 else 0)
         if spent + cost > budget:
             continue
         spent += cost
-        if lowrank:
-            c.rank = upto
-        else:
-            c.n_groups = upto
+        c.n_groups = step
     return choices
 
 
-def _stochastic_is_closer(p: UpdatePlan, rank: int) -> bool:
+def _stochastic_is_closer(p: UpdatePlan, a: np.ndarray, b: np.ndarray) -> bool:
     """Whether a Q8_0 low-rank update should be rounded without bias. Requantising to
     nearest erases every change below half a step: the device holds
     ``dequantise(quantise(W))``, not ``W``, so a small update mostly rounds back to the same
@@ -337,12 +416,6 @@ def _stochastic_is_closer(p: UpdatePlan, rank: int) -> bool:
     update's own direction; under 90%: stochastic. (A plain L2 distance to the target
     prefers nearest even when it drops the update: the erased part is systematic, the
     noise is not, and the model's outputs feel the former far more.)"""
-    from cdcca_edge.core.encodings import decode_factors, encode_factors
-
-    info = p.t.info
-    cols = info.shape[-1]
-    rows = info.n_elements // cols
-    a, b = decode_factors(encode_factors(p.lr_a[:rank], p.lr_b[:, :rank], "i8"), "i8", rank, rows, cols, info.name)
     upd = (b @ a).reshape(-1).astype(np.float32)  # (n,), as the device will add it (up to summation order)
     moved = dequantize("Q8_0", quantize("Q8_0", p.mirror + upd)) - p.mirror
     norm = float(np.dot(upd.astype(np.float64), upd))
@@ -350,7 +423,7 @@ def _stochastic_is_closer(p: UpdatePlan, rank: int) -> bool:
 
 
 def build(base: Artifact, choices: list[Choice], builder: DeltaBuilder,
-          cache: dict[tuple[str, int, int], tuple[str, list[BuiltRecord]]] | None = None) -> dict[str, int]:
+          cache: dict[tuple[str, tuple[int, ...], int], tuple[str, list[BuiltRecord]]] | None = None) -> dict[str, int]:
     """Add the chosen records to ``builder``. Returns records per encoding.
 
     ``cache``: records built for earlier choices on the same base, by (tensor, rank,
@@ -358,7 +431,7 @@ def build(base: Artifact, choices: list[Choice], builder: DeltaBuilder,
     budgets that mostly choose the same records), and new ones are added to it."""
     counts: dict[str, int] = {}
     for c in choices:
-        key = (c.plan.t.info.name, c.rank, c.n_groups)
+        key = (c.plan.t.info.name, c.bits, c.n_groups)
         if cache is not None and key in cache:
             kind, built = cache[key]
             for b in built:
@@ -379,8 +452,17 @@ def _build_one(c: Choice, builder: DeltaBuilder) -> str | None:
     """Add one choice's records; returns its kind (None when it adds nothing)."""
     p, info = c.plan, c.plan.t.info
     if c.rank:
-        stochastic = info.type_name == "Q8_0" and _stochastic_is_closer(p, c.rank)
-        builder.add_low_rank(info.name, p.lr_a[: c.rank], p.lr_b[:, : c.rank], 1.0, factor_dtype="i8",
+        from cdcca_edge.core.encodings import decode_mx_factors, encode_mx_factors
+
+        sent = [k for k, b in enumerate(c.bits) if b]
+        bits = [c.bits[k] for k in sent]
+        a, b = p.lr_a[sent], p.lr_b[:, sent]
+        cols = info.shape[-1]
+        # the factors as the device will decode them
+        qa, qb = decode_mx_factors(encode_mx_factors(a, b, bits, MX_GROUP), bits, MX_GROUP,
+                                   info.n_elements // cols, cols, info.name)
+        stochastic = info.type_name == "Q8_0" and _stochastic_is_closer(p, qa, qb)
+        builder.add_low_rank(info.name, a, b, 1.0, factor_dtype="mx", bits=bits, group=MX_GROUP,
                              rounding="stochastic" if stochastic else "nearest",
                              seed=zlib.crc32(info.name.encode()) if stochastic else 0)
         return "lowrank"
@@ -550,7 +632,7 @@ def make_delta(
                                  model=target_model)
     del target_model  # the targets hold what the rest needs
 
-    built: dict[tuple[str, int, int], tuple[str, list[BuiltRecord]]] = {}  # across budgets
+    built: dict[tuple[str, tuple[int, ...], int], tuple[str, list[BuiltRecord]]] = {}  # across budgets
 
     def attempt(budget: int | None, path: Path) -> tuple[Any, dict[str, int], list[Choice], list[list[bytes]]]:
         choices = select(plans, budget)

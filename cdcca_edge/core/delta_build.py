@@ -41,7 +41,11 @@ from cdcca_edge.core.encodings import (
     DATA_ZSUB,
     FACTOR_DTYPES,
     MAX_RUNS,
+    MX_BITS,
+    MX_GROUP,
+    MX_MAX_GROUP,
     encode_factors,
+    encode_mx_factors,
     QADD_BITS,
     encode_runs,
     group_layout,
@@ -221,10 +225,13 @@ class DeltaBuilder:
         self._add(t, ENC_QADD, params, payload, _unit_ranges(runs, g_elems, t))
 
     def add_low_rank(self, tensor: str, a: Any, b: Any, scale: float,
-                     factor_dtype: str = "f16", rounding: str = "nearest", seed: int = 0) -> None:
+                     factor_dtype: str = "f16", rounding: str = "nearest", seed: int = 0,
+                     bits: Sequence[int] | None = None, group: int = MX_GROUP) -> None:
         """W += scale * B @ A with A (r, cols), B (rows, r), in the artefact's layout.
         ``rounding="stochastic"`` (Q8_0 only) keeps block scales and rounds the codes
-        without bias (docs/formats/delta.md, section 5.4)."""
+        without bias (docs/formats/delta.md, section 5.4). ``factor_dtype="mx"``: component
+        k (A's row k, B's column k) as ``bits[k]``-bit codes with a float16 scale per
+        ``group`` values, deflated."""
         import numpy as np
 
         t = self.base.tensor(tensor)
@@ -238,8 +245,19 @@ class DeltaBuilder:
         if a.ndim != 2 or b.ndim != 2 or a.shape[1] != cols or b.shape != (rows, a.shape[0]):
             raise UsageError(f"{tensor}: factors A {a.shape}, B {b.shape} do not fit a "
                              f"({rows}, {cols}) matrix (A: (r, {cols}), B: ({rows}, r))")
-        payload = encode_factors(a, b, factor_dtype)
         params: dict[str, Any] = {"rank": int(a.shape[0]), "scale": float(scale), "factor_dtype": factor_dtype}
+        if factor_dtype == "mx":
+            bits = [int(x) for x in (bits if bits is not None else [8] * a.shape[0])]
+            if len(bits) != a.shape[0] or any(x not in MX_BITS for x in bits) or not 1 <= group <= MX_MAX_GROUP:
+                raise UsageError(f"{tensor}: mx factors need one bit width in [2, 8] per component "
+                                 f"({a.shape[0]}) and a group in [1, {MX_MAX_GROUP}]")
+            payload = encode_mx_factors(a, b, bits, group)
+            params.update(bits=bits, group=int(group))
+        else:
+            payload = encode_factors(a, b, factor_dtype)
+        if len(payload) > MAX_RECORD_PAYLOAD:
+            raise UsageError(f"{tensor}: lowrank payload of {len(payload)} bytes exceeds the record "
+                             f"limit {MAX_RECORD_PAYLOAD}; send fewer components or smaller factors")
         if rounding != "nearest":
             if rounding != "stochastic" or t.type_name != "Q8_0":
                 raise UsageError(f"{tensor}: rounding must be 'nearest', or 'stochastic' for Q8_0 tensors")

@@ -33,7 +33,13 @@ DATA_ZSUB = "zsub"  # replace data: zlib(new - old), bytewise modulo 256
 FLOAT_TYPES = ("F32", "F16", "BF16")
 REQUANT_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0")  # types qadd/lowrank can rewrite
 QADD_BITS = (8, 4)
-FACTOR_DTYPES = {"f16": 2, "f32": 4, "i8": 1}  # i8: int8 rows with a float16 scale each
+FACTOR_DTYPES = {"f16": 2, "f32": 4, "i8": 1, "mx": 1}  # i8: int8 rows with a float16 scale
+# each; mx: per-component bits, a float16 scale per group, codes deflated (section 5.4)
+MX_BITS = range(2, 9)  # bits of an mx component: codes in [-(2^(b-1) - 1), 2^(b-1) - 1]
+MX_MAX_GROUP = 1 << 16
+MX_GROUP = 64  # values per scale the writer uses (a float16 per 64 codes: 0.25 bit each)
+MX_MAX_CODES = 1 << 26  # codes an mx record may inflate to: bounds what a patcher holds
+MX_CLIPS = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5)  # scale candidates (x max/lim) the writer tries
 _U32 = struct.Struct("<I")
 
 
@@ -408,9 +414,110 @@ def check_finite(rec: Record, old: Any, new: Any) -> None:
 
 
 def factor_bytes(fdt: str, rank: int, rows: int, cols: int) -> int:
-    """Payload size of low-rank factors A (rank, cols), B (rows, rank)."""
+    """Payload size of low-rank factors A (rank, cols), B (rows, rank) (not for ``mx``,
+    whose codes are deflated)."""
     n = rank * cols + rows * rank
     return n + 2 * (rank + rows) if fdt == "i8" else n * FACTOR_DTYPES[fdt]
+
+
+def mx_quantize(v: Any, bits: int, group: int) -> tuple[Any, Any]:
+    """One factor vector (n,) -> int8 codes (n,) in [-lim, lim], ``lim = 2^(bits-1) - 1``,
+    and a float16 scale per ``group`` consecutive values (ceil(n / group),), ``v ~= code *
+    scale``. Each group's scale is the one of ``MX_CLIPS`` x max|v| / lim with the least
+    squared error: at 2-4 bits clipping the largest values beats resolving them."""
+    import numpy as np
+
+    v = np.asarray(v, dtype=np.float32).reshape(-1)
+    n = v.size
+    g = -(-n // group)
+    lim = np.float32(2 ** (bits - 1) - 1)
+    x = np.zeros(g * group, np.float32)
+    x[:n] = v
+    x = x.reshape(g, group)  # (G, group), the tail padded with zeros
+    top = np.abs(x).max(1)  # (G,)
+    best_q = np.zeros(x.shape, np.int8)
+    best_s = np.zeros(g, np.float16)
+    best_err = np.full(g, np.inf)
+    for clip in MX_CLIPS:
+        s = (top * np.float32(clip) / lim).astype(np.float16)  # (G,)
+        s32 = s.astype(np.float32)
+        div = np.where(s32 > 0, s32, np.float32(1.0))
+        q = np.clip(np.rint(x / div[:, None]), -lim, lim)
+        err = ((q * s32[:, None] - x).astype(np.float64) ** 2).sum(1)
+        better = err < best_err
+        best_err = np.where(better, err, best_err)
+        best_q[better] = q[better].astype(np.int8)
+        best_s[better] = s[better]
+    return best_q.reshape(-1)[:n], best_s
+
+
+def mx_dequantize(codes: Any, scales: Any, group: int) -> Any:
+    """Inverse of :func:`mx_quantize`: float32 values (n,) = code * scale of its group."""
+    import numpy as np
+
+    idx = np.arange(codes.size) // group
+    return codes.astype(np.float32) * scales.astype(np.float32)[idx]
+
+
+def _mx_layout(bits: Sequence[int], group: int, rows: int, cols: int) -> tuple[int, int]:
+    """(codes, scales) an mx payload holds for factors of a (rows, cols) matrix."""
+    rank = len(bits)
+    return rank * (rows + cols), rank * (-(-cols // group) + -(-rows // group))
+
+
+def encode_mx_factors(a: Any, b: Any, bits: Sequence[int], group: int) -> bytes:
+    """A (r, cols), B (rows, r) -> ``zlib(codes) ++ scales``: per component k, the codes of
+    ``A[k, :]`` then of ``B[:, k]`` at ``bits[k]`` bits, one int8 each (deflate then codes
+    them near their entropy); then, in the same order, their float16 group scales."""
+    import numpy as np
+
+    codes, scales = [], []
+    for k, nb in enumerate(bits):
+        for v in (a[k, :], b[:, k]):
+            q, s = mx_quantize(v, nb, group)
+            codes.append(q)
+            scales.append(s)
+    return (zlib.compress(np.concatenate(codes).tobytes(), 9)
+            + np.concatenate(scales).astype("<f2").tobytes())
+
+
+def decode_mx_factors(payload: bytes, bits: Sequence[int], group: int, rows: int, cols: int,
+                      what: str) -> tuple[Any, Any]:
+    """Inverse of :func:`encode_mx_factors`: float32 A (r, cols), B (rows, r).
+
+    Raises:
+        FormatError: not valid zlib data, codes or scales of the wrong count, trailing
+            bytes, or a code outside its component's range.
+    """
+    import numpy as np
+
+    rank = len(bits)
+    n_codes, n_scales = _mx_layout(bits, group, rows, cols)
+    if n_codes > MX_MAX_CODES:
+        raise FormatError(f"{what}: mx factors of rank {rank} for ({rows}, {cols}) are {n_codes} "
+                          f"codes, over the limit of {MX_MAX_CODES}")
+    d = zlib.decompressobj()
+    try:
+        raw = d.decompress(bytes(payload), n_codes + 1)
+    except zlib.error as exc:
+        raise FormatError(f"{what}: mx codes are not valid zlib data ({exc})") from exc
+    if len(raw) != n_codes or not d.eof or len(d.unused_data) != 2 * n_scales:
+        raise FormatError(f"{what}: mx payload does not hold {n_codes} codes and {n_scales} "
+                          "float16 scales")
+    codes = np.frombuffer(raw, np.int8)
+    scales = np.frombuffer(d.unused_data, "<f2")
+    per = rows + cols
+    lim = np.repeat((1 << (np.asarray(bits, np.int64) - 1)) - 1, per)  # (n_codes,)
+    if (np.abs(codes.astype(np.int64)) > lim).any():
+        raise FormatError(f"{what}: an mx code lies outside its component's bit range")
+    a = np.empty((rank, cols), np.float32)
+    b = np.empty((rows, rank), np.float32)
+    ga, gb = -(-cols // group), -(-rows // group)
+    for k in range(rank):
+        c0, s0 = k * per, k * (ga + gb)
+        a[k] = mx_dequantize(codes[c0 : c0 + cols], scales[s0 : s0 + ga], group)
+        b[:, k] = mx_dequantize(codes[c0 + cols : c0 + per], scales[s0 + ga : s0 + ga + gb], group)
+    return a, b
 
 
 def symmetric_quantize(m: Any, lim: int = 127) -> tuple[Any, Any]:
@@ -474,6 +581,13 @@ def _plan_lowrank(rec: Record, payload: bytes, base: int, piece: int, what: str)
     rank, scale, fdt = p.get("rank"), p.get("scale"), p.get("factor_dtype", "f16")
     if not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0 or fdt not in FACTOR_DTYPES:
         raise FormatError(f"{what}: bad lowrank params {p!r}")
+    bits, group = p.get("bits"), p.get("group")
+    if fdt == "mx" and not (
+            isinstance(bits, list) and len(bits) == rank
+            and all(isinstance(x, int) and not isinstance(x, bool) and x in MX_BITS for x in bits)
+            and isinstance(group, int) and not isinstance(group, bool) and 1 <= group <= MX_MAX_GROUP):
+        raise FormatError(f"{what}: mx factors need 'bits', {rank} integers in [2, 8], and 'group' "
+                          f"in [1, {MX_MAX_GROUP}]; got bits {bits!r}, group {group!r}")
     if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not np.isfinite(scale):
         raise FormatError(f"{what}: lowrank scale {scale!r} is not a finite number")
     cols = rec.shape[-1]
@@ -483,7 +597,10 @@ def _plan_lowrank(rec: Record, payload: bytes, base: int, piece: int, what: str)
     block, unit = type_layout(rec.type)
     if cols % block:
         raise FormatError(f"{what}: row length {cols} is not a multiple of {rec.type} blocks")
-    a, b = decode_factors(payload, fdt, rank, rows, cols, what)
+    if fdt == "mx":
+        a, b = decode_mx_factors(payload, bits, group, rows, cols, what)
+    else:
+        a, b = decode_factors(payload, fdt, rank, rows, cols, what)
     if not (np.all(np.isfinite(a)) and np.all(np.isfinite(b))):
         raise FormatError(f"{what}: lowrank factors are not all finite")
     rounding, seed = p.get("rounding", "nearest"), p.get("seed", 0)

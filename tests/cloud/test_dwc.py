@@ -256,3 +256,44 @@ def test_records_reused_across_budgets_are_the_records_built_fresh(setup, tmp_pa
         assert ([da.read_payload(r) for r in da.header.records]
                 == [db.read_payload(r) for r in db.header.records])
     assert 0 < len(cache) < chosen  # some choices were built once and re-used
+
+
+def test_bit_ladder_is_a_convex_hull():
+    """The steps up a component's ladder remove less error per byte each time, skip widths
+    that cost more for less, and end at the widest useful width."""
+    import numpy as np
+
+    from cdcca_edge.cloud.dwc import _hull
+
+    widths = (2, 3, 4, 8)
+    err = np.array([40.0, 39.0, 5.0, 0.1])  # 3 bits is barely better than 2: off the hull
+    cost = np.array([10.0, 15.0, 20.0, 40.0])
+    steps = _hull(100.0, err, cost, widths)
+    assert [(s[0], s[1]) for s in steps] == [(0, 2), (2, 4), (4, 8)]
+    ratios = [g / c for _, _, g, c in steps]
+    assert all(a > b for a, b in zip(ratios, ratios[1:]))
+    assert sum(g for _, _, g, _ in steps) == pytest.approx(100.0 - 0.1)
+    # a width that costs more and leaves more is never a step
+    assert [(s[0], s[1]) for s in _hull(100.0, np.array([5.0, 6.0]), np.array([10.0, 20.0]), (4, 8))] == [(0, 4)]
+
+
+def test_mixed_precision_factors_beat_8_bit_factors_at_equal_budget(setup, tmp_path):
+    """Under a budget, mixed-precision factors carry more of the update than 8-bit ones:
+    weaker components go at fewer bits instead of not at all. Both stay within the budget,
+    and the delta applies on a device copy to the identity it names."""
+    root, base, lora = setup
+    mirror = export(base, tmp_path / "m.gguf", "gguf", quant="f16").path
+    full = make_delta(mirror, lora, tmp_path / "full.cdcd", target_base=base)
+    budget = full.bytes // 4
+    mixed = make_delta(mirror, lora, tmp_path / "mx.cdcd", target_base=base, config=DWCConfig(budget_bytes=budget))
+    eight = make_delta(mirror, lora, tmp_path / "i8.cdcd", target_base=base,
+                       config=DWCConfig(budget_bytes=budget, factor_bits=(8,)))
+    assert mixed.records_by_encoding.get("lowrank", 0) >= 1
+    for rep in (mixed, eight):
+        assert rep.bytes <= budget * 1.25  # headers are estimated
+    assert mixed.update_left < eight.update_left < 1.0
+    device = tmp_path / "dev.gguf"
+    shutil.copy(mirror, device)
+    assert apply_delta(device, tmp_path / "mx.cdcd", trust=Trust.none()).applied
+    with pytest.raises(UsageError, match="factor_bits"):
+        DWCConfig(factor_bits=(1, 8))

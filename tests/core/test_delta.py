@@ -219,6 +219,91 @@ def test_lowrank_stochastic_rounding_q8_0(model, tmp_path):
                        rounding="stochastic")
 
 
+@pytest.mark.parametrize("type_name", REQUANT)
+def test_lowrank_mx_round_trip(model, tmp_path, type_name):
+    """Mixed-precision factors: the payload is laid out as the spec says (read here with
+    zlib and numpy, not the module's decoder) and the tensor gets exactly the spec's
+    result from the decoded factors."""
+    import zlib
+
+    name = f"{type_name}.w"
+    t = open_artifact(model).tensor(name)
+    rows, cols = t.shape
+    rng = np.random.default_rng(5)
+    a = rng.standard_normal((3, cols)).astype(np.float32) * 0.1
+    bm = rng.standard_normal((rows, 3)).astype(np.float32) * 0.1
+    bits, g = [8, 4, 2], 48
+    before = raw_tensor(model, name)
+    b = DeltaBuilder(model)
+    b.add_low_rank(name, a, bm, scale=0.5, factor_dtype="mx", bits=bits, group=g)
+    summary = b.write(tmp_path / "d.cdcd")
+    delta = df.read_delta(tmp_path / "d.cdcd")
+    (rec,) = delta.header.records
+    assert rec.params["bits"] == bits and rec.params["group"] == g
+    payload = delta.read_payload(rec)
+    d = zlib.decompressobj()
+    codes = np.frombuffer(d.decompress(payload), np.int8)
+    assert d.eof and codes.size == 3 * (rows + cols)
+    n_scales = 3 * (-(-cols // g) + -(-rows // g))
+    scales = np.frombuffer(d.unused_data, "<f2").astype(np.float32)
+    assert scales.size == n_scales
+    fa, fb = np.zeros((3, cols), np.float32), np.zeros((rows, 3), np.float32)
+    c = s = 0
+    for k, nb in enumerate(bits):
+        lim = 2 ** (nb - 1) - 1
+        for vec_len, put in ((cols, lambda v, k=k: fa.__setitem__(k, v)),
+                             (rows, lambda v, k=k: fb.__setitem__((slice(None), k), v))):
+            q = codes[c : c + vec_len]
+            assert np.abs(q.astype(int)).max() <= lim
+            sc = scales[s : s + -(-vec_len // g)]
+            put(q.astype(np.float32) * sc[np.arange(vec_len) // g])
+            c += vec_len
+            s += -(-vec_len // g)
+    # wider components reproduce their factor better
+    rel = [np.linalg.norm(fa[k] - a[k]) / np.linalg.norm(a[k]) for k in range(3)]
+    assert rel[0] < 0.01 < rel[1] < rel[2] < 0.6
+    apply_delta(model, tmp_path / "d.cdcd", chunk_size=1 << 20, trust=Trust.none())
+    acc = np.zeros((rows, cols), np.float32)
+    for k in range(3):  # the spec's fixed order
+        acc += fb[:, k : k + 1] * fa[k : k + 1, :]
+    w = deq(type_name, before).reshape(rows, cols)
+    assert raw_tensor(model, name) == req(type_name, (w + acc * np.float32(0.5)).reshape(-1))
+    assert compute_identity(open_artifact(model)).digest == summary.target_identity
+
+
+def test_lowrank_mx_builder_refuses_bad_widths(model):
+    t = open_artifact(model).tensor("F32.w")
+    rows, cols = t.shape
+    b = DeltaBuilder(model)
+    for bits, group in (([9], 64), ([1], 64), ([8, 8], 64), ([8], 0)):
+        with pytest.raises(UsageError, match="mx factors"):
+            b.add_low_rank("F32.w", np.zeros((1, cols)), np.zeros((rows, 1)), 1.0, factor_dtype="mx",
+                           bits=bits, group=group)
+
+
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(1, 300), bits=st.integers(2, 8), group=st.integers(1, 80), seed=st.integers(0, 2**16),
+       spread=st.floats(1e-6, 1e3))
+def test_mx_quantize_properties(n, bits, group, seed, spread):
+    """Codes stay in range, the group scales decode them, and the error per value is at
+    most half a step unless the writer chose to clip that group."""
+    from cdcca_edge.core.encodings import decode_mx_factors, encode_mx_factors, mx_dequantize, mx_quantize
+
+    v = (np.random.default_rng(seed).standard_normal(n) * spread).astype(np.float32)
+    q, s = mx_quantize(v, bits, group)
+    lim = 2 ** (bits - 1) - 1
+    assert q.dtype == np.int8 and q.shape == (n,) and np.abs(q.astype(int)).max() <= lim
+    assert s.shape == (-(-n // group),) and np.all(np.isfinite(s))
+    back = mx_dequantize(q, s, group)
+    step = s.astype(np.float32)[np.arange(n) // group]
+    top = np.abs(v) <= lim * step  # values inside the chosen range
+    assert np.all(np.abs(back - v)[top] <= 0.5 * step[top] * (1 + 1e-3) + 1e-30)
+    # as factors: one component of a (n, n) matrix, through the record payload
+    a, b = decode_mx_factors(encode_mx_factors(v[None, :], v[:, None], [bits], group), [bits], group,
+                             n, n, "t")
+    assert np.array_equal(a[0], back) and np.array_equal(b[:, 0], back)
+
+
 @pytest.mark.parametrize("init", ["w32", "w16"])
 @pytest.mark.parametrize("encoding", ["replace", "qadd", "lowrank"])
 def test_onnx_initializers_patched_and_run(tmp_path, init, encoding):
@@ -303,6 +388,9 @@ def build(model: Path, out: Path, ops) -> object:
             n_groups = t.n_elements // 32
             s = int(rng.integers(0, n_groups - 3))
             b.add_quantized(t.name, [(s, 2)], rng.uniform(0.001, 0.01, 2), rng.integers(-9, 9, 64), bits=8)
+        elif seed % 2:  # mixed-precision factors
+            b.add_low_rank(t.name, rng.standard_normal((2, t.shape[1])) * 0.05,
+                           rng.standard_normal((t.shape[0], 2)) * 0.05, 1.0, factor_dtype="mx", bits=[8, 3])
         else:
             b.add_low_rank(t.name, rng.standard_normal((2, t.shape[1])) * 0.05,
                            rng.standard_normal((t.shape[0], 2)) * 0.05, 1.0)
@@ -368,6 +456,17 @@ def _flip_payload(at: int):
     return mutate
 
 
+def _mx(**kv):
+    """Record 2 of the fuzz base (mx factors, rank 2, bits [8, 3]) with params changed."""
+    return _set_record(2, params={"rank": 2, "scale": 1.0, "factor_dtype": "mx", "bits": [8, 3], "group": 64, **kv})
+
+
+def _flip_record_payload(i: int, at: int):
+    def mutate(h, payload):
+        payload[h["records"][i]["offset"] + at] ^= 0xFF
+    return mutate
+
+
 HOSTILE = {
     "other tensor": (_set_record(0, tensor="F32.w"), FormatError),
     "missing tensor": (_set_record(0, tensor="nope"), FormatError),
@@ -383,6 +482,18 @@ HOSTILE = {
     "format": (lambda h, p: h.update(artifact_format="onnx"), FormatError),
     "bad scale": (_set_record(1, params={"bits": 3, "dense": False}), FormatError),
     "lowrank nan scale": (_set_record(2, params={"rank": 2, "scale": None, "factor_dtype": "f16"}), FormatError),
+    "mx bits too wide": (_mx(bits=[9, 3]), FormatError),
+    "mx bits too narrow": (_mx(bits=[8, 1]), FormatError),
+    "mx bits missing one": (_mx(bits=[8]), FormatError),
+    "mx bits as bools": (_mx(bits=[True, 3]), FormatError),
+    "mx no group": (_mx(group=None), FormatError),
+    "mx group zero": (_mx(group=0), FormatError),
+    "mx group huge": (_mx(group=1 << 17), FormatError),
+    "mx other group": (_mx(group=32), FormatError),  # the scales no longer fill the payload
+    "mx codes out of range": (_mx(bits=[2, 3]), FormatError),  # 8-bit codes read as 2-bit
+    "mx rank beyond codes": (_mx(rank=3, bits=[8, 3, 3]), FormatError),
+    "mx zlib garbage": (_flip_record_payload(2, 0), FormatError),
+    "mx inflates past its codes": (_mx(rank=1, bits=[8]), FormatError),
     "overlapping records": (lambda h, p: h["records"].append(dict(h["records"][0])), FormatError),
 }
 
