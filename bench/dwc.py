@@ -1,5 +1,5 @@
 """DWC benchmark: bytes against quality for shipping a distillation update to a q8_0
-device model, ours versus the obvious alternatives.
+(and an f16) device model, ours versus the obvious alternatives.
 
     python bench/dwc.py [--skip-smollm2]
 
@@ -8,17 +8,18 @@ of docs/benchmarks.md.
 
 Updates: the AKD adapters `bench/akd.py` produced (LoRA; tiny setting and SmolLM2), plus a
 bias-norm (LN tuning) update of the tiny student trained here. The device holds the
-student as q8_0 GGUF; quality is the mean KL(target || device) over probe prompts from the
+student as q8_0 GGUF (and, to separate the update's compression from q8_0's rounding,
+as f16 GGUF); quality is the mean KL(target || device) over probe prompts from the
 shifted domain, the target being the student with the update, in torch, full precision.
 
 Methods, all on the same update:
-- full re-download of a fresh q8_0 export of the updated student;
+- full re-download of a fresh export of the updated student (same quantisation);
 - `zstd -19 --long --patch-from` old export -> new export;
 - the PEFT adapter shipped as is, in fp16, and quantised to int4 (groups of 32, a float16
   scale each). Their KL is that of a fresh export of base + adapter: what a device gets
   that runs the adapter unmerged (llama.cpp's `--lora`) or holds the full-precision base.
-  "fp16 adapter, merged into q8_0" is what a device gets that merges it into the q8_0
-  weights it holds (requantised to nearest);
+  "fp16 adapter, merged on the device" is what a device gets that merges it into the
+  q8_0 (f16) weights it holds (requantised to nearest);
 - BitDelta-style: the dense update as 1 bit per weight (its sign) and one scale per tensor;
 - top-k sparsification: the k largest weight changes, each an fp16 value and a 32-bit index
   (several k);
@@ -36,6 +37,7 @@ mirror requantised to nearest, on the runtime.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import shutil
 import subprocess
@@ -119,22 +121,23 @@ def pareto(res: dict, ours: str = "ours (delta make)") -> dict[str, bool]:
     return out
 
 
-def run_update(name: str, student: Path, adapter: Path, probe: list[str], work: Path) -> dict:
+def run_update(name: str, student: Path, adapter: Path, probe: list[str], work: Path,
+               quant: str = "q8_0") -> dict:
     from cdcca_edge.cloud.dwc import DWCConfig, load_targets, make_delta, probe_kl, target_logits
     from cdcca_edge.converters.export import export
     from cdcca_edge.core.artifact import open_artifact
     from cdcca_edge.core.encodings import dequantize
 
     work.mkdir(parents=True, exist_ok=True)
-    mirror = work / "mirror-q8_0.gguf"
+    mirror = work / f"mirror-{quant}.gguf"
     if not mirror.exists():
-        export(student, mirror, "gguf", quant="q8_0", validate=False)
-    target_gguf = work / "target-q8_0.gguf"
-    export(student, target_gguf, "gguf", quant="q8_0", adapter=adapter, validate=False)
+        export(student, mirror, "gguf", quant=quant, validate=False)
+    target_gguf = work / f"target-{quant}.gguf"
+    export(student, target_gguf, "gguf", quant=quant, adapter=adapter, validate=False)
     ref, ids = target_logits(adapter, student, probe)
     kl_before = probe_kl(mirror, ref, ids)
     kl_full = probe_kl(target_gguf, ref, ids)
-    res: dict = {"update": name, "model_bytes": mirror.stat().st_size, "kl_before": kl_before, "methods": {}}
+    res: dict = {"update": name, "device_quant": quant, "model_bytes": mirror.stat().st_size, "kl_before": kl_before, "methods": {}}
     print(f"[{name}] KL before {kl_before:.4g}, fresh export {kl_full:.4g}", file=sys.stderr)
     res["methods"]["full re-download"] = [{"bytes": target_gguf.stat().st_size, "kl": kl_full}]
     long = max(27, (mirror.stat().st_size - 1).bit_length())
@@ -143,10 +146,11 @@ def run_update(name: str, student: Path, adapter: Path, probe: list[str], work: 
                     "-o", str(zp)], check=True)
     res["methods"]["zstd -19 --patch-from"] = [{"bytes": zp.stat().st_size, "kl": kl_full}]
     res["methods"]["fp16 adapter"] = [{"bytes": _adapter_fp16_bytes(adapter), "kl": kl_full}]
-    int4_bytes = _adapter_int4(adapter, work / "adapter-int4")
-    int4_gguf = work / "target-int4-adapter-q8_0.gguf"
-    export(student, int4_gguf, "gguf", quant="q8_0", adapter=work / "adapter-int4", validate=False)
-    res["methods"]["int4 adapter"] = [{"bytes": int4_bytes, "kl": probe_kl(int4_gguf, ref, ids)}]
+    if json.loads((adapter / "adapter_config.json").read_text()).get("peft_type") == "LORA":
+        int4_bytes = _adapter_int4(adapter, work / "adapter-int4")
+        int4_gguf = work / f"target-int4-adapter-{quant}.gguf"
+        export(student, int4_gguf, "gguf", quant=quant, adapter=work / "adapter-int4", validate=False)
+        res["methods"]["int4 adapter"] = [{"bytes": int4_bytes, "kl": probe_kl(int4_gguf, ref, ids)}]
 
     art = open_artifact(mirror)
     targets, _ = load_targets(art, adapter, student)
@@ -162,7 +166,7 @@ def run_update(name: str, student: Path, adapter: Path, probe: list[str], work: 
         s * (b.astype(np.float64) @ a.astype(np.float64)) for a, b, s in t.lowrank).reshape(-1).astype(np.float32)
         for t in targets if t.lowrank}
     if merged:
-        res["methods"]["fp16 adapter, merged into q8_0"] = [{"bytes": _adapter_fp16_bytes(adapter),
+        res["methods"]["fp16 adapter, merged on the device"] = [{"bytes": _adapter_fp16_bytes(adapter),
                                                              "kl": _patched_kl(mirror, merged, ref, ids)}]
     # BitDelta: sign bits and one scale per tensor
     bd = {n: mirrors[n] + np.abs(d).mean() * np.sign(d) for n, d in deltas.items()}
@@ -239,21 +243,30 @@ def plot(results: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(results), figsize=(6 * len(results), 4.5), squeeze=False)
-    for ax, res in zip(axes[0], results):
-        for method, pts in res["methods"].items():
+    cols = min(2, len(results))
+    rows = -(-len(results) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(7 * cols, 5 * rows), squeeze=False)
+    markers = "os^vD<>phX*"
+    for ax, res in zip(axes.flat, results):
+        for j, (method, pts) in enumerate(res["methods"].items()):
             xs = [p["bytes"] for p in pts]
             ys = [max(p["kl"], 1e-7) for p in pts]
-            style = "o-" if len(pts) > 1 else "s"
-            ax.plot(xs, ys, style, label=method)
+            ours = method.startswith("ours")
+            ax.plot(xs, ys, ("-" if len(pts) > 1 else "") + markers[j % len(markers)], label=method,
+                    lw=2.2 if ours else 1.0, ms=6 if ours else 4)
         ax.axhline(max(res["kl_before"], 1e-7), color="grey", ls=":", label="no update")
+        ax.axhline(1.5 * res["kl_fresh_export"], color="red", ls="--", lw=0.8, label="1.5x fresh export")
+        ax.axvline(res["methods"]["fp16 adapter"][0]["bytes"] / 8, color="red", ls=":", lw=0.8,
+                   label="fp16 adapter / 8")
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("bytes sent to the device")
         ax.set_ylabel("probe KL(target || device)")
-        ax.set_title(res["update"])
+        ax.set_title(res["update"], fontsize=10)
         ax.grid(True, which="both", alpha=0.3)
-    axes[0][0].legend(fontsize=7)
+    for ax in list(axes.flat)[len(results):]:
+        ax.axis("off")
+    axes[0][0].legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -271,15 +284,20 @@ def main() -> None:
     results = []
     tiny_student, tiny_teacher = akd / "tiny" / "student", akd / "tiny" / "teacher"
     probe = _prompts_tiny("target", 24, 77)
-    results.append(run_update("tiny, LoRA (AKD)", tiny_student, akd / "tiny" / "adapter-akd", probe, work / "tiny-lora"))
+    results.append(run_update("tiny, LoRA (AKD), q8_0 device", tiny_student, akd / "tiny" / "adapter-akd", probe,
+                              work / "tiny-lora"))
+    results.append(run_update("tiny, LoRA (AKD), f16 device", tiny_student, akd / "tiny" / "adapter-akd", probe,
+                              work / "tiny-lora", quant="f16"))
     bn = work / "tiny-bias-norm-adapter"
     if not (bn / "adapter_config.json").exists():
         distill(tiny_teacher, tiny_student, [akd / "tiny" / "uts.cdcu"], bn,
                 AKDConfig(adapter="bias-norm", epochs=8, lr=1e-2, max_new_tokens=8))
-    results.append(run_update("tiny, bias-norm (AKD)", tiny_student, bn, probe, work / "tiny-bias-norm"))
+    results.append(run_update("tiny, bias-norm (AKD), q8_0 device", tiny_student, bn, probe, work / "tiny-bias-norm"))
     if not args.skip_smollm2 and (akd / "smollm2" / "adapter-akd" / "adapter_config.json").exists():
-        results.append(run_update("SmolLM2 (15 layers), LoRA (AKD)", akd / "smollm2" / "student-15-layers",
-                                  akd / "smollm2" / "adapter-akd", _prompts_shifted(12, 55), work / "smollm2-lora"))
+        for quant in ("q8_0", "f16"):
+            results.append(run_update(f"SmolLM2 (15 layers), LoRA (AKD), {quant} device",
+                                      akd / "smollm2" / "student-15-layers", akd / "smollm2" / "adapter-akd",
+                                      _prompts_shifted(12, 55), work / "smollm2-lora", quant=quant))
     png = RESULTS / "dwc.png"
     plot(results, png)
     path = write_results("dwc", {"machine": machine(), "results": results})

@@ -24,6 +24,7 @@ converters' tables):
 
 from __future__ import annotations
 
+import heapq
 import json
 import math
 import shutil
@@ -273,26 +274,29 @@ def price(t: TensorTarget, cfg: DWCConfig, importance: np.ndarray | None = None,
             root = np.sqrt(sv)
             plan.lr_a = (root[:, None] * vt).astype(np.float32)  # (R, cols)
             plan.lr_b = (u * root[None, :]).astype(np.float32)  # (rows, R)
-            plan.lr_gains = (sv.astype(np.float64) ** 2)
             plan.lr_bits = cfg.factor_bits
-            plan.lr_err, plan.lr_cost = factor_ladder(plan.lr_a, plan.lr_b, cfg.factor_bits)
+            plan.lr_gains, plan.lr_err, plan.lr_cost = factor_ladder(plan.lr_a, plan.lr_b, cfg.factor_bits)
     return plan
 
 
-def factor_ladder(a: np.ndarray, b: np.ndarray, widths: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
-    """What each singular component costs and leaves undone at each bit width.
+def factor_ladder(a: np.ndarray, b: np.ndarray, widths: Sequence[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """What each singular component is worth, and costs and leaves undone at each width.
 
-    ``a`` (R, cols), ``b`` (rows, R). Returns (err, cost), each (R, len(widths)):
-    ``err[k, j] = ||b_k a_k - b^_k a^_k||^2`` with the mx-quantised vectors (exact for a
-    rank-1 term: ``|a|^2 |b|^2 - 2 (a.a^)(b.b^) + |a^|^2 |b^|^2``), and ``cost[k, j]`` the
-    codes' empirical entropy (at least 1 bit a code: deflate's Huffman codes whole bytes)
-    plus the float16 group scales, in bytes."""
+    ``a`` (R, cols), ``b`` (rows, R). Returns (gain (R,), err (R, L), cost (R, L)):
+    ``gain[k] = |b_k a_k|^2``, what not sending it leaves; ``err[k, j] = |b_k a_k - b^_k
+    a^_k|^2`` with the mx-quantised vectors, exact for a rank-1 term: ``|a|^2 |b|^2 - 2
+    (a.a^)(b.b^) + |a^|^2 |b^|^2``; ``cost[k, j]`` the codes' empirical entropy (at least 1
+    bit a code: deflate's Huffman codes whole bytes) plus the float16 group scales, in
+    bytes. (Weighing the error by the mean square of each input channel on the probe
+    prompts, as activation-aware quantisers do, was measured worse: docs/dwc.md.)"""
     rank = a.shape[0]
+    gain = np.zeros(rank)
     err = np.zeros((rank, len(widths)))
     cost = np.zeros((rank, len(widths)))
     for k in range(rank):
         va, vb = a[k].astype(np.float64), b[:, k].astype(np.float64)
         aa, bb = float(va @ va), float(vb @ vb)
+        gain[k] = aa * bb
         for j, nb in enumerate(widths):
             qa, sa = mx_quantize(a[k], nb, MX_GROUP)
             qb, sb = mx_quantize(b[:, k], nb, MX_GROUP)
@@ -304,7 +308,7 @@ def factor_ladder(a: np.ndarray, b: np.ndarray, widths: Sequence[int]) -> tuple[
             pr = counts / codes.size
             bits = max(1.0, float(-(pr * np.log2(pr)).sum()))
             cost[k, j] = codes.size * bits / 8 + 2 * (sa.size + sb.size)
-    return err, cost
+    return gain, err, cost
 
 
 def _hull(err0: float, err: np.ndarray, cost: np.ndarray, widths: Sequence[int]) -> list[tuple[int, int, float, float]]:
@@ -353,7 +357,13 @@ def select(plans: list[UpdatePlan], budget: int | None) -> list[Choice]:
     """Greedy allocation by error removed per byte, over block prefixes (most important
     first) or singular components and their bit widths (each component climbs its own
     ladder of widths) of each tensor, whichever carries its whole update more cheaply.
-    Without a budget, every tensor gets all of it: every component at its widest."""
+    Without a budget, every tensor gets all of it: every component at its widest.
+
+    Each ladder (a tensor's block prefixes, or one component's widths) is cut to the lower
+    convex hull of (bytes, error), so error removed per byte falls along it, and only its
+    next step competes: a heap of next steps, best ratio first. A tensor's record header
+    is priced into its first step taken; once a tensor has a record, the next steps of
+    its other ladders are re-priced without it. A step that does not fit closes its ladder."""
     choices = []
     for p in plans:
         if p.prefer_lowrank:
@@ -362,46 +372,60 @@ def select(plans: list[UpdatePlan], budget: int | None) -> list[Choice]:
             choices.append(Choice(p, n_groups=len(p.order)))
     if budget is None:
         return choices
-    chunks = []  # (gain per byte, tensor index, step): step = prefix length, or (k, from, to, bytes)
+    ladders: dict[tuple[int, int], list[tuple[int, int, float, float]]] = {}  # (tensor, component or -1)
     for i, (p, c) in enumerate(zip(plans, choices)):
-        c.n_groups, c.bits = 0, ()
         if p.prefer_lowrank:
             c.bits = (0,) * len(p.lr_gains)
             for k in range(len(p.lr_gains)):
-                for j, (b0, b1, gain, nbytes) in enumerate(_hull(float(p.lr_gains[k]), p.lr_err[k],
-                                                                  p.lr_cost[k], p.lr_bits)):
-                    over = RECORD_OVERHEAD if (k == 0 and j == 0) else 0  # the record's header
-                    chunks.append((gain / (nbytes + over), i, (k, b0, b1, nbytes)))
-            continue
-        gains, unit_cost = p.gains, p.block_cost
-        n = len(gains)
-        edges = sorted({max(1, int(n * f)) for f in (0.01, 0.02, 0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 1.0)})
-        prev = 0
-        for e in edges:
-            cost = (e - prev) * unit_cost + (RECORD_OVERHEAD if prev == 0 else 0)
-            chunks.append((float(gains[prev:e].sum()) / cost, i, e))
-            prev = e
+                ladders[(i, k)] = _hull(float(p.lr_gains[k]), p.lr_err[k], p.lr_cost[k], p.lr_bits)
+        else:
+            c.n_groups = 0
+            n = len(p.gains)
+            edges = sorted({max(1, int(n * f)) for f in (0.01, 0.02, 0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 1.0)})
+            cum = np.concatenate([[0.0], np.cumsum(p.gains)])
+            ladders[(i, -1)] = _hull(float(cum[-1]), np.array([cum[-1] - cum[e] for e in edges]),
+                                     np.array([e * p.block_cost for e in edges], dtype=np.float64), edges)
+    keys_of: dict[int, list[tuple[int, int]]] = {}
+    for key in ladders:
+        keys_of.setdefault(key[0], []).append(key)
+    pos = dict.fromkeys(ladders, 0)
+    version = dict.fromkeys(ladders, 0)
+    started = [False] * len(plans)
+    heap: list[tuple[float, tuple[int, int], int]] = []
+
+    def push(key: tuple[int, int]) -> None:
+        version[key] += 1
+        if pos[key] < len(ladders[key]):
+            _b0, _b1, gain, nbytes = ladders[key][pos[key]]
+            over = 0 if started[key[0]] else RECORD_OVERHEAD
+            heapq.heappush(heap, (-gain / (nbytes + over), key, version[key]))
+
+    for key in ladders:
+        push(key)
     spent = 0.0
-    # gains per byte fall along each ladder, so ratio order climbs them in order
-    for _ratio, i, step in sorted(chunks, key=lambda c: -c[0]):
-        c = choices[i]
-        if isinstance(step, tuple):
-            k, b0, b1, nbytes = step
-            if c.bits[k] != b0:
-                continue  # an earlier step of this component did not fit
-            cost = nbytes + (RECORD_OVERHEAD if c.rank == 0 else 0)
-            if spent + cost > budget:
-                continue
-            spent += cost
-            c.bits = c.bits[:k] + (b1,) + c.bits[k + 1 :]
-            continue
-        if step <= c.n_groups:
-            continue
-        cost = (step - c.n_groups) * c.plan.block_cost + (RECORD_OVERHEAD if c.n_groups == 0 else 0)
+    while heap:
+        _neg, key, ver = heapq.heappop(heap)
+        if ver != version[key]:
+            continue  # re-priced or closed since
+        i, k = key
+        _b0, b1, _gain, nbytes = ladders[key][pos[key]]
+        cost = nbytes + (0 if started[i] else RECORD_OVERHEAD)
         if spent + cost > budget:
+            pos[key] = len(ladders[key])  # closed
             continue
         spent += cost
-        c.n_groups = step
+        c = choices[i]
+        if k < 0:
+            c.n_groups = b1
+        else:
+            c.bits = c.bits[:k] + (b1,) + c.bits[k + 1 :]
+        pos[key] += 1
+        if not started[i]:
+            started[i] = True
+            for other in keys_of[i]:
+                push(other)  # no header to pay any more
+        else:
+            push(key)
     return choices
 
 

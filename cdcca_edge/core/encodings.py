@@ -424,7 +424,8 @@ def mx_quantize(v: Any, bits: int, group: int) -> tuple[Any, Any]:
     """One factor vector (n,) -> int8 codes (n,) in [-lim, lim], ``lim = 2^(bits-1) - 1``,
     and a float16 scale per ``group`` consecutive values (ceil(n / group),), ``v ~= code *
     scale``. Each group's scale is the one of ``MX_CLIPS`` x max|v| / lim with the least
-    squared error: at 2-4 bits clipping the largest values beats resolving them."""
+    squared error: at 2-4 bits clipping the largest values beats resolving them. Writer
+    side only: a reader needs just the codes and scales."""
     import numpy as np
 
     v = np.asarray(v, dtype=np.float32).reshape(-1)

@@ -217,10 +217,12 @@ def test_factored_svd_is_the_svd_of_the_product():
     np.testing.assert_allclose(vt @ vt.T, np.eye(6), atol=1e-12)
 
 
-@pytest.mark.parametrize("target", ["adapter", "merged"])
+@pytest.mark.parametrize("target", ["adapter", "adapter-mixed", "merged"])
 def test_records_reused_across_budgets_are_the_records_built_fresh(setup, tmp_path, target):
     """A --max-kl search re-uses a record built for an earlier budget: the delta it
-    writes is byte for byte the one built from scratch (low-rank and block encodings)."""
+    writes is byte for byte the one built from scratch (low-rank and block encodings).
+    With mixed-precision factors each budget tends to give every tensor other widths, so
+    there the test checks the equality only; 8-bit factors re-use records."""
     from cdcca_edge.cloud.dwc import build, load_targets, price, select
     from cdcca_edge.core.delta_build import DeltaBuilder
     from cdcca_edge.core.delta_format import read_delta
@@ -228,7 +230,7 @@ def test_records_reused_across_budgets_are_the_records_built_fresh(setup, tmp_pa
     root, base, lora = setup
     mirror = export(base, tmp_path / "m.gguf", "gguf", quant="q8_0").path
     art = open_artifact(mirror)
-    if target == "adapter":
+    if target.startswith("adapter"):
         targets = load_targets(art, lora, base)[0]
     else:
         from peft import PeftModel
@@ -238,7 +240,8 @@ def test_records_reused_across_budgets_are_the_records_built_fresh(setup, tmp_pa
         PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), lora).merge_and_unload().save_pretrained(merged)
         AutoTokenizer.from_pretrained(base).save_pretrained(merged)
         targets = load_targets(art, merged)[0]
-    plans = [p for p in (price(t, DWCConfig()) for t in targets) if p is not None]
+    cfg = DWCConfig() if target == "adapter-mixed" else DWCConfig(factor_bits=(8,))
+    plans = [p for p in (price(t, cfg) for t in targets) if p is not None]
     full = sum(c.cost for c in select(plans, None))
     cache: dict = {}
     chosen = 0
@@ -255,7 +258,8 @@ def test_records_reused_across_budgets_are_the_records_built_fresh(setup, tmp_pa
         assert da.header.records == db.header.records and sa.target_identity == sb.target_identity
         assert ([da.read_payload(r) for r in da.header.records]
                 == [db.read_payload(r) for r in db.header.records])
-    assert 0 < len(cache) < chosen  # some choices were built once and re-used
+    if target != "adapter-mixed":
+        assert 0 < len(cache) < chosen  # some choices were built once and re-used
 
 
 def test_bit_ladder_is_a_convex_hull():
@@ -281,6 +285,8 @@ def test_mixed_precision_factors_beat_8_bit_factors_at_equal_budget(setup, tmp_p
     """Under a budget, mixed-precision factors carry more of the update than 8-bit ones:
     weaker components go at fewer bits instead of not at all. Both stay within the budget,
     and the delta applies on a device copy to the identity it names."""
+    import numpy as np
+
     root, base, lora = setup
     mirror = export(base, tmp_path / "m.gguf", "gguf", quant="f16").path
     full = make_delta(mirror, lora, tmp_path / "full.cdcd", target_base=base)
@@ -289,8 +295,18 @@ def test_mixed_precision_factors_beat_8_bit_factors_at_equal_budget(setup, tmp_p
     eight = make_delta(mirror, lora, tmp_path / "i8.cdcd", target_base=base,
                        config=DWCConfig(budget_bytes=budget, factor_bits=(8,)))
     assert mixed.records_by_encoding.get("lowrank", 0) >= 1
+    # the strongest component of each tensor is sent, at least as wide as the typical one
+    # (a record header priced into its first step once left it at 0 or 2 bits while
+    # weaker components got 8)
+    from cdcca_edge.cloud.dwc import load_targets, price, select
+
+    plans = [p for p in (price(t, DWCConfig()) for t in load_targets(open_artifact(mirror), lora, base)[0])
+             if p is not None]
+    for c in select(plans, budget):
+        if c.rank:
+            assert c.bits[0] > 0 and c.bits[0] >= np.median([b for b in c.bits if b])
     for rep in (mixed, eight):
-        assert rep.bytes <= budget * 1.25  # headers are estimated
+        assert rep.bytes <= budget + 512  # record headers are estimated, the file's own is not priced
     assert mixed.update_left < eight.update_left < 1.0
     device = tmp_path / "dev.gguf"
     shutil.copy(mirror, device)
