@@ -10,6 +10,7 @@ import typer
 
 from cdcca_edge.cli._output import out, print_json, stage_status
 from cdcca_edge.cli.options import JsonOpt, OutputOpt, SignKeyOpt
+from cdcca_edge.core.errors import UsageError
 
 app = typer.Typer(help="Make, inspect and sign deltas.", no_args_is_help=True)
 
@@ -56,6 +57,9 @@ def make(
     ] = None,
     sign_key: SignKeyOpt = None,
     no_lowrank: Annotated[bool, typer.Option("--no-lowrank", help="Never use low-rank records.")] = False,
+    factor_bits: Annotated[
+        str, typer.Option(help="Bit widths a low-rank component may take under a budget, comma-separated (2-8).")
+    ] = "2,3,4,5,6,8",
     advance_mirror: Annotated[
         bool, typer.Option("--advance-mirror", help="Leave the mirror (--base) at the delta's target (one operation).")
     ] = False,
@@ -69,7 +73,12 @@ def make(
     from cdcca_edge.core.delta_format import load_private_key
     from cdcca_edge.runtime.uts import read_prompts
 
-    cfg = DWCConfig(budget_bytes=budget_bytes, max_kl=max_kl, lowrank=not no_lowrank)
+    try:
+        widths = tuple(int(b) for b in factor_bits.split(","))
+    except ValueError:
+        raise UsageError(f"--factor-bits {factor_bits!r}: give bit widths in [2, 8], comma-separated, "
+                         "e.g. 2,3,4,5,6,8") from None
+    cfg = DWCConfig(budget_bytes=budget_bytes, max_kl=max_kl, lowrank=not no_lowrank, factor_bits=widths)
     with stage_status(not json_out) as on_stage:
         report = make_delta(base, target, output, target_base=target_base, config=cfg,
                             probe=read_prompts(probe) if probe else None,

@@ -146,6 +146,22 @@ def test_cli_delta_make(setup, tmp_path):
     assert read_state(open_artifact(mirror)).version == 1
 
 
+@pytest.mark.parametrize("bits", ["9", "1,8", "four", ""])
+def test_cli_delta_make_refuses_bad_factor_bits(setup, tmp_path, capsys, bits):
+    """A bad --factor-bits is exit 2 with a message naming the option, before any work;
+    the mirror is left as it was and no delta is written."""
+    from cdcca_edge.cli import main
+
+    root, base, lora = setup
+    mirror = export(base, tmp_path / "m.gguf", "gguf", quant="q8_0").path
+    before = file_digest(mirror)
+    rc = main(["delta", "make", "--base", str(mirror), "--target", str(lora), "--target-base", str(base),
+               "--factor-bits", bits, "-o", str(tmp_path / "d.cdcd")])
+    assert rc == 2
+    assert "factor" in capsys.readouterr().err.lower()
+    assert file_digest(mirror) == before and not (tmp_path / "d.cdcd").exists()
+
+
 def test_advance_mirror_is_one_call_and_keeps_mirror_equal_to_device(setup, tmp_path):
     """Build, measure and advance in one call, with no copy of the model; a device
     patched with the delta is then the mirror, byte for byte (the central invariant)."""
