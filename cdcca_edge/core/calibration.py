@@ -24,15 +24,23 @@ MAX_CALIB_BYTES = 64 << 20  # a few thousand visual dimensions fit many times ov
 # the sample scores a calibration may name (runtime/uts.py computes them, in this order)
 SCORE_NAMES = ("mean_entropy", "max_entropy", "neg_log_confidence", "ref_confidence", "prompt_nll", "surprise")
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
+IMAGE_K = 5  # neighbours of an image's descriptor among the calibration images'
+MAX_CALIB_IMAGES = 4096
 
 
 @dataclass
 class VisualStats:
-    """Per-dimension mean and variance of in-distribution visual tokens (D,), (D,)."""
+    """Per-dimension mean and variance of in-distribution visual tokens (D,), (D,); and,
+    when fitted per image, the calibration images' descriptors for an image-level drift
+    score (:meth:`image_drift`)."""
 
     mean: list[float]
     var: list[float]
     keep: float = 0.5  # fraction of visual tokens uploaded (the paper's best mask ratio)
+    images: list[list[float]] | None = None  # (N, 2D): each image's tokens' mean and std
+    image_var: list[float] | None = None  # (2D,) their variance over the N images
+    image_scale: float = 1.0  # median distance of a calibration image to its neighbours
+    image_weight: float = 1.0  # text-score spread / drift-score spread, on calibration
 
     @classmethod
     def from_doc(cls, doc: Any, path: str | Path) -> "VisualStats":
@@ -51,13 +59,67 @@ class VisualStats:
             raise FormatError(f"{path}: field 'visual' must hold 'mean' and 'var' lists of equal, "
                               "non-zero length (finite numbers, variances > 0) and 'keep' in (0, 1]; "
                               "calibrate again with `cdcca-edge uplink calibrate`")
-        return cls([float(v) for v in mean], [float(v) for v in var], float(keep))
+        out = cls([float(v) for v in mean], [float(v) for v in var], float(keep))
+        if doc.get("images") is None:
+            return out
+        images, ivar = doc.get("images"), doc.get("image_var")
+        scale, weight = doc.get("image_scale"), doc.get("image_weight")
+        width = 2 * len(mean)
+        ok = (isinstance(images, list) and 2 <= len(images) <= MAX_CALIB_IMAGES
+              and all(isinstance(r, list) and len(r) == width and all(_number(v) for v in r) for r in images)
+              and isinstance(ivar, list) and len(ivar) == width and all(_number(v) and v > 0 for v in ivar)
+              and _number(scale) and scale > 0 and _number(weight) and weight >= 0)
+        if not ok:
+            raise FormatError(f"{path}: field 'visual' has 'images' but not 2 to {MAX_CALIB_IMAGES} "
+                              f"descriptors of {width} finite numbers each, an 'image_var' of {width} "
+                              "numbers > 0, an 'image_scale' > 0 and an 'image_weight' >= 0; calibrate "
+                              "again with `cdcca-edge uplink calibrate`")
+        out.images = [[float(v) for v in r] for r in images]
+        out.image_var = [float(v) for v in ivar]
+        out.image_scale, out.image_weight = float(scale), float(weight)
+        return out
 
     @classmethod
     def fit(cls, tokens: np.ndarray, keep: float = 0.5, eps: float = 1e-6) -> "VisualStats":
         """From calibration tokens (N, D)."""
         x = np.asarray(tokens, dtype=np.float64).reshape(-1, np.shape(tokens)[-1])  # (N, D)
         return cls(x.mean(0).tolist(), (x.var(0) + eps).tolist(), keep)
+
+    def fit_images(self, per_image: list[np.ndarray], text_scores: np.ndarray, eps: float = 1e-6) -> np.ndarray:
+        """Fit the image-level drift score on the calibration images' tokens (each (T, D))
+        and their text scores (N,); returns their drift scores (N,), each computed
+        without the image itself among the neighbours.
+
+        ``image_weight`` makes the two parts of a sample's score weigh alike: the spread of
+        the text scores over the spread of the drift scores, on these in-distribution
+        inputs (then text + weight * drift ranks as the sum of the two z-scores does)."""
+        d = np.stack([descriptor(t) for t in per_image])  # (N, 2D)
+        self.images = d.tolist()
+        self.image_var = (d.var(0) + eps).tolist()
+        self.image_scale = 1.0
+        raw = np.array([self._knn(d[i], exclude=i) for i in range(len(d))])
+        self.image_scale = float(max(np.median(raw), 1e-12))
+        drift = np.log(np.maximum(raw / self.image_scale, 1e-12))
+        spread = float(drift.std())
+        self.image_weight = float(np.std(text_scores)) / spread if spread > 0 else 1.0
+        return drift
+
+    def _knn(self, desc: np.ndarray, exclude: int | None = None) -> float:
+        ref = np.asarray(self.images, dtype=np.float64)  # (N, 2D)
+        dist = np.sqrt((((ref - desc) ** 2) / np.asarray(self.image_var)).sum(1))  # (N,)
+        if exclude is not None:
+            dist = np.delete(dist, exclude)
+        k = min(IMAGE_K, len(dist))
+        return float(np.sort(dist)[:k].mean()) / self.image_scale
+
+    def image_drift(self, tokens: np.ndarray) -> float:
+        """How far an image lies from the calibration images: ``ln`` of the mean distance
+        of its descriptor (its tokens' per-dimension mean and std) to its ``IMAGE_K``
+        nearest calibration descriptors, in units of their per-dimension spread, over the
+        calibration images' own median (0: a typical in-distribution image). Pooled over
+        the image, a camera's noise or texture moves every token alike, which a per-token
+        distance drowns in the spread between patches (docs/formats/uplink.md, 5)."""
+        return math.log(max(self._knn(descriptor(tokens)), 1e-12))
 
     def ood_scores(self, tokens: np.ndarray) -> np.ndarray:
         """Squared diagonal Mahalanobis distance of each token, per dimension. (T, D) -> (T,)
@@ -153,6 +215,12 @@ class Calibration:
             quantiles={str(k): float(v) for k, v in quantiles.items()},
             visual=VisualStats.from_doc(doc["visual"], path) if doc.get("visual") is not None else None,
         )
+
+
+def descriptor(tokens: np.ndarray) -> np.ndarray:
+    """An image's descriptor: its visual tokens' per-dimension mean, then std. (T, D) -> (2D,)"""
+    x = np.asarray(tokens, dtype=np.float64).reshape(-1, np.shape(tokens)[-1])
+    return np.concatenate([x.mean(0), x.std(0)])
 
 
 def _number(v: Any) -> bool:

@@ -82,11 +82,16 @@ def answer_item(model: Any, item: dict[str, Any], cfg: GenerationConfig) -> tupl
 
 
 def item_uncertainty(gen: Generation, feats: np.ndarray | None, score: str, visual: "VisualStats | None") -> float:
-    """The sample score; with an image, plus the log of its tokens' mean out-of-distribution
-    score, so that an unfamiliar image raises the uncertainty as an unfamiliar prompt does."""
+    """The sample score; with an image, plus its drift score, so that an unfamiliar image
+    raises the uncertainty as an unfamiliar prompt does: ``image_weight`` times the
+    image-level drift (:meth:`VisualStats.image_drift`) when the calibration has image
+    descriptors, else the log of its tokens' mean out-of-distribution score."""
     u = sample_uncertainty(gen, score)
     if feats is not None and visual is not None:
-        u += math.log(max(float(visual.ood_scores(feats).mean()), 1e-12))
+        if visual.images is not None:
+            u += visual.image_weight * visual.image_drift(feats)
+        else:
+            u += math.log(max(float(visual.ood_scores(feats).mean()), 1e-12))
     return u
 
 
@@ -165,7 +170,14 @@ def calibrate(
         raise UsageError(f"{len(answered)} calibration inputs are too few; give at least 10")
     feats_all = [f for _, f in answered if f is not None]
     visual = VisualStats.fit(np.concatenate(feats_all), keep=keep) if feats_all else None
-    u = np.asarray([item_uncertainty(g, f, score, visual) for g, f in answered])
+    if visual is not None and len(feats_all) == len(answered):
+        # every input has an image: the image-level drift score, each calibration image
+        # scored without itself among its neighbours (else its own distance 0 would count)
+        text = np.asarray([sample_uncertainty(g, score) for g, _ in answered])
+        drift = visual.fit_images(feats_all, text)  # sets image_weight
+        u = text + visual.image_weight * drift
+    else:
+        u = np.asarray([item_uncertainty(g, f, score, visual) for g, f in answered])
     h = np.asarray(token_h) if token_h else np.zeros(1)
     return Calibration(
         artifact_identity=artifact_identity, score=score, rate=rate,

@@ -46,6 +46,38 @@ BAD = {
     "visual keep 2": ("visual", {"mean": [0.0], "var": [1.0], "keep": 2}),
 }
 
+_IMG = {"mean": [0.0], "var": [1.0], "keep": 0.5, "images": [[0.0, 1.0], [0.5, 1.2], [0.2, 0.9]],
+        "image_var": [0.1, 0.2], "image_scale": 1.3, "image_weight": 2.0}
+BAD.update({
+    f"visual images: {name}": ("visual", {**_IMG, **change}) for name, change in {
+        "one image": {"images": [[0.0, 1.0]]},
+        "wrong width": {"images": [[0.0], [1.0]]},
+        "not a list": {"images": "x"},
+        "a nan": {"images": [[0.0, math.nan], [0.5, 1.2]]},
+        "a row not a list": {"images": [[0.0, 1.0], 3]},
+        "too many": {"images": [[0.0, 1.0]] * 4097},
+        "no image_var": {"image_var": None},
+        "image_var zero": {"image_var": [0.1, 0.0]},
+        "image_var short": {"image_var": [0.1]},
+        "scale 0": {"image_scale": 0},
+        "scale inf": {"image_scale": math.inf},
+        "weight negative": {"image_weight": -1.0},
+        "weight a bool": {"image_weight": True},
+    }.items()
+})
+
+
+def test_round_trip_with_image_descriptors(tmp_path):
+    cal, doc = _good(tmp_path)
+    doc["visual"] = _IMG
+    (tmp_path / "i.json").write_text(json.dumps(doc))
+    got = Calibration.load(tmp_path / "i.json").visual
+    assert got.images == _IMG["images"] and got.image_var == _IMG["image_var"]
+    assert (got.image_scale, got.image_weight) == (1.3, 2.0)
+    got_path = tmp_path / "again.json"
+    Calibration.load(tmp_path / "i.json").save(got_path)
+    assert Calibration.load(got_path).visual == got
+
 
 def test_round_trip(tmp_path):
     cal, _ = _good(tmp_path)

@@ -180,3 +180,30 @@ def test_bad_arguments(model):
         calibrate(m, ["the red circle"] * 3, identity)
     with pytest.raises(UsageError, match="unknown score"):
         calibrate(m, ["a"] * 20, identity, score="vibes")
+
+
+def test_image_drift_sees_a_camera_change_that_per_token_scores_miss():
+    """Calibration images whose patches differ widely (the content) but share a camera:
+    an image under another camera (a cast on every patch, some noise) gets a high
+    image-level drift, a
+    new in-distribution image a typical one, although the per-token scores of the two
+    barely differ. The text and drift parts are weighed by their calibration spreads."""
+    rng = np.random.default_rng(0)
+    cast = rng.choice([-1.0, 1.0], size=16)  # the new camera's colour cast, every patch alike
+
+    def image(drifted: bool) -> np.ndarray:
+        content = rng.standard_normal((64, 16)) * 3.0  # (T, D): patches vary a lot
+        return content + (cast + rng.standard_normal((64, 16)) * 0.5 if drifted else 0.0)
+
+    cal = [image(False) for _ in range(40)]
+    stats = VisualStats.fit(np.concatenate(cal))
+    text = rng.normal(12.0, 0.5, size=40)
+    drift = stats.fit_images(cal, text)
+    assert drift.shape == (40,) and abs(float(np.median(drift))) < 0.05  # 0: the median image
+    assert stats.image_weight == pytest.approx(text.std() / drift.std())
+    fresh = [stats.image_drift(image(False)) for _ in range(20)]
+    noisy = [stats.image_drift(image(True)) for _ in range(20)]
+    assert min(noisy) > max(fresh)
+    tok_fresh = [float(stats.ood_scores(image(False)).mean()) for _ in range(20)]
+    tok_noisy = [float(stats.ood_scores(image(True)).mean()) for _ in range(20)]
+    assert np.mean(tok_noisy) / np.mean(tok_fresh) < 1.25  # the per-token score barely moves
