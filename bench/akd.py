@@ -238,16 +238,17 @@ def summarise_seeds(runs: list[dict]) -> dict:
     out: dict = {"seeds": [r["seed"] for r in runs], "variants": {}}
     for v in runs[0]["variants"]:
         row = {}
-        for m in ("token_agreement", "answer_match"):
+        for m in ("token_agreement", "answer_match", "teacher_kl"):
             vals = [r["variants"][v]["after"][m] for r in runs]
             ref = [r["variants"]["akd"]["after"][m] for r in runs]
             row[m] = asdict(Interval.of(vals))
             row[f"{m}_minus_akd"] = asdict(Interval.of([a - b for a, b in zip(vals, ref)]))
         out["variants"][v] = row
-    out["before"] = {m: asdict(Interval.of([r["before"][m] for r in runs])) for m in ("token_agreement", "answer_match")}
+    metrics = ("token_agreement", "answer_match", "teacher_kl")
+    out["before"] = {m: asdict(Interval.of([r["before"][m] for r in runs])) for m in metrics}
     out["uts_minus_random"] = {
         m: asdict(Interval.of([r["variants"]["akd"]["after"][m] - r["random_selection"]["after"][m] for r in runs]))
-        for m in ("token_agreement", "answer_match")}
+        for m in metrics}
     return out
 
 
@@ -257,7 +258,16 @@ def main() -> None:
                     help="do not run the SmolLM2 setting; keep its figures already on record")
     ap.add_argument("--seeds", type=int, default=5, help="tiny setting: seeds 1..N for the intervals")
     ap.add_argument("--heal-steps", type=int, default=60)
+    ap.add_argument("--render", action="store_true", help="only re-render docs from bench/results/akd.json")
     args = ap.parse_args()
+    if args.render:
+        doc = json.loads((RESULTS / "akd.json").read_text())
+        if "tiny_seeds" in doc:
+            runs = doc["tiny_seeds"]["runs"]
+            doc["tiny_seeds"] = {**summarise_seeds(runs), "runs": runs}
+            write_results("akd", doc)
+        render(doc)
+        return
 
     from cdcca_edge.demo.tiny import TinySpec, build_tiny_model
 
@@ -307,7 +317,12 @@ def main() -> None:
         doc["smollm2"] = json.loads((RESULTS / "akd.json").read_text())["smollm2"]
         doc["smollm2"]["carried_over"] = "not re-run (--skip-smollm2): the figures of the previous run"
 
-    path = write_results("akd", doc)
+    write_results("akd", doc)
+    render(doc)
+
+
+def render(doc: dict) -> None:
+    """The "akd" section of docs/benchmarks.md."""
     lines = []
     for setting in ("tiny", "smollm2"):
         if setting not in doc:
@@ -336,21 +351,28 @@ def main() -> None:
         from cdcca_edge.demo.seeds import Interval
 
         ts = doc["tiny_seeds"]
+        def nats(iv: Interval) -> str:
+            return f"{iv.mean:+.3f} [{iv.lo:+.3f}, {iv.hi:+.3f}]"
+
         rows = []
         for v, row in [("before", None)] + list(ts["variants"].items()):
             src = ts["before"] if row is None else row
             tok, ans = (Interval.from_dict(src[m]) for m in ("token_agreement", "answer_match"))
-            diff = "" if row is None else (f"{Interval.from_dict(row['token_agreement_minus_akd']).points()} | "
-                                          f"{Interval.from_dict(row['answer_match_minus_akd']).points()}")
-            rows.append(f"| {v} | {tok.percent()} | {ans.percent()} | {diff or ' | '} |")
+            kl = Interval.from_dict(src["teacher_kl"]) if "teacher_kl" in src else None
+            kl_s = "" if kl is None else f"{kl.mean:.3f} [{kl.lo:.3f}, {kl.hi:.3f}]"
+            diff = " | | " if row is None else (
+                f"{Interval.from_dict(row['token_agreement_minus_akd']).points()} | "
+                f"{Interval.from_dict(row['answer_match_minus_akd']).points()} | "
+                + (nats(Interval.from_dict(row["teacher_kl_minus_akd"])) if "teacher_kl_minus_akd" in row else ""))
+            rows.append(f"| {v} | {tok.percent()} | {ans.percent()} | {kl_s} | {diff} |")
         um = {m: Interval.from_dict(ts["uts_minus_random"][m]) for m in ("token_agreement", "answer_match")}
         seeds_md = f"""
 Tiny setting over seeds {ts['seeds'][0]}-{ts['seeds'][-1]} (each: its own stream, held-out prompts and
 training order; same models): mean [95% interval], and each variant minus AKD on the same
 seed, in points.
 
-| variant | token agreement | answer match | minus AKD (tokens) | minus AKD (answers) |
-|---|---:|---:|---:|---:|
+| variant | token agreement | answer match | KL(teacher ‖ student) | minus AKD (tokens) | minus AKD (answers) | minus AKD (KL, nats) |
+|---|---:|---:|---:|---:|---:|---:|
 {chr(10).join(rows)}
 
 UTS minus random selection (same AKD, same number of uploads): tokens
@@ -370,7 +392,7 @@ teacher's pseudo-labels, `logit_kd_only` = logit KD.
 {chr(10).join(lines)}
 {uts_line}{seeds_md}"""
     update_section("akd", md)
-    print(f"wrote {path}", file=sys.stderr)
+    print("wrote bench/results/akd.json and docs/benchmarks.md", file=sys.stderr)
     print(md)
 
 

@@ -250,13 +250,16 @@ def plot(results: list[dict], path: Path) -> None:
     rows = -(-len(results) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(7 * cols, 5 * rows), squeeze=False)
     markers = "os^vD<>phX*"
+    names = list(dict.fromkeys(m for res in results for m in res["methods"]))  # one style a method
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, res in zip(axes.flat, results):
-        for j, (method, pts) in enumerate(res["methods"].items()):
+        for method, pts in res["methods"].items():
+            j = names.index(method)
             xs = [p["bytes"] for p in pts]
             ys = [max(p["kl"], 1e-7) for p in pts]
             ours = method.startswith("ours")
             ax.plot(xs, ys, ("-" if len(pts) > 1 else "") + markers[j % len(markers)], label=method,
-                    lw=2.2 if ours else 1.0, ms=6 if ours else 4)
+                    color=colours[j % len(colours)], lw=2.2 if ours else 1.0, ms=6 if ours else 4)
         ax.axhline(max(res["kl_before"], 1e-7), color="grey", ls=":", label="no update")
         ax.axhline(1.5 * res["kl_fresh_export"], color="red", ls="--", lw=0.8, label="1.5x fresh export")
         ax.axvline(res["methods"]["fp16 adapter"][0]["bytes"] / 8, color="red", ls=":", lw=0.8,
