@@ -139,6 +139,16 @@ def test_qadd_round_trip(model, tmp_path, type_name, bits, dense):
     assert compute_identity(open_artifact(model)).digest == summary.target_identity
 
 
+def lowrank_expected(type_name: str, before: bytes, a: np.ndarray, b: np.ndarray, scale: float) -> bytes:
+    """The tensor's bytes after ``W += scale * B @ A`` as the spec computes it (delta.md 5.4)."""
+    rows, cols = b.shape[0], a.shape[1]
+    acc = np.zeros((rows, cols), np.float32)
+    for k in range(a.shape[0]):  # the spec's fixed order
+        acc += b[:, k : k + 1] * a[k : k + 1, :]
+    w = deq(type_name, before).reshape(rows, cols)
+    return req(type_name, (w + acc * np.float32(scale)).reshape(-1))
+
+
 @pytest.mark.parametrize("type_name", REQUANT)
 def test_lowrank_round_trip(model, tmp_path, type_name):
     name = f"{type_name}.w"
@@ -152,11 +162,7 @@ def test_lowrank_round_trip(model, tmp_path, type_name):
     b.add_low_rank(name, a, bm, scale=0.75)
     summary = b.write(tmp_path / "d.cdcd")
     apply_delta(model, tmp_path / "d.cdcd", chunk_size=1 << 20, trust=Trust.none())
-    acc = np.zeros((rows, cols), np.float32)
-    for k in range(3):  # the spec's fixed order
-        acc += bm[:, k : k + 1] * a[k : k + 1, :]
-    w = deq(type_name, before).reshape(rows, cols)
-    assert raw_tensor(model, name) == req(type_name, (w + acc * np.float32(0.75)).reshape(-1))
+    assert raw_tensor(model, name) == lowrank_expected(type_name, before, a, bm, 0.75)
     assert compute_identity(open_artifact(model)).digest == summary.target_identity
 
 
@@ -263,11 +269,7 @@ def test_lowrank_mx_round_trip(model, tmp_path, type_name):
     rel = [np.linalg.norm(fa[k] - a[k]) / np.linalg.norm(a[k]) for k in range(3)]
     assert rel[0] < 0.01 < rel[1] < rel[2] < 0.6
     apply_delta(model, tmp_path / "d.cdcd", chunk_size=1 << 20, trust=Trust.none())
-    acc = np.zeros((rows, cols), np.float32)
-    for k in range(3):  # the spec's fixed order
-        acc += fb[:, k : k + 1] * fa[k : k + 1, :]
-    w = deq(type_name, before).reshape(rows, cols)
-    assert raw_tensor(model, name) == req(type_name, (w + acc * np.float32(0.5)).reshape(-1))
+    assert raw_tensor(model, name) == lowrank_expected(type_name, before, fa, fb, 0.5)
     assert compute_identity(open_artifact(model)).digest == summary.target_identity
 
 
