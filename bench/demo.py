@@ -65,7 +65,7 @@ def section(r: dict) -> str:
 ## Demo: the CDCCA loop on the embedded multimodal benchmark (`cdcca-edge demo`, `bench/demo.py`)
 
 {r['config']['rounds']} rounds, device backend `{r['config']['backend']}`, {r['config']['stream']} questions per round
-(half source domain, half drifted: noise, texture), evaluation on {2 * r['config']['test']} held-out target and
+(domains drawn uniformly: source, noise, texture), evaluation on {2 * r['config']['test']} held-out target and
 {r['config']['test']} source questions with whole images; whole run {r['seconds']:.0f} s (training the models
 included when they are not cached yet).
 Bundle: {r['artifact_bytes']:,} bytes (vision ONNX f32 + language GGUF q8_0). Raw inputs = uncompressed

@@ -266,12 +266,12 @@ def run_demo(out_dir: str | Path, config: DemoConfig = DemoConfig(), stage: Stag
     bundles: list[Path] = [anchor] if config.anchor else []
     first_stream: list[dict[str, Any]] = []
     for r in range(1, config.rounds + 1):
-        # the device's world: half still the source domain, half drifted (UTS should pick the latter)
+        # the device's world: domains drawn uniformly, a third still the source, two thirds drifted
         stream = _items(dataset(config.stream, seed=s + 1000 + r, domains=("source", *TARGET_DOMAINS)), f"r{r}-")
         if r == 1:
             first_stream = stream
         bundle = work / f"uplink-{r}.cdcu"
-        say(f"round {r}: the device answers {len(stream)} questions (half from drifted domains); UTS selects uploads")
+        say(f"round {r}: the device answers {len(stream)} questions (two thirds from drifted domains); UTS selects uploads")
         identity = compute_identity(open_artifact(device)).digest
         with MultimodalModel(device, backend=config.backend) as mm:
             up = collect(mm, stream, calib, bundle, identity, selector=config.selector, seed=s + r)
