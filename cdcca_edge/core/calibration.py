@@ -158,8 +158,12 @@ class Calibration:
     def save(self, path: str | Path) -> None:
         """Write the calibration file (atomically, durably)."""
         doc = {"format": CALIB_FORMAT, "version": CALIB_VERSION, **asdict(self)}
+        text = json.dumps(doc, indent=1)
+        if self.visual is not None and self.visual.images is not None:
+            # a number a line would triple the image descriptors' bytes (190 KB for 60 images)
+            text = json.dumps(doc, separators=(",", ":"))
         with atomic_file(path, mode=0o644) as f:
-            f.write((json.dumps(doc, indent=1) + "\n").encode())
+            f.write((text + "\n").encode())
 
     @classmethod
     def load(cls, path: str | Path) -> "Calibration":
