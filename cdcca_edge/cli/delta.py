@@ -58,8 +58,9 @@ def make(
     sign_key: SignKeyOpt = None,
     no_lowrank: Annotated[bool, typer.Option("--no-lowrank", help="Never use low-rank records.")] = False,
     factor_bits: Annotated[
-        str, typer.Option(help="Bit widths a low-rank component may take under a budget, comma-separated (2-8).")
-    ] = "2,3,4,5,6,8",
+        Optional[str], typer.Option(help="Bit widths a low-rank component may take under a budget, "
+                                         "comma-separated (2-8); default 2,3,4,5,6,8.")
+    ] = None,
     advance_mirror: Annotated[
         bool, typer.Option("--advance-mirror", help="Leave the mirror (--base) at the delta's target (one operation).")
     ] = False,
@@ -69,12 +70,12 @@ def make(
     json_out: JsonOpt = False,
 ) -> None:
     """DWC: compress a cloud update into the smallest delta for the device's exact model."""
-    from cdcca_edge.cloud.dwc import DWCConfig, make_delta
+    from cdcca_edge.cloud.dwc import FACTOR_BITS, DWCConfig, make_delta
     from cdcca_edge.core.delta_format import load_private_key
     from cdcca_edge.runtime.uts import read_prompts
 
     try:
-        widths = tuple(int(b) for b in factor_bits.split(","))
+        widths = FACTOR_BITS if factor_bits is None else tuple(int(b) for b in factor_bits.split(","))
     except ValueError:
         raise UsageError(f"--factor-bits {factor_bits!r}: give bit widths in [2, 8], comma-separated, "
                          "e.g. 2,3,4,5,6,8") from None

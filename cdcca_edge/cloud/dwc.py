@@ -476,15 +476,15 @@ def _build_one(c: Choice, builder: DeltaBuilder) -> str | None:
     """Add one choice's records; returns its kind (None when it adds nothing)."""
     p, info = c.plan, c.plan.t.info
     if c.rank:
-        from cdcca_edge.core.encodings import decode_mx_factors, encode_mx_factors
-
         sent = [k for k, b in enumerate(c.bits) if b]
         bits = [c.bits[k] for k in sent]
         a, b = p.lr_a[sent], p.lr_b[:, sent]
-        cols = info.shape[-1]
-        # the factors as the device will decode them
-        qa, qb = decode_mx_factors(encode_mx_factors(a, b, bits, MX_GROUP), bits, MX_GROUP,
-                                   info.n_elements // cols, cols, info.name)
+
+        def device_side(v: np.ndarray, nb: int) -> np.ndarray:
+            return mx_dequantize(*mx_quantize(v, nb, MX_GROUP), MX_GROUP)  # as the device decodes it
+
+        qa = np.stack([device_side(a[j], nb) for j, nb in enumerate(bits)])  # (r, cols)
+        qb = np.stack([device_side(b[:, j], nb) for j, nb in enumerate(bits)], axis=1)  # (rows, r)
         stochastic = info.type_name == "Q8_0" and _stochastic_is_closer(p, qa, qb)
         builder.add_low_rank(info.name, a, b, 1.0, factor_dtype="mx", bits=bits, group=MX_GROUP,
                              rounding="stochastic" if stochastic else "nearest",

@@ -96,7 +96,6 @@ class VisualStats:
         d = np.stack([descriptor(t) for t in per_image])  # (N, 2D)
         self.images = d.tolist()
         self.image_var = (d.var(0) + eps).tolist()
-        self.image_scale = 1.0
         raw = np.array([self._knn(d[i], exclude=i) for i in range(len(d))])
         self.image_scale = float(max(np.median(raw), 1e-12))
         drift = np.log(np.maximum(raw / self.image_scale, 1e-12))
@@ -105,12 +104,14 @@ class VisualStats:
         return drift
 
     def _knn(self, desc: np.ndarray, exclude: int | None = None) -> float:
+        """Mean standardised distance of ``desc`` to its ``IMAGE_K`` nearest calibration
+        descriptors (without descriptor ``exclude``)."""
         ref = np.asarray(self.images, dtype=np.float64)  # (N, 2D)
         dist = np.sqrt((((ref - desc) ** 2) / np.asarray(self.image_var)).sum(1))  # (N,)
         if exclude is not None:
             dist = np.delete(dist, exclude)
         k = min(IMAGE_K, len(dist))
-        return float(np.sort(dist)[:k].mean()) / self.image_scale
+        return float(np.sort(dist)[:k].mean())
 
     def image_drift(self, tokens: np.ndarray) -> float:
         """How far an image lies from the calibration images: ``ln`` of the mean distance
@@ -119,7 +120,7 @@ class VisualStats:
         calibration images' own median (0: a typical in-distribution image). Pooled over
         the image, a camera's noise or texture moves every token alike, which a per-token
         distance drowns in the spread between patches (docs/formats/uplink.md, 5)."""
-        return math.log(max(self._knn(descriptor(tokens)), 1e-12))
+        return math.log(max(self._knn(descriptor(tokens)) / self.image_scale, 1e-12))
 
     def ood_scores(self, tokens: np.ndarray) -> np.ndarray:
         """Squared diagonal Mahalanobis distance of each token, per dimension. (T, D) -> (T,)

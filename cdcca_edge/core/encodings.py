@@ -517,8 +517,8 @@ def decode_mx_factors(payload: bytes, bits: Sequence[int], group: int, rows: int
         # one component at a time: no widened copy of every code (a record may hold 2^26)
         if int(part.max()) > (1 << (bits[k] - 1)) - 1 or int(part.min()) < -((1 << (bits[k] - 1)) - 1):
             raise FormatError(f"{what}: an mx code of component {k} lies outside its {bits[k]}-bit range")
-        a[k] = mx_dequantize(codes[c0 : c0 + cols], scales[s0 : s0 + ga], group)
-        b[:, k] = mx_dequantize(codes[c0 + cols : c0 + per], scales[s0 + ga : s0 + ga + gb], group)
+        a[k] = mx_dequantize(part[:cols], scales[s0 : s0 + ga], group)
+        b[:, k] = mx_dequantize(part[cols:], scales[s0 + ga : s0 + ga + gb], group)
     return a, b
 
 
