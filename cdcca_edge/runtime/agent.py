@@ -72,6 +72,7 @@ class Engine:
         self.path = Path(model)
         self.backend_name = backend
         self.model = load(model, backend, **load_kwargs)  # type: ignore[arg-type]
+        self._serving = self._read_identity()
         self.jobs: "queue.Queue[Job | None]" = queue.Queue(maxsize=queue_max)
         self.busy = False
         self.stats = {"requests": 0, "refused_busy": 0, "tokens": 0, "errors": 0}
@@ -107,6 +108,18 @@ class Engine:
         self.model.close()
 
     def identity(self) -> tuple[str, int | None]:
+        """(identity, version) of the model being served. Kept, not read from the disk on
+        each call: while an update job runs, the file is already the new version before
+        the job has reloaded, checked and counted it, and a client must not see the new
+        version before then (:meth:`refresh_identity` is called at the job's end)."""
+        return self._serving
+
+    def refresh_identity(self) -> None:
+        """Re-read the served model's identity and version (after an update or an adopted
+        version); a tuple assignment, so readers on other threads see old or new, whole."""
+        self._serving = self._read_identity()
+
+    def _read_identity(self) -> tuple[str, int | None]:
         from cdcca_edge.runtime.uts import artifact_identity
 
         return artifact_identity(self.model.artifact_path)
@@ -530,6 +543,7 @@ def _sync_once(engine: Engine, client: Any, sync: SyncConfig, spool: Any, counte
         known = version_of(client, identity)
         if known is not None:
             adopt_version(engine.path, identity, known)
+            engine.refresh_identity()
     if up is None or up["to_identity"] in refused:
         return
     path = client.fetch(up)  # outside the engine: serving goes on while it downloads
@@ -537,12 +551,14 @@ def _sync_once(engine: Engine, client: Any, sync: SyncConfig, spool: Any, counte
         print(f"cdcca-edge device: the download of version {up['to_version']} resumed at byte "
               f"{client.resumed_at}", file=sys.stderr, flush=True)
     def apply(m: Any, _job: Job) -> tuple[str, bool]:
-        now, healthy = _apply(m, client, up, path, sync)
-        # counted inside the engine's job, before it serves a request on the new model (a
-        # client that sees the new version then sees the update counted); done whether or
-        # not the report arrives
-        counters["updates" if healthy else "update_failures"] += 1
-        return now, healthy
+        try:
+            now, healthy = _apply(m, client, up, path, sync)
+            # counted inside the engine's job, before a client can see the new version (the
+            # engine's identity is refreshed below); done whether or not the report arrives
+            counters["updates" if healthy else "update_failures"] += 1
+            return now, healthy
+        finally:
+            engine.refresh_identity()  # whatever the file is now, after an error too
 
     now, healthy = engine.submit(Job(apply)).result()
     client.report(now, healthy)

@@ -191,3 +191,36 @@ def test_the_engine_queue_is_bounded(exports):
         assert first.result(30) == "done" and second.result(30) == "second"
     finally:
         engine.close()
+
+
+def test_the_engine_reports_the_served_version_not_the_files(exports, tmp_path):
+    """While an update job runs, the file may already be the new version; the engine's
+    identity (what /v1/models and uploads report) stays the served one until the job
+    refreshes it (a client must not see a version before the agent has counted it)."""
+    import shutil
+
+    from cdcca_edge.runtime.agent import Engine, Job
+    from cdcca_edge.runtime.sync_client import adopt_version
+
+    model = tmp_path / "m.gguf"
+    shutil.copy(exports("llama", "gguf", "f32").path, model)
+    engine = Engine(model, "llama")
+    try:
+        identity, version = engine.identity()
+        moved, release = threading.Event(), threading.Event()
+
+        def update(_m, _job):
+            adopt_version(model, identity, 7)  # the file says version 7 from here on
+            moved.set()
+            release.wait(30)
+            engine.refresh_identity()
+            return "done"
+
+        job = engine.submit(Job(update))
+        assert moved.wait(30)
+        assert engine.identity() == (identity, version)  # the job has not finished
+        release.set()
+        assert job.result(30) == "done"
+        assert engine.identity() == (identity, 7)
+    finally:
+        engine.close()
