@@ -34,6 +34,18 @@ SPECS = {
     "llama": TinySpec(arch="llama", tie_word_embeddings=False, seed=0),
     "qwen2": TinySpec(arch="qwen2", tie_word_embeddings=True, seed=1),
 }
+# Rows a multiple of 256, so llama.cpp's K-quant mixes write K types (narrower rows fall
+# back to Q5_0/Q5_1/Q8_0): the K-quant tests use these.
+WIDE_SPECS = {arch: TinySpec(arch=s.arch, tie_word_embeddings=s.tie_word_embeddings, seed=s.seed,
+                             hidden_size=256, intermediate_size=512) for arch, s in SPECS.items()}
+
+
+@pytest.fixture(scope="session")
+def wide_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    if PREBUILT:
+        pytest.skip("the wide tiny models are built with torch on the host")
+    root = tmp_path_factory.mktemp("wide")
+    return {arch: build_tiny_model(root / arch, spec) for arch, spec in WIDE_SPECS.items()}
 
 
 @pytest.fixture(scope="session")

@@ -50,6 +50,7 @@ from cdcca_edge.core.encodings import (
 )
 from cdcca_edge.core.errors import IntegrityError, UsageError, require
 from cdcca_edge.core.ggml import SCALE_FIRST_TYPES, block_scales, type_layout
+from cdcca_edge.core.ggml_quant import QUANT_LEVELS
 
 RECORD_OVERHEAD = 250  # bytes of (compressed) header per record, measured 200-260
 MIN_STEP_FRACTION = 0.5  # block changes below this many quantisation steps are skipped
@@ -179,6 +180,9 @@ def quant_steps(type_name: str, raw: bytes, mirror: np.ndarray, group: int) -> n
     Q8_0/Q4_0, the float spacing near the group's largest value otherwise."""
     if type_name in SCALE_FIRST_TYPES:
         return np.abs(block_scales(type_name, raw).astype(np.float32))
+    if type_name in QUANT_LEVELS:  # a block's range over its code levels: the coarsest step
+        g = mirror.reshape(-1, group)  # its sub-blocks have their own, finer scales
+        return np.maximum((g.max(1) - g.min(1)) / QUANT_LEVELS[type_name], np.finfo(np.float32).tiny)
     mags = np.abs(mirror.reshape(-1, group)).max(1)
     eps = {"F32": 2.0**-23, "F16": 2.0**-10, "BF16": 2.0**-7}.get(type_name, 2.0**-23)
     return np.maximum(mags * eps, np.finfo(np.float32).tiny)

@@ -3,6 +3,11 @@
 Tensor names come from gguf-py's own ``TensorNameMap`` (the table llama.cpp's converter
 uses), quantisation from ``gguf.quants``, block sizes from ``GGML_QUANT_SIZES``. Matrices
 take the requested type; 1-D tensors (norms, biases) stay F32 as llama.cpp expects.
+
+The K-quant mixes (``LLAMA_QUANTS``: q4_k_m and kin) are llama.cpp's own recipes, which
+choose a type per tensor; they are written by llama.cpp itself: an F32 export, then
+``llama_model_quantize`` (llama-cpp-python), then the header is written again with the
+identity of the quantised tensors (their bytes are copied as llama.cpp wrote them).
 """
 
 from __future__ import annotations
@@ -20,7 +25,10 @@ from cdcca_edge.core.errors import FormatError, UsageError
 
 # CLI quant name -> (GGML tensor type for matrices, general.file_type). Resolved lazily so
 # importing this module does not need gguf.
-QUANT_TYPES = ("f32", "f16", "q8_0", "q4_0")
+# llama.cpp's quantisation mixes, by their llama-quantize names (lower case); written by
+# llama.cpp's quantiser from an F32 export
+LLAMA_QUANTS = ("q4_k_s", "q4_k_m", "q5_k_m", "q6_k")
+QUANT_TYPES = ("f32", "f16", "q8_0", "q4_0", *LLAMA_QUANTS)
 
 
 def _quant_table() -> dict[str, tuple[Any, Any]]:
@@ -201,6 +209,8 @@ def write_gguf(
 
     if quant not in QUANT_TYPES:
         raise UsageError(f"unknown quant {quant!r}; choose one of {', '.join(QUANT_TYPES)}")
+    if quant in LLAMA_QUANTS:
+        return _write_llama_quant(loaded, Path(out_path), quant, progress)
     qtype, ftype = _quant_table()[quant]
     model, arch = loaded.model, loaded.arch
     cfg = model.config
@@ -262,6 +272,74 @@ def write_gguf(
     writer.write_tensors_to_file()
     writer.close()
     return identity
+
+
+def _write_llama_quant(loaded: Any, out: Path, quant: str, progress: Callable[[int, int], None] | None) -> str:
+    """``quant`` (one of LLAMA_QUANTS) as llama.cpp's quantiser writes it; the identity of
+    its tensors goes into the header."""
+    import tempfile
+
+    import gguf
+
+    with tempfile.TemporaryDirectory(prefix=".cdcca-quant.", dir=out.parent) as tmp:
+        f32, quantised = Path(tmp) / "f32.gguf", Path(tmp) / "quantised.gguf"
+        write_gguf(loaded, f32, "f32", progress)
+        llama_quantize(f32, quantised, quant)
+        f32.unlink()
+        identity = art.compute_identity(art.open_artifact(quantised)).digest
+        reader = gguf.GGUFReader(quantised)
+        arch = str(reader.fields["general.architecture"].contents())
+        writer = gguf.GGUFWriter(str(out), arch)
+        for field in reader.fields.values():
+            if field.name.startswith("GGUF.") or field.name in (
+                    "general.architecture", art.META_QUANT, art.META_EXPORT_IDENTITY):
+                continue
+            vtype = gguf.GGUFValueType(field.types[0])
+            sub = gguf.GGUFValueType(field.types[-1]) if vtype == gguf.GGUFValueType.ARRAY else None
+            writer.add_key_value(field.name, field.contents(), vtype, sub_type=sub)
+        writer.add_string(art.META_QUANT, quant)
+        writer.add_string(art.META_EXPORT_IDENTITY, identity)
+        for t in reader.tensors:  # as llama.cpp wrote them
+            writer.add_tensor(t.name, np.asarray(t.data), raw_dtype=t.tensor_type)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        del reader
+    return identity
+
+
+def llama_quantize(src: Path, dst: Path, quant: str, threads: int = 0) -> None:
+    """``src`` (a GGUF) -> ``dst`` in llama.cpp's ``quant`` mix, by llama.cpp's quantiser.
+
+    Raises:
+        BackendUnavailableError: llama-cpp-python is not installed.
+        FormatError: llama.cpp refused the file.
+    """
+    import ctypes
+    import logging
+    import os
+
+    from cdcca_edge.core.errors import BackendUnavailableError
+
+    try:
+        import llama_cpp
+    except ImportError:
+        raise BackendUnavailableError(f"--quant {quant} is written by llama.cpp's quantiser: install "
+                                      "llama-cpp-python (`pip install 'cdcca-edge[llama]'`)") from None
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{quant.upper()}")
+    params.nthread = threads or (os.cpu_count() or 1)
+    log = logging.getLogger("llama-cpp-python")  # where llama-cpp-python routes llama.cpp's log
+    level = log.level
+    log.setLevel(logging.ERROR)  # a line per tensor otherwise; errors still show
+    try:
+        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
+    finally:
+        log.setLevel(level)
+    if rc != 0:
+        raise FormatError(f"llama.cpp's quantiser refused {src} for {quant} (code {rc}); its log "
+                          "above says why")
 
 
 def _logical_shape(data: np.ndarray, ttype: Any) -> tuple[int, ...]:

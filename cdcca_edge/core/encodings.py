@@ -25,13 +25,16 @@ from typing import Any, Callable, Sequence
 from cdcca_edge.core.delta_format import ENC_LOWRANK, ENC_QADD, ENC_REPLACE, Record
 from cdcca_edge.core.errors import FormatError
 from cdcca_edge.core.ggml import SCALE_FIRST_TYPES, block_scales, type_layout
+from cdcca_edge.core.ggml_quant import GGML_QUANTISED_TYPES, ggml_quantize
 
 MAX_RUNS = 1 << 20  # per record; bounds the index a patcher holds
 MAX_RECORD_REGION = 8 << 20  # bytes a coded (zsub) replace record may rewrite
 DATA_RAW = "raw"  # replace data: the new bytes as they are
 DATA_ZSUB = "zsub"  # replace data: zlib(new - old), bytewise modulo 256
 FLOAT_TYPES = ("F32", "F16", "BF16")
-REQUANT_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0")  # types qadd/lowrank can rewrite
+# types qadd/lowrank can rewrite: gguf-py quantises the first five, llama.cpp's own
+# quantiser (core/ggml_quant.py) the K-quants and the types their exports fall back to
+REQUANT_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", *GGML_QUANTISED_TYPES)
 QADD_BITS = (8, 4)
 FACTOR_DTYPES = {"f16": 2, "f32": 4, "i8": 1, "mx": 1}  # i8: int8 rows with a float16 scale
 # each; mx: per-component bits, a float16 scale per group, codes deflated (section 5.4)
@@ -123,6 +126,8 @@ def quantize(type_name: str, values: Any) -> bytes:
     if type_name == "F16":
         with np.errstate(over="ignore"):  # overflow to inf is refused by check_finite
             return x.astype(np.float16).tobytes()
+    if type_name in GGML_QUANTISED_TYPES:
+        return ggml_quantize(type_name, x)
     from gguf import GGMLQuantizationType, quants
 
     block, _ = type_layout(type_name)
