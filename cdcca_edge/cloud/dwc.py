@@ -41,6 +41,7 @@ from cdcca_edge.core.delta_build import BuiltRecord, DeltaBuilder, changed_runs
 from cdcca_edge.core.encodings import (
     MX_BITS,
     MX_GROUP,
+    CLOUD_QUANT_TYPES,
     REQUANT_TYPES,
     dequantize,
     mx_dequantize,
@@ -238,9 +239,10 @@ def price(t: TensorTarget, cfg: DWCConfig, importance: np.ndarray | None = None,
     ``mirror``: the tensor's dequantised values, when already at hand."""
     info = t.info
     raw = _read(info)
-    if info.type_name not in REQUANT_TYPES:
+    if info.type_name not in CLOUD_QUANT_TYPES:
         raise UsageError(f"{info.name}: DWC needs a quantiser for {info.type_name}; supported: "
-                         f"{', '.join(REQUANT_TYPES)}")
+                         f"{', '.join(CLOUD_QUANT_TYPES)}")
+    device_requant = info.type_name in REQUANT_TYPES  # else: blocks quantised here, sent whole
     if mirror is None:
         mirror = dequantize(info.type_name, raw)  # (n,)
     delta = t.target - mirror  # (n,)
@@ -261,12 +263,12 @@ def price(t: TensorTarget, cfg: DWCConfig, importance: np.ndarray | None = None,
     _, unit = type_layout(info.type_name)
     replace_cost = group // block * unit * 0.7  # zsub codes updated weights at about 70%
     qadd_cost = 2 + (group / 2 if int4_ok else group)
-    if qadd_cost <= replace_cost:
+    if qadd_cost <= replace_cost and device_requant:
         enc, cost = ("qadd4" if int4_ok else "qadd8"), qadd_cost
     else:
         enc, cost = "replace", replace_cost
     plan = UpdatePlan(t, group, order, gains, cost + 4, enc, d, mirror)
-    if cfg.lowrank and t.lowrank:
+    if cfg.lowrank and t.lowrank and device_requant:
         upd = sum(s * (b.astype(np.float64) @ a.astype(np.float64)) for a, b, s in t.lowrank)  # (rows, cols)
         miss = d - upd.reshape(-1, group)  # what the factors leave undone, per group
         # The factors describe target - base; they reach the target only while the mirror

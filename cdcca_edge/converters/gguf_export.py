@@ -319,6 +319,7 @@ def llama_quantize(src: Path, dst: Path, quant: str, threads: int = 0) -> None:
     import ctypes
     import logging
     import os
+    import tempfile
 
     from cdcca_edge.core.errors import BackendUnavailableError
 
@@ -330,16 +331,25 @@ def llama_quantize(src: Path, dst: Path, quant: str, threads: int = 0) -> None:
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{quant.upper()}")
     params.nthread = threads or (os.cpu_count() or 1)
-    log = logging.getLogger("llama-cpp-python")  # where llama-cpp-python routes llama.cpp's log
+    # llama.cpp writes a line or two per tensor to stderr (fd 2, partly past its log
+    # callback): kept aside, and shown only when it fails
+    log = logging.getLogger("llama-cpp-python")
     level = log.level
-    log.setLevel(logging.ERROR)  # a line per tensor otherwise; errors still show
-    try:
-        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
-    finally:
-        log.setLevel(level)
+    log.setLevel(logging.ERROR)
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            log.setLevel(level)
+        captured.seek(0)
+        text = captured.read().decode(errors="replace")
     if rc != 0:
-        raise FormatError(f"llama.cpp's quantiser refused {src} for {quant} (code {rc}); its log "
-                          "above says why")
+        tail = "\n".join(text.strip().splitlines()[-5:])
+        raise FormatError(f"llama.cpp's quantiser refused {src} for {quant} (code {rc}): {tail}")
 
 
 def _logical_shape(data: np.ndarray, ttype: Any) -> tuple[int, ...]:

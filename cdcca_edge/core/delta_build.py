@@ -408,9 +408,10 @@ class DeltaBuilder:
 
 def _requant_usage(t: TensorInfo, encoding: str) -> None:
     if t.type_name not in REQUANT_TYPES:
-        raise UsageError(f"{t.name}: {encoding} needs a quantiser for {t.type_name}, which "
-                         f"gguf-py lacks; supported: {', '.join(REQUANT_TYPES)}. Use "
-                         "replace_units / replace_tensor (block replacement) instead")
+        raise UsageError(f"{t.name}: {encoding} makes the device re-quantise {t.type_name}, which is defined "
+                         f"only where every platform's quantiser writes the same bytes: "
+                         f"{', '.join(REQUANT_TYPES)}. Quantise the new values here and send the "
+                         "blocks: replace_units / replace_tensor (block replacement)")
 
 
 def _unit_ranges(runs: list[tuple[int, int]], g_elems: int, t: TensorInfo) -> list[tuple[int, int]]:

@@ -32,9 +32,14 @@ MAX_RECORD_REGION = 8 << 20  # bytes a coded (zsub) replace record may rewrite
 DATA_RAW = "raw"  # replace data: the new bytes as they are
 DATA_ZSUB = "zsub"  # replace data: zlib(new - old), bytewise modulo 256
 FLOAT_TYPES = ("F32", "F16", "BF16")
-# types qadd/lowrank can rewrite: gguf-py quantises the first five, llama.cpp's own
-# quantiser (core/ggml_quant.py) the K-quants and the types their exports fall back to
-REQUANT_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", *GGML_QUANTISED_TYPES)
+# types qadd/lowrank can rewrite on the device: their quantisers (IEEE casts, gguf-py's
+# numpy Q8_0/Q4_0) give the same bytes on every platform
+REQUANT_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0")
+# types the cloud can quantise for block replacement: those, and the ones llama.cpp's
+# quantiser writes (core/ggml_quant.py). Not on the device: llama.cpp's Q4_K and Q5_K
+# quantisers give other bytes on aarch64 than on x86-64 (measured: docs/formats/delta.md
+# 5.5), so a delta carries the bytes the cloud quantised, never values to requantise.
+CLOUD_QUANT_TYPES = (*REQUANT_TYPES, *GGML_QUANTISED_TYPES)
 QADD_BITS = (8, 4)
 FACTOR_DTYPES = {"f16": 2, "f32": 4, "i8": 1, "mx": 1}  # i8: int8 rows with a float16 scale
 # each; mx: per-component bits, a float16 scale per group, codes deflated (section 5.4)
@@ -139,9 +144,10 @@ def quantize(type_name: str, values: Any) -> bytes:
 
 def requant_check(type_name: str, encoding: str) -> None:
     if type_name not in REQUANT_TYPES:
-        raise FormatError(f"encoding {encoding!r} rewrites values, which needs a quantiser for "
-                          f"{type_name}; supported: {', '.join(REQUANT_TYPES)}. Use block "
-                          "replacement for this tensor")
+        raise FormatError(f"encoding {encoding!r} would make this patcher re-quantise {type_name}, which is "
+                          f"defined only where every platform writes the same bytes: "
+                          f"{', '.join(REQUANT_TYPES)}; the sender must send {type_name} blocks "
+                          "(replace records): rebuild the delta with cdcca-edge delta make")
 
 
 def group_layout(type_name: str, params: dict[str, Any]) -> tuple[int, int]:

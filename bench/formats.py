@@ -1,0 +1,162 @@
+"""The GGUF formats people deploy, on SmolLM2-135M-Instruct: q8_0 and q4_0 (gguf-py) against
+llama.cpp's K-quant mixes (q4_k_s, q4_k_m, q5_k_m, q6_k, written by llama.cpp's own
+quantiser): file size, the tensor types each mix chose, agreement with torch (export
+validation, and teacher-forced top-1 / KL on a 128-token text), and prefill / decode
+speed on our llama.cpp backend against llama-cpp-python called directly on the same file.
+
+    python bench/formats.py [--repeat 7] [--quants q8_0,q4_0,q4_k_s,q4_k_m,q5_k_m,q6_k]
+
+Writes bench/results/formats.json and the "formats" section of docs/benchmarks.md. Speed:
+ours and direct alternate repeat by repeat, medians, and the median of per-repeat ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.common import machine, smollm2_hf_dir, update_section, write_results  # noqa: E402
+from bench.runtime import TEXT  # noqa: E402
+from cdcca_edge.core.paths import cache_dir  # noqa: E402
+
+QUANTS = ("q8_0", "q4_0", "q4_k_s", "q4_k_m", "q5_k_m", "q6_k")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--repeat", type=int, default=7)
+    ap.add_argument("--quants", default=",".join(QUANTS))
+    ap.add_argument("--prompt-tokens", type=int, default=128)
+    ap.add_argument("--decode-tokens", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    args = ap.parse_args()
+
+    import llama_cpp
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from cdcca_edge.converters.export import export
+    from cdcca_edge.core.artifact import open_artifact
+    from cdcca_edge.runtime import GenerationConfig, load
+    from cdcca_edge.runtime.scores import kl_divergence
+
+    hf_dir = smollm2_hf_dir()
+    work = cache_dir() / "bench" / "formats"
+    work.mkdir(parents=True, exist_ok=True)
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    ids = AutoTokenizer.from_pretrained(hf_dir)(TEXT)["input_ids"][: args.prompt_tokens]
+    with torch.no_grad():
+        ref = model(torch.tensor([ids])).logits[0].numpy()  # (T, V)
+    del model
+
+    rows: dict[str, dict] = {}
+    for quant in args.quants.split(","):
+        path = work / f"smollm2-{quant}.gguf"
+        print(f"exporting SmolLM2-135M {quant}", file=sys.stderr)
+        t0 = time.perf_counter()
+        res = export(hf_dir, path, "gguf", quant=quant, tolerance=1e9)  # measured, not gated here
+        seconds = time.perf_counter() - t0
+        art = open_artifact(path)
+        types = Counter(t.type_name for t in art.tensors if len(t.shape) == 2)
+        with load(path) as be:
+            got = be.prompt_logits(ids)  # (T, V)
+        rows[quant] = {
+            "bytes": path.stat().st_size, "export_seconds": seconds, "matrix_types": dict(types),
+            "validation": res.validation.as_dict(),
+            "text_top1": float((got.argmax(-1) == ref.argmax(-1)).mean()),
+            "text_mean_kl": float(kl_divergence(ref, got).mean()),
+        }
+        print(f"  {rows[quant]['bytes']:,} B, top-1 {rows[quant]['text_top1']:.1%}, "
+              f"KL {rows[quant]['text_mean_kl']:.3g}, types {dict(types)}", file=sys.stderr)
+
+    n_dec = args.decode_tokens
+    cfg = GenerationConfig(max_tokens=n_dec, stop_at_eos=False)
+
+    def ours(be) -> tuple[float, float]:
+        be.reset()
+        t0 = time.perf_counter()
+        be.forward(ids)
+        prefill = time.perf_counter() - t0
+        gen = be.generate(ids, cfg)
+        return len(ids) / prefill, (len(gen.tokens) - 1) / gen.decode_seconds
+
+    def direct(llm) -> tuple[float, float]:
+        llm.reset()
+        t0 = time.perf_counter()
+        llm.eval(ids)
+        prefill = time.perf_counter() - t0
+        llm.reset()
+        it = llm.generate(ids, temp=0.0, top_k=1, reset=True)
+        next(it)
+        t1 = time.perf_counter()
+        for _ in range(n_dec - 1):
+            next(it)
+        return len(ids) / prefill, (n_dec - 1) / (time.perf_counter() - t1)
+
+    for quant, row in rows.items():
+        path = work / f"smollm2-{quant}.gguf"
+        llm = llama_cpp.Llama(model_path=str(path), n_ctx=512, n_batch=512, n_ubatch=512, n_threads=args.threads,
+                              n_threads_batch=args.threads, verbose=False)
+        samples: dict[str, list[tuple[float, float]]] = {"ours": [], "direct": []}
+        with load(path, n_threads=args.threads, n_ctx=512) as be:
+            ours(be), direct(llm)  # warm-up
+            for r in range(args.repeat):
+                order = ("ours", "direct") if r % 2 == 0 else ("direct", "ours")
+                for name in order:
+                    samples[name].append(ours(be) if name == "ours" else direct(llm))
+        llm.close()
+        for name, s in samples.items():
+            row[name] = {"prefill_tok_s": statistics.median(x[0] for x in s),
+                         "decode_tok_s": statistics.median(x[1] for x in s), "samples": s}
+        row["decode_ratio_ours_over_direct"] = statistics.median(
+            a[1] / b[1] for a, b in zip(samples["ours"], samples["direct"]))
+        print(f"{quant}: ours decode {row['ours']['decode_tok_s']:.1f} tok/s, direct "
+              f"{row['direct']['decode_tok_s']:.1f} (ratio {row['decode_ratio_ours_over_direct']:.3f})",
+              file=sys.stderr)
+
+    doc = {"model": "SmolLM2-135M-Instruct", "threads": args.threads, "prompt_tokens": len(ids),
+           "decode_tokens": n_dec, "repeat": args.repeat, "machine": machine(), "formats": rows}
+    path = write_results("formats", doc)
+    render(doc)
+    print(f"wrote {path}", file=sys.stderr)
+
+
+def render(doc: dict) -> None:
+    rows = doc["formats"]
+    table = "\n".join(
+        f"| {q} | {r['bytes'] / 1e6:.1f} | {', '.join(f'{t} {n}' for t, n in sorted(r['matrix_types'].items()))} | "
+        f"{r['validation']['normalized_diff']:.2f} | {r['text_top1']:.1%} | {r['text_mean_kl']:.3f} | "
+        f"{r['ours']['prefill_tok_s']:.0f} / {r['direct']['prefill_tok_s']:.0f} | "
+        f"{r['ours']['decode_tok_s']:.1f} / {r['direct']['decode_tok_s']:.1f} | "
+        f"{r['decode_ratio_ours_over_direct']:.3f} |"
+        for q, r in rows.items())
+    md = f"""## GGUF formats: SmolLM2-135M, q8_0 / q4_0 against llama.cpp's K-quant mixes (`bench/formats.py`)
+
+{doc['prompt_tokens']}-token text, {doc['decode_tokens']} greedy tokens, {doc['threads']} threads, median of
+{doc['repeat']} alternating runs. The K-quant mixes are written by llama.cpp's quantiser
+(`llama_model_quantize`); q8_0 / q4_0 by gguf-py (q4_0 keeps the embedding at Q8_0).
+"/ std" is the export validation's max |logit - torch| over the logits' std (the gate of
+docs/export.md); top-1 and KL are teacher-forced on the text against torch f32.
+
+| quant | MB | matrix types | / std | top-1 | KL (nats) | prefill tok/s ours / direct | decode tok/s ours / direct | decode ratio |
+|---|---:|---|---:|---:|---:|---:|---:|---:|
+{table}
+
+SmolLM2-135M is 576 wide: 576 is no multiple of 256, so llama.cpp's mixes store most of its
+matrices in their fallback types (Q5_0 for Q4_K, Q5_1 for Q5_K, Q8_0 for Q6_K) and only the
+1536-wide ones (the MLP's down projection) in K types, as `llama-quantize` does for this
+model.
+"""
+    update_section("formats", md)
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
