@@ -1,7 +1,7 @@
 """DWC benchmark: bytes against quality for shipping a distillation update to a q8_0
 (and an f16) device model, ours versus the obvious alternatives.
 
-    python bench/dwc.py [--skip-smollm2]
+    python bench/dwc.py [--skip-smollm2] [--smollm2-quants q8_0,f16,q4_k_m] [--only "NAME;NAME"]
 
 Writes bench/results/dwc.json, bench/results/dwc.png (bytes vs KL) and the "dwc" section
 of docs/benchmarks.md.
@@ -86,6 +86,37 @@ def _patched_kl(mirror: Path, new_weights: dict[str, np.ndarray], ref, ids) -> f
         return probe_kl(copy, ref, ids)
 
 
+def _lora_gguf_point(student: Path, adapter: Path, mirror: Path, merged: Path, ref, ids, work: Path,
+                     repeat: int = 7, n_dec: int = 64) -> dict:
+    """The adapter as llama.cpp's LoRA GGUF beside the device's own base: its bytes, its
+    probe KL, and what running it unmerged costs in decode speed against the merged model
+    (a fresh export), alternating, medians."""
+    import statistics
+
+    from cdcca_edge.converters.lora_gguf import write_lora_gguf
+    from cdcca_edge.runtime import GenerationConfig, load
+    from cdcca_edge.runtime.scores import kl_divergence
+
+    lora = work / "adapter-lora.gguf"
+    write_lora_gguf(adapter, mirror, student, lora)
+    cfg = GenerationConfig(max_tokens=n_dec, stop_at_eos=False)
+    speeds: dict[str, list[float]] = {"lora": [], "merged": []}
+    with load(mirror, lora=lora) as with_lora, load(merged) as m:
+        kl = float(np.concatenate([kl_divergence(r, with_lora.prompt_logits(i)) for i, r in zip(ids, ref)]).mean())
+        prompt = ids[0]
+        for be in (with_lora, m):  # warm-up
+            be.generate(prompt, cfg)
+        for r in range(repeat):
+            for name in (("lora", "merged") if r % 2 == 0 else ("merged", "lora")):
+                gen = (with_lora if name == "lora" else m).generate(prompt, cfg)
+                speeds[name].append((len(gen.tokens) - 1) / gen.decode_seconds)
+    ratios = [a / b for a, b in zip(speeds["lora"], speeds["merged"])]
+    print(f"  LoRA GGUF: {lora.stat().st_size:,} B, KL {kl:.4g}, decode {statistics.median(speeds['lora']):.1f} "
+          f"tok/s vs merged {statistics.median(speeds['merged']):.1f}", file=sys.stderr)
+    return {"bytes": lora.stat().st_size, "kl": kl, "decode_tok_s": statistics.median(speeds["lora"]),
+            "decode_tok_s_merged": statistics.median(speeds["merged"]), "decode_ratio": statistics.median(ratios)}
+
+
 def _adapter_int4(adapter: Path, out: Path) -> int:
     """The adapter with every LoRA matrix quantised to int4 (rows in groups of 32, a
     float16 scale each) and back, written as a PEFT adapter at ``out``; returns the bytes
@@ -154,6 +185,8 @@ def run_update(name: str, student: Path, adapter: Path, probe: list[str], work: 
         int4_gguf = work / f"target-int4-adapter-{quant}.gguf"
         export(student, int4_gguf, "gguf", quant=quant, adapter=work / "adapter-int4", validate=False)
         res["methods"]["int4 adapter"] = [{"bytes": int4_bytes, "kl": probe_kl(int4_gguf, ref, ids)}]
+        res["methods"]["LoRA GGUF (llama.cpp --lora, f16)"] = [_lora_gguf_point(student, adapter, mirror,
+                                                                               target_gguf, ref, ids, work)]
 
     art = open_artifact(mirror)
     targets, _ = load_targets(art, adapter, student)
@@ -280,6 +313,11 @@ def plot(results: list[dict], path: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--skip-smollm2", action="store_true")
+    ap.add_argument("--only", default=None,
+                    help="run only these updates (';'-separated substrings of their names, e.g. "
+                         "'SmolLM2 (15 layers), LoRA (AKD), q4_k_m'); the others are kept from dwc.json")
+    ap.add_argument("--smollm2-quants", default="q8_0,f16",
+                    help="device types for the SmolLM2 update (add q4_k_m for llama.cpp's mix)")
     ap.add_argument("--render", action="store_true",
                     help="only re-render the plot and docs section from bench/results/dwc.json")
     args = ap.parse_args()
@@ -295,23 +333,41 @@ def main() -> None:
 
     akd = cache_dir() / "bench" / "akd"
     work = cache_dir() / "bench" / "dwc"
-    results = []
     tiny_student, tiny_teacher = akd / "tiny" / "student", akd / "tiny" / "teacher"
     probe = _prompts_tiny("target", 24, 77)
-    results.append(run_update("tiny, LoRA (AKD), q8_0 device", tiny_student, akd / "tiny" / "adapter-akd", probe,
-                              work / "tiny-lora"))
-    results.append(run_update("tiny, LoRA (AKD), f16 device", tiny_student, akd / "tiny" / "adapter-akd", probe,
-                              work / "tiny-lora", quant="f16"))
     bn = work / "tiny-bias-norm-adapter"
-    if not (bn / "adapter_config.json").exists():
-        distill(tiny_teacher, tiny_student, [akd / "tiny" / "uts.cdcu"], bn,
-                AKDConfig(adapter="bias-norm", epochs=8, lr=1e-2, max_new_tokens=8))
-    results.append(run_update("tiny, bias-norm (AKD), q8_0 device", tiny_student, bn, probe, work / "tiny-bias-norm"))
+    runs = [  # (name, function producing its result)
+        ("tiny, LoRA (AKD), q8_0 device", lambda: run_update(
+            "tiny, LoRA (AKD), q8_0 device", tiny_student, akd / "tiny" / "adapter-akd", probe, work / "tiny-lora")),
+        ("tiny, LoRA (AKD), f16 device", lambda: run_update(
+            "tiny, LoRA (AKD), f16 device", tiny_student, akd / "tiny" / "adapter-akd", probe, work / "tiny-lora",
+            quant="f16")),
+        ("tiny, bias-norm (AKD), q8_0 device", lambda: bias_norm()),
+    ]
+
+    def bias_norm() -> dict:
+        if not (bn / "adapter_config.json").exists():
+            distill(tiny_teacher, tiny_student, [akd / "tiny" / "uts.cdcu"], bn,
+                    AKDConfig(adapter="bias-norm", epochs=8, lr=1e-2, max_new_tokens=8))
+        return run_update("tiny, bias-norm (AKD), q8_0 device", tiny_student, bn, probe, work / "tiny-bias-norm")
+
     if not args.skip_smollm2 and (akd / "smollm2" / "adapter-akd" / "adapter_config.json").exists():
-        for quant in ("q8_0", "f16"):
-            results.append(run_update(f"SmolLM2 (15 layers), LoRA (AKD), {quant} device",
-                                      akd / "smollm2" / "student-15-layers", akd / "smollm2" / "adapter-akd",
-                                      _prompts_shifted(12, 55), work / "smollm2-lora", quant=quant))
+        for quant in args.smollm2_quants.split(","):
+            name = f"SmolLM2 (15 layers), LoRA (AKD), {quant} device"
+            runs.append((name, lambda n=name, q=quant: run_update(
+                n, akd / "smollm2" / "student-15-layers", akd / "smollm2" / "adapter-akd",
+                _prompts_shifted(12, 55), work / "smollm2-lora", quant=q)))
+    kept = {}
+    if args.only and (RESULTS / "dwc.json").exists():
+        kept = {r["update"]: r for r in json.loads((RESULTS / "dwc.json").read_text())["results"]}
+    wanted = [w.strip() for w in args.only.split(";")] if args.only else None
+    results = []
+    for name, fn in runs:
+        if wanted is None or any(w in name for w in wanted):
+            results.append(fn())
+        elif name in kept:
+            results.append(kept.pop(name))
+    results += list(kept.values())  # updates no longer in the list above (kept as measured)
     write_results("dwc", {"machine": machine(), "results": results})
     render(results)
 
@@ -345,6 +401,15 @@ def render(results: list[dict]) -> None:
         dom = r["pareto_dominates"]
         goals.append("  Pareto: " + "; ".join(f"{m} {'dominated' if v else 'NOT dominated'}"
                                                 for m, v in dom.items()) + ".")
+    lora_lines = []
+    for r in results:
+        for p in r["methods"].get("LoRA GGUF (llama.cpp --lora, f16)", []):
+            lora_lines.append(f"- {r['update']}: {p['bytes']:,} bytes, KL {p['kl']:.3g}; decodes at "
+                              f"{p['decode_tok_s']:.1f} tok/s with the adapter beside the base against "
+                              f"{p['decode_tok_s_merged']:.1f} merged (x{p['decode_ratio']:.2f}, median of alternating runs)")
+    lora_md = ("\nllama.cpp's own LoRA GGUF (`cdcca-edge export --adapter A --lora-gguf BASE.gguf`), run unmerged\n"
+               "beside the device's base: what a llama.cpp user would try first.\n" + "\n".join(lora_lines) + "\n"
+               if lora_lines else "")
     md = f"""## DWC: bytes against quality for a distillation update (`bench/dwc.py`)
 
 The device holds the student as q8_0 GGUF, or as f16 GGUF to separate the update's
@@ -366,7 +431,7 @@ component at 8 bits (the pre-mixed-precision encoding, deflated).
 | update | method | bytes | KL |
 |---|---|---:|---:|
 {chr(10).join(rows)}
-
+{lora_md}
 Goals (issue 17):
 {chr(10).join(goals)}
 """

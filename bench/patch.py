@@ -4,7 +4,8 @@ synthetic 2 GB q8_0 GGUF built here, for a change touching ~1% of the 32-weight 
 then apply on synthetic 0.5 GB and 2 GB files with the same number of changed blocks.
 
     python bench/patch.py [--sizes q8_0,f32,syn2g] [--patterns scattered,rows] [--repeat 5]
-                          [--scaling/--no-scaling]
+                          [--scaling/--no-scaling] [--section patch]
+    python bench/patch.py --sizes q4_k_m --no-scaling --section patch-kquants
 
 Writes bench/results/patch.json and the "patch" section of docs/benchmarks.md.
 
@@ -120,11 +121,12 @@ def base_model(name: str, work: Path) -> Path:
 
 
 def make_change(base: Path, new: Path, pattern: str, seed: int = 0, fraction: float = 0.01) -> dict:
-    """Copy ``base`` to ``new`` and change ``fraction`` of the 32-weight blocks of every
-    matrix."""
+    """Copy ``base`` to ``new`` and change ``fraction`` of the 32-weight blocks (the
+    256-weight super-blocks of a K type) of every matrix."""
     import gguf
 
     from cdcca_edge.core.artifact import open_artifact
+    from cdcca_edge.core.encodings import dequantize, quantize
 
     shutil.copy(base, new)
     art = open_artifact(new)
@@ -137,21 +139,23 @@ def make_change(base: Path, new: Path, pattern: str, seed: int = 0, fraction: fl
             continue
         qt = gguf.GGMLQuantizationType[t.type_name]
         block, size = gguf.GGML_QUANT_SIZES[qt]
-        per_unit = 32 // block  # units per 32-weight block (1 for q8_0, 32 for f32)
-        bbytes = per_unit * size  # bytes per 32-weight block
+        weights = max(32, block)  # weights per changed block
+        per_unit = weights // block  # units per block (1 for q8_0 and K types, 32 for f32)
+        bbytes = per_unit * size  # bytes per block
         n_blocks = t.nbytes // bbytes
         total += n_blocks
         k = max(1, round(n_blocks * fraction))
         if pattern == "scattered":
             idx = np.sort(rng.choice(n_blocks, k, replace=False))
         else:
-            per_row = t.shape[-1] // 32
+            per_row = t.shape[-1] // weights
             rows = rng.choice(t.shape[0], max(1, k // per_row), replace=False)
             idx = np.sort((rows[:, None] * per_row + np.arange(per_row)).reshape(-1))
         raw = np.stack([mm[t.offset + i * bbytes : t.offset + (i + 1) * bbytes] for i in idx])
-        vals = np.asarray(gguf.quants.dequantize(raw.reshape(-1).copy(), qt), np.float32).reshape(len(idx), 32)
+        vals = dequantize(t.type_name, raw.reshape(-1).copy()).reshape(len(idx), weights)
         vals = vals + rng.standard_normal(vals.shape).astype(np.float32) * (np.abs(vals).mean() * 0.1 + 1e-4)
-        newraw = np.ascontiguousarray(gguf.quants.quantize(vals.astype(np.float32), qt)).view(np.uint8)
+        # requantised by the type's own quantiser (llama.cpp's for the K types)
+        newraw = np.frombuffer(quantize(t.type_name, vals.astype(np.float32).reshape(-1)), np.uint8)
         newraw = newraw.reshape(len(idx), bbytes)
         for i, r in zip(idx, newraw):
             mm[t.offset + i * bbytes : t.offset + (i + 1) * bbytes] = r
@@ -303,6 +307,8 @@ def main() -> None:
     ap.add_argument("--patterns", default="scattered,rows")
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--zstd-level", type=int, default=19)
+    ap.add_argument("--section", default="patch",
+                    help="results file and docs/benchmarks.md section (e.g. patch-kquants for --sizes q4_k_m)")
     args = ap.parse_args()
     work = cache_dir() / "bench" / "patch"
     work.mkdir(parents=True, exist_ok=True)
@@ -311,7 +317,7 @@ def main() -> None:
     scaling = [run_scaling(p, args.repeat, work) for p in args.patterns.split(",")] if args.scaling else []
     doc = {"machine": machine(), "repeat": args.repeat, "cases": cases, "scaling": scaling,
            "zstd_version": subprocess.run([ZSTD, "--version"], capture_output=True, text=True).stdout.strip()}
-    path = write_results("patch", doc)
+    path = write_results(args.section, doc)
     rows = []
     for c in cases:
         o, z, r = c["ours"], c["zstd"], c["ratios"]
@@ -337,7 +343,8 @@ def main() -> None:
     md = f"""## Patch: `delta diff` + `patch` vs `zstd --patch-from` (`bench/patch.py`)
 
 SmolLM2-135M GGUFs and a synthetic 2 GB q8_0 GGUF (random int8 blocks, built by the
-bench), 1% of the 32-weight blocks of every matrix changed. Each cell: ours / zstd. Our apply is durable (journal + data fsync'd) and includes interpreter start-up
+bench), 1% of the 32-weight blocks (the 256-weight super-blocks of a K type, requantised by
+llama.cpp's quantiser) of every matrix changed. Each cell: ours / zstd. Our apply is durable (journal + data fsync'd) and includes interpreter start-up
 (about 0.19 s of Python, typer and numpy imports); the next column is the time our patch
 reports from inside the process. zstd's apply writes a new file without fsync. Apply: median of {args.repeat} alternating runs on
 fresh copies; "cold" is our apply without the state sidecar (identity recomputed).
@@ -358,7 +365,9 @@ of changed blocks** in both (1% of the 0.5 GB file's), ours only, durable, media
 |---|---:|---:|---:|---:|---:|---:|---:|---:|
 {chr(10).join(srows)}
 """
-    update_section("patch", md)
+    if not scaling:  # no scaling table to show
+        md = md[: md.index("Apply cost against model size")].rstrip() + "\n"
+    update_section(args.section, md)
     print(f"wrote {path}", file=sys.stderr)
     print(md)
 

@@ -16,7 +16,8 @@ def export(
     output: Annotated[Path, typer.Option("-o", "--output", help="OUT.gguf, or the ONNX output directory.")],
     fmt: Annotated[Format, typer.Option("--format", "-f", help="Artefact format.")] = Format.gguf,
     quant: Annotated[
-        Optional[Quant], typer.Option(help="GGUF: f32, f16, q8_0 (default), q4_0. ONNX: f32.")
+        Optional[Quant], typer.Option(help="GGUF: f32, f16, q8_0 (default), q4_0, or llama.cpp's "
+                                           "q4_k_s, q4_k_m, q5_k_m, q6_k. ONNX: f32.")
     ] = None,
     adapter: Annotated[
         Optional[Path], typer.Option(help="PEFT adapter directory to merge before export.")
@@ -27,11 +28,36 @@ def export(
     tolerance: Annotated[
         Optional[float], typer.Option(help="Override the format's validation tolerance (docs/export.md).")
     ] = None,
+    lora_gguf: Annotated[
+        Optional[Path], typer.Option(help="Write --adapter as llama.cpp's LoRA GGUF (-o) for this base GGUF "
+                                          "(an export of MODEL_DIR) instead of merging it.")
+    ] = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Export a HF causal LM (+ LoRA adapter) to a validated GGUF file or ONNX directory; a
-    LLaVA model to a bundle directory (vision ONNX + language GGUF/ONNX)."""
+    LLaVA model to a bundle directory (vision ONNX + language GGUF/ONNX); or, with
+    --lora-gguf, the adapter alone as llama.cpp's LoRA GGUF."""
     from cdcca_edge.converters.export import export as do_export
+
+    if lora_gguf is not None:
+        from cdcca_edge.converters.export import export_lora_gguf
+        from cdcca_edge.core.errors import UsageError
+
+        if adapter is None:
+            raise UsageError("--lora-gguf converts an adapter: give it with --adapter PEFT_DIR")
+        with stage_status(not json_out) as on_stage:
+            doc = export_lora_gguf(model_dir, adapter, lora_gguf, output, validate=validate,
+                                   tolerance=tolerance, on_stage=on_stage)
+        if json_out:
+            print_json(doc)
+            return
+        v = doc["validation"]
+        out.print(f"{doc['path']}  LoRA GGUF (rank {doc['rank']}, {doc['dtype']}) for {doc['base']}  "
+                  f"{doc['bytes'] / 1e6:.2f} MB", highlight=False)
+        out.print("  " + (f"validated base + LoRA on llama: {v['normalized_diff']:.3g} x std (tolerance "
+                          f"{v['tolerance']}), top-1 agreement {v['top1_agreement']:.0%}" if v else
+                          "not validated (--no-validate)") + f"  [{doc['seconds']:.1f} s]", highlight=False)
+        return
 
     with stage_status(not json_out) as on_stage:
         result = do_export(model_dir, output, value(fmt), quant=value(quant), adapter=adapter,

@@ -162,3 +162,51 @@ def export(
         seconds=time.perf_counter() - t0,
         validation=report,
     )
+
+
+def export_lora_gguf(
+    model_dir: str | Path,
+    adapter: str | Path,
+    base_gguf: str | Path,
+    out: str | Path,
+    validate: bool = True,
+    tolerance: float | None = None,
+    dtype: str = "f16",
+    on_stage: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """``adapter`` (PEFT LoRA on ``model_dir``) as llama.cpp's LoRA GGUF for ``base_gguf``
+    (an export of ``model_dir``), validated: llama.cpp running the base with the adapter
+    beside it must agree with torch running the merged model within the base's tolerance.
+
+    Raises:
+        UsageError, FormatError, ValidationError, MissingTensorError.
+    """
+    from cdcca_edge.converters.lora_gguf import write_lora_gguf
+
+    stage = on_stage or (lambda _msg: None)
+    out, base = Path(out), open_artifact(base_gguf)
+    if base.format != "gguf":
+        raise UsageError(f"--lora-gguf {base_gguf}: not a GGUF file; give the device's base GGUF")
+    quant = base.metadata.get("cdcca.quant")
+    if quant is None or quant not in QUANT_TYPES:
+        raise UsageError(f"{base_gguf} was not written by cdcca-edge export (no cdcca.quant): export "
+                         "the base with cdcca-edge first")
+    t0 = time.perf_counter()
+    stage(f"writing {adapter} as a LoRA GGUF for {base_gguf}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        summary = write_lora_gguf(adapter, base_gguf, model_dir, tmp, dtype=dtype)  # type: ignore[arg-type]
+        report = None
+        if validate:
+            stage("validating base + LoRA on llama.cpp against torch (merged)")
+            report = validate_export(base_gguf, load_for_export(model_dir, adapter), "gguf", quant,
+                                     tolerance=tolerance, lora=tmp)
+        commit_file(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return {**summary, "path": str(out), "base": str(base_gguf), "base_quant": quant,
+            "seconds": time.perf_counter() - t0, "validation": None if report is None else report.as_dict()}
+

@@ -71,6 +71,7 @@ def validate_export(
     quant: str,
     prompts: tuple[str, ...] = VALIDATION_PROMPTS,
     tolerance: float | None = None,
+    lora: str | Path | None = None,
 ) -> ValidationReport:
     """Compare the artefact at ``path`` with ``loaded.model`` on ``prompts``.
 
@@ -86,7 +87,8 @@ def validate_export(
     if tokenizer.eos_token:
         prompts = (*prompts, f"yes.{tokenizer.eos_token}no")
     diffs, refs, kls, agree, n_pos = [], [], [], 0, 0
-    with load(path, backend="onnx" if fmt == "onnx" else "llama") as backend:
+    extra = {"lora": lora} if lora is not None else {}  # a LoRA GGUF on top, unmerged
+    with load(path, backend="onnx" if fmt == "onnx" else "llama", **extra) as backend:
         for prompt in prompts:
             hf_ids = list(tokenizer(prompt)["input_ids"])
             rt_ids = backend.tokenize(prompt)

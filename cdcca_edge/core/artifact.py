@@ -34,6 +34,7 @@ META_SOURCE_DIGEST = "cdcca.source_digest"  # digest of the HF weights (+ adapte
 META_QUANT = "cdcca.quant"  # quant type requested at export (f32, f16, q8_0, q4_0)
 META_ARCH = "cdcca.arch"  # HF architecture family (llama, qwen2)
 META_EXPORT_IDENTITY = "cdcca.export_identity"  # identity right after export
+META_LORA_BASE = "cdcca.lora_base_source_digest"  # LoRA GGUF: the source digest of the base it was made for
 META_TRANSPOSED = "cdcca.transposed"  # ONNX: JSON list of initializers stored as W^T (in, out)
 
 ONNX_MODEL_NAME = "model.onnx"

@@ -24,7 +24,7 @@ from typing import Any, Callable, Sequence
 
 from cdcca_edge.core.delta_format import ENC_LOWRANK, ENC_QADD, ENC_REPLACE, Record
 from cdcca_edge.core.errors import FormatError
-from cdcca_edge.core.ggml import SCALE_FIRST_TYPES, block_scales, type_layout
+from cdcca_edge.core.ggml import HALF_FIELDS, block_scales, blocks_nonfinite, type_layout
 from cdcca_edge.core.ggml_quant import GGML_QUANTISED_TYPES, ggml_quantize
 
 MAX_RUNS = 1 << 20  # per record; bounds the index a patcher holds
@@ -396,8 +396,8 @@ def _nonfinite(type_name: str, raw: Any) -> Any:
     if type_name == "BF16":
         return (buf.view("<u2") & 0x7F80) == 0x7F80  # exponent all ones: inf or nan
     block, size = type_layout(type_name)
-    if type_name in SCALE_FIRST_TYPES:  # one float16 scale at the start of each block
-        return ~np.isfinite(block_scales(type_name, buf))
+    if type_name in HALF_FIELDS:  # from the blocks' float16 fields: no dequantising
+        return blocks_nonfinite(type_name, buf)
     try:
         vals = dequantize(type_name, raw)
     except (NotImplementedError, KeyError, ValueError):

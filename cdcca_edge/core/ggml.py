@@ -70,3 +70,28 @@ def block_scales(type_name: str, raw: object) -> "object":
         raise KeyError(f"{type_name} blocks do not begin with one float16 scale")
     _, size = type_layout(type_name)
     return np.frombuffer(raw, np.uint8).reshape(-1, size)[:, :2].copy().view(np.float16).reshape(-1)
+
+
+# Byte offsets of the float16 fields in each block of a quant type (ggml-common.h: e.g.
+# block_q4_K = {half d; half dmin; uint8 scales[12]; uint8 qs[128]}, block_q6_K = {uint8
+# ql[128]; uint8 qh[64]; int8 scales[16]; half d}). Every value of such a block is those
+# fields times small integers (at most 2.6e8 in magnitude from finite fields), so a block
+# decodes to finite values exactly when its float16 fields are finite.
+HALF_FIELDS: dict[str, tuple[int, ...]] = {
+    "Q8_0": (0,), "Q4_0": (0,), "Q4_1": (0, 2), "Q5_0": (0,), "Q5_1": (0, 2),
+    "Q2_K": (80, 82), "Q3_K": (108,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,),
+}
+
+
+def blocks_nonfinite(type_name: str, raw: object) -> "object":
+    """Per block of ``raw`` (whole blocks of a HALF_FIELDS type): does it decode to a
+    non-finite value? (n_blocks,) bool, from the float16 fields alone (no dequantising)."""
+    import numpy as np
+
+    _, size = type_layout(type_name)
+    blocks = np.frombuffer(raw, np.uint8).reshape(-1, size)
+    bad = np.zeros(blocks.shape[0], bool)
+    for off in HALF_FIELDS[type_name]:
+        half = np.ascontiguousarray(blocks[:, off:off + 2]).view("<u2").reshape(-1)
+        bad |= (half & 0x7C00) == 0x7C00  # exponent all ones: inf or nan
+    return bad

@@ -22,8 +22,38 @@ from cdcca_edge.core.errors import (
     UsageError,
     require,
 )
+from cdcca_edge.core.artifact import META_LORA_BASE, META_SOURCE_DIGEST
 from cdcca_edge.core.gguf_file import read_gguf_header
 from cdcca_edge.runtime.base import Backend
+
+
+def _check_lora(path: Path, lora: list, model: list) -> None:
+    """A LoRA GGUF must pair ``X.lora_a`` (r, in) with ``X.lora_b`` (out, r) for a matrix X
+    (out, in) of the model. Checked here because llama-cpp-python 0.3.36 goes on serving
+    the base alone when llama.cpp refuses an adapter (it logs "incorrect shape" and still
+    returns the adapter).
+
+    Raises:
+        FormatError: naming the first tensor that does not fit.
+    """
+    shapes = {t.name: tuple(t.ne) for t in model}  # GGML order: (in, out)
+    factors = {t.name: tuple(t.ne) for t in lora}
+    if not factors:
+        raise FormatError(f"{path}: a LoRA GGUF without tensors; convert the adapter again")
+    for name, ne in factors.items():
+        base, _, part = name.rpartition(".lora_")
+        other = f"{base}.lora_{'b' if part == 'a' else 'a'}"
+        if part not in ("a", "b") or other not in factors:
+            raise FormatError(f"{path}: tensor {name!r} is not one of a lora_a / lora_b pair")
+        if base not in shapes:
+            raise FormatError(f"{path}: {name!r} adapts {base!r}, which the model does not have: "
+                              "another model's LoRA; convert the adapter against this base")
+        if part == "a":
+            a, b, w = ne, factors[other], shapes[base]
+            if len(a) != 2 or len(b) != 2 or len(w) != 2 or a[0] != w[0] or b[1] != w[1] or a[1] != b[0]:
+                raise FormatError(f"{path}: {base!r} is {w[::-1]} but its LoRA factors are {a[::-1]} and "
+                                  f"{b[::-1]} (need (r, in) and (out, r)): another model's LoRA; convert "
+                                  "the adapter against this base")
 
 
 class LlamaCppBackend(Backend):
@@ -35,6 +65,8 @@ class LlamaCppBackend(Backend):
             training context is used).
         n_threads: CPU threads (default: all cores; llama-cpp-python's default is half).
         n_batch: tokens per llama_decode call for prompts.
+        lora: a LoRA GGUF (llama.cpp's adapter format, converters/lora_gguf.py) applied
+            on top of the model at full scale, unmerged.
     """
 
     name = "llama"
@@ -45,11 +77,15 @@ class LlamaCppBackend(Backend):
         n_ctx: int | None = None,
         n_threads: int | None = None,
         n_batch: int = 512,
+        lora: str | Path | None = None,
     ) -> None:
         self._llama_cpp = require("llama_cpp", "llama")
         self.path = Path(path)
         if not self.path.is_file():
             raise FileNotFoundError(f"{self.path}: no such GGUF file")
+        self._lora = None if lora is None else Path(lora)
+        if self._lora is not None and not self._lora.is_file():
+            raise FileNotFoundError(f"{self._lora}: no such LoRA GGUF file")
         self._args = (n_ctx, n_threads or os.cpu_count() or 1, n_batch)
         self._closed = True
         self._open()
@@ -66,6 +102,20 @@ class LlamaCppBackend(Backend):
         lc = self._llama_cpp
         n_ctx, threads, n_batch = self._args
         header = read_gguf_header(self.path)  # malformed files fail here, with a clear error
+        if self._lora is not None:
+            lora_header = read_gguf_header(self._lora)
+            lora_kv = lora_header.kv
+            kind = lora_kv.get("general.type")
+            if kind != "adapter":
+                raise FormatError(f"{self._lora}: general.type is {kind!r}, not 'adapter': not a "
+                                  "LoRA GGUF; convert the PEFT adapter first")
+            _check_lora(self._lora, lora_header.tensors, header.tensors)
+            # llama.cpp checks shapes only: a LoRA for another model of the same shape loads
+            made_for, source = lora_kv.get(META_LORA_BASE), header.kv.get(META_SOURCE_DIGEST)
+            if made_for and source and made_for != source:
+                raise FormatError(f"{self._lora} was made for a base exported from source {str(made_for)[:16]}, "
+                                  f"{self.path} from {str(source)[:16]}: another model; convert the adapter "
+                                  "against this base (cdcca-edge export --adapter A --lora-gguf BASE.gguf)")
         arch = header.kv.get("general.architecture")
         train_ctx = header.kv.get(f"{arch}.context_length")
         # Positions past the training context are garbage even where llama.cpp allows them.
@@ -82,9 +132,16 @@ class LlamaCppBackend(Backend):
                 n_threads_batch=threads,
                 logits_all=False,
                 verbose=False,
+                **({"lora_path": str(self._lora)} if self._lora is not None else {}),
             )
         except ValueError as exc:  # llama-cpp-python's "Failed to load model from file"
             raise FormatError(f"{self.path}: llama.cpp could not load this GGUF ({exc})") from exc
+        except RuntimeError as exc:  # llama-cpp-python's "Failed to apply LoRA ..."
+            if self._lora is None:
+                raise
+            raise FormatError(f"{self._lora}: llama.cpp could not apply this LoRA to {self.path} ({exc}); "
+                              "convert the adapter against this very base (cdcca-edge export "
+                              "--lora-gguf)") from exc
         self._ctx = self._llm._ctx.ctx  # raw llama_context*
         self._vocab = self._llm._model.vocab
         self._n_vocab = self._llm.n_vocab()

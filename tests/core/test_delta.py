@@ -24,6 +24,7 @@ from cdcca_edge.core.artifact import compute_identity, open_artifact
 from cdcca_edge.core.delta_build import DeltaBuilder, diff_artifacts
 from cdcca_edge.core.encodings import pack_int4, unpack_int4
 from cdcca_edge.core.errors import FormatError, IntegrityError, StorageError, UsageError
+from cdcca_edge.core.ggml import HALF_FIELDS, blocks_nonfinite
 from cdcca_edge.core.patch import apply_delta, journal_path, recover
 from cdcca_edge.core.state import read_state
 from cdcca_edge.core.trust import Trust
@@ -840,3 +841,20 @@ def test_resign_replaces_only_the_signature(tmp_path):
     with pytest.raises((FormatError, IntegrityError)):
         df.resign_delta(tmp_path / "bad.cdcd", tmp_path / "x.cdcd", df.load_private_key(tmp_path / "k2.pem"))
     assert not (tmp_path / "x.cdcd").exists()
+
+
+@settings(max_examples=200, deadline=None)
+@given(type_name=st.sampled_from(sorted(HALF_FIELDS)),
+       data=st.binary(min_size=1, max_size=4096), special=st.booleans())
+def test_finite_check_from_float16_fields_equals_dequantising(type_name, data, special):
+    """The patcher's finite check reads only each block's float16 fields (core/ggml.py
+    HALF_FIELDS); it must say exactly what gguf-py's dequantiser says, on any bytes."""
+    block, size = gguf.GGML_QUANT_SIZES[T[type_name]]
+    n = max(1, len(data) // size)
+    raw = bytearray((data * (n * size // len(data) + 1))[: n * size])
+    if special:  # an inf or nan in a float16 field of the first block
+        off = HALF_FIELDS[type_name][-1]
+        raw[off:off + 2] = np.array([np.inf if len(data) % 2 else np.nan], np.float16).tobytes()
+    with np.errstate(all="ignore"):
+        vals = gguf.quants.dequantize(np.frombuffer(bytes(raw), np.uint8), T[type_name]).reshape(n, block)
+    np.testing.assert_array_equal(blocks_nonfinite(type_name, bytes(raw)), ~np.isfinite(vals).all(1))
