@@ -17,7 +17,7 @@ def export(
     fmt: Annotated[Format, typer.Option("--format", "-f", help="Artefact format.")] = Format.gguf,
     quant: Annotated[
         Optional[Quant], typer.Option(help="GGUF: f32, f16, q8_0 (default), q4_0, or llama.cpp's "
-                                           "q4_k_s, q4_k_m, q5_k_m, q6_k. ONNX: f32.")
+                                           "q4_k_s, q4_k_m, q5_k_m, q6_k. ONNX: f32 (default), int4, int8.")
     ] = None,
     adapter: Annotated[
         Optional[Path], typer.Option(help="PEFT adapter directory to merge before export.")
@@ -28,6 +28,12 @@ def export(
     tolerance: Annotated[
         Optional[float], typer.Option(help="Override the format's validation tolerance (docs/export.md).")
     ] = None,
+    block_size: Annotated[
+        int, typer.Option(help="ONNX int4/int8: weights per scale along the input dimension (16-256).")
+    ] = 32,
+    accuracy_level: Annotated[
+        int, typer.Option(help="ONNX int4/int8: MatMulNBits accuracy level (4: int8 activations, fastest on CPU).")
+    ] = 4,
     lora_gguf: Annotated[
         Optional[Path], typer.Option(help="Write --adapter as llama.cpp's LoRA GGUF (-o) for this base GGUF "
                                           "(an export of MODEL_DIR) instead of merging it.")
@@ -61,7 +67,8 @@ def export(
 
     with stage_status(not json_out) as on_stage:
         result = do_export(model_dir, output, value(fmt), quant=value(quant), adapter=adapter,
-                           validate=validate, tolerance=tolerance, on_stage=on_stage)
+                           validate=validate, tolerance=tolerance, on_stage=on_stage,
+                           block_size=block_size, accuracy_level=accuracy_level)
     if json_out:
         print_json(result.as_dict())
         return

@@ -13,6 +13,7 @@ import typer
 from cdcca_edge.cloud.akd import AdapterKind, KDLoss, TeacherWeighting
 from cdcca_edge.converters.export import ExportFormat
 from cdcca_edge.converters.gguf_export import QUANT_TYPES
+from cdcca_edge.converters.onnx_export import ONNX_QUANTS
 from cdcca_edge.runtime import BackendName
 from cdcca_edge.runtime.uts import SCORES, Selector
 
@@ -24,7 +25,7 @@ def choices(name: str, values: Iterable[str]) -> Any:
 
 Backend = choices("Backend", get_args(BackendName))
 Format = choices("Format", get_args(ExportFormat))
-Quant = choices("Quant", QUANT_TYPES)
+Quant = choices("Quant", dict.fromkeys([*QUANT_TYPES, *ONNX_QUANTS]))
 Score = choices("Score", SCORES)
 SelectorChoice = choices("Selector", get_args(Selector))
 Adapter = choices("Adapter", get_args(AdapterKind))

@@ -640,6 +640,10 @@ def make_delta(
         say(f"the mirror was left mid-measurement by an interrupted run: {restored}")
     art = open_artifact(base)
     mirror = art.path if art.format == "gguf" else art.root
+    if art.format == "onnx" and art.metadata.get("cdcca.quant", "f32") != "f32":
+        raise UsageError(f"{mirror}: DWC does not build deltas for MatMulNBits ({art.metadata['cdcca.quant']}) "
+                         "weights yet; export the updated model at the same --quant and send "
+                         "`cdcca-edge delta diff OLD NEW` (exact block replacement)")
     if expect_identity is not None:
         from cdcca_edge.core.state import current_identity
 

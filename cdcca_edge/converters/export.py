@@ -16,7 +16,7 @@ from typing import Any, Callable, Literal
 
 from cdcca_edge.converters.gguf_export import QUANT_TYPES, write_gguf
 from cdcca_edge.converters.hf import load_for_export
-from cdcca_edge.converters.onnx_export import write_onnx
+from cdcca_edge.converters.onnx_export import NBITS_ACCURACY, NBITS_BLOCK, ONNX_QUANTS, write_onnx
 from cdcca_edge.converters.validate import ValidationReport, validate_export
 from cdcca_edge.converters.llava_export import is_llava
 from cdcca_edge.core.artifact import ONNX_MODEL_NAME, open_artifact
@@ -26,7 +26,6 @@ from cdcca_edge.core.errors import UsageError
 from cdcca_edge.core.fileio import commit_file, replace_dir
 
 ExportFormat = Literal["gguf", "onnx"]
-ONNX_QUANTS = ("f32",)
 
 
 @dataclass
@@ -68,11 +67,16 @@ def export(
     validate: bool = True,
     tolerance: float | None = None,
     on_stage: Callable[[str], None] | None = None,
+    block_size: int = NBITS_BLOCK,
+    accuracy_level: int = NBITS_ACCURACY,
 ) -> ExportResult:
     """Export ``model_dir`` to ``out`` as GGUF (a file) or ONNX (a directory).
 
     Args:
-        quant: GGUF: f32, f16, q8_0 (default), q4_0. ONNX: f32 (default).
+        quant: GGUF: f32, f16, q8_0 (default), q4_0, or llama.cpp's q4_k_s, q4_k_m,
+            q5_k_m, q6_k. ONNX: f32 (default), or int4 / int8 weight-only MatMulNBits.
+        block_size, accuracy_level: ONNX int4/int8: weights per scale, and MatMulNBits'
+            accuracy level (4: int8 activations).
         adapter: a PEFT adapter directory merged into the model before export.
         validate: compare with torch and refuse the export beyond tolerance.
         tolerance: override the format's tolerance (docs/export.md).
@@ -93,8 +97,8 @@ def export(
     elif fmt == "onnx":
         quant = quant or "f32"
         if quant not in ONNX_QUANTS:
-            raise UsageError(f"--quant {quant!r} is not available for ONNX export (f32 only); "
-                             "quantised artefacts are GGUF: use --format gguf")
+            raise UsageError(f"--quant {quant!r} is not available for ONNX export; choose one of "
+                             f"{', '.join(ONNX_QUANTS)} (or --format gguf for the GGUF types)")
         if out.exists() and not out.is_dir():
             raise UsageError(f"{out} is a file; ONNX export writes a directory")
         if (out.is_dir() and any(out.iterdir()) and not (out / ONNX_MODEL_NAME).is_file()
@@ -115,6 +119,9 @@ def export(
 
         if out.exists() and not out.is_dir():
             raise UsageError(f"{out} is a file; a multimodal export writes a bundle directory")
+        if fmt == "onnx" and quant != "f32":
+            raise UsageError(f"--quant {quant}: a bundle's ONNX language part is f32 only; use "
+                             "--format gguf for a quantised language part")
         identity, mm_report = export_llava(loaded, out, fmt, quant, validate, tolerance, stage)
         return ExportResult(
             path=out, format=f"bundle/{fmt}", quant=quant, arch="llava", identity=identity,
@@ -140,7 +147,8 @@ def export(
     else:
         tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
         try:
-            identity = write_onnx(loaded, tmp_dir, progress=stage)
+            identity = write_onnx(loaded, tmp_dir, progress=stage, quant=quant, block_size=block_size,
+                                  accuracy_level=accuracy_level)
             if validate:
                 stage("validating against torch on onnxruntime")
                 report = validate_export(tmp_dir, loaded, "onnx", quant, tolerance=tolerance)

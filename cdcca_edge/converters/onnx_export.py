@@ -10,6 +10,13 @@ optimum writes ``model.onnx`` with ``past_key_values`` inputs (task
   hold, found by exact value; linear weights stored transposed (in, out) for ``MatMul`` are
   listed in the ``cdcca.transposed`` metadata entry (docs/formats/artifact.md);
 * provenance goes into ``metadata_props``.
+
+``--quant int4`` / ``int8`` then runs onnxruntime's own weight-only quantiser
+(``MatMulNBitsQuantizer``, symmetric, per block along the input dimension) over every
+``MatMul`` with a weight initializer: what onnxruntime-genai ships. Each such weight ``W``
+becomes ``W_Q4`` (uint8, (N, K / block, block / 2): two 4-bit codes a byte) or ``W_Q8`` and
+``W_scales`` (float32, (N, K / block)) feeding a ``com.microsoft.MatMulNBits`` node; the
+embedding (a ``Gather``) and the norms stay float32.
 """
 
 from __future__ import annotations
@@ -84,7 +91,13 @@ def name_initializers(graph: Any, state_dict: dict[str, np.ndarray]) -> list[str
     return sorted(stored_transposed)
 
 
-def write_onnx(loaded: Any, out_dir: str | Path, progress: Callable[[str], None] | None = None) -> str:
+ONNX_QUANTS = ("f32", "int4", "int8")
+NBITS_BLOCK = 32  # weights per scale along K: onnxruntime's choices are 16, 32, 64, 128, 256
+NBITS_ACCURACY = 4  # MatMulNBits accuracy_level: 4 = int8 activations on CPU (the fast path)
+
+
+def write_onnx(loaded: Any, out_dir: str | Path, progress: Callable[[str], None] | None = None,
+               quant: str = "f32", block_size: int = NBITS_BLOCK, accuracy_level: int = NBITS_ACCURACY) -> str:
     """Export ``loaded`` (a :class:`~cdcca_edge.converters.hf.LoadedModel`) to ``out_dir``.
 
     Returns the identity digest of the written initializers (also in the model's
@@ -111,6 +124,12 @@ def write_onnx(loaded: Any, out_dir: str | Path, progress: Callable[[str], None]
         model = onnx.load(str(Path(tmp) / art.ONNX_MODEL_NAME), load_external_data=True)
         sd = {k: v.detach().float().cpu().numpy() for k, v in loaded.model.state_dict().items()}
         stored_t = name_initializers(model.graph, sd)
+        if quant != "f32":
+            if progress:
+                progress(f"quantising MatMul weights to {quant} with onnxruntime's MatMulNBits quantiser")
+            model = quantize_matmul_nbits(model, int(quant.removeprefix("int")), block_size, accuracy_level)
+            names = {i.name for i in model.graph.initializer}
+            stored_t = [n for n in stored_t if n in names]  # the quantised ones are (N, K) now
         entries = []
         for init in model.graph.initializer:
             arr = numpy_helper.to_array(init)
@@ -120,7 +139,7 @@ def write_onnx(loaded: Any, out_dir: str | Path, progress: Callable[[str], None]
         meta = {
             art.META_VERSION: __version__,
             art.META_SOURCE_DIGEST: loaded.source_digest,
-            art.META_QUANT: "f32",
+            art.META_QUANT: quant,
             art.META_ARCH: loaded.arch,
             art.META_EXPORT_IDENTITY: identity,
             art.META_TRANSPOSED: json.dumps(stored_t),
@@ -144,3 +163,33 @@ def write_onnx(loaded: Any, out_dir: str | Path, progress: Callable[[str], None]
                 shutil.copy2(Path(tmp) / name, out_dir / name)
     loaded.tokenizer.save_pretrained(out_dir)
     return identity
+
+
+def quantize_matmul_nbits(model: Any, bits: int, block_size: int, accuracy_level: int) -> Any:
+    """Every MatMul with a weight initializer -> ``com.microsoft.MatMulNBits`` at ``bits``,
+    by onnxruntime's own quantiser (never a re-implementation). Returns the new model.
+
+    Raises:
+        UsageError: a block size or accuracy level onnxruntime does not take.
+        BackendUnavailableError: onnxruntime's quantiser (or its onnx-ir) is missing.
+    """
+    import logging
+
+    from cdcca_edge.core.errors import UsageError
+
+    if block_size not in (16, 32, 64, 128, 256):
+        raise UsageError(f"--block-size {block_size}: MatMulNBits takes 16, 32, 64, 128 or 256")
+    if accuracy_level not in (0, 1, 2, 3, 4):
+        raise UsageError(f"--accuracy-level {accuracy_level}: MatMulNBits takes 0-4 (4: int8 activations)")
+    nbits = require("onnxruntime.quantization.matmul_nbits_quantizer", "export")
+    log = logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer")
+    level = log.level
+    log.setLevel(logging.WARNING)  # a line per node otherwise
+    try:
+        q = nbits.MatMulNBitsQuantizer(model, bits=bits, block_size=block_size, is_symmetric=True,
+                                       accuracy_level=accuracy_level)
+        q.process()
+    finally:
+        log.setLevel(level)
+    return q.model.model
+

@@ -46,13 +46,21 @@ GGUFValueType = _c.GGUFValueType
 GGML_QUANT_SIZES: dict = _c.GGML_QUANT_SIZES
 
 
+# ONNX element types with no GGML name: U8 holds MatMulNBits' packed int4 / int8 codes
+# (onnxruntime's weight-only quantisation), one byte a unit.
+EXTRA_LAYOUTS: dict[str, tuple[int, int]] = {"U8": (1, 1)}
+
+
 def type_layout(type_name: str) -> tuple[int, int]:
     """(elements per block, bytes per block) of a GGML type name, e.g. ``"Q8_0"`` ->
-    ``(32, 34)``, ``"F32"`` -> ``(1, 4)``. ONNX float types use the same names.
+    ``(32, 34)``, ``"F32"`` -> ``(1, 4)``. ONNX float types use the same names; ``"U8"``
+    is one byte.
 
     Raises:
         KeyError: not a GGML type name.
     """
+    if type_name in EXTRA_LAYOUTS:
+        return EXTRA_LAYOUTS[type_name]
     return GGML_QUANT_SIZES[GGMLQuantizationType[type_name]]
 
 
