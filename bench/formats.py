@@ -26,7 +26,42 @@ from bench.common import machine, smollm2_hf_dir, update_section, write_results 
 from bench.runtime import TEXT  # noqa: E402
 from cdcca_edge.core.paths import cache_dir  # noqa: E402
 
-QUANTS = ("q8_0", "q4_0", "q4_k_s", "q4_k_m", "q5_k_m", "q6_k")
+QUANTS = ("q8_0", "q4_0", "q4_k_s", "q4_k_m", "q5_k_m", "q6_k", "onnx-f32", "onnx-int4")
+
+
+class OrtDirect:
+    """onnxruntime called directly on an export: a plain greedy loop over the session with
+    the KV cache fed back (no binding reuse, no scoring): the baseline for our backend."""
+
+    def __init__(self, path: Path, threads: int) -> None:
+        import numpy as np
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads
+        self.sess = ort.InferenceSession(str(path / "model.onnx"), opts, providers=["CPUExecutionProvider"])
+        ins = {i.name: i for i in self.sess.get_inputs()}
+        self.past = [n for n in ins if n.startswith("past_key_values.")]
+        shape = ins[self.past[0]].shape  # (batch, heads, seq, head_dim)
+        self.empty = np.zeros((1, shape[1], 0, shape[3]), np.float32)
+        self.np = np
+
+    def run(self, ids: list[int], n_new: int) -> tuple[float, float]:
+        np = self.np
+        t0 = time.perf_counter()
+        feed = {"input_ids": np.array([ids], np.int64), "attention_mask": np.ones((1, len(ids)), np.int64),
+                "position_ids": np.arange(len(ids), dtype=np.int64)[None], **{n: self.empty for n in self.past}}
+        out = self.sess.run(None, feed)
+        prefill = time.perf_counter() - t0
+        n = len(ids)
+        t1 = time.perf_counter()
+        for _ in range(n_new - 1):
+            tok = int(out[0][0, -1].argmax())
+            feed = {"input_ids": np.array([[tok]], np.int64), "attention_mask": np.ones((1, n + 1), np.int64),
+                    "position_ids": np.array([[n]], np.int64), **dict(zip(self.past, out[1:]))}
+            out = self.sess.run(None, feed)
+            n += 1
+        return len(ids) / prefill, (n_new - 1) / (time.perf_counter() - t1)
 
 
 def main() -> None:
@@ -58,17 +93,19 @@ def main() -> None:
 
     rows: dict[str, dict] = {}
     for quant in args.quants.split(","):
-        path = work / f"smollm2-{quant}.gguf"
+        onnx = quant.startswith("onnx-")
+        path = work / (f"smollm2-{quant}" if onnx else f"smollm2-{quant}.gguf")
         print(f"exporting SmolLM2-135M {quant}", file=sys.stderr)
         t0 = time.perf_counter()
-        res = export(hf_dir, path, "gguf", quant=quant, tolerance=1e9)  # measured, not gated here
+        res = export(hf_dir, path, "onnx" if onnx else "gguf", quant=quant.removeprefix("onnx-"),
+                     tolerance=1e9)  # measured, not gated here
         seconds = time.perf_counter() - t0
         art = open_artifact(path)
-        types = Counter(t.type_name for t in art.tensors if len(t.shape) == 2)
+        types = Counter(t.type_name for t in art.tensors if len(t.shape) >= 2)
         with load(path) as be:
             got = be.prompt_logits(ids)  # (T, V)
         rows[quant] = {
-            "bytes": path.stat().st_size, "export_seconds": seconds, "matrix_types": dict(types),
+            "bytes": res.bytes, "export_seconds": seconds, "matrix_types": dict(types),
             "validation": res.validation.as_dict(),
             "text_top1": float((got.argmax(-1) == ref.argmax(-1)).mean()),
             "text_mean_kl": float(kl_divergence(ref, got).mean()),
@@ -101,17 +138,26 @@ def main() -> None:
         return len(ids) / prefill, (n_dec - 1) / (time.perf_counter() - t1)
 
     for quant, row in rows.items():
-        path = work / f"smollm2-{quant}.gguf"
-        llm = llama_cpp.Llama(model_path=str(path), n_ctx=512, n_batch=512, n_ubatch=512, n_threads=args.threads,
-                              n_threads_batch=args.threads, verbose=False)
+        onnx = quant.startswith("onnx-")
+        path = work / (f"smollm2-{quant}" if onnx else f"smollm2-{quant}.gguf")
+        if onnx:
+            ort_direct = OrtDirect(path, args.threads)
+            run_direct = lambda: ort_direct.run(ids, n_dec)  # noqa: E731
+            kw = {"n_threads": args.threads}
+        else:
+            llm = llama_cpp.Llama(model_path=str(path), n_ctx=512, n_batch=512, n_ubatch=512,
+                                  n_threads=args.threads, n_threads_batch=args.threads, verbose=False)
+            run_direct = lambda: direct(llm)  # noqa: E731
+            kw = {"n_threads": args.threads, "n_ctx": 512}
         samples: dict[str, list[tuple[float, float]]] = {"ours": [], "direct": []}
-        with load(path, n_threads=args.threads, n_ctx=512) as be:
-            ours(be), direct(llm)  # warm-up
+        with load(path, **kw) as be:
+            ours(be), run_direct()  # warm-up
             for r in range(args.repeat):
                 order = ("ours", "direct") if r % 2 == 0 else ("direct", "ours")
                 for name in order:
-                    samples[name].append(ours(be) if name == "ours" else direct(llm))
-        llm.close()
+                    samples[name].append(ours(be) if name == "ours" else run_direct())
+        if not onnx:
+            llm.close()
         for name, s in samples.items():
             row[name] = {"prefill_tok_s": statistics.median(x[0] for x in s),
                          "decode_tok_s": statistics.median(x[1] for x in s), "samples": s}
@@ -137,11 +183,15 @@ def render(doc: dict) -> None:
         f"{r['ours']['decode_tok_s']:.1f} / {r['direct']['decode_tok_s']:.1f} | "
         f"{r['decode_ratio_ours_over_direct']:.3f} |"
         for q, r in rows.items())
-    md = f"""## GGUF formats: SmolLM2-135M, q8_0 / q4_0 against llama.cpp's K-quant mixes (`bench/formats.py`)
+    md = f"""## Formats: SmolLM2-135M as GGUF q8_0 / q4_0 / llama.cpp's K-quant mixes, and ONNX f32 / int4 (`bench/formats.py`)
 
 {doc['prompt_tokens']}-token text, {doc['decode_tokens']} greedy tokens, {doc['threads']} threads, median of
 {doc['repeat']} alternating runs. The K-quant mixes are written by llama.cpp's quantiser
-(`llama_model_quantize`); q8_0 / q4_0 by gguf-py (q4_0 keeps the embedding at Q8_0).
+(`llama_model_quantize`); q8_0 / q4_0 by gguf-py (q4_0 keeps the embedding at Q8_0); ONNX
+int4 by onnxruntime's MatMulNBits quantiser (blocks of 32, accuracy level 4). "direct" is
+llama-cpp-python's `Llama.generate` for GGUF, and a plain onnxruntime session loop with the
+KV cache fed back for ONNX; "ours" is our backend, which also scores every token. The ONNX
+"types" column counts initializers of 2 or more dimensions.
 "/ std" is the export validation's max |logit - torch| over the logits' std (the gate of
 docs/export.md); top-1 and KL are teacher-forced on the text against torch f32.
 

@@ -34,6 +34,11 @@ def export(
     accuracy_level: Annotated[
         int, typer.Option(help="ONNX int4/int8: MatMulNBits accuracy level (4: int8 activations, fastest on CPU).")
     ] = 4,
+    mmproj: Annotated[
+        Optional[Path], typer.Option(help="LLaVA: also write the vision side as llama.cpp's mmproj GGUF here "
+                                          "(run the pair with llama-mtmd-cli, or cdcca-edge run --mmproj).")
+    ] = None,
+    mmproj_dtype: Annotated[str, typer.Option(help="The mmproj's matrices: f32 or f16.")] = "f32",
     lora_gguf: Annotated[
         Optional[Path], typer.Option(help="Write --adapter as llama.cpp's LoRA GGUF (-o) for this base GGUF "
                                           "(an export of MODEL_DIR) instead of merging it.")
@@ -68,7 +73,8 @@ def export(
     with stage_status(not json_out) as on_stage:
         result = do_export(model_dir, output, value(fmt), quant=value(quant), adapter=adapter,
                            validate=validate, tolerance=tolerance, on_stage=on_stage,
-                           block_size=block_size, accuracy_level=accuracy_level)
+                           block_size=block_size, accuracy_level=accuracy_level, mmproj=mmproj,
+                           mmproj_dtype=mmproj_dtype)
     if json_out:
         print_json(result.as_dict())
         return
@@ -79,11 +85,19 @@ def export(
 
 def _validation_line(result: Any) -> str:
     v, mm = result.validation, result.extra
-    if mm:  # a multimodal bundle: each part, then whole image questions
-        lang = mm["language"]
-        return (f"validated: vision {mm['vision']['normalized_diff']:.2g} x std; language "
-                f"{lang['normalized_diff']:.3g} x std (tolerance {lang['tolerance']}); image questions "
-                f"answered as torch: {mm['answers_equal_torch']:.0%} of {mm['answers_checked']}")
+    if mm:  # a multimodal bundle: each part, then whole image questions (and the mmproj)
+        line = "not validated (--no-validate)"
+        if "language" in mm:
+            lang = mm["language"]
+            line = (f"validated: vision {mm['vision']['normalized_diff']:.2g} x std; language "
+                    f"{lang['normalized_diff']:.3g} x std (tolerance {lang['tolerance']}); image questions "
+                    f"answered as torch: {mm['answers_equal_torch']:.0%} of {mm['answers_checked']}")
+        mv = (mm.get("mmproj") or {}).get("validation")
+        if mv:
+            line += (f"\n  mmproj {mm['mmproj']['path']} on mtmd: {mv['normalized_diff']:.2g} x std in clip.cpp's "
+                     f"token order (tolerance {mv['tolerance']}); answers as torch: "
+                     f"{mv['answers_equal_torch']:.0%} of {mv['answers_checked']}")
+        return line
     if v:
         return (f"validated on {v.backend}: max |Δlogit| {v.max_abs_diff:.3g} "
                 f"({v.normalized_diff:.3g} x std, tolerance {v.tolerance}), top-1 agreement "

@@ -23,6 +23,9 @@ def run(
     image: Annotated[
         Optional[Path], typer.Option(help="An image (PNG/JPEG/.npy) for a multimodal bundle to look at.")
     ] = None,
+    mmproj: Annotated[
+        Optional[Path], typer.Option(help="llama.cpp's mmproj GGUF for --image with a language GGUF (mtmd).")
+    ] = None,
     max_tokens: Annotated[int, typer.Option("--max-tokens", "-n", help="New tokens at most.")] = _GEN.max_tokens,
     backend: BackendOpt = Backend.auto,
     temperature: Annotated[float, typer.Option(help="0 = greedy.")] = _GEN.temperature,
@@ -45,7 +48,7 @@ def run(
                               seed=seed, score_prompt=score_prompt)
     on_token = None if json_out or image is not None else _stream
     got = answer(artifact, prompt, config, image=image, backend=value(backend), n_threads=threads,
-                 on_token=on_token)
+                 on_token=on_token, mmproj=mmproj)
     report_recovery(artifact, got.recovered)
     result = got.generation
     if json_out:

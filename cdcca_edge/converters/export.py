@@ -20,7 +20,7 @@ from cdcca_edge.converters.onnx_export import NBITS_ACCURACY, NBITS_BLOCK, ONNX_
 from cdcca_edge.converters.validate import ValidationReport, validate_export
 from cdcca_edge.converters.llava_export import is_llava
 from cdcca_edge.core.artifact import ONNX_MODEL_NAME, open_artifact
-from cdcca_edge.core.bundle import MANIFEST_NAME
+from cdcca_edge.core.bundle import LANGUAGE_PART, MANIFEST_NAME
 from cdcca_edge.core.state import record_export
 from cdcca_edge.core.errors import UsageError
 from cdcca_edge.core.fileio import commit_file, replace_dir
@@ -69,6 +69,8 @@ def export(
     on_stage: Callable[[str], None] | None = None,
     block_size: int = NBITS_BLOCK,
     accuracy_level: int = NBITS_ACCURACY,
+    mmproj: str | Path | None = None,
+    mmproj_dtype: str = "f32",
 ) -> ExportResult:
     """Export ``model_dir`` to ``out`` as GGUF (a file) or ONNX (a directory).
 
@@ -77,6 +79,9 @@ def export(
             q5_k_m, q6_k. ONNX: f32 (default), or int4 / int8 weight-only MatMulNBits.
         block_size, accuracy_level: ONNX int4/int8: weights per scale, and MatMulNBits'
             accuracy level (4: int8 activations).
+        mmproj: a LLaVA model exported as a GGUF bundle: also write its vision side as
+            llama.cpp's mmproj GGUF here (``mmproj_dtype`` f32 or f16), validated with the
+            bundle's language GGUF on llama.cpp's mtmd (converters/mmproj.py).
         adapter: a PEFT adapter directory merged into the model before export.
         validate: compare with torch and refuse the export beyond tolerance.
         tolerance: override the format's tolerance (docs/export.md).
@@ -87,6 +92,8 @@ def export(
     """
     stage = on_stage or (lambda _msg: None)
     out = Path(out)
+    if mmproj is not None and not is_llava(Path(model_dir)):
+        raise UsageError("--mmproj writes a LLaVA model's vision side; this is not a LLaVA model")
     if fmt == "gguf":
         quant = quant or "q8_0"
         if quant not in QUANT_TYPES:
@@ -122,7 +129,15 @@ def export(
         if fmt == "onnx" and quant != "f32":
             raise UsageError(f"--quant {quant}: a bundle's ONNX language part is f32 only; use "
                              "--format gguf for a quantised language part")
+        if mmproj is not None and fmt != "gguf":
+            raise UsageError("--mmproj goes with a GGUF language part: use --format gguf")
         identity, mm_report = export_llava(loaded, out, fmt, quant, validate, tolerance, stage)
+        if mmproj is not None:
+            from cdcca_edge.converters.mmproj import export_mmproj
+
+            stage(f"writing the vision side as llama.cpp's mmproj ({mmproj_dtype}), validating on mtmd")
+            mm_report = {**(mm_report or {}), "mmproj": export_mmproj(
+                loaded, out / f"{LANGUAGE_PART}.gguf", Path(mmproj), mmproj_dtype, validate)}  # type: ignore[arg-type]
         return ExportResult(
             path=out, format=f"bundle/{fmt}", quant=quant, arch="llava", identity=identity,
             source_digest=loaded.source_digest, adapter=str(adapter) if adapter else None,

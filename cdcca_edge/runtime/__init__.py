@@ -87,15 +87,28 @@ class Answer:
 
 def answer(path: str | Path, prompt: str, config: GenerationConfig = GenerationConfig(), *,
            image: str | Path | None = None, backend: BackendName = "auto", n_threads: int | None = None,
-           on_token: Callable[[StreamEvent], None] | None = None) -> Answer:
+           on_token: Callable[[StreamEvent], None] | None = None, mmproj: str | Path | None = None) -> Answer:
     """Open the artefact at ``path``, answer ``prompt`` and close it. With ``image`` (a
-    multimodal bundle only), ``prompt`` is the question, put into the bundle's prompt
-    template; tokens are then not streamed.
+    multimodal bundle), ``prompt`` is the question, put into the bundle's prompt template;
+    with ``image`` and ``mmproj`` (``path`` a language GGUF), clip.cpp encodes the image
+    and ``prompt`` is used as given (its ``<image>`` marker, or the image first); tokens
+    are then not streamed.
 
     Raises:
-        UsageError: an image for a text model (checked before the model is loaded).
+        UsageError: an image for a text model, or an mmproj without an image or a GGUF
+            (checked before the model is loaded).
     """
     from cdcca_edge.core.artifact import open_artifact
+
+    if mmproj is not None:
+        if image is None:
+            raise UsageError("--mmproj encodes an image: give --image too")
+        if open_artifact(path).format != "gguf" or backend not in ("auto", "llama"):
+            raise UsageError(f"--mmproj runs on llama.cpp beside a language GGUF; {path} is not one")
+        from cdcca_edge.runtime.mtmd import MtmdModel
+
+        with MtmdModel(path, mmproj, n_threads=n_threads) as mm:
+            return Answer(mm.generate(prompt, config, image=image), mm.name, mm.recovered, True)
 
     if image is not None and open_artifact(path).format != "bundle":
         raise UsageError(f"--image needs a multimodal bundle; {path} is a text model")

@@ -177,10 +177,13 @@ class LlamaCppBackend(Backend):
         self.close()
         self._open()
 
-    def tokenize(self, text: str) -> list[int]:
+    def tokenize(self, text: str, add_bos: bool | None = None) -> list[int]:
+        """``add_bos``: None adds BOS as the model's tokenizer does at a prompt's start;
+        False for text that continues a prompt (after an image)."""
         # special=True: "<|im_start|>" in the text is the control token, as the HF tokenizer
         # (and so the ONNX backend) parses it, not a dozen byte tokens.
-        return self._llm.tokenize(text.encode("utf-8"), add_bos=self._add_bos, special=True)
+        bos = self._add_bos if add_bos is None else add_bos and self._add_bos
+        return self._llm.tokenize(text.encode("utf-8"), add_bos=bos, special=True)
 
     def detokenize(self, tokens: Sequence[int]) -> bytes:
         lc = self._llama_cpp

@@ -1,0 +1,119 @@
+"""A tiny LLaVA as a language GGUF plus llama.cpp's mmproj GGUF, run by llama.cpp's mtmd
+(clip.cpp encodes the image): validated against torch, runnable from `cdcca-edge run
+--mmproj`, patchable as any GGUF; bad inputs refused."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("llama_cpp")
+
+from cdcca_edge.cli import main  # noqa: E402
+from cdcca_edge.converters.export import export  # noqa: E402
+from cdcca_edge.converters.mmproj import clip_order  # noqa: E402
+from cdcca_edge.core.artifact import compute_identity, open_artifact  # noqa: E402
+from cdcca_edge.core.errors import FormatError  # noqa: E402
+from cdcca_edge.core.gguf_file import read_gguf_header  # noqa: E402
+from cdcca_edge.runtime.base import GenerationConfig  # noqa: E402
+from cdcca_edge.runtime.mtmd import MtmdModel  # noqa: E402
+from tests.hostile import hostile  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def llava_dir(llava_bundles):
+    return llava_bundles("gguf").parent / "model"
+
+
+@pytest.mark.parametrize("dtype", ["f32", "f16"])
+def test_mmproj_pair_runs_on_mtmd_as_torch_computes_it(dtype, llava_dir, tmp_path):
+    from transformers import LlavaForConditionalGeneration
+
+    from cdcca_edge.demo.scenes import dataset
+    from cdcca_edge.runtime.multimodal import MultimodalModel
+
+    res = export(llava_dir, tmp_path / "bundle", "gguf", quant=dtype, mmproj=tmp_path / "mmproj.gguf",
+                 mmproj_dtype=dtype)
+    report = res.extra["mmproj"]
+    assert report["validation"]["passed"], report
+    kv = read_gguf_header(tmp_path / "mmproj.gguf").kv
+    assert kv["general.type"] == "mmproj" and kv["clip.projector_type"] == "mlp"
+    assert list(kv["clip.vision.feature_layer"].values) == [1]  # the tiny tower's one layer: its output
+    llava = LlavaForConditionalGeneration.from_pretrained(llava_dir, dtype=torch.float32).eval()
+    with MtmdModel(tmp_path / "bundle" / "language.gguf", tmp_path / "mmproj.gguf") as m, \
+            MultimodalModel(tmp_path / "bundle") as bundle:
+        for ex in dataset(4, seed=9, domains=("source", "noise")):
+            got = m.vision.encode(ex.image)
+            x = torch.from_numpy(bundle.preprocess(ex.image))
+            with torch.no_grad():
+                h = llava.model.vision_tower(x, output_hidden_states=True).hidden_states[-1][0]
+                want = llava.model.multi_modal_projector(h[torch.tensor(clip_order(h.shape[0] - 1))]).numpy()
+            assert np.abs(got - want).max() <= (0.02 if dtype == "f32" else 0.05) * want.std()
+            # the answer is the language model's on clip.cpp's embeddings, through mtmd's prompt split
+            prompt = bundle.prompt(ex.question.text)
+            cfg = GenerationConfig(max_tokens=5)
+            assert m.generate(prompt, cfg, image=ex.image).tokens == \
+                bundle.generate(prompt, cfg, image_embeds=want).tokens
+
+
+def test_cli_run_mmproj_and_bad_inputs(llava_dir, exports, tmp_path, capsys):
+    from PIL import Image
+
+    from cdcca_edge.demo.scenes import dataset
+
+    hostile("mmproj", 6)
+    res = export(llava_dir, tmp_path / "bundle", "gguf", quant="f32", mmproj=tmp_path / "mmproj.gguf")
+    lang = tmp_path / "bundle" / "language.gguf"
+    png = tmp_path / "img.png"
+    Image.fromarray(dataset(1, seed=4, domains=("source",))[0].image).save(png)
+    prompt = "USER: <image>\nwhat colour is the shape? ASSISTANT:"
+    assert main(["run", str(lang), "--mmproj", str(tmp_path / "mmproj.gguf"), "--image", str(png), "-p", prompt,
+                 "-n", "4", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["backend"] == "llama+mtmd" and doc["tokens"]
+    # an mmproj needs an image; runs beside a GGUF only; a text GGUF is no mmproj
+    assert main(["run", str(lang), "--mmproj", str(tmp_path / "mmproj.gguf"), "-p", prompt]) == 2
+    assert main(["run", str(exports("llama", "onnx").path), "--mmproj", str(tmp_path / "mmproj.gguf"),
+                 "--image", str(png), "-p", prompt]) == 2
+    assert main(["run", str(lang), "--mmproj", str(lang), "--image", str(png), "-p", prompt]) == 3
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes((tmp_path / "mmproj.gguf").read_bytes()[:5000])
+    assert main(["run", str(lang), "--mmproj", str(cut), "--image", str(png), "-p", prompt]) == 3
+    # --mmproj is for a LLaVA model exported to GGUF
+    assert main(["export", str(llava_dir), "--format", "onnx", "-o", str(tmp_path / "b2"),
+                 "--mmproj", str(tmp_path / "m2.gguf")]) == 2
+    assert not (tmp_path / "m2.gguf").exists()
+    capsys.readouterr()
+    assert res.extra["mmproj"]["bytes"] == (tmp_path / "mmproj.gguf").stat().st_size
+
+
+def test_mmproj_is_patched_in_place(llava_dir, tmp_path):
+    """The projector inside the mmproj changes (a cloud update of the projector): `delta
+    diff` + `patch` bring the device's mmproj to the new one, and mtmd runs it."""
+    from transformers import LlavaForConditionalGeneration
+
+    from cdcca_edge.converters.mmproj import write_mmproj
+    from cdcca_edge.demo.scenes import dataset
+    from cdcca_edge.demo.tiny_llava import CLIP_MEAN, CLIP_STD
+
+    llava = LlavaForConditionalGeneration.from_pretrained(llava_dir, dtype=torch.float32).eval()
+    write_mmproj(llava, list(CLIP_MEAN), list(CLIP_STD), tmp_path / "old.gguf")
+    with torch.no_grad():
+        llava.model.multi_modal_projector.linear_2.weight.mul_(1.05)
+    write_mmproj(llava, list(CLIP_MEAN), list(CLIP_STD), tmp_path / "new.gguf")
+    device = tmp_path / "device.gguf"
+    shutil.copy(tmp_path / "old.gguf", device)
+    assert main(["delta", "diff", str(tmp_path / "old.gguf"), str(tmp_path / "new.gguf"), "-o",
+                 str(tmp_path / "d.cdcd")]) == 0
+    assert main(["patch", str(device), str(tmp_path / "d.cdcd")]) == 0
+    assert compute_identity(open_artifact(device)).digest == compute_identity(open_artifact(tmp_path / "new.gguf")).digest
+    lang = export(llava_dir, tmp_path / "bundle", "gguf", quant="f32", validate=False).path / "language.gguf"
+    img = dataset(1, seed=2, domains=("source",))[0].image
+    with MtmdModel(lang, device) as a, MtmdModel(lang, tmp_path / "new.gguf") as b:
+        np.testing.assert_array_equal(a.vision.encode(img), b.vision.encode(img))
+    with pytest.raises(FormatError):
+        MtmdModel(lang, tmp_path / "d.cdcd")
