@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -29,23 +30,36 @@ def llava_dir(llava_bundles):
     return llava_bundles("gguf").parent / "model"
 
 
+@pytest.fixture(scope="module")
+def pairs(llava_dir, tmp_path_factory):
+    """Validated exports (bundle + mmproj) by dtype, made once."""
+    root, made = tmp_path_factory.mktemp("mmproj"), {}
+
+    def get(dtype):
+        if dtype not in made:
+            made[dtype] = export(llava_dir, root / f"bundle-{dtype}", "gguf", quant=dtype,
+                                 mmproj=root / f"mmproj-{dtype}.gguf", mmproj_dtype=dtype)
+        return made[dtype]
+
+    return get
+
+
 @pytest.mark.parametrize("dtype", ["f32", "f16"])
-def test_mmproj_pair_runs_on_mtmd_as_torch_computes_it(dtype, llava_dir, tmp_path):
+def test_mmproj_pair_runs_on_mtmd_as_torch_computes_it(dtype, llava_dir, pairs):
     from transformers import LlavaForConditionalGeneration
 
     from cdcca_edge.demo.scenes import dataset
     from cdcca_edge.runtime.multimodal import MultimodalModel
 
-    res = export(llava_dir, tmp_path / "bundle", "gguf", quant=dtype, mmproj=tmp_path / "mmproj.gguf",
-                 mmproj_dtype=dtype)
+    res = pairs(dtype)
     report = res.extra["mmproj"]
     assert report["validation"]["passed"], report
-    kv = read_gguf_header(tmp_path / "mmproj.gguf").kv
+    mmproj, bundle_dir = Path(report["path"]), res.path
+    kv = read_gguf_header(mmproj).kv
     assert kv["general.type"] == "mmproj" and kv["clip.projector_type"] == "mlp"
     assert list(kv["clip.vision.feature_layer"].values) == [1]  # the tiny tower's one layer: its output
     llava = LlavaForConditionalGeneration.from_pretrained(llava_dir, dtype=torch.float32).eval()
-    with MtmdModel(tmp_path / "bundle" / "language.gguf", tmp_path / "mmproj.gguf") as m, \
-            MultimodalModel(tmp_path / "bundle") as bundle:
+    with MtmdModel(bundle_dir / "language.gguf", mmproj) as m, MultimodalModel(bundle_dir) as bundle:
         for ex in dataset(4, seed=9, domains=("source", "noise")):
             got = m.vision.encode(ex.image)
             x = torch.from_numpy(bundle.preprocess(ex.image))
@@ -60,14 +74,15 @@ def test_mmproj_pair_runs_on_mtmd_as_torch_computes_it(dtype, llava_dir, tmp_pat
                 bundle.generate(prompt, cfg, image_embeds=want).tokens
 
 
-def test_cli_run_mmproj_and_bad_inputs(llava_dir, exports, tmp_path, capsys):
+def test_cli_run_mmproj_and_bad_inputs(llava_dir, pairs, exports, tmp_path, capsys):
     from PIL import Image
 
     from cdcca_edge.demo.scenes import dataset
 
     hostile("mmproj", 6)
-    res = export(llava_dir, tmp_path / "bundle", "gguf", quant="f32", mmproj=tmp_path / "mmproj.gguf")
-    lang = tmp_path / "bundle" / "language.gguf"
+    res = pairs("f32")
+    shutil.copy(res.extra["mmproj"]["path"], tmp_path / "mmproj.gguf")
+    lang = res.path / "language.gguf"
     png = tmp_path / "img.png"
     Image.fromarray(dataset(1, seed=4, domains=("source",))[0].image).save(png)
     prompt = "USER: <image>\nwhat colour is the shape? ASSISTANT:"
@@ -91,7 +106,7 @@ def test_cli_run_mmproj_and_bad_inputs(llava_dir, exports, tmp_path, capsys):
     assert res.extra["mmproj"]["bytes"] == (tmp_path / "mmproj.gguf").stat().st_size
 
 
-def test_mmproj_is_patched_in_place(llava_dir, tmp_path):
+def test_mmproj_is_patched_in_place(llava_dir, pairs, tmp_path):
     """The projector inside the mmproj changes (a cloud update of the projector): `delta
     diff` + `patch` bring the device's mmproj to the new one, and mtmd runs it."""
     from transformers import LlavaForConditionalGeneration
@@ -111,7 +126,7 @@ def test_mmproj_is_patched_in_place(llava_dir, tmp_path):
                  str(tmp_path / "d.cdcd")]) == 0
     assert main(["patch", str(device), str(tmp_path / "d.cdcd")]) == 0
     assert compute_identity(open_artifact(device)).digest == compute_identity(open_artifact(tmp_path / "new.gguf")).digest
-    lang = export(llava_dir, tmp_path / "bundle", "gguf", quant="f32", validate=False).path / "language.gguf"
+    lang = pairs("f32").path / "language.gguf"
     img = dataset(1, seed=2, domains=("source",))[0].image
     with MtmdModel(lang, device) as a, MtmdModel(lang, tmp_path / "new.gguf") as b:
         np.testing.assert_array_equal(a.vision.encode(img), b.vision.encode(img))
