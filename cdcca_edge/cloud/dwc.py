@@ -36,6 +36,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from cdcca_edge.cloud.dwc_nbits import is_nbits, make_nbits_delta
 from cdcca_edge.core.artifact import Artifact, TensorInfo, iter_tensor_bytes, open_artifact
 from cdcca_edge.core.delta_build import BuiltRecord, DeltaBuilder, changed_runs
 from cdcca_edge.core.encodings import (
@@ -640,10 +641,10 @@ def make_delta(
         say(f"the mirror was left mid-measurement by an interrupted run: {restored}")
     art = open_artifact(base)
     mirror = art.path if art.format == "gguf" else art.root
-    if art.format == "onnx" and art.metadata.get("cdcca.quant", "f32") != "f32":
-        raise UsageError(f"{mirror}: DWC does not build deltas for MatMulNBits ({art.metadata['cdcca.quant']}) "
-                         "weights yet; export the updated model at the same --quant and send "
-                         "`cdcca-edge delta diff OLD NEW` (exact block replacement)")
+    nbits = is_nbits(art)
+    if nbits and (config.budget_bytes is not None or config.max_kl is not None):
+        raise UsageError(f"{mirror}: MatMulNBits ({art.metadata['cdcca.quant']}) weights go whole (re-quantised "
+                         "blocks); --budget-bytes and --max-kl are not available for them yet")
     if expect_identity is not None:
         from cdcca_edge.core.state import current_identity
 
@@ -652,6 +653,9 @@ def make_delta(
             raise IntegrityError(f"{mirror}: the mirror's identity is {have[:16]}, the device reports "
                                  f"{expect_identity[:16]}: they have parted ways; re-seed the mirror "
                                  "from the device's version before building its next delta")
+    if nbits:
+        return make_nbits_delta(art, Path(target), Path(out), Path(target_base) if target_base else None, probe,
+                                sign_key, say, advance_mirror)
     say("loading the target")
     targets, _, target_model = load_targets(art, target, target_base, return_model=True)  # loaded once
     say("pricing the update")

@@ -84,7 +84,7 @@ def test_nbits_diff_delta_and_patch(arch, nbits, tiny_models, tmp_path):
 
 
 def test_nbits_options_and_refusals(tiny_models, nbits, tmp_path, capsys):
-    hostile("cli", 5)
+    hostile("cli", 5)  # four bad exports, a budget for a MatMulNBits mirror
     out = tmp_path / "m"
     assert main(["export", str(tiny_models["qwen2"]), "--format", "onnx", "--quant", "int4", "--block-size", "64",
                  "-o", str(out), "--json"]) == 0
@@ -99,9 +99,33 @@ def test_nbits_options_and_refusals(tiny_models, nbits, tmp_path, capsys):
         assert main(["export", str(tiny_models["qwen2"]), "--format", "onnx", *bad, "-o", str(dest)]) == 2, bad
         assert not dest.exists()
         capsys.readouterr()
-    # DWC on MatMulNBits weights: refused with the way that works
-    from cdcca_edge.cloud.dwc import make_delta
+    # DWC on MatMulNBits weights: the whole update only (no byte budget yet)
+    from cdcca_edge.cloud.dwc import DWCConfig, make_delta
 
     lora = make_lora(tiny_models["llama"], tmp_path / "lora", seed=6)
-    with pytest.raises(UsageError, match="delta diff"):
-        make_delta(nbits("llama", "int4").path, lora, tmp_path / "d.cdcd", target_base=tiny_models["llama"])
+    with pytest.raises(UsageError, match="budget"):
+        make_delta(nbits("llama", "int4").path, lora, tmp_path / "d.cdcd", target_base=tiny_models["llama"],
+                   config=DWCConfig(budget_bytes=4096))
+    assert not (tmp_path / "d.cdcd").exists()
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("quant", ["int4", "int8"])
+def test_dwc_on_a_nbits_mirror(arch, quant, nbits, tiny_models, tmp_path):
+    """DWC re-quantises the updated weights with onnxruntime's quantiser in the cloud and
+    sends the changed code bytes and scales: the device ends byte-exact with the advanced
+    mirror, and with a fresh export of the updated model; the update arrives."""
+    from cdcca_edge.cloud.dwc import make_delta
+    from tests.cloud.test_dwc import PROBE
+
+    mirror, device = tmp_path / "mirror", tmp_path / "device"
+    shutil.copytree(nbits(arch, quant).path, mirror)
+    shutil.copytree(mirror, device)
+    lora = make_lora(tiny_models[arch], tmp_path / "lora", seed=8)
+    rep = make_delta(mirror, lora, tmp_path / "d.cdcd", target_base=tiny_models[arch], probe=PROBE,
+                     advance_mirror=True)
+    assert rep.probe_kl < 0.5 * rep.probe_kl_before and rep.update_left < 1.0
+    assert main(["patch", str(device), str(tmp_path / "d.cdcd")]) == 0
+    fresh = export(tiny_models[arch], tmp_path / "fresh", "onnx", quant=quant, adapter=lora, validate=False)
+    assert compute_identity(open_artifact(device)).digest == compute_identity(open_artifact(mirror)).digest \
+        == rep.target_identity == fresh.identity
