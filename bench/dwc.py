@@ -364,6 +364,7 @@ def main() -> None:
     results = []
     for name, fn in runs:
         if wanted is None or any(w in name for w in wanted):
+            kept.pop(name, None)
             results.append(fn())
         elif name in kept:
             results.append(kept.pop(name))

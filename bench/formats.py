@@ -167,6 +167,15 @@ def main() -> None:
               f"{row['direct']['decode_tok_s']:.1f} (ratio {row['decode_ratio_ours_over_direct']:.3f})",
               file=sys.stderr)
 
+    from bench.common import RESULTS
+
+    earlier = RESULTS / "formats.json"
+    if earlier.exists():  # formats not run now keep their earlier figures, in their order
+        import json
+
+        old = json.loads(earlier.read_text())["formats"]
+        rows = {**{q: r for q, r in old.items() if q not in rows}, **rows}
+        rows = {q: rows[q] for q in [*QUANTS, *rows] if q in rows}
     doc = {"model": "SmolLM2-135M-Instruct", "threads": args.threads, "prompt_tokens": len(ids),
            "decode_tokens": n_dec, "repeat": args.repeat, "machine": machine(), "formats": rows}
     path = write_results("formats", doc)
