@@ -414,7 +414,9 @@ def render(results: list[dict]) -> None:
     md = f"""## DWC: bytes against quality for a distillation update (`bench/dwc.py`)
 
 The device holds the student as q8_0 GGUF, or as f16 GGUF to separate the update's
-compression from q8_0's rounding; KL = mean KL(target ‖ device) on shifted-domain probe
+compression from q8_0's rounding, or (SmolLM2) as llama.cpp's Q4_K_M, whose blocks the
+device never re-quantises (docs/formats/delta.md 5.5): DWC sends them re-quantised in the
+cloud, so its smallest budgets buy few blocks; KL = mean KL(target ‖ device) on shifted-domain probe
 prompts, on the device runtime; target = the updated student in torch. "Before" KL:
 {', '.join(f"{r['update']} {r['kl_before']:.3g}" for r in results)}.
 Plot: `bench/results/dwc.png` (the red lines: 1.5x the fresh export's KL, and an eighth of
