@@ -34,7 +34,7 @@ VALIDATION_PROMPTS = (
 TOLERANCES: dict[tuple[str, str], float] = {
     ("onnx", "f32"): 1e-3,
     ("onnx", "int8"): 0.6,  # MatMulNBits, blocks of 32 (measured below)
-    ("onnx", "int4"): 2.8,
+    ("onnx", "int4"): 3.0,  # SmolLM2-135M measures 2.68
     ("gguf", "f32"): 0.02,  # llama.cpp keeps its KV cache in F16
     ("gguf", "f16"): 0.05,
     ("gguf", "q8_0"): 0.6,  # llama.cpp also quantises activations to 8 bits
