@@ -25,7 +25,6 @@ converters' tables):
 from __future__ import annotations
 
 import heapq
-import json
 import math
 import shutil
 import tempfile
@@ -37,6 +36,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from cdcca_edge.cloud.dwc_nbits import is_nbits, make_nbits_delta
+from cdcca_edge.core.adapters import lora_factors
 from cdcca_edge.core.artifact import Artifact, TensorInfo, iter_tensor_bytes, open_artifact
 from cdcca_edge.core.delta_build import BuiltRecord, DeltaBuilder, changed_runs
 from cdcca_edge.core.encodings import (
@@ -123,7 +123,7 @@ def load_targets(art: Artifact, target: str | Path, target_base: str | Path | No
         base_dir = Path(target_base)
         model = auto.from_pretrained(base_dir, dtype=torch.float32)
         base_sd = {k: v.detach().float().numpy().copy() for k, v in model.state_dict().items()}
-        lora = _lora_factors(target)
+        lora = lora_factors(target)
         model = merge_adapter(model, target)
     else:
         base_dir = target
@@ -149,25 +149,6 @@ def load_targets(art: Artifact, target: str | Path, target_base: str | Path | No
     if return_model:
         return list(out.values()), cfg, model
     return list(out.values()), cfg
-
-
-def _lora_factors(adapter_dir: Path) -> dict[str, tuple[np.ndarray, np.ndarray, float]]:
-    """HF weight name -> (A (r, in), B (out, r), scale) of a LoRA adapter; empty for other
-    adapter types."""
-    cfg_path = adapter_dir / "adapter_config.json"
-    cfg = json.loads(cfg_path.read_text())
-    if cfg.get("peft_type") != "LORA":
-        return {}
-    safetensors = require("safetensors.numpy", "cloud")
-    sd = safetensors.load_file(str(adapter_dir / "adapter_model.safetensors"))
-    r = cfg["r"]
-    scale = cfg["lora_alpha"] / (math.sqrt(r) if cfg.get("use_rslora") else r)
-    out = {}
-    for k, a in sd.items():
-        if k.endswith("lora_A.weight"):
-            mod = k.replace("base_model.model.", "", 1).replace(".lora_A.weight", "")
-            out[mod + ".weight"] = (a.astype(np.float32), sd[k.replace("lora_A", "lora_B")].astype(np.float32), scale)
-    return out
 
 
 # --- per-tensor pricing -------------------------------------------------------------------

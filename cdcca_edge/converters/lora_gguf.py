@@ -38,7 +38,7 @@ def write_lora_gguf(adapter: str | Path, base_gguf: str | Path, base_model: str 
     import gguf
     from transformers import AutoConfig
 
-    from cdcca_edge.cloud.dwc import _lora_factors
+    from cdcca_edge.core.adapters import lora_factors
     from cdcca_edge.converters.gguf_export import _gguf_arch
     from cdcca_edge.converters.hf import SUPPORTED_MODEL_TYPES, model_type_of
     from cdcca_edge.converters.mapping import slots_for
@@ -53,7 +53,7 @@ def write_lora_gguf(adapter: str | Path, base_gguf: str | Path, base_model: str 
         raise UsageError(f"{adapter} has no adapter_config.json: give a PEFT adapter directory")
     if json.loads(cfg_path.read_text()).get("peft_type") != "LORA":
         raise UsageError(f"{adapter} is not a LoRA adapter; llama.cpp's adapter GGUF holds LoRA only")
-    factors = _lora_factors(adapter)
+    factors = lora_factors(adapter)
     art = open_artifact(base_gguf)
     if art.format != "gguf":
         raise UsageError(f"{base_gguf} is not a GGUF file: a LoRA GGUF goes beside a GGUF base")
