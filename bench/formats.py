@@ -23,7 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import machine, smollm2_hf_dir, update_section, write_results  # noqa: E402
-from bench.runtime import TEXT  # noqa: E402
+from bench.runtime import TEXT, backend_speed, llama_direct_speed  # noqa: E402
 from cdcca_edge.core.paths import cache_dir  # noqa: E402
 
 QUANTS = ("q8_0", "q4_0", "q4_k_s", "q4_k_m", "q5_k_m", "q6_k", "onnx-f32", "onnx-int4")
@@ -79,7 +79,7 @@ def main() -> None:
 
     from cdcca_edge.converters.export import export
     from cdcca_edge.core.artifact import open_artifact
-    from cdcca_edge.runtime import GenerationConfig, load
+    from cdcca_edge.runtime import load
     from cdcca_edge.runtime.scores import kl_divergence
 
     hf_dir = smollm2_hf_dir()
@@ -114,28 +114,12 @@ def main() -> None:
               f"KL {rows[quant]['text_mean_kl']:.3g}, types {dict(types)}", file=sys.stderr)
 
     n_dec = args.decode_tokens
-    cfg = GenerationConfig(max_tokens=n_dec, stop_at_eos=False)
 
     def ours(be) -> tuple[float, float]:
-        be.reset()
-        t0 = time.perf_counter()
-        be.forward(ids)
-        prefill = time.perf_counter() - t0
-        gen = be.generate(ids, cfg)
-        return len(ids) / prefill, (len(gen.tokens) - 1) / gen.decode_seconds
+        return backend_speed(be, ids, n_dec)
 
     def direct(llm) -> tuple[float, float]:
-        llm.reset()
-        t0 = time.perf_counter()
-        llm.eval(ids)
-        prefill = time.perf_counter() - t0
-        llm.reset()
-        it = llm.generate(ids, temp=0.0, top_k=1, reset=True)
-        next(it)
-        t1 = time.perf_counter()
-        for _ in range(n_dec - 1):
-            next(it)
-        return len(ids) / prefill, (n_dec - 1) / (time.perf_counter() - t1)
+        return llama_direct_speed(llm, ids, n_dec)
 
     for quant, row in rows.items():
         onnx = quant.startswith("onnx-")

@@ -47,6 +47,34 @@ def torch_greedy(model, ids: list[int], n: int) -> list[int]:
     return out[0, len(ids):].tolist()
 
 
+def backend_speed(backend, ids: list[int], n_dec: int) -> tuple[float, float]:
+    """(prefill tok/s, decode tok/s) of one of our backends: ``ids`` prefilled, then
+    ``n_dec`` greedy tokens past EOS."""
+    from cdcca_edge.runtime import GenerationConfig
+
+    backend.reset()
+    t0 = time.perf_counter()
+    backend.forward(ids)
+    prefill = time.perf_counter() - t0
+    gen = backend.generate(ids, GenerationConfig(max_tokens=n_dec, stop_at_eos=False))
+    return len(ids) / prefill, (len(gen.tokens) - 1) / gen.decode_seconds
+
+
+def llama_direct_speed(llm, ids: list[int], n_dec: int) -> tuple[float, float]:
+    """The same, calling llama-cpp-python's ``Llama`` directly (the baseline)."""
+    llm.reset()
+    t0 = time.perf_counter()
+    llm.eval(ids)
+    prefill = time.perf_counter() - t0
+    llm.reset()
+    it = llm.generate(ids, temp=0.0, top_k=1, reset=True)
+    next(it)  # prompt + first token
+    t1 = time.perf_counter()
+    for _ in range(n_dec - 1):
+        next(it)
+    return len(ids) / prefill, (n_dec - 1) / (time.perf_counter() - t1)
+
+
 def common_prefix(a: list[int], b: list[int]) -> int:
     n = 0
     for x, y in zip(a, b):
@@ -68,7 +96,7 @@ def main() -> None:
     from transformers import AutoModelForCausalLM
 
     from cdcca_edge.converters.export import export
-    from cdcca_edge.runtime import GenerationConfig, load
+    from cdcca_edge.runtime import load
 
     torch.set_num_threads(args.threads)
     hf_dir = smollm2_hf_dir()
@@ -115,13 +143,7 @@ def main() -> None:
     from cdcca_edge.runtime.base import Backend
 
     def decode_with(backend: Backend) -> tuple[float, float]:
-        cfg = GenerationConfig(max_tokens=n_dec, stop_at_eos=False)
-        backend.reset()
-        t0 = time.perf_counter()
-        backend.forward(ids)
-        prefill = time.perf_counter() - t0
-        gen = backend.generate(ids, cfg)
-        return len(ids) / prefill, (len(gen.tokens) - 1) / gen.decode_seconds
+        return backend_speed(backend, ids, n_dec)
 
     def torch_eager() -> tuple[float, float]:
         with torch.no_grad():
@@ -140,17 +162,7 @@ def main() -> None:
                              n_threads=args.threads, n_threads_batch=args.threads, verbose=False)
 
     def llama_direct() -> tuple[float, float]:
-        direct.reset()
-        t0 = time.perf_counter()
-        direct.eval(ids)
-        prefill = time.perf_counter() - t0
-        direct.reset()
-        it = direct.generate(ids, temp=0.0, top_k=1, reset=True)
-        next(it)  # prompt + first token
-        t1 = time.perf_counter()
-        for _ in range(n_dec - 1):
-            next(it)
-        return len(ids) / prefill, (n_dec - 1) / (time.perf_counter() - t1)
+        return llama_direct_speed(direct, ids, n_dec)
 
     engines = {
         "torch": torch_eager,

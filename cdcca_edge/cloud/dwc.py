@@ -37,7 +37,7 @@ import numpy as np
 
 from cdcca_edge.cloud.dwc_nbits import is_nbits, make_nbits_delta
 from cdcca_edge.core.adapters import lora_factors
-from cdcca_edge.core.artifact import Artifact, TensorInfo, iter_tensor_bytes, open_artifact
+from cdcca_edge.core.artifact import Artifact, TensorInfo, open_artifact, read_tensor
 from cdcca_edge.core.delta_build import BuiltRecord, DeltaBuilder, changed_runs
 from cdcca_edge.core.encodings import (
     MX_BITS,
@@ -154,10 +154,6 @@ def load_targets(art: Artifact, target: str | Path, target_base: str | Path | No
 # --- per-tensor pricing -------------------------------------------------------------------
 
 
-def _read(t: TensorInfo) -> bytes:
-    return b"".join(bytes(p) for p in iter_tensor_bytes(t))
-
-
 def quant_steps(type_name: str, raw: bytes, mirror: np.ndarray, group: int) -> np.ndarray:
     """Quantisation step of every group of ``group`` elements (G,): the block scale for
     Q8_0/Q4_0, the float spacing near the group's largest value otherwise."""
@@ -220,7 +216,7 @@ def price(t: TensorTarget, cfg: DWCConfig, importance: np.ndarray | None = None,
     """Work out ``t``'s candidate encodings; None when nothing would change.
     ``mirror``: the tensor's dequantised values, when already at hand."""
     info = t.info
-    raw = _read(info)
+    raw = read_tensor(info)
     if info.type_name not in CLOUD_QUANT_TYPES:
         raise UsageError(f"{info.name}: DWC needs a quantiser for {info.type_name}; supported: "
                          f"{', '.join(CLOUD_QUANT_TYPES)}")
@@ -508,7 +504,7 @@ def weight_error(art: Artifact, targets: list[TensorTarget], mirror_before: dict
     resid = upd = tnorm = 0.0
     for t in targets:
         now = (now_values[t.info.name] if now_values is not None
-               else dequantize(t.info.type_name, _read(art.tensor(t.info.name))))
+               else dequantize(t.info.type_name, read_tensor(art.tensor(t.info.name))))
         resid += float(((now - t.target).astype(np.float64) ** 2).sum())
         upd += float(((mirror_before[t.info.name] - t.target).astype(np.float64) ** 2).sum())
         tnorm += float((t.target.astype(np.float64) ** 2).sum())
@@ -640,7 +636,7 @@ def make_delta(
     say("loading the target")
     targets, _, target_model = load_targets(art, target, target_base, return_model=True)  # loaded once
     say("pricing the update")
-    mirror_before = {t.info.name: dequantize(t.info.type_name, _read(t.info)) for t in targets}  # once
+    mirror_before = {t.info.name: dequantize(t.info.type_name, read_tensor(t.info)) for t in targets}  # once
     plans = [p for p in (price(t, config, mirror=mirror_before[t.info.name]) for t in targets)
              if p is not None]
     total_elems = sum(t.n_elements for t in art.tensors)

@@ -21,6 +21,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from cdcca_edge.core.artifact import read_tensor
 from cdcca_edge.core.errors import IntegrityError, MissingTensorError, UsageError, require
 
 NBITS_QUANTS = ("int4", "int8")
@@ -71,12 +72,6 @@ def nbits_dequantize(codes: np.ndarray, scales: np.ndarray, bits: int, k: int) -
     return vals.reshape(n, -1)[:, :k]
 
 
-def _read(t: Any) -> bytes:
-    with open(t.file, "rb") as f:
-        f.seek(t.offset)
-        return f.read(t.nbytes)
-
-
 def quantised_target(art: Any, target: Path, target_base: Path | None) -> tuple[Path, dict[str, float], Any]:
     """A temporary copy of the mirror's directory holding the target as a fresh export
     would: MatMulNBits weights quantised by onnxruntime, float32 initializers as they are.
@@ -115,15 +110,15 @@ def quantised_target(art: Any, target: Path, target_base: Path | None) -> tuple[
                     if codes.nbytes != codes_t.nbytes or scales.nbytes != scales_t.nbytes:
                         raise IntegrityError(f"{hf}: onnxruntime's quantiser gives another layout than the "
                                              "mirror's: export both with the same onnxruntime")
-                    old = nbits_dequantize(np.frombuffer(_read(codes_t), np.uint8).reshape(codes.shape),
-                                           np.frombuffer(_read(scales_t), np.float32), lay["bits"], lay["K"])
+                    old = nbits_dequantize(np.frombuffer(read_tensor(codes_t), np.uint8).reshape(codes.shape),
+                                           np.frombuffer(read_tensor(scales_t), np.float32), lay["bits"], lay["K"])
                     new = nbits_dequantize(codes, scales, lay["bits"], lay["K"])
                     for t, arr in ((codes_t, codes), (scales_t, scales)):
                         f.seek(t.offset)
                         f.write(np.ascontiguousarray(arr).tobytes())
                 elif hf in plain and plain[hf].type_name == "F32":
                     t = plain[hf]
-                    old = np.frombuffer(_read(t), np.float32).reshape(w.shape) if t.nbytes == w.nbytes else None
+                    old = np.frombuffer(read_tensor(t), np.float32).reshape(w.shape) if t.nbytes == w.nbytes else None
                     if old is None:
                         raise MissingTensorError(f"{hf}: the mirror's {hf} is not {w.shape} float32")
                     new = w

@@ -302,6 +302,11 @@ def iter_tensor_bytes(t: TensorInfo, chunk: int = HASH_CHUNK) -> Iterator[memory
         view.release()
 
 
+def read_tensor(t: TensorInfo) -> bytes:
+    """All of ``t``'s bytes (checked as :func:`iter_tensor_bytes` checks them)."""
+    return b"".join(bytes(p) for p in iter_tensor_bytes(t))
+
+
 def chunk_count(nbytes: int) -> int:
     """Leaves of a tensor digest: ``ceil(nbytes / ID_CHUNK)``."""
     return -(-nbytes // ID_CHUNK)

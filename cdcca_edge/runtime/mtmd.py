@@ -48,7 +48,8 @@ class MtmdVision:
     """clip.cpp (through llama-cpp-python's ``mtmd_cpp``) for one mmproj: an RGB image ->
     the image embeddings (N, D) the language model takes."""
 
-    def __init__(self, mmproj: str | Path, llama_model: Any, n_threads: int = 1) -> None:
+    def __init__(self, mmproj: str | Path, llama_model: Any, n_embd: int, n_threads: int = 1) -> None:
+        self.n_embd = n_embd  # the language model's width: each image token's length
         self._m = require("llama_cpp.mtmd_cpp", "llama")
         _quiet(self._m)
         self.path = Path(mmproj)
@@ -98,8 +99,6 @@ class MtmdVision:
             m.mtmd_input_chunks_free(chunks)
             m.mtmd_bitmap_free(bitmap)
 
-    n_embd = 0  # set by MtmdModel: the language model's width
-
     def close(self) -> None:
         if getattr(self, "_ctx", None):
             self._m.mtmd_free(self._ctx)
@@ -114,9 +113,8 @@ class MtmdModel:
 
         self.language = load(model, backend="llama", n_threads=n_threads)
         try:
-            self.vision = MtmdVision(mmproj, self.language._llm._model.model,  # type: ignore[attr-defined]
-                                     n_threads or 1)
-            self.vision.n_embd = int(self.language._llm.n_embd())  # type: ignore[attr-defined]
+            llm = self.language._llm  # type: ignore[attr-defined]
+            self.vision = MtmdVision(mmproj, llm._model.model, int(llm.n_embd()), n_threads or 1)
         except BaseException:
             self.language.close()
             raise

@@ -20,7 +20,7 @@ from cdcca_edge.cli import main  # noqa: E402
 from cdcca_edge.converters.export import export  # noqa: E402
 from cdcca_edge.converters.gguf_export import llama_quantize  # noqa: E402
 from cdcca_edge.converters.validate import TOLERANCES  # noqa: E402
-from cdcca_edge.core.artifact import compute_identity, open_artifact  # noqa: E402
+from cdcca_edge.core.artifact import compute_identity, open_artifact, read_tensor  # noqa: E402
 from cdcca_edge.core.encodings import quantize  # noqa: E402
 from cdcca_edge.core.patch import apply_delta  # noqa: E402
 from cdcca_edge.core.trust import Trust  # noqa: E402
@@ -48,12 +48,6 @@ def k_exports(wide_models, tmp_path_factory):
     return get
 
 
-def _read(t) -> bytes:
-    with open(t.file, "rb") as f:
-        f.seek(t.offset)
-        return f.read(t.nbytes)
-
-
 @pytest.mark.parametrize("arch,quant", CASES)
 def test_kquant_export_runs_in_llama_cpp(arch, quant, k_exports, wide_models, tmp_path):
     result = k_exports(arch, quant)
@@ -74,7 +68,7 @@ def test_kquant_export_runs_in_llama_cpp(arch, quant, k_exports, wide_models, tm
     src = {t.name: t for t in open_artifact(f32).tensors}
     for t in art.tensors:
         if t.type_name != "F32":
-            assert quantize(t.type_name, np.frombuffer(_read(src[t.name]), np.float32)) == _read(t), t.name
+            assert quantize(t.type_name, np.frombuffer(read_tensor(src[t.name]), np.float32)) == read_tensor(t), t.name
     with load(result.path, backend="llama") as model:
         for prompt in PROMPTS:
             gen = model.generate(prompt, GenerationConfig(max_tokens=12))
@@ -121,7 +115,7 @@ def test_dwc_on_a_kquant_mirror(arch, k_exports, wide_models, tmp_path):
     shutil.copy(k_exports(arch, "q4_k_m").path, mirror)
     device = tmp_path / "device.gguf"
     shutil.copy(mirror, device)
-    before = {t.name: _read(t) for t in open_artifact(mirror).tensors}
+    before = {t.name: read_tensor(t) for t in open_artifact(mirror).tensors}
     lora = make_lora(wide_models[arch], tmp_path / "lora", seed=4)
     rep = make_delta(mirror, lora, tmp_path / "d.cdcd", target_base=wide_models[arch], probe=PROBE,
                      advance_mirror=True)
@@ -133,7 +127,7 @@ def test_dwc_on_a_kquant_mirror(arch, k_exports, wide_models, tmp_path):
     assert apply_delta(device, tmp_path / "d.cdcd", trust=Trust.none()).applied
     assert compute_identity(open_artifact(device)).digest == compute_identity(open_artifact(mirror)).digest \
         == rep.target_identity
-    changed = [t.name for t in open_artifact(device).tensors if t.type_name == "Q4_K" and _read(t) != before[t.name]]
+    changed = [t.name for t in open_artifact(device).tensors if t.type_name == "Q4_K" and read_tensor(t) != before[t.name]]
     assert changed, "no Q4_K tensor was updated"
 
 
