@@ -129,8 +129,12 @@ def export(
         if fmt == "onnx" and quant != "f32":
             raise UsageError(f"--quant {quant}: a bundle's ONNX language part is f32 only; use "
                              "--format gguf for a quantised language part")
-        if mmproj is not None and fmt != "gguf":
-            raise UsageError("--mmproj goes with a GGUF language part: use --format gguf")
+        if mmproj is not None:
+            from cdcca_edge.converters.mmproj import mmproj_plan
+
+            if fmt != "gguf":
+                raise UsageError("--mmproj goes with a GGUF language part: use --format gguf")
+            mmproj_plan(loaded.model.config)  # refuse before the bundle is written
         identity, mm_report = export_llava(loaded, out, fmt, quant, validate, tolerance, stage)
         if mmproj is not None:
             from cdcca_edge.converters.mmproj import export_mmproj

@@ -10,23 +10,29 @@ the HF ``LlavaForConditionalGeneration`` weights:
   (linear, GELU, linear: ``mm.0``, ``mm.2``);
 - ``clip.vision.{image_size, patch_size, embedding_length, feed_forward_length,
   projection_dim, block_count, attention.head_count, attention.layer_norm_epsilon,
-  image_mean, image_std}``, ``clip.use_gelu`` (false: CLIP's quick GELU);
+  image_mean, image_std}``, ``clip.use_gelu`` (false: CLIP's quick GELU; true: SigLIP's
+  tanh GELU, which is ggml's);
 - ``clip.vision.feature_layer``: the model's ``vision_feature_layer`` made non-negative
   (-1 -> block_count: the last layer's output; clip.cpp otherwise stops one layer early,
   as LLaVA-1.5 does);
-- tensors ``v.class_embd``, ``v.patch_embd.weight`` (D, 3, P, P), ``v.position_embd.weight``,
-  ``v.pre_ln.*``, ``v.blk.{i}.{attn_q, attn_k, attn_v, attn_out, ln1, ln2, ffn_up,
-  ffn_down}.*``, ``mm.0.*``, ``mm.2.*``. CLIP's ``post_layernorm`` is left out: LLaVA
-  takes the encoder's hidden states before it.
+- tensors ``v.patch_embd.weight`` (D, 3, P, P), ``v.position_embd.weight``,
+  ``v.blk.{i}.{attn_q, attn_k, attn_v, attn_out, ln1, ln2, ffn_up, ffn_down}.*``,
+  ``mm.0.*``, ``mm.2.*``; a CLIP tower adds ``v.class_embd`` and ``v.pre_ln.*``, a SigLIP
+  tower ``v.patch_embd.bias``. The tower's ``post_layernorm`` is left out: LLaVA takes the
+  encoder's hidden states before it.
 
-Only the "default" feature selection (drop CLS) is supported, as in clip.cpp's MLP path.
+Two towers, as LLaVA selects their features:
 
-A difference that no file can remove (llama.cpp as vendored by llama-cpp-python 0.3.36,
-``models/llava.cpp``): clip.cpp appends CLS after the patches and then keeps rows 1..n, so
-the image tokens it hands the language model are [patch 1 .. patch n-1, CLS] where HF's
-LLaVA hands [patch 0 .. patch n-1]. The position rows are rotated so each of those
-tokens is exactly HF's (above); the first patch is still lost and the CLS state taken in
-its place, one position later. docs/export.md gives the measured effect on answers.
+- **SigLIP** (no CLS, ``vision_feature_select_strategy = "full"``): clip.cpp runs the
+  patches alone at positions 0..n-1 and hands all n of them on, exactly HF's tokens in
+  HF's order;
+- **CLIP** ("default": drop CLS). A difference that no file can remove (llama.cpp as
+  vendored by llama-cpp-python 0.3.36, ``models/llava.cpp``): clip.cpp appends CLS after
+  the patches and then keeps rows 1..n, so the image tokens it hands the language model are
+  [patch 1 .. patch n-1, CLS] where HF's LLaVA hands [patch 0 .. patch n-1]. The position
+  rows are rotated so each of those tokens is exactly HF's; the first patch is still lost
+  and the CLS state taken in its place, one position later. docs/export.md gives the
+  measured effect on answers.
 """
 
 from __future__ import annotations
@@ -39,6 +45,13 @@ import numpy as np
 from cdcca_edge.core.errors import FormatError, UsageError
 
 MmprojDtype = Literal["f32", "f16"]
+Tower = Literal["clip", "siglip"]
+# vision config model_type -> (our tower name, the feature selection clip.cpp's MLP path
+# implements for it, the activations it runs: HF name -> clip.use_gelu)
+TOWERS: dict[str, tuple[Tower, str, dict[str, bool]]] = {
+    "clip_vision_model": ("clip", "default", {"quick_gelu": False, "gelu": True}),
+    "siglip_vision_model": ("siglip", "full", {"gelu_pytorch_tanh": True}),
+}
 _LAYER = {  # HF CLIP encoder layer parameter -> clip.cpp tensor
     "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
     "self_attn.out_proj": "attn_out", "layer_norm1": "ln1", "layer_norm2": "ln2",
@@ -46,8 +59,9 @@ _LAYER = {  # HF CLIP encoder layer parameter -> clip.cpp tensor
 }
 
 
-def mmproj_tensors(state: dict[str, np.ndarray], n_layers: int) -> dict[str, np.ndarray]:
-    """HF LLaVA parameters (``model.`` prefix or not) -> clip.cpp's mmproj tensors (f32).
+def mmproj_tensors(state: dict[str, np.ndarray], n_layers: int, tower: Tower = "clip") -> dict[str, np.ndarray]:
+    """HF LLaVA parameters (``model.`` prefix or not) of a ``tower`` -> clip.cpp's mmproj
+    tensors (f32).
 
     Raises:
         FormatError: a parameter the mmproj needs is missing.
@@ -58,25 +72,55 @@ def mmproj_tensors(state: dict[str, np.ndarray], n_layers: int) -> dict[str, np.
 
     def take(hf: str, name: str) -> None:
         if hf not in sd:
-            raise FormatError(f"the LLaVA checkpoint has no {hf!r}: not a CLIP tower with an MLP projector")
+            raise FormatError(f"the LLaVA checkpoint has no {hf!r}: not a {tower.upper()} tower with an MLP "
+                              "projector")
         out[name] = np.asarray(sd[hf], np.float32)
 
-    take(f"{vis}embeddings.class_embedding", "v.class_embd")
     take(f"{vis}embeddings.patch_embedding.weight", "v.patch_embd.weight")
     take(f"{vis}embeddings.position_embedding.weight", "v.position_embd.weight")
-    # clip.cpp's LLaVA graph lays the tokens out as [patch 0 .. patch n-1, CLS] and gives
-    # them positions 0..n; HF's order is [CLS, patch 0 ..]. Rotating the rows gives every
-    # token HF's own position embedding, so (attention being order-free) every hidden
-    # state is HF's.
-    out["v.position_embd.weight"] = np.roll(out["v.position_embd.weight"], -1, axis=0)
+    if tower == "siglip":
+        take(f"{vis}embeddings.patch_embedding.bias", "v.patch_embd.bias")
+    else:
+        take(f"{vis}embeddings.class_embedding", "v.class_embd")
+        # clip.cpp's LLaVA graph lays the tokens out as [patch 0 .. patch n-1, CLS] and
+        # gives them positions 0..n; HF's order is [CLS, patch 0 ..]. Rotating the rows
+        # gives every token HF's own position embedding, so (attention being order-free)
+        # every hidden state is HF's.
+        out["v.position_embd.weight"] = np.roll(out["v.position_embd.weight"], -1, axis=0)
     for suffix in ("weight", "bias"):
-        take(f"{vis}pre_layrnorm.{suffix}", f"v.pre_ln.{suffix}")
+        if tower == "clip":
+            take(f"{vis}pre_layrnorm.{suffix}", f"v.pre_ln.{suffix}")
         for i in range(n_layers):
             for hf, name in _LAYER.items():
                 take(f"{vis}encoder.layers.{i}.{hf}.{suffix}", f"v.blk.{i}.{name}.{suffix}")
         take(f"multi_modal_projector.linear_1.{suffix}", f"mm.0.{suffix}")
         take(f"multi_modal_projector.linear_2.{suffix}", f"mm.2.{suffix}")
     return out
+
+
+def mmproj_plan(cfg: Any) -> tuple[Tower, int, bool]:
+    """What an mmproj of the LLaVA config ``cfg`` is: (tower, clip.cpp's feature layer,
+    clip.use_gelu). Checked before anything is written.
+
+    Raises:
+        UsageError: a configuration clip.cpp's MLP path cannot run as HF does.
+    """
+    v = cfg.vision_config
+    kind = getattr(v, "model_type", "clip_vision_model")
+    if kind not in TOWERS:
+        raise UsageError(f"mmproj export supports a CLIP or SigLIP vision tower, not {kind!r}")
+    tower, strategy, acts = TOWERS[kind]
+    if cfg.vision_feature_select_strategy != strategy:
+        raise UsageError(f"vision_feature_select_strategy {cfg.vision_feature_select_strategy!r}: clip.cpp's "
+                         f"MLP projector path runs a {tower.upper()} tower with {strategy!r} only")
+    layer = cfg.vision_feature_layer
+    if not isinstance(layer, int):
+        raise UsageError(f"vision_feature_layer {layer!r}: one layer only for an MLP mmproj")
+    n_layers = v.num_hidden_layers
+    act = getattr(v, "hidden_act", "quick_gelu")
+    if act not in acts:
+        raise UsageError(f"vision hidden_act {act!r}: clip.cpp runs {' or '.join(acts)} in a {tower.upper()} tower")
+    return tower, layer if layer >= 0 else n_layers + layer + 1, acts[act]
 
 
 def write_mmproj(llava: Any, image_mean: list[float], image_std: list[float], out: str | Path,
@@ -91,21 +135,10 @@ def write_mmproj(llava: Any, image_mean: list[float], image_std: list[float], ou
 
     cfg = llava.config
     v = cfg.vision_config
-    if getattr(v, "model_type", "clip_vision_model") != "clip_vision_model":
-        raise UsageError(f"mmproj export supports a CLIP vision tower, not {v.model_type!r}")
-    if cfg.vision_feature_select_strategy != "default":
-        raise UsageError(f"vision_feature_select_strategy {cfg.vision_feature_select_strategy!r}: clip.cpp's "
-                         "MLP projector path drops the CLS token ('default') only")
-    layer = cfg.vision_feature_layer
-    if not isinstance(layer, int):
-        raise UsageError(f"vision_feature_layer {layer!r}: one layer only for an MLP mmproj")
+    tower, feature_layer, use_gelu = mmproj_plan(cfg)
     n_layers = v.num_hidden_layers
-    feature_layer = layer if layer >= 0 else n_layers + layer + 1
-    act = getattr(v, "hidden_act", "quick_gelu")
-    if act not in ("quick_gelu", "gelu"):
-        raise UsageError(f"vision hidden_act {act!r}: clip.cpp runs quick_gelu or gelu")
     tensors = mmproj_tensors({k: t.detach().float().cpu().numpy() for k, t in llava.state_dict().items()},
-                             n_layers)
+                             n_layers, tower)
     w = gguf.GGUFWriter(str(out), gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.MMPROJ])
     w.add_type(gguf.GGUFType.MMPROJ)
     w.add_file_type(gguf.LlamaFileType.ALL_F32 if dtype == "f32" else gguf.LlamaFileType.MOSTLY_F16)
@@ -122,7 +155,7 @@ def write_mmproj(llava: Any, image_mean: list[float], image_std: list[float], ou
     w.add_vision_attention_layernorm_eps(v.layer_norm_eps)
     w.add_vision_image_mean([float(x) for x in image_mean])
     w.add_vision_image_std([float(x) for x in image_std])
-    w.add_vision_use_gelu(act == "gelu")
+    w.add_vision_use_gelu(use_gelu)
     w.add_array("clip.vision.feature_layer", [feature_layer])
     for name, arr in tensors.items():
         matrix = arr.ndim == 2 and name not in ("v.position_embd.weight",)
@@ -132,17 +165,18 @@ def write_mmproj(llava: Any, image_mean: list[float], image_std: list[float], ou
     w.write_tensors_to_file()
     w.close()
     return {"path": str(out), "bytes": Path(out).stat().st_size, "tensors": len(tensors), "dtype": dtype,
-            "feature_layer": feature_layer}
+            "feature_layer": feature_layer, "tower": tower}
 
 
 MMPROJ_TOLERANCE = {"f32": 0.02, "f16": 0.05}  # max |clip.cpp - torch| / std, clip.cpp's token order
 VALIDATION_IMAGES = 8
 
 
-def clip_order(n_patches: int) -> list[int]:
-    """Which of HF's vision tokens ([CLS, patch 0 ..]) clip.cpp's LLaVA graph hands the
-    language model, in order: patches 1 .. n-1, then CLS (module docstring)."""
-    return [*range(2, n_patches + 1), 0]
+def clip_order(n_patches: int, tower: Tower = "clip") -> list[int]:
+    """Which of HF's vision hidden states clip.cpp's LLaVA graph hands the language model,
+    in order. CLIP ([CLS, patch 0 ..]): patches 1 .. n-1, then CLS (module docstring);
+    SigLIP: every patch, in order, as HF."""
+    return list(range(n_patches)) if tower == "siglip" else [*range(2, n_patches + 1), 0]
 
 
 def export_mmproj(loaded: Any, language_gguf: Path, out: Path, dtype: MmprojDtype = "f32",
@@ -186,7 +220,7 @@ def export_mmproj(loaded: Any, language_gguf: Path, out: Path, dtype: MmprojDtyp
         if validate:
             tol = MMPROJ_TOLERANCE[dtype] if tolerance is None else tolerance
             mean, std = np.asarray(info["image_mean"], np.float32), np.asarray(info["image_std"], np.float32)
-            order = clip_order(int(llava.config.image_seq_length))
+            order = clip_order(int(llava.config.image_seq_length), doc["tower"])
             worst, same, images = 0.0, 0, validation_images(VALIDATION_IMAGES, size, seed=3)
             template = info["prompt_template"]
             questions = ["what colour is the shape?", "how many shapes are there?"]

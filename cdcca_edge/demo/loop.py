@@ -101,7 +101,9 @@ Stage = Callable[[str], None]
 
 
 def _spec_key(*specs: TinyLlavaSpec) -> str:
-    return hashlib.sha256(json.dumps([asdict(s) for s in specs], sort_keys=True).encode()).hexdigest()[:12]
+    # a field at its first value stays out of the key, so that adding one keeps the cache
+    docs = [{k: v for k, v in asdict(s).items() if not (k == "vision_tower" and v == "clip")} for s in specs]
+    return hashlib.sha256(json.dumps(docs, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def models(quick: bool, stage: Stage) -> tuple[Path, Path]:

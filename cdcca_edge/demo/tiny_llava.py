@@ -1,5 +1,5 @@
-"""Tiny LLaVA-style models (transformers' ``LlavaForConditionalGeneration``: a CLIP vision
-tower, a projector, a Llama or Qwen2 language model) built and trained offline on the
+"""Tiny LLaVA-style models (transformers' ``LlavaForConditionalGeneration``: a CLIP (or
+SigLIP) vision tower, a projector, a Llama or Qwen2 language model) built and trained offline on the
 embedded shapes VQA task (``demo/scenes.py``).
 
 A teacher and a student share one frozen vision tower, as the paper's device and cloud
@@ -40,6 +40,9 @@ class TinyLlavaSpec:
     vision_hidden: int = 64  # vision tower width (shared by teacher and student)
     vision_layers: int = 2
     patch_size: int = 8  # 64x64 images -> 64 patches (+ CLS, dropped) = 64 image tokens
+    # "siglip": a SigLIP tower (no CLS; LLaVA keeps every patch, "full"), which clip.cpp's
+    # LLaVA graph runs token for token as HF does (converters/mmproj.py)
+    vision_tower: Literal["clip", "siglip"] = "clip"
     domains: tuple[str, ...] = ("source",)  # scene domains it is trained on
     train_steps: int = 800
     batch_size: int = 32
@@ -69,14 +72,17 @@ def vqa_tokenizer() -> "PreTrainedTokenizerFast":
 
 
 def llava_config(spec: TinyLlavaSpec, tokenizer: Any) -> Any:
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, Qwen2Config
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, Qwen2Config, SiglipVisionConfig
 
     n_tokens = (IMAGE_SIZE // spec.patch_size) ** 2
-    vision = CLIPVisionConfig(
-        hidden_size=spec.vision_hidden, intermediate_size=spec.vision_hidden * 2,
-        num_hidden_layers=spec.vision_layers, num_attention_heads=4, image_size=IMAGE_SIZE,
-        patch_size=spec.patch_size, projection_dim=spec.vision_hidden,
-    )
+    shape = dict(hidden_size=spec.vision_hidden, intermediate_size=spec.vision_hidden * 2,
+                 num_hidden_layers=spec.vision_layers, num_attention_heads=4, image_size=IMAGE_SIZE,
+                 patch_size=spec.patch_size)
+    if spec.vision_tower == "siglip":
+        # no pooling head: LLaVA reads the encoder's hidden states only
+        vision = SiglipVisionConfig(**shape, vision_use_head=False)
+    else:
+        vision = CLIPVisionConfig(**shape, projection_dim=spec.vision_hidden)
     common = dict(
         vocab_size=len(tokenizer), hidden_size=spec.hidden_size, intermediate_size=spec.intermediate_size,
         num_hidden_layers=spec.num_hidden_layers, num_attention_heads=spec.num_attention_heads,
@@ -88,7 +94,8 @@ def llava_config(spec: TinyLlavaSpec, tokenizer: Any) -> Any:
     return LlavaConfig(
         vision_config=vision, text_config=text,
         image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
-        vision_feature_layer=-1, vision_feature_select_strategy="default", image_seq_length=n_tokens,
+        vision_feature_layer=-1, image_seq_length=n_tokens,
+        vision_feature_select_strategy="full" if spec.vision_tower == "siglip" else "default",
     )
 
 
@@ -221,8 +228,10 @@ def pretrain_vision(tower: Any, spec: TinyLlavaSpec) -> None:
     tower.train()
     for _ in range(spec.vision_pretrain_steps):
         idx = rng.sample(range(len(data)), spec.batch_size)
-        h = tower(pixel_values(np.stack([data[i].image for i in idx]))).last_hidden_state[:, 1:]  # (B, N, Dv)
-        o = head(tower.vision_model.post_layernorm(h))  # (B, N, n_s + n_c)
+        h = tower(pixel_values(np.stack([data[i].image for i in idx]))).last_hidden_state  # (B, [1 +] N, Dv)
+        if spec.vision_tower == "clip":  # CLIP's last state has CLS first and no final norm
+            h = tower.vision_model.post_layernorm(h[:, 1:])
+        o = head(h)  # (B, N, n_s + n_c)
         s = torch.from_numpy(np.stack([labels[i][0] for i in idx]))
         c = torch.from_numpy(np.stack([labels[i][1] for i in idx]))
         loss = (torch.nn.functional.cross_entropy(o[..., :n_s].reshape(-1, n_s), s.reshape(-1))

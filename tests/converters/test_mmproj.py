@@ -74,6 +74,67 @@ def test_mmproj_pair_runs_on_mtmd_as_torch_computes_it(dtype, llava_dir, pairs):
                 bundle.generate(prompt, cfg, image_embeds=want).tokens
 
 
+@pytest.fixture(scope="module")
+def siglip_dir(tmp_path_factory):
+    """The tests' tiny LLaVA with a SigLIP tower (no CLS: clip.cpp hands on HF's tokens)."""
+    from cdcca_edge.demo.tiny_llava import TinyLlavaSpec, build_tiny_llava
+    from tests.conftest import LLAVA_SPEC
+
+    return build_tiny_llava(tmp_path_factory.mktemp("siglip") / "model",
+                            TinyLlavaSpec(**{**LLAVA_SPEC, "vision_tower": "siglip"}))
+
+
+@pytest.mark.parametrize("dtype", ["f32", "f16"])
+def test_siglip_llava_on_mtmd_answers_as_torch(dtype, siglip_dir, tmp_path):
+    """A SigLIP-tower LLaVA through llama.cpp's mtmd: every image token is HF's, in HF's
+    order, and the greedy answers are torch's, token for token, on every domain."""
+    from transformers import AutoTokenizer, LlavaForConditionalGeneration
+
+    from cdcca_edge.converters.llava_export import torch_greedy
+    from cdcca_edge.demo.scenes import DOMAINS, dataset
+    from cdcca_edge.runtime.multimodal import MultimodalModel
+
+    res = export(siglip_dir, tmp_path / "bundle", "gguf", quant=dtype, mmproj=tmp_path / "mmproj.gguf",
+                 mmproj_dtype=dtype)
+    report = res.extra["mmproj"]
+    assert report["tower"] == "siglip" and report["validation"]["answers_equal_torch"] == 1.0, report
+    header = read_gguf_header(tmp_path / "mmproj.gguf")
+    names = {t.name for t in header.tensors}
+    assert "v.patch_embd.bias" in names and "v.class_embd" not in names and "v.pre_ln.weight" not in names
+    llava = LlavaForConditionalGeneration.from_pretrained(siglip_dir, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(siglip_dir)
+    assert clip_order(llava.config.image_seq_length, "siglip") == list(range(llava.config.image_seq_length))
+    cfg = GenerationConfig(max_tokens=6)
+    with MtmdModel(res.path / "language.gguf", tmp_path / "mmproj.gguf") as m, MultimodalModel(res.path) as bundle:
+        mean, std = list(bundle.info.image_mean), list(bundle.info.image_std)
+        for ex in dataset(12, seed=21, domains=tuple(DOMAINS)):
+            with torch.no_grad():
+                h = llava.model.vision_tower(torch.from_numpy(bundle.preprocess(ex.image)),
+                                             output_hidden_states=True).hidden_states[-1][0]  # (N, Dv): HF's order
+                want = llava.model.multi_modal_projector(h).numpy()
+            got = m.vision.encode(ex.image)
+            assert got.shape == want.shape
+            assert np.abs(got - want).max() <= (0.02 if dtype == "f32" else 0.05) * want.std()
+            prompt = bundle.prompt(ex.question.text)
+            assert list(m.generate(prompt, cfg, image=ex.image).tokens) == \
+                torch_greedy(llava, tok, prompt, ex.image, mean, std, 6)
+
+
+def test_mmproj_refuses_a_tower_clip_cpp_would_run_differently(siglip_dir, tmp_path):
+    """A SigLIP tower with LLaVA's "default" selection (drop the first token, which is no
+    CLS there) is refused before anything is written."""
+    hostile("mmproj", 1)
+    model = tmp_path / "model"
+    shutil.copytree(siglip_dir, model)
+    cfg = json.loads((model / "config.json").read_text())
+    cfg["vision_feature_select_strategy"] = "default"
+    cfg["image_seq_length"] -= 1
+    (model / "config.json").write_text(json.dumps(cfg))
+    assert main(["export", str(model), "--format", "gguf", "-o", str(tmp_path / "b"),
+                 "--mmproj", str(tmp_path / "m.gguf"), "--no-validate"]) == 2
+    assert not (tmp_path / "m.gguf").exists() and not (tmp_path / "b").exists()
+
+
 def test_cli_run_mmproj_and_bad_inputs(llava_dir, pairs, exports, tmp_path, capsys):
     from PIL import Image
 
