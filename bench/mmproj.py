@@ -3,7 +3,10 @@ mmproj GGUF on mtmd, against torch and against our bundle (ONNX vision part + th
 language GGUF): image-embedding error in clip.cpp's token order, greedy answers equal to
 torch's, answer accuracy, and image-question latency.
 
-    python bench/mmproj.py [--images 200]
+    python bench/mmproj.py [--images 200] [--models student,teacher,siglip-student]
+
+"siglip-student" is the demo student's shape with its own SigLIP tower (no CLS), which
+clip.cpp runs token for token as HF does (docs/formats/mmproj.md); built on first use.
 
 Writes bench/results/mmproj.json and the "mmproj" section of docs/benchmarks.md.
 """
@@ -25,6 +28,7 @@ from cdcca_edge.core.paths import cache_dir  # noqa: E402
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--images", type=int, default=200, help="scene questions, over source + drifted domains")
+    ap.add_argument("--models", default="student,teacher,siglip-student")
     args = ap.parse_args()
 
     import numpy as np
@@ -40,12 +44,26 @@ def main() -> None:
     from cdcca_edge.runtime.mtmd import MtmdModel
     from cdcca_edge.runtime.multimodal import MultimodalModel
 
+    from dataclasses import replace
+
+    from cdcca_edge.core.paths import build_cached
+    from cdcca_edge.demo.loop import STUDENT, TEACHER, _spec_key
+    from cdcca_edge.demo.tiny_llava import build_tiny_llava
+
     teacher, student = models(False, lambda m: print(m, file=sys.stderr))
     work = cache_dir() / "bench" / "mmproj"
+    # the student's shape and training, with its own SigLIP tower pretrained as the
+    # teacher's CLIP tower is (same steps and images)
+    sig_spec = replace(STUDENT, vision_tower="siglip", vision_pretrain_steps=TEACHER.vision_pretrain_steps,
+                       vision_pretrain_images=TEACHER.vision_pretrain_images)
+    sources = {"student": student, "teacher": teacher,
+               "siglip-student": lambda: build_cached(work / f"siglip-student-{_spec_key(sig_spec)}",
+                                                      lambda d: build_tiny_llava(d, sig_spec))}
     rows = []
     examples = dataset(args.images, seed=123, domains=tuple(DOMAINS))
     cfg = GenerationConfig(max_tokens=6)
-    for name, src in (("student", student), ("teacher", teacher)):
+    for name in args.models.split(","):
+        src = sources[name]() if callable(sources[name]) else sources[name]
         llava = LlavaForConditionalGeneration.from_pretrained(src, dtype=torch.float32).eval()
         tok = AutoTokenizer.from_pretrained(src)
         for dtype in ("f32", "f16"):
@@ -77,10 +95,12 @@ def main() -> None:
                         with torch.no_grad():
                             h = llava.model.vision_tower(x, output_hidden_states=True).hidden_states[
                                 llava.config.vision_feature_layer][0]
-                            want = llava.model.multi_modal_projector(h[torch.tensor(clip_order(h.shape[0] - 1))]).numpy()
+                            tower = res.extra["mmproj"]["tower"]
+                            n = int(llava.config.image_seq_length)
+                            want = llava.model.multi_modal_projector(h[torch.tensor(clip_order(n, tower))]).numpy()
                         worst = max(worst, float(np.abs(m.vision.encode(ex.image) - want).max() / want.std()))
             n = len(examples)
-            rows.append({"model": name, "dtype": dtype, "images": n, "embedding_diff_over_std": worst,
+            rows.append({"model": name, "tower": res.extra["mmproj"]["tower"], "dtype": dtype, "images": n, "embedding_diff_over_std": worst,
                          "answers_equal_torch": eq_torch / n, "answers_equal_bundle": eq_bundle / n,
                          "accuracy_mtmd": right_mtmd / n, "accuracy_torch": right_torch / n,
                          "seconds_per_question_mtmd": statistics.median(t_mtmd),
@@ -91,23 +111,24 @@ def main() -> None:
     doc = {"machine": machine(), "rows": rows}
     path = write_results("mmproj", doc)
     table = "\n".join(
-        f"| {r['model']} | {r['dtype']} | {r['mmproj_bytes'] / 1e3:.0f} | {r['embedding_diff_over_std']:.4f} | "
+        f"| {r['model']} | {r['tower']} | {r['dtype']} | {r['mmproj_bytes'] / 1e3:.0f} | {r['embedding_diff_over_std']:.4f} | "
         f"{r['answers_equal_torch']:.1%} | {r['answers_equal_bundle']:.1%} | {r['accuracy_mtmd']:.1%} / "
         f"{r['accuracy_torch']:.1%} | {r['seconds_per_question_mtmd'] * 1e3:.1f} / "
         f"{r['seconds_per_question_bundle'] * 1e3:.1f} |" for r in rows)
     md = f"""## llama.cpp-native multimodal: language GGUF + mmproj on mtmd (`bench/mmproj.py`)
 
-The demo's LLaVA student and teacher exported with `--mmproj` (docs/formats/mmproj.md), run
-by `MtmdModel` (clip.cpp encodes the image, our llama backend answers), on
-{rows[0]['images']} scene questions over every domain. Embedding error: clip.cpp's image
-embeddings against torch's in clip.cpp's token order, max |diff| / std over 20 images.
-clip.cpp's LLaVA graph hands the language model [patch 1 .. N-1, CLS] where HF's hands
+The demo's LLaVA student and teacher (CLIP towers), and the student's shape with its own
+SigLIP tower, exported with `--mmproj` (docs/formats/mmproj.md), run by `MtmdModel`
+(clip.cpp encodes the image, our llama backend answers), on {rows[0]['images']} scene
+questions over every domain. Embedding error: clip.cpp's image embeddings against torch's
+in clip.cpp's token order, max |diff| / std over 20 images. With a CLIP tower, clip.cpp's
+LLaVA graph hands the language model [patch 1 .. N-1, CLS] where HF's hands
 [patch 0 .. N-1], so answers may differ from torch where the first patch or the CLS
-matters. Latency: median seconds per question (image encode + 6 greedy tokens), mtmd /
+matters; a SigLIP tower has no CLS, and clip.cpp hands on HF's own tokens. Latency: median seconds per question (image encode + 6 greedy tokens), mtmd /
 our bundle (ONNX vision part).
 
-| model | dtype | mmproj KB | embedding diff / std | answers = torch | answers = bundle | accuracy mtmd / torch | ms per question mtmd / bundle |
-|---|---|---:|---:|---:|---:|---:|---:|
+| model | tower | dtype | mmproj KB | embedding diff / std | answers = torch | answers = bundle | accuracy mtmd / torch | ms per question mtmd / bundle |
+|---|---|---|---:|---:|---:|---:|---:|---:|
 {table}
 """
     update_section("mmproj", md)

@@ -102,6 +102,9 @@ def _print_report(output: Path, base: Path, report: Any) -> None:
         out.print(f"  probe KL vs target {report.probe_kl_before:.4g} -> {report.probe_kl:.4g}", highlight=False)
     if report.mirror_advanced:
         out.print(f"  mirror {base} advanced to version {report.to_version}", highlight=False)
+    if report.parameters_elsewhere:
+        out.print(f"  {report.parameters_elsewhere} changed parameters live in the other file of the language "
+                  "GGUF + mmproj pair: run delta make on it too", highlight=False)
 
 
 @app.command("inspect")

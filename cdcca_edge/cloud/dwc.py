@@ -99,14 +99,19 @@ class TensorTarget:
 
 
 def load_targets(art: Artifact, target: str | Path, target_base: str | Path | None = None,
-                 *, return_model: bool = False) -> tuple[Any, ...]:
+                 *, return_model: bool = False, elsewhere: list[str] | None = None) -> tuple[Any, ...]:
     """Read the cloud target (an HF directory, or a PEFT adapter and its base) into the
     artefact's layout. Returns (targets, HF config), and the loaded target model (adapter
     merged) as a third item with ``return_model``, so a caller that needs its logits does
     not load it again.
 
+    A LLaVA target on one GGUF file of a llama.cpp-native pair (the language GGUF, or the
+    mmproj) takes the parameters that file holds; the changed ones the other file holds
+    are appended to ``elsewhere`` (that file gets its own delta).
+
     Raises:
         MissingTensorError: a changed parameter has no tensor in the artefact.
+        UsageError: a LLaVA update changes nothing this file of the pair holds.
     """
     torch = require("torch", "cloud")
     transformers = require("transformers", "cloud")
@@ -134,6 +139,16 @@ def load_targets(art: Artifact, target: str | Path, target_base: str | Path | No
     sd = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
     # With an adapter, only the parameters it changed need a slot; with full weights, all.
     names = [k for k in sd if base_sd is None or not np.array_equal(sd[k], base_sd[k])]
+    if arch == "llava" and art.format == "gguf":
+        from cdcca_edge.converters.mapping import is_mmproj, llava_file_params
+
+        names, others = llava_file_params(art, names)
+        if not names:
+            raise UsageError(f"{art.path}: the update changes nothing in this "
+                             f"{'mmproj' if is_mmproj(art) else 'language GGUF'}; its {len(others)} changed "
+                             "parameters live in the other file of the pair: run delta make on that one")
+        if elsewhere is not None:
+            elsewhere.extend(others)
     slots = slots_for(art, arch, cfg, names)
     out: dict[str, TensorTarget] = {}
     for hf, places in slots.items():
@@ -574,6 +589,9 @@ class DWCReport:
     signed: bool
     search: list[dict[str, float]] = field(default_factory=list)  # max-kl: budgets tried
     mirror_advanced: bool = False  # the mirror now is the delta's target
+    # a LLaVA update on one file of a language GGUF + mmproj pair: the changed parameters
+    # the other file holds (it needs its own delta)
+    parameters_elsewhere: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -633,8 +651,17 @@ def make_delta(
     if nbits:
         return make_nbits_delta(art, Path(target), Path(out), Path(target_base) if target_base else None, probe,
                                 sign_key, say, advance_mirror)
+    from cdcca_edge.converters.mapping import is_mmproj
+
+    if is_mmproj(art) and (probe or config.max_kl is not None):
+        raise UsageError(f"{mirror}: an mmproj has no language model to measure a probe KL on; give "
+                         "--budget-bytes or send the whole update (measure on the language GGUF)")
     say("loading the target")
-    targets, _, target_model = load_targets(art, target, target_base, return_model=True)  # loaded once
+    elsewhere: list[str] = []
+    targets, _, target_model = load_targets(art, target, target_base, return_model=True,  # loaded once
+                                            elsewhere=elsewhere)
+    if elsewhere:
+        say(f"{len(elsewhere)} changed parameters live in the other file of the pair (its own delta)")
     say("pricing the update")
     mirror_before = {t.info.name: dequantize(t.info.type_name, read_tensor(t.info)) for t in targets}  # once
     plans = [p for p in (price(t, config, mirror=mirror_before[t.info.name]) for t in targets)
@@ -730,7 +757,7 @@ def make_delta(
         budget_bytes=budget, base_identity=summary.base_identity,
         target_identity=summary.target_identity, from_version=summary.from_version,
         to_version=summary.to_version, signed=summary.signed, search=search,
-        mirror_advanced=advance_mirror,
+        mirror_advanced=advance_mirror, parameters_elsewhere=len(elsewhere),
     )
 
 

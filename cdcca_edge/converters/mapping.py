@@ -44,6 +44,8 @@ def slots_for(art: Artifact, arch: str, config: Any, hf_names: list[str]) -> dic
     """
     if art.format == "bundle":
         return _bundle_slots(art, config, hf_names)
+    if arch == "llava" and art.format == "gguf":
+        return _llava_file_slots(art, config, hf_names)
     names = {t.name for t in art.tensors}
     tied = bool(getattr(config, "tie_word_embeddings", False))
     out: dict[str, list[Slot]] = {}
@@ -129,3 +131,53 @@ def _bundle_slots(art: Artifact, config: Any, hf_names: list[str]) -> dict[str, 
         for hf, renamed in pairs:
             out[hf] = [Slot(f"{part}/{s.tensor}", s.to_artifact, s.factors) for s in sub_slots.get(renamed, [])]
     return out
+
+
+def is_mmproj(art: Artifact) -> bool:
+    """``art`` is llama.cpp's mmproj GGUF (a LLaVA model's vision side, docs/formats/mmproj.md)."""
+    # clip.cpp's architecture name; the artefact reader keeps general.architecture
+    return art.format == "gguf" and art.metadata.get("general.architecture") == "clip"
+
+
+def llava_file_params(art: Artifact, hf_names: list[str]) -> tuple[list[str], list[str]]:
+    """A LLaVA update on one GGUF file of a llama.cpp-native pair: (the parameters this
+    file holds, those the other file holds). The mmproj holds the vision tower and the
+    projector; the language GGUF the rest."""
+    vision = tuple(prefix for prefix, part, _ in _LLAVA_PARTS if part == VISION_PART)
+    mine = [n for n in hf_names if n.startswith(vision) == is_mmproj(art)]
+    return mine, [n for n in hf_names if n not in mine]
+
+
+def _llava_file_slots(art: Artifact, config: Any, hf_names: list[str]) -> dict[str, list[Slot]]:
+    """A LLaVA update on an mmproj (by clip.cpp's names, converters/mmproj.py) or on the
+    language GGUF of the pair (by the language model's own table)."""
+    from cdcca_edge.converters.hf import SUPPORTED_MODEL_TYPES
+
+    mine, others = llava_file_params(art, hf_names)
+    if others:
+        raise MissingTensorError(f"{art.path} holds {'the vision side' if is_mmproj(art) else 'the language model'} "
+                                 f"of a LLaVA model; {others[0]!r} lives in the other file of the pair")
+    if is_mmproj(art):
+        from cdcca_edge.converters.mmproj import TOWERS, mmproj_names, mmproj_transform
+
+        tower = TOWERS.get(getattr(config.vision_config, "model_type", "clip_vision_model"), ("clip",))[0]
+        table = mmproj_names(config.vision_config.num_hidden_layers, tower)
+        names = {t.name for t in art.tensors}
+        out: dict[str, list[Slot]] = {}
+        for hf in mine:
+            name = table.get(hf.removeprefix("model."))
+            if name is None or name not in names:
+                raise MissingTensorError(f"HF parameter {hf!r} has no tensor in the mmproj {art.path} "
+                                         f"(expected {name!r}); it was not written from this model")
+            transform = mmproj_transform(name, tower)
+            out[hf] = [Slot(name, transform, _identity_factors)]  # a matrix's layout is HF's
+        return out
+    text_cfg = config.text_config
+    renamed = {}
+    for hf in mine:
+        for prefix, part, new in _LLAVA_PARTS:
+            if part == LANGUAGE_PART and hf.startswith(prefix):
+                renamed[hf] = new + hf[len(prefix):]
+    sub = slots_for(art, SUPPORTED_MODEL_TYPES.get(text_cfg.model_type, text_cfg.model_type), text_cfg,
+                    list(renamed.values()))
+    return {hf: sub[new] for hf, new in renamed.items() if new in sub}

@@ -38,7 +38,7 @@ Two towers, as LLaVA selects their features:
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import numpy as np
 
@@ -59,6 +59,39 @@ _LAYER = {  # HF CLIP encoder layer parameter -> clip.cpp tensor
 }
 
 
+def mmproj_names(n_layers: int, tower: Tower = "clip") -> dict[str, str]:
+    """HF LLaVA parameter (without the ``model.`` prefix) -> its mmproj tensor, for a
+    ``tower`` of ``n_layers`` layers: the writer's table, and DWC's (converters/mapping.py)."""
+    vis = "vision_tower.vision_model."
+    names = {f"{vis}embeddings.patch_embedding.weight": "v.patch_embd.weight",
+             f"{vis}embeddings.position_embedding.weight": "v.position_embd.weight"}
+    if tower == "siglip":
+        names[f"{vis}embeddings.patch_embedding.bias"] = "v.patch_embd.bias"
+    else:
+        names[f"{vis}embeddings.class_embedding"] = "v.class_embd"
+    for suffix in ("weight", "bias"):
+        if tower == "clip":
+            names[f"{vis}pre_layrnorm.{suffix}"] = f"v.pre_ln.{suffix}"
+        for i in range(n_layers):
+            for hf, name in _LAYER.items():
+                names[f"{vis}encoder.layers.{i}.{hf}.{suffix}"] = f"v.blk.{i}.{name}.{suffix}"
+        names[f"multi_modal_projector.linear_1.{suffix}"] = f"mm.0.{suffix}"
+        names[f"multi_modal_projector.linear_2.{suffix}"] = f"mm.2.{suffix}"
+    return names
+
+
+def mmproj_transform(tensor: str, tower: Tower = "clip") -> Callable[[np.ndarray], np.ndarray]:
+    """The array transform from an HF parameter to its mmproj ``tensor`` (HF's layout is
+    clip.cpp's, but for a CLIP tower's position rows)."""
+    if tensor == "v.position_embd.weight" and tower == "clip":
+        # clip.cpp's LLaVA graph lays the tokens out as [patch 0 .. patch n-1, CLS] and
+        # gives them positions 0..n; HF's order is [CLS, patch 0 ..]. Rotating the rows
+        # gives every token HF's own position embedding, so (attention being order-free)
+        # every hidden state is HF's.
+        return lambda w: np.roll(w, -1, axis=0)
+    return lambda w: w
+
+
 def mmproj_tensors(state: dict[str, np.ndarray], n_layers: int, tower: Tower = "clip") -> dict[str, np.ndarray]:
     """HF LLaVA parameters (``model.`` prefix or not) of a ``tower`` -> clip.cpp's mmproj
     tensors (f32).
@@ -67,34 +100,12 @@ def mmproj_tensors(state: dict[str, np.ndarray], n_layers: int, tower: Tower = "
         FormatError: a parameter the mmproj needs is missing.
     """
     sd = {k.removeprefix("model."): v for k, v in state.items()}
-    vis = "vision_tower.vision_model."
     out: dict[str, np.ndarray] = {}
-
-    def take(hf: str, name: str) -> None:
+    for hf, name in mmproj_names(n_layers, tower).items():
         if hf not in sd:
             raise FormatError(f"the LLaVA checkpoint has no {hf!r}: not a {tower.upper()} tower with an MLP "
                               "projector")
-        out[name] = np.asarray(sd[hf], np.float32)
-
-    take(f"{vis}embeddings.patch_embedding.weight", "v.patch_embd.weight")
-    take(f"{vis}embeddings.position_embedding.weight", "v.position_embd.weight")
-    if tower == "siglip":
-        take(f"{vis}embeddings.patch_embedding.bias", "v.patch_embd.bias")
-    else:
-        take(f"{vis}embeddings.class_embedding", "v.class_embd")
-        # clip.cpp's LLaVA graph lays the tokens out as [patch 0 .. patch n-1, CLS] and
-        # gives them positions 0..n; HF's order is [CLS, patch 0 ..]. Rotating the rows
-        # gives every token HF's own position embedding, so (attention being order-free)
-        # every hidden state is HF's.
-        out["v.position_embd.weight"] = np.roll(out["v.position_embd.weight"], -1, axis=0)
-    for suffix in ("weight", "bias"):
-        if tower == "clip":
-            take(f"{vis}pre_layrnorm.{suffix}", f"v.pre_ln.{suffix}")
-        for i in range(n_layers):
-            for hf, name in _LAYER.items():
-                take(f"{vis}encoder.layers.{i}.{hf}.{suffix}", f"v.blk.{i}.{name}.{suffix}")
-        take(f"multi_modal_projector.linear_1.{suffix}", f"mm.0.{suffix}")
-        take(f"multi_modal_projector.linear_2.{suffix}", f"mm.2.{suffix}")
+        out[name] = mmproj_transform(name, tower)(np.asarray(sd[hf], np.float32))
     return out
 
 

@@ -193,3 +193,78 @@ def test_mmproj_is_patched_in_place(llava_dir, pairs, tmp_path):
         np.testing.assert_array_equal(a.vision.encode(img), b.vision.encode(img))
     with pytest.raises(FormatError):
         MtmdModel(lang, tmp_path / "d.cdcd")
+
+
+def test_dwc_updates_a_llama_cpp_native_pair_in_place(siglip_dir, tmp_path, capsys):
+    """An AKD-style LoRA (the language model's linears and the projector) reaches a device
+    that runs language GGUF + mmproj on mtmd as two DWC deltas, one per file, each built
+    on the cloud's mirror and patched in place on the device: the pair ends byte-equal to
+    the mirrors and answers as torch's merged model."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoTokenizer, LlavaForConditionalGeneration
+
+    from cdcca_edge.cloud.akd_mm import LORA_TARGET_REGEX
+    from cdcca_edge.converters.llava_export import torch_greedy
+    from cdcca_edge.demo.scenes import DOMAINS, dataset
+    from cdcca_edge.runtime.multimodal import MultimodalModel
+
+    torch.manual_seed(0)
+    pm = get_peft_model(LlavaForConditionalGeneration.from_pretrained(siglip_dir),
+                        LoraConfig(r=4, lora_alpha=8, target_modules=LORA_TARGET_REGEX, init_lora_weights=False))
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_B" in n:
+                p.mul_(0.3)
+    pm.save_pretrained(tmp_path / "lora")
+    res = export(siglip_dir, tmp_path / "cloud", "gguf", quant="f32", mmproj=tmp_path / "cloud-mmproj.gguf",
+                 validate=False)
+    device = tmp_path / "device"
+    device.mkdir()
+    mirrors = {"language.gguf": res.path / "language.gguf", "mmproj.gguf": tmp_path / "cloud-mmproj.gguf"}
+    for name, mirror in mirrors.items():
+        shutil.copy(mirror, device / name)
+    shutil.copy(mirrors["mmproj.gguf"], tmp_path / "old-mmproj.gguf")
+    before = {name: (device / name).read_bytes() for name in mirrors}
+    # an mmproj has no language model to take a probe KL on; a language-only update has nothing for it
+    (tmp_path / "probe.jsonl").write_text('{"prompt": "question: what colour is the circle? answer:"}\n')
+    assert main(["delta", "make", "--base", str(mirrors["mmproj.gguf"]), "--target", str(tmp_path / "lora"),
+                 "--target-base", str(siglip_dir), "-o", str(tmp_path / "x.cdcd"), "--max-kl", "0.1",
+                 "--probe", str(tmp_path / "probe.jsonl")]) == 2
+    lang_only = tmp_path / "lang-only"
+    torch.manual_seed(1)
+    get_peft_model(LlavaForConditionalGeneration.from_pretrained(siglip_dir),
+                   LoraConfig(r=2, target_modules=r".*language_model.*\.q_proj", init_lora_weights=False)
+                   ).save_pretrained(lang_only)
+    assert main(["delta", "make", "--base", str(mirrors["mmproj.gguf"]), "--target", str(lang_only),
+                 "--target-base", str(siglip_dir), "-o", str(tmp_path / "x.cdcd")]) == 2
+    assert not (tmp_path / "x.cdcd").exists() and (device / "mmproj.gguf").read_bytes() == before["mmproj.gguf"]
+    capsys.readouterr()
+    for name, mirror in mirrors.items():
+        assert main(["delta", "make", "--base", str(mirror), "--target", str(tmp_path / "lora"),
+                     "--target-base", str(siglip_dir), "-o", str(tmp_path / f"{name}.cdcd"), "--advance-mirror",
+                     "--json"]) == 0
+        rep = json.loads(capsys.readouterr().out)
+        assert rep["parameters_elsewhere"] > 0 and rep["update_left"] < 0.01, rep
+        assert main(["patch", str(device / name), str(tmp_path / f"{name}.cdcd")]) == 0
+        capsys.readouterr()
+        assert compute_identity(open_artifact(device / name)).digest == compute_identity(open_artifact(mirror)).digest
+        assert (device / name).read_bytes() != before[name]
+    merged = PeftModel.from_pretrained(LlavaForConditionalGeneration.from_pretrained(siglip_dir),
+                                       tmp_path / "lora").merge_and_unload().eval()
+    tok = AutoTokenizer.from_pretrained(siglip_dir)
+    cfg = GenerationConfig(max_tokens=6)
+    # DWC sends the update quantised (qadd: update_left above), so the pair is near the
+    # merged model, not bit-equal to its export: the f16 export's tolerance
+    with MtmdModel(device / "language.gguf", device / "mmproj.gguf") as m, MultimodalModel(res.path) as bundle, \
+            MtmdModel(res.path / "language.gguf", tmp_path / "old-mmproj.gguf") as old:  # the old tower side
+        mean, std = list(bundle.info.image_mean), list(bundle.info.image_std)
+        for ex in dataset(6, seed=5, domains=tuple(DOMAINS)):
+            with torch.no_grad():
+                h = merged.model.vision_tower(torch.from_numpy(bundle.preprocess(ex.image)),
+                                              output_hidden_states=True).hidden_states[-1][0]
+                want = merged.model.multi_modal_projector(h).numpy()
+            err = np.abs(m.vision.encode(ex.image) - want).max()
+            assert err <= 0.05 * want.std() and err < np.abs(old.vision.encode(ex.image) - want).max() / 5
+            prompt = bundle.prompt(ex.question.text)
+            assert list(m.generate(prompt, cfg, image=ex.image).tokens) == \
+                torch_greedy(merged, tok, prompt, ex.image, mean, std, 6)
