@@ -3,7 +3,8 @@ mmproj GGUF on mtmd, against torch and against our bundle (ONNX vision part + th
 language GGUF): image-embedding error in clip.cpp's token order, greedy answers equal to
 torch's, answer accuracy, and image-question latency.
 
-    python bench/mmproj.py [--images 200] [--models student,teacher,siglip-student]
+    python bench/mmproj.py [--images 200] [--models student,teacher,siglip-student] \
+        [--mtmd-cli PATH/llama-mtmd-cli [--cli-images 40]]
 
 "siglip-student" is the demo student's shape with its own SigLIP tower (no CLS), which
 clip.cpp runs token for token as HF does (docs/formats/mmproj.md); built on first use.
@@ -18,6 +19,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -29,6 +31,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--images", type=int, default=200, help="scene questions, over source + drifted domains")
     ap.add_argument("--models", default="student,teacher,siglip-student")
+    ap.add_argument("--mtmd-cli", type=Path, help="a stock llama-mtmd-cli binary (llama.cpp's tools/mtmd): also "
+                    "answer the first --cli-images questions with it, one process each")
+    ap.add_argument("--cli-images", type=int, default=40)
     args = ap.parse_args()
 
     import numpy as np
@@ -70,7 +75,7 @@ def main() -> None:
             res = export(src, work / f"{name}-{dtype}", "gguf", quant=dtype, mmproj=work / f"{name}-mmproj-{dtype}.gguf",
                          mmproj_dtype=dtype)
             bundle = res.path
-            eq_torch = eq_bundle = right_mtmd = right_torch = 0
+            eq_torch = eq_bundle = right_mtmd = right_torch = eq_cli = n_cli = 0
             worst, t_mtmd, t_bundle = 0.0, [], []
             with MtmdModel(bundle / "language.gguf", work / f"{name}-mmproj-{dtype}.gguf") as m, \
                     MultimodalModel(bundle) as b:
@@ -88,6 +93,11 @@ def main() -> None:
                     eq_bundle += got.tokens == ref_b.tokens
                     words = got.text.replace(".", " ").split()
                     right_mtmd += bool(words) and words[0] == ex.question.answer
+                    if args.mtmd_cli and n_cli < args.cli_images:
+                        n_cli += 1
+                        eq_cli += stock_cli(args.mtmd_cli, bundle / "language.gguf",
+                                            work / f"{name}-mmproj-{dtype}.gguf", ex.image, prompt,
+                                            6) == tok.decode([t for t in ref_t if t != tok.eos_token_id]).strip()
                     words_t = tok.decode(ref_t).replace(".", " ").split()
                     right_torch += bool(words_t) and words_t[0] == ex.question.answer
                     if len(t_mtmd) <= 20:  # embedding error on the first 20 images
@@ -106,9 +116,18 @@ def main() -> None:
                          "seconds_per_question_mtmd": statistics.median(t_mtmd),
                          "seconds_per_question_bundle": statistics.median(t_bundle),
                          "mmproj_bytes": (work / f"{name}-mmproj-{dtype}.gguf").stat().st_size,
-                         "export_validation": res.extra["mmproj"]["validation"]})
+                         "export_validation": res.extra["mmproj"]["validation"],
+                         **({"stock_cli_equal_torch": eq_cli / n_cli, "stock_cli_images": n_cli} if n_cli else {})})
             print(rows[-1], file=sys.stderr)
     doc = {"machine": machine(), "rows": rows}
+    cli_rows = [r for r in rows if "stock_cli_images" in r]
+    cli_md = "" if not cli_rows else (
+        "\nStock `llama-mtmd-cli` (built from the llama.cpp that llama-cpp-python 0.3.36 vendors; "
+        "`--jinja --chat-template \"{{ messages[0]['content'] }}\" --temp 0 -n 6`, the prompt as is, "
+        "one process per question, a run whose asynchronous log was lost at exit run again): its answer "
+        "text equals torch's on "
+        + "; ".join(f"{r['model']} {r['dtype']} {r['stock_cli_equal_torch']:.1%} of {r['stock_cli_images']}"
+                    for r in cli_rows) + ".\n")
     path = write_results("mmproj", doc)
     table = "\n".join(
         f"| {r['model']} | {r['tower']} | {r['dtype']} | {r['mmproj_bytes'] / 1e3:.0f} | {r['embedding_diff_over_std']:.4f} | "
@@ -124,16 +143,43 @@ questions over every domain. Embedding error: clip.cpp's image embeddings agains
 in clip.cpp's token order, max |diff| / std over 20 images. With a CLIP tower, clip.cpp's
 LLaVA graph hands the language model [patch 1 .. N-1, CLS] where HF's hands
 [patch 0 .. N-1], so answers may differ from torch where the first patch or the CLS
-matters; a SigLIP tower has no CLS, and clip.cpp hands on HF's own tokens. Latency: median seconds per question (image encode + 6 greedy tokens), mtmd /
-our bundle (ONNX vision part).
+matters; a SigLIP tower has no CLS, and clip.cpp hands on HF's own tokens. Latency:
+median seconds per question (image encode + 6 greedy tokens), mtmd / our bundle (ONNX
+vision part).
 
 | model | tower | dtype | mmproj KB | embedding diff / std | answers = torch | answers = bundle | accuracy mtmd / torch | ms per question mtmd / bundle |
 |---|---|---|---:|---:|---:|---:|---:|---:|
 {table}
-"""
+{cli_md}"""
     update_section("mmproj", md)
     print(f"wrote {path}", file=sys.stderr)
     print(md)
+
+
+def stock_cli(binary: Path, language: Path, mmproj: Path, image: Any, prompt: str, n: int) -> str:
+    """The answer text of llama.cpp's own ``llama-mtmd-cli`` on one image question: the
+    prompt passed whole through a pass-through chat template, ``<image>`` as mtmd's marker."""
+    import subprocess
+    import tempfile
+
+    from PIL import Image
+
+    from cdcca_edge.core.bundle import IMAGE_TOKEN
+
+    with tempfile.TemporaryDirectory() as d:
+        png = Path(d) / "image.png"
+        Image.fromarray(image).save(png)
+        for _ in range(3):
+            out = subprocess.run([str(binary), "-m", str(language), "--mmproj", str(mmproj), "--image", str(png),
+                                  "-p", prompt.replace(IMAGE_TOKEN, "<__media__>"), "--jinja", "--chat-template",
+                                  "{{ messages[0]['content'] }}", "--temp", "0", "-n", str(n)],
+                                 capture_output=True, check=True, timeout=120)
+            # the CLI prints the answer through llama.cpp's asynchronous log, which can
+            # lose it at exit (exit 0, empty stdout): an empty answer is asked again (an
+            # answer that really is empty stays so, three times)
+            if out.stdout.strip():
+                break
+    return out.stdout.decode("utf-8", "replace").strip()
 
 
 if __name__ == "__main__":
