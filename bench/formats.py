@@ -26,7 +26,7 @@ from bench.common import machine, smollm2_hf_dir, update_section, write_results 
 from bench.runtime import TEXT, backend_speed, llama_direct_speed  # noqa: E402
 from cdcca_edge.core.paths import cache_dir  # noqa: E402
 
-QUANTS = ("q8_0", "q4_0", "q4_k_s", "q4_k_m", "q5_k_m", "q6_k", "onnx-f32", "onnx-int4")
+QUANTS = ("q8_0", "q4_0", "q4_k_s", "q4_k_m", "q5_k_m", "q6_k", "onnx-f32", "onnx-int8", "onnx-int4")
 
 
 class OrtDirect:
@@ -176,12 +176,12 @@ def render(doc: dict) -> None:
         f"{r['ours']['decode_tok_s']:.1f} / {r['direct']['decode_tok_s']:.1f} | "
         f"{r['decode_ratio_ours_over_direct']:.3f} |"
         for q, r in rows.items())
-    md = f"""## Formats: SmolLM2-135M as GGUF q8_0 / q4_0 / llama.cpp's K-quant mixes, and ONNX f32 / int4 (`bench/formats.py`)
+    md = f"""## Formats: SmolLM2-135M as GGUF q8_0 / q4_0 / llama.cpp's K-quant mixes, and ONNX f32 / int8 / int4 (`bench/formats.py`)
 
 {doc['prompt_tokens']}-token text, {doc['decode_tokens']} greedy tokens, {doc['threads']} threads, median of
 {doc['repeat']} alternating runs. The K-quant mixes are written by llama.cpp's quantiser
 (`llama_model_quantize`); q8_0 / q4_0 by gguf-py (q4_0 keeps the embedding at Q8_0); ONNX
-int4 by onnxruntime's MatMulNBits quantiser (blocks of 32, accuracy level 4). "direct" is
+int8 / int4 by onnxruntime's MatMulNBits quantiser (blocks of 32, accuracy level 4). "direct" is
 llama-cpp-python's `Llama.generate` for GGUF, and a plain onnxruntime session loop with the
 KV cache fed back for ONNX; "ours" is our backend, which also scores every token. The ONNX
 "types" column counts initializers of 2 or more dimensions.

@@ -155,6 +155,10 @@ def load_targets(art: Artifact, target: str | Path, target_base: str | Path | No
         for slot in places:
             t = art.tensor(slot.tensor)
             w = slot.to_artifact(sd[hf]).astype(np.float32).reshape(-1)
+            if w.size != t.n_elements:
+                raise UsageError(f"{hf!r} has {w.size} values, the mirror's {t.name!r} {t.n_elements}: "
+                                 f"{art.path} was not exported from this model; give the mirror of the "
+                                 "device that runs --target-base")
             tt = out.setdefault(t.name, TensorTarget(t, w))
             tt.target = w
             if hf in lora:

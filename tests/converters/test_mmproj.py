@@ -199,7 +199,7 @@ def test_dwc_updates_a_llama_cpp_native_pair_in_place(siglip_dir, tmp_path, caps
     """An AKD-style LoRA (the language model's linears and the projector) reaches a device
     that runs language GGUF + mmproj on mtmd as two DWC deltas, one per file, each built
     on the cloud's mirror and patched in place on the device: the pair ends byte-equal to
-    the mirrors and answers as torch's merged model."""
+    the mirrors and answers as torch's merged model. Bad bases are refused, untouched."""
     from peft import LoraConfig, PeftModel, get_peft_model
     from transformers import AutoTokenizer, LlavaForConditionalGeneration
 
@@ -225,6 +225,7 @@ def test_dwc_updates_a_llama_cpp_native_pair_in_place(siglip_dir, tmp_path, caps
         shutil.copy(mirror, device / name)
     shutil.copy(mirrors["mmproj.gguf"], tmp_path / "old-mmproj.gguf")
     before = {name: (device / name).read_bytes() for name in mirrors}
+    hostile("delta-make", 3)  # a probe KL on an mmproj, an update with nothing for it, another model's mirror
     # an mmproj has no language model to take a probe KL on; a language-only update has nothing for it
     (tmp_path / "probe.jsonl").write_text('{"prompt": "question: what colour is the circle? answer:"}\n')
     assert main(["delta", "make", "--base", str(mirrors["mmproj.gguf"]), "--target", str(tmp_path / "lora"),
@@ -237,6 +238,18 @@ def test_dwc_updates_a_llama_cpp_native_pair_in_place(siglip_dir, tmp_path, caps
                    ).save_pretrained(lang_only)
     assert main(["delta", "make", "--base", str(mirrors["mmproj.gguf"]), "--target", str(lang_only),
                  "--target-base", str(siglip_dir), "-o", str(tmp_path / "x.cdcd")]) == 2
+    # the mirror of another model (a wider language model: other projector shapes)
+    from cdcca_edge.converters.mmproj import write_mmproj
+    from cdcca_edge.demo.tiny_llava import CLIP_MEAN, CLIP_STD, TinyLlavaSpec, llava_config, vqa_tokenizer
+    from tests.conftest import LLAVA_SPEC
+
+    other = LlavaForConditionalGeneration(llava_config(
+        TinyLlavaSpec(**{**LLAVA_SPEC, "vision_tower": "siglip", "hidden_size": 48}), vqa_tokenizer()))
+    write_mmproj(other, list(CLIP_MEAN), list(CLIP_STD), tmp_path / "other.gguf")
+    other_bytes = (tmp_path / "other.gguf").read_bytes()
+    assert main(["delta", "make", "--base", str(tmp_path / "other.gguf"), "--target", str(tmp_path / "lora"),
+                 "--target-base", str(siglip_dir), "-o", str(tmp_path / "x.cdcd")]) == 2
+    assert (tmp_path / "other.gguf").read_bytes() == other_bytes
     assert not (tmp_path / "x.cdcd").exists() and (device / "mmproj.gguf").read_bytes() == before["mmproj.gguf"]
     capsys.readouterr()
     for name, mirror in mirrors.items():
