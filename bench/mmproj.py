@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+from dataclasses import replace
 import sys
 import time
 from pathlib import Path
@@ -49,10 +50,8 @@ def main() -> None:
     from cdcca_edge.runtime.mtmd import MtmdModel
     from cdcca_edge.runtime.multimodal import MultimodalModel
 
-    from dataclasses import replace
-
     from cdcca_edge.core.paths import build_cached
-    from cdcca_edge.demo.loop import STUDENT, TEACHER, _spec_key
+    from cdcca_edge.demo.loop import STUDENT, TEACHER, spec_key
     from cdcca_edge.demo.tiny_llava import build_tiny_llava
 
     teacher, student = models(False, lambda m: print(m, file=sys.stderr))
@@ -62,7 +61,7 @@ def main() -> None:
     sig_spec = replace(STUDENT, vision_tower="siglip", vision_pretrain_steps=TEACHER.vision_pretrain_steps,
                        vision_pretrain_images=TEACHER.vision_pretrain_images)
     sources = {"student": student, "teacher": teacher,
-               "siglip-student": lambda: build_cached(work / f"siglip-student-{_spec_key(sig_spec)}",
+               "siglip-student": lambda: build_cached(work / f"siglip-student-{spec_key(sig_spec)}",
                                                       lambda d: build_tiny_llava(d, sig_spec))}
     rows = []
     examples = dataset(args.images, seed=123, domains=tuple(DOMAINS))

@@ -50,7 +50,7 @@ from cdcca_edge.core.encodings import (
     quantize,
     symmetric_quantize,
 )
-from cdcca_edge.core.errors import IntegrityError, UsageError, require
+from cdcca_edge.core.errors import FormatError, IntegrityError, UsageError, require
 from cdcca_edge.core.ggml import SCALE_FIRST_TYPES, block_scales, type_layout
 from cdcca_edge.core.ggml_quant import QUANT_LEVELS
 
@@ -111,6 +111,7 @@ def load_targets(art: Artifact, target: str | Path, target_base: str | Path | No
 
     Raises:
         MissingTensorError: a changed parameter has no tensor in the artefact.
+        FormatError: a tensor's shape is not the parameter's (a mirror of another model).
         UsageError: a LLaVA update changes nothing this file of the pair holds.
     """
     torch = require("torch", "cloud")
@@ -145,7 +146,7 @@ def load_targets(art: Artifact, target: str | Path, target_base: str | Path | No
         names, others = llava_file_params(art, names)
         if not names:
             raise UsageError(f"{art.path}: the update changes nothing in this "
-                             f"{'mmproj' if is_mmproj(art) else 'language GGUF'}; its {len(others)} changed "
+                             f"{'mmproj' if is_mmproj(art) else 'language GGUF'}; its {len(others)} "
                              "parameters live in the other file of the pair: run delta make on that one")
         if elsewhere is not None:
             elsewhere.extend(others)
@@ -154,11 +155,12 @@ def load_targets(art: Artifact, target: str | Path, target_base: str | Path | No
     for hf, places in slots.items():
         for slot in places:
             t = art.tensor(slot.tensor)
-            w = slot.to_artifact(sd[hf]).astype(np.float32).reshape(-1)
-            if w.size != t.n_elements:
-                raise UsageError(f"{hf!r} has {w.size} values, the mirror's {t.name!r} {t.n_elements}: "
-                                 f"{art.path} was not exported from this model; give the mirror of the "
-                                 "device that runs --target-base")
+            w = slot.to_artifact(sd[hf]).astype(np.float32)
+            if tuple(w.shape) != tuple(t.shape):
+                raise FormatError(f"{hf!r} is {tuple(w.shape)} in the artefact's layout, the mirror's {t.name!r} "
+                                  f"{tuple(t.shape)}: {art.path} was not exported from the model this update is "
+                                  "for; give the mirror of the device that runs it")
+            w = w.reshape(-1)
             tt = out.setdefault(t.name, TensorTarget(t, w))
             tt.target = w
             if hf in lora:
@@ -593,8 +595,8 @@ class DWCReport:
     signed: bool
     search: list[dict[str, float]] = field(default_factory=list)  # max-kl: budgets tried
     mirror_advanced: bool = False  # the mirror now is the delta's target
-    # a LLaVA update on one file of a language GGUF + mmproj pair: the changed parameters
-    # the other file holds (it needs its own delta)
+    # a LLaVA update on one file of a language GGUF + mmproj pair: the update's parameters
+    # (changed ones, or every one of a full-weights target) the other file holds (its own delta)
     parameters_elsewhere: int = 0
 
     def as_dict(self) -> dict[str, Any]:
@@ -627,8 +629,10 @@ def make_delta(
     built on any other bytes would not apply there).
 
     Raises:
-        UsageError: bad configuration, or max_kl without probe prompts.
+        UsageError: bad configuration, max_kl without probe prompts, a probe KL on an
+            mmproj, or a LLaVA update with nothing for this file of a pair.
         MissingTensorError: an update has no slot in the artefact.
+        FormatError: a slot's shape is not the parameter's (a mirror of another model).
         IntegrityError: the mirror is not the device's model (``expect_identity``), or the
             advanced mirror does not have the delta's target identity.
     """
@@ -665,7 +669,7 @@ def make_delta(
     targets, _, target_model = load_targets(art, target, target_base, return_model=True,  # loaded once
                                             elsewhere=elsewhere)
     if elsewhere:
-        say(f"{len(elsewhere)} changed parameters live in the other file of the pair (its own delta)")
+        say(f"{len(elsewhere)} of the update's parameters live in the other file of the pair (its own delta)")
     say("pricing the update")
     mirror_before = {t.info.name: dequantize(t.info.type_name, read_tensor(t.info)) for t in targets}  # once
     plans = [p for p in (price(t, config, mirror=mirror_before[t.info.name]) for t in targets)

@@ -130,10 +130,12 @@ def export(
             raise UsageError(f"--quant {quant}: a bundle's ONNX language part is f32 only; use "
                              "--format gguf for a quantised language part")
         if mmproj is not None:
-            from cdcca_edge.converters.mmproj import mmproj_plan
+            from cdcca_edge.converters.mmproj import MMPROJ_DTYPES, mmproj_plan
 
             if fmt != "gguf":
                 raise UsageError("--mmproj goes with a GGUF language part: use --format gguf")
+            if mmproj_dtype not in MMPROJ_DTYPES:
+                raise UsageError(f"--mmproj-dtype {mmproj_dtype!r}: f32 or f16")
             mmproj_plan(loaded.model.config)  # refuse before the bundle is written
         identity, mm_report = export_llava(loaded, out, fmt, quant, validate, tolerance, stage)
         if mmproj is not None:

@@ -135,17 +135,34 @@ def _bundle_slots(art: Artifact, config: Any, hf_names: list[str]) -> dict[str, 
 
 def is_mmproj(art: Artifact) -> bool:
     """``art`` is llama.cpp's mmproj GGUF (a LLaVA model's vision side, docs/formats/mmproj.md)."""
-    # clip.cpp's architecture name; the artefact reader keeps general.architecture
-    return art.format == "gguf" and art.metadata.get("general.architecture") == "clip"
+    from cdcca_edge.converters.mmproj import MMPROJ_ARCH
+
+    # the artefact reader keeps general.architecture among the GGUF keys
+    return art.format == "gguf" and art.metadata.get("general.architecture") == MMPROJ_ARCH
 
 
 def llava_file_params(art: Artifact, hf_names: list[str]) -> tuple[list[str], list[str]]:
     """A LLaVA update on one GGUF file of a llama.cpp-native pair: (the parameters this
     file holds, those the other file holds). The mmproj holds the vision tower and the
-    projector; the language GGUF the rest."""
+    projector; the language GGUF the language model. Tower parameters LLaVA never reads
+    (``converters.mmproj.UNREAD_PREFIXES``) belong to neither.
+
+    Raises:
+        MissingTensorError: a parameter that is no part of a LLaVA model.
+    """
+    from cdcca_edge.converters.mmproj import UNREAD_PREFIXES
+
     vision = tuple(prefix for prefix, part, _ in _LLAVA_PARTS if part == VISION_PART)
-    mine = [n for n in hf_names if n.startswith(vision) == is_mmproj(art)]
-    return mine, [n for n in hf_names if n not in mine]
+    known = tuple(prefix for prefix, _, _ in _LLAVA_PARTS)
+    mine, others = [], []
+    for n in hf_names:
+        if not n.startswith(known):
+            raise MissingTensorError(f"HF parameter {n!r} belongs to no part of a LLaVA model (the vision tower, "
+                                     "the projector, the language model)")
+        if n.removeprefix("model.").startswith(UNREAD_PREFIXES):
+            continue
+        (mine if n.startswith(vision) == is_mmproj(art) else others).append(n)
+    return mine, others
 
 
 def _llava_file_slots(art: Artifact, config: Any, hf_names: list[str]) -> dict[str, list[Slot]]:
@@ -158,26 +175,31 @@ def _llava_file_slots(art: Artifact, config: Any, hf_names: list[str]) -> dict[s
         raise MissingTensorError(f"{art.path} holds {'the vision side' if is_mmproj(art) else 'the language model'} "
                                  f"of a LLaVA model; {others[0]!r} lives in the other file of the pair")
     if is_mmproj(art):
-        from cdcca_edge.converters.mmproj import TOWERS, mmproj_names, mmproj_transform
+        from cdcca_edge.converters.mmproj import mmproj_names, mmproj_plan, mmproj_transform
 
-        tower = TOWERS.get(getattr(config.vision_config, "model_type", "clip_vision_model"), ("clip",))[0]
-        table = mmproj_names(config.vision_config.num_hidden_layers, tower)
+        tower, _, _ = mmproj_plan(config)  # the towers and selections an mmproj can hold
         names = {t.name for t in art.tensors}
+        if ("v.class_embd" in names) != (tower == "clip"):
+            raise MissingTensorError(f"{art.path} was written from a {'CLIP' if 'v.class_embd' in names else 'SigLIP'} "
+                                     f"tower; the update is for a {tower.upper()} one: give this model's mmproj")
+        table = mmproj_names(config.vision_config.num_hidden_layers, tower)
         out: dict[str, list[Slot]] = {}
         for hf in mine:
             name = table.get(hf.removeprefix("model."))
-            if name is None or name not in names:
-                raise MissingTensorError(f"HF parameter {hf!r} has no tensor in the mmproj {art.path} "
-                                         f"(expected {name!r}); it was not written from this model")
+            if name is None:
+                raise MissingTensorError(f"HF parameter {hf!r} has no slot in clip.cpp's mmproj format")
+            if name not in names:
+                raise MissingTensorError(f"{art.path} has no {name!r} (for {hf!r}): it was not written from "
+                                         "this model")
             transform = mmproj_transform(name, tower)
             out[hf] = [Slot(name, transform, _identity_factors)]  # a matrix's layout is HF's
         return out
     text_cfg = config.text_config
     renamed = {}
     for hf in mine:
-        for prefix, part, new in _LLAVA_PARTS:
-            if part == LANGUAGE_PART and hf.startswith(prefix):
-                renamed[hf] = new + hf[len(prefix):]
+        prefix, _, new = next(p for p in _LLAVA_PARTS if p[1] == LANGUAGE_PART and hf.startswith(p[0]))
+        renamed[hf] = new + hf[len(prefix):]
     sub = slots_for(art, SUPPORTED_MODEL_TYPES.get(text_cfg.model_type, text_cfg.model_type), text_cfg,
                     list(renamed.values()))
+    # slots_for leaves out only a tied lm_head (stored once, as the embedding)
     return {hf: sub[new] for hf, new in renamed.items() if new in sub}

@@ -45,13 +45,19 @@ import numpy as np
 from cdcca_edge.core.errors import FormatError, UsageError
 
 MmprojDtype = Literal["f32", "f16"]
+MMPROJ_DTYPES = ("f32", "f16")
+MMPROJ_ARCH = "clip"  # general.architecture of every mmproj (gguf's MODEL_ARCH.MMPROJ name)
 Tower = Literal["clip", "siglip"]
+DEFAULT_TOWER_TYPE = "clip_vision_model"  # a vision config without model_type (older LLaVA configs)
 # vision config model_type -> (our tower name, the feature selection clip.cpp's MLP path
 # implements for it, the activations it runs: HF name -> clip.use_gelu)
 TOWERS: dict[str, tuple[Tower, str, dict[str, bool]]] = {
     "clip_vision_model": ("clip", "default", {"quick_gelu": False, "gelu": True}),
     "siglip_vision_model": ("siglip", "full", {"gelu_pytorch_tanh": True}),
 }
+# tower parameters LLaVA never reads (it takes the encoder's hidden states): no mmproj slot,
+# and an update to them changes nothing the device computes
+UNREAD_PREFIXES = ("vision_tower.vision_model.post_layernorm.", "vision_tower.vision_model.head.")
 _LAYER = {  # HF CLIP encoder layer parameter -> clip.cpp tensor
     "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
     "self_attn.out_proj": "attn_out", "layer_norm1": "ln1", "layer_norm2": "ln2",
@@ -117,7 +123,7 @@ def mmproj_plan(cfg: Any) -> tuple[Tower, int, bool]:
         UsageError: a configuration clip.cpp's MLP path cannot run as HF does.
     """
     v = cfg.vision_config
-    kind = getattr(v, "model_type", "clip_vision_model")
+    kind = getattr(v, "model_type", DEFAULT_TOWER_TYPE)
     if kind not in TOWERS:
         raise UsageError(f"mmproj export supports a CLIP or SigLIP vision tower, not {kind!r}")
     tower, strategy, acts = TOWERS[kind]
@@ -125,12 +131,20 @@ def mmproj_plan(cfg: Any) -> tuple[Tower, int, bool]:
         raise UsageError(f"vision_feature_select_strategy {cfg.vision_feature_select_strategy!r}: clip.cpp's "
                          f"MLP projector path runs a {tower.upper()} tower with {strategy!r} only")
     layer = cfg.vision_feature_layer
+    n_layers = v.num_hidden_layers
     if not isinstance(layer, int):
         raise UsageError(f"vision_feature_layer {layer!r}: one layer only for an MLP mmproj")
-    n_layers = v.num_hidden_layers
+    if not -n_layers - 1 <= layer <= n_layers:
+        raise UsageError(f"vision_feature_layer {layer}: the tower has {n_layers} layers (hidden states "
+                         f"{-n_layers - 1}..{n_layers})")
     act = getattr(v, "hidden_act", "quick_gelu")
     if act not in acts:
         raise UsageError(f"vision hidden_act {act!r}: clip.cpp runs {' or '.join(acts)} in a {tower.upper()} tower")
+    if getattr(cfg, "projector_hidden_act", "gelu") != "gelu":
+        raise UsageError(f"projector_hidden_act {cfg.projector_hidden_act!r}: clip.cpp's MLP projector runs GELU")
+    if not getattr(cfg, "multimodal_projector_bias", True):
+        raise UsageError("multimodal_projector_bias false: clip.cpp's MLP projector has biases (mm.0.bias, "
+                         "mm.2.bias)")
     return tower, layer if layer >= 0 else n_layers + layer + 1, acts[act]
 
 
@@ -150,7 +164,7 @@ def write_mmproj(llava: Any, image_mean: list[float], image_std: list[float], ou
     n_layers = v.num_hidden_layers
     tensors = mmproj_tensors({k: t.detach().float().cpu().numpy() for k, t in llava.state_dict().items()},
                              n_layers, tower)
-    w = gguf.GGUFWriter(str(out), gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.MMPROJ])
+    w = gguf.GGUFWriter(str(out), MMPROJ_ARCH)
     w.add_type(gguf.GGUFType.MMPROJ)
     w.add_file_type(gguf.LlamaFileType.ALL_F32 if dtype == "f32" else gguf.LlamaFileType.MOSTLY_F16)
     w.add_clip_has_vision_encoder(True)
@@ -213,7 +227,7 @@ def export_mmproj(loaded: Any, language_gguf: Path, out: Path, dtype: MmprojDtyp
     from cdcca_edge.runtime.base import GenerationConfig
     from cdcca_edge.runtime.mtmd import MtmdModel
 
-    if dtype not in MMPROJ_TOLERANCE:
+    if dtype not in MMPROJ_DTYPES:
         raise UsageError(f"--mmproj-dtype {dtype!r}: f32 or f16")
     llava = loaded.model
     if getattr(llava.config, "model_type", "") != "llava":

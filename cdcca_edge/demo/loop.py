@@ -23,7 +23,7 @@ import hashlib
 import json
 import shutil
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -100,9 +100,12 @@ class DemoConfig:
 Stage = Callable[[str], None]
 
 
-def _spec_key(*specs: TinyLlavaSpec) -> str:
-    # a field at its first value stays out of the key, so that adding one keeps the cache
-    docs = [{k: v for k, v in asdict(s).items() if not (k == "vision_tower" and v == "clip")} for s in specs]
+def spec_key(*specs: TinyLlavaSpec) -> str:
+    """The cache key of trained models' specs. A field at its default stays out of the key
+    when it was added after the key first named models (``vision_tower``), so adding it
+    keeps every cached model."""
+    default = {f.name: f.default for f in fields(TinyLlavaSpec)}["vision_tower"]
+    docs = [{k: v for k, v in asdict(s).items() if not (k == "vision_tower" and v == default)} for s in specs]
     return hashlib.sha256(json.dumps(docs, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -112,8 +115,8 @@ def models(quick: bool, stage: Stage) -> tuple[Path, Path]:
 
     t_spec, s_spec = (QUICK_TEACHER, QUICK_STUDENT) if quick else (TEACHER, STUDENT)
     root = cache_dir() / "demo"
-    t_dir = root / f"llava-teacher-{_spec_key(t_spec)}"
-    s_dir = root / f"llava-student-{_spec_key(t_spec, s_spec)}"
+    t_dir = root / f"llava-teacher-{spec_key(t_spec)}"
+    s_dir = root / f"llava-student-{spec_key(t_spec, s_spec)}"
     if not (t_dir / "config.json").is_file():
         stage(f"training the teacher: vision tower + {t_spec.train_steps} steps on every domain (first run only)")
     build_cached(t_dir, lambda d: build_tiny_llava(d, t_spec))
