@@ -72,9 +72,6 @@ class DemoConfig:
     epochs: int = 2  # AKD passes over the data (4 overfitted the round's few uploads: same page)
     lr: float = 2e-3  # AKD learning rate
     anchor: bool = True  # upload the calibration images once, as an anchor set for AKD
-    # the anchor's share of each round's AKD samples: the anchor bundle is repeated (in the
-    # cloud; it goes up once) until it is about this fraction; 0 = once
-    anchor_share: float = 0.0
     # each round distils a fresh adapter on the original student from every bundle so far
     # (False: on the previous round's student)
     restart: bool = True
@@ -273,7 +270,6 @@ def run_demo(out_dir: str | Path, config: DemoConfig = DemoConfig(), stage: Stag
     cloud_student = student
     bundles: list[Path] = [anchor] if config.anchor else []
     first_stream: list[dict[str, Any]] = []
-    uploads_so_far = 0
     for r in range(1, config.rounds + 1):
         # the device's world: domains drawn uniformly, a third still the source, two thirds drifted
         stream = _items(dataset(config.stream, seed=s + 1000 + r, domains=("source", *TARGET_DOMAINS)), f"r{r}-")
@@ -285,14 +281,8 @@ def run_demo(out_dir: str | Path, config: DemoConfig = DemoConfig(), stage: Stag
         with MultimodalModel(device, backend=config.backend) as mm:
             up = collect(mm, stream, calib, bundle, identity, selector=config.selector, seed=s + r)
         bundles.append(bundle)
-        uploads_so_far += up.n_uploaded
         say(f"round {r}: AKD from {len(bundles)} bundle(s) ({up.n_uploaded} new uploads)")
-        repeat = 1
-        if config.anchor and config.anchor_share > 0:
-            repeat = max(1, round(config.anchor_share / (1 - config.anchor_share) * uploads_so_far
-                                  / max(1, anchor_rep.n_uploaded)))
-        akd = distill_multimodal(teacher, cloud_student, [anchor] * (repeat - 1) + bundles, work / f"akd-{r}",
-                                 akd_cfg)
+        akd = distill_multimodal(teacher, cloud_student, bundles, work / f"akd-{r}", akd_cfg)
         merged = Path(akd.merged or "")
         say(f"round {r}: DWC delta against the cloud's mirror")
         delta = work / f"delta-{r}.cdcd"
