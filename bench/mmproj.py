@@ -4,7 +4,7 @@ language GGUF): image-embedding error in clip.cpp's token order, greedy answers 
 torch's, answer accuracy, and image-question latency.
 
     python bench/mmproj.py [--images 200] [--models student,teacher,siglip-student] \
-        [--mtmd-cli PATH/llama-mtmd-cli [--cli-images 40]]
+        [--mtmd-cli PATH/llama-mtmd-cli] [--llama-server PATH/llama-server] [--cli-images 40]
 
 "siglip-student" is the demo student's shape with its own SigLIP tower (no CLS), which
 clip.cpp runs token for token as HF does (docs/formats/mmproj.md); built on first use.
@@ -15,6 +15,7 @@ Writes bench/results/mmproj.json and the "mmproj" section of docs/benchmarks.md.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 from dataclasses import replace
 import sys
@@ -34,6 +35,8 @@ def main() -> None:
     ap.add_argument("--models", default="student,teacher,siglip-student")
     ap.add_argument("--mtmd-cli", type=Path, help="a stock llama-mtmd-cli binary (llama.cpp's tools/mtmd): also "
                     "answer the first --cli-images questions with it, one process each")
+    ap.add_argument("--llama-server", type=Path, help="a stock llama-server binary: also answer the first "
+                    "--cli-images questions through its /completion endpoint (prompt + base64 image)")
     ap.add_argument("--cli-images", type=int, default=40)
     args = ap.parse_args()
 
@@ -74,10 +77,12 @@ def main() -> None:
             res = export(src, work / f"{name}-{dtype}", "gguf", quant=dtype, mmproj=work / f"{name}-mmproj-{dtype}.gguf",
                          mmproj_dtype=dtype)
             bundle = res.path
-            eq_torch = eq_bundle = right_mtmd = right_torch = eq_cli = n_cli = 0
+            eq_torch = eq_bundle = right_mtmd = right_torch = eq_cli = n_cli = eq_srv = n_srv = 0
             worst, t_mtmd, t_bundle = 0.0, [], []
+            server = (StockServer(args.llama_server, bundle / "language.gguf", work / f"{name}-mmproj-{dtype}.gguf")
+                      if args.llama_server else contextlib.nullcontext())
             with MtmdModel(bundle / "language.gguf", work / f"{name}-mmproj-{dtype}.gguf") as m, \
-                    MultimodalModel(bundle) as b:
+                    MultimodalModel(bundle) as b, server as srv:
                 mean, std = b.info.image_mean, b.info.image_std
                 for ex in examples:
                     prompt = b.prompt(ex.question.text)
@@ -97,6 +102,10 @@ def main() -> None:
                         eq_cli += stock_cli(args.mtmd_cli, bundle / "language.gguf",
                                             work / f"{name}-mmproj-{dtype}.gguf", ex.image, prompt,
                                             6) == tok.decode([t for t in ref_t if t != tok.eos_token_id]).strip()
+                    if srv is not None and n_srv < args.cli_images:
+                        n_srv += 1
+                        eq_srv += srv.complete(prompt, ex.image, 6) == tok.decode(
+                            [t for t in ref_t if t != tok.eos_token_id])
                     words_t = tok.decode(ref_t).replace(".", " ").split()
                     right_torch += bool(words_t) and words_t[0] == ex.question.answer
                     if len(t_mtmd) <= 20:  # embedding error on the first 20 images
@@ -116,7 +125,9 @@ def main() -> None:
                          "seconds_per_question_bundle": statistics.median(t_bundle),
                          "mmproj_bytes": (work / f"{name}-mmproj-{dtype}.gguf").stat().st_size,
                          "export_validation": res.extra["mmproj"]["validation"],
-                         **({"stock_cli_equal_torch": eq_cli / n_cli, "stock_cli_images": n_cli} if n_cli else {})})
+                         **({"stock_cli_equal_torch": eq_cli / n_cli, "stock_cli_images": n_cli} if n_cli else {}),
+                         **({"stock_server_equal_torch": eq_srv / n_srv, "stock_server_images": n_srv}
+                            if n_srv else {})})
             print(rows[-1], file=sys.stderr)
     doc = {"machine": machine(), "rows": rows}
     cli_rows = [r for r in rows if "stock_cli_images" in r]
@@ -127,6 +138,13 @@ def main() -> None:
         "text equals torch's on "
         + "; ".join(f"{r['model']} {r['dtype']} {r['stock_cli_equal_torch']:.1%} of {r['stock_cli_images']}"
                     for r in cli_rows) + ".\n")
+    srv_rows = [r for r in rows if "stock_server_images" in r]
+    if srv_rows:
+        cli_md += ("\nStock `llama-server -m language.gguf --mmproj mmproj.gguf` (same build), one server per "
+                   "row on the loopback interface, `POST /completion` with `{prompt_string, multimodal_data: "
+                   "[base64 PNG]}` (the image token replaced by the server's `media_marker` from `/props`), `temperature 0`, `n_predict 6`: its answer text equals torch's on "
+                   + "; ".join(f"{r['model']} {r['dtype']} {r['stock_server_equal_torch']:.1%} of "
+                               f"{r['stock_server_images']}" for r in srv_rows) + ".\n")
     path = write_results("mmproj", doc)
     table = "\n".join(
         f"| {r['model']} | {r['tower']} | {r['dtype']} | {r['mmproj_bytes'] / 1e3:.0f} | {r['embedding_diff_over_std']:.4f} | "
@@ -153,6 +171,63 @@ vision part).
     update_section("mmproj", md)
     print(f"wrote {path}", file=sys.stderr)
     print(md)
+
+
+class StockServer:
+    """llama.cpp's own ``llama-server`` with an mmproj, on a free loopback port, for one
+    pair; :meth:`complete` answers an image question through ``POST /completion``."""
+
+    def __init__(self, binary: Path, language: Path, mmproj: Path) -> None:
+        import socket
+
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            self.port = sock.getsockname()[1]
+        self.cmd = [str(binary), "-m", str(language), "--mmproj", str(mmproj), "--host", "127.0.0.1",
+                    "--port", str(self.port), "-np", "1", "--no-webui"]
+
+    def __enter__(self) -> "StockServer":
+        import json
+        import subprocess
+        import urllib.request
+
+        self.proc = subprocess.Popen(self.cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        for _ in range(600):  # up to 60 s to load
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=1) as r:
+                    if r.status == 200:
+                        # the server's media marker is its own (random) string: /props says which
+                        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/props", timeout=10) as p:
+                            self.marker = json.loads(p.read())["media_marker"]
+                        return self
+            except OSError:
+                time.sleep(0.1)
+        self.proc.kill()
+        raise RuntimeError(f"llama-server did not come up: {' '.join(self.cmd)}")
+
+    def __exit__(self, *exc: Any) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=30)
+
+    def complete(self, prompt: str, image: Any, n: int) -> str:
+        import base64
+        import io
+        import json
+        import urllib.request
+
+        from PIL import Image
+
+        from cdcca_edge.core.bundle import IMAGE_TOKEN
+
+        png = io.BytesIO()
+        Image.fromarray(image).save(png, format="PNG")
+        body = {"prompt": {"prompt_string": prompt.replace(IMAGE_TOKEN, self.marker),
+                           "multimodal_data": [base64.b64encode(png.getvalue()).decode()]},
+                "n_predict": n, "temperature": 0, "cache_prompt": False}
+        req = urllib.request.Request(f"http://127.0.0.1:{self.port}/completion", json.dumps(body).encode(),
+                                     {"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=120) as r:
+            return json.loads(r.read())["content"]
 
 
 def stock_cli(binary: Path, language: Path, mmproj: Path, image: Any, prompt: str, n: int) -> str:
