@@ -103,8 +103,8 @@ def _print_report(output: Path, base: Path, report: Any) -> None:
     if report.mirror_advanced:
         out.print(f"  mirror {base} advanced to version {report.to_version}", highlight=False)
     if report.parameters_elsewhere:
-        out.print(f"  {report.parameters_elsewhere} changed parameters live in the other file of the language "
-                  "GGUF + mmproj pair: run delta make on it too", highlight=False)
+        out.print(f"  {report.parameters_elsewhere} of the update's parameters live in the other file of the "
+                  "language GGUF + mmproj pair: run delta make on it too", highlight=False)
 
 
 @app.command("inspect")

@@ -155,13 +155,14 @@ def llava_file_params(art: Artifact, hf_names: list[str]) -> tuple[list[str], li
     vision = tuple(prefix for prefix, part, _ in _LLAVA_PARTS if part == VISION_PART)
     known = tuple(prefix for prefix, _, _ in _LLAVA_PARTS)
     mine, others = [], []
+    mmproj = is_mmproj(art)
     for n in hf_names:
         if not n.startswith(known):
             raise MissingTensorError(f"HF parameter {n!r} belongs to no part of a LLaVA model (the vision tower, "
                                      "the projector, the language model)")
         if n.removeprefix("model.").startswith(UNREAD_PREFIXES):
             continue
-        (mine if n.startswith(vision) == is_mmproj(art) else others).append(n)
+        (mine if n.startswith(vision) == mmproj else others).append(n)
     return mine, others
 
 

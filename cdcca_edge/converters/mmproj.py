@@ -38,14 +38,14 @@ Two towers, as LLaVA selects their features:
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Callable, Literal, get_args
 
 import numpy as np
 
 from cdcca_edge.core.errors import FormatError, UsageError
 
 MmprojDtype = Literal["f32", "f16"]
-MMPROJ_DTYPES = ("f32", "f16")
+MMPROJ_DTYPES: tuple[str, ...] = get_args(MmprojDtype)
 MMPROJ_ARCH = "clip"  # general.architecture of every mmproj (gguf's MODEL_ARCH.MMPROJ name)
 Tower = Literal["clip", "siglip"]
 DEFAULT_TOWER_TYPE = "clip_vision_model"  # a vision config without model_type (older LLaVA configs)

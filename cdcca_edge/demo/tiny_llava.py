@@ -1,6 +1,6 @@
 """Tiny LLaVA-style models (transformers' ``LlavaForConditionalGeneration``: a CLIP (or
-SigLIP) vision tower, a projector, a Llama or Qwen2 language model) built and trained offline on the
-embedded shapes VQA task (``demo/scenes.py``).
+SigLIP) vision tower, a projector, a Llama or Qwen2 language model) built and trained
+offline on the embedded shapes VQA task (``demo/scenes.py``).
 
 A teacher and a student share one frozen vision tower, as the paper's device and cloud
 models share one Q-Former: the teacher (and its tower) is trained first; the student

@@ -232,7 +232,8 @@ def test_dwc_updates_a_llama_cpp_native_pair_in_place(siglip_dir, tmp_path, caps
         shutil.copy(mirror, device / name)
     shutil.copy(mirrors["mmproj.gguf"], tmp_path / "old-mmproj.gguf")
     before = {name: (device / name).read_bytes() for name in mirrors}
-    hostile("delta-make", 3)  # a probe KL on an mmproj, an update with nothing for it, another model's mirror
+    hostile("delta-make", 4)  # a probe KL on an mmproj, an update with nothing for it, another model's mirror,
+    # a forged mmproj
     # an mmproj has no language model to take a probe KL on; a language-only update has nothing for it
     (tmp_path / "probe.jsonl").write_text('{"prompt": "question: what colour is the circle? answer:"}\n')
     capsys.readouterr()
@@ -261,6 +262,20 @@ def test_dwc_updates_a_llama_cpp_native_pair_in_place(siglip_dir, tmp_path, caps
                  "--target-base", str(siglip_dir), "-o", str(tmp_path / "x.cdcd")]) == 3
     assert "was not exported from the model this update is for" in capsys.readouterr().err
     assert (tmp_path / "other.gguf").read_bytes() == other_bytes
+    # a forged "mmproj": clip.cpp's architecture name, but none of its tensors
+    import gguf
+
+    w = gguf.GGUFWriter(str(tmp_path / "forged.gguf"), "clip")
+    w.add_tensor("x", np.zeros(4, np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    forged = (tmp_path / "forged.gguf").read_bytes()
+    assert main(["delta", "make", "--base", str(tmp_path / "forged.gguf"), "--target", str(tmp_path / "lora"),
+                 "--target-base", str(siglip_dir), "-o", str(tmp_path / "x.cdcd")]) == 3
+    assert "it was not written from this model" in capsys.readouterr().err
+    assert (tmp_path / "forged.gguf").read_bytes() == forged and not (tmp_path / "x.cdcd").exists()
     assert not (tmp_path / "x.cdcd").exists() and (device / "mmproj.gguf").read_bytes() == before["mmproj.gguf"]
     capsys.readouterr()
     for name, mirror in mirrors.items():
