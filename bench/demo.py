@@ -3,11 +3,13 @@ its rounds and ablation tables.
 
     python bench/demo.py [--rounds 3] [--backend llama] [--report path/to/report.json]
     python bench/demo.py --seeds 5 --test 1000 [--report path/to/seeds/report.json]
+    python bench/demo.py --seeds 5 --test 1000 --selector uts-diverse
 
 Copies report.{json,md} and the plots to bench/results/demo/ and writes the "demo" section
 of docs/benchmarks.md; with --seeds, the multi-seed run (means, 95% intervals, paired
 differences, issue 17's goals) goes to bench/results/demo-seeds/ and the "demo-seeds"
-section.
+section; with ``--selector uts-diverse`` (the UTS arm's selector), to
+bench/results/demo-seeds-uts-diverse/ and its own section.
 """
 
 from __future__ import annotations
@@ -105,6 +107,7 @@ def main() -> None:
     # seed 0 is the one the defaults were chosen on (docs/demo.md); the measurement starts after it
     ap.add_argument("--first-seed", type=int, default=1, help="the first seed of a --seeds run")
     ap.add_argument("--test", type=int, default=None, help="held-out questions per domain")
+    ap.add_argument("--selector", default="uts", help="the UTS arm's selector: uts or uts-diverse (--seeds)")
     args = ap.parse_args()
     if args.seeds > 1 or (args.report and "seeds" in json.loads(args.report.read_text())):
         seeds_main(args)
@@ -129,20 +132,32 @@ def main() -> None:
     print(md)
 
 
+def _seeds_name(s: dict) -> str:
+    """The results folder and docs section of a seeds run: demo-seeds, or
+    demo-seeds-uts-diverse when its UTS arm ran that selector."""
+    sel = s["config"].get("selector", "uts")
+    return "demo-seeds" if sel in ("uts", "random") else f"demo-seeds-{sel}"
+
+
 def seeds_section(s: dict, seconds: float | None) -> str:
     from cdcca_edge.demo.seeds import render_seeds_markdown
 
+    name = _seeds_name(s)
     body = render_seeds_markdown(s).split("\n", 2)[2]  # without its title
-    body = body.replace("](seeds-", "](../bench/results/demo-seeds/seeds-")
+    body = body.replace("](seeds-", f"](../bench/results/{name}/seeds-")
     c = s["config"]
+    sel = c.get("selector", "uts")
+    arm = "UTS uploads" if name == "demo-seeds" else f"`{sel}` uploads (UTS's count, by uncertainty and diversity)"
+    flag = "" if name == "demo-seeds" else f" --selector {sel}"
+    abl = " (and the round-1 ablations)" if c.get("ablations") else ""
     took = f" Whole run: {seconds / 60:.0f} min on this 2-core machine." if seconds else ""
-    return f"""<a id="demo-seeds"></a>
-## Demo over seeds: the method's claims with 95% intervals (`bench/demo.py --seeds {s['seeds']}`)
+    return f"""<a id="{name}"></a>
+## Demo over seeds{'' if name == 'demo-seeds' else f', {sel}'}: the method's claims with 95% intervals (`bench/demo.py --seeds {s['seeds']}{flag}`)
 
-`cdcca-edge demo --seeds {s['seeds']} --seed {c['seed']} --test {s['test_per_domain']}` (seeds {c['seed']} to
+`cdcca-edge demo --seeds {s['seeds']} --seed {c['seed']} --test {s['test_per_domain']}{flag}{'' if c.get('ablations') else ' --no-ablations'}` (seeds {c['seed']} to
 {c['seed'] + s['seeds'] - 1}; seed 0 is the one the defaults were chosen on): {c['rounds']} rounds, device backend
-`{c['backend']}`, {c['stream']} questions per round; per seed, the loop runs once with UTS uploads (and the
-round-1 ablations) and once with random uploads of the same count.{took}
+`{c['backend']}`, {c['stream']} questions per round; per seed, the loop runs once with {arm}{abl} and once
+with random uploads of the same count.{took}
 
 {body}"""
 
@@ -156,8 +171,8 @@ def seeds_main(args: argparse.Namespace) -> None:
         from cdcca_edge.demo.loop import DemoConfig
         from cdcca_edge.demo.seeds import run_seeds
 
-        out = cache_dir() / "bench" / "demo-seeds"
-        cfg = DemoConfig(rounds=args.rounds, backend=args.backend, seed=args.first_seed,
+        out = cache_dir() / "bench" / ("demo-seeds" if args.selector == "uts" else f"demo-seeds-{args.selector}")
+        cfg = DemoConfig(rounds=args.rounds, backend=args.backend, seed=args.first_seed, selector=args.selector,
                          **({"test": args.test} if args.test else {}))
         t = time.perf_counter()
         run_seeds(out, cfg, args.seeds, stage=lambda m: print(m, file=sys.stderr, flush=True))
@@ -169,13 +184,13 @@ def seeds_main(args: argparse.Namespace) -> None:
     if seconds is not None:
         s["seconds"] = seconds
         report.write_text(json.dumps(s, indent=1) + "\n")
-    dest = RESULTS / "demo-seeds"
+    dest = RESULTS / _seeds_name(s)
     dest.mkdir(parents=True, exist_ok=True)
     for name in ("report.json", "report.md", "seeds-accuracy.png", "seeds-differences.png"):
         if (report.parent / name).resolve() != (dest / name).resolve():
             shutil.copy(report.parent / name, dest / name)
     md = seeds_section(s, s.get("seconds"))
-    update_section("demo-seeds", md)
+    update_section(_seeds_name(s), md)
     print(md)
 
 

@@ -9,10 +9,11 @@ import typer
 
 from cdcca_edge.cli._output import err, out, print_json, stage_status
 from cdcca_edge.cli.options import JsonOpt, choices, value
-from cdcca_edge.demo.loop import DEVICE_BACKENDS, DemoConfig
+from cdcca_edge.demo.loop import DEVICE_BACKENDS, LOOP_SELECTORS, DemoConfig
 
 _DEMO = DemoConfig()
 DeviceBackend = choices("DeviceBackend", DEVICE_BACKENDS)
+LoopSelector = choices("LoopSelector", LOOP_SELECTORS)
 
 
 def demo(
@@ -27,6 +28,10 @@ def demo(
     seeds: Annotated[int, typer.Option(
         help="Run the loop for this many seeds (own streams, test sets and upload draws), with UTS and with "
              "random uploads, and report means, 95% intervals and paired differences. 1: one run.")] = 1,
+    selector: Annotated[LoopSelector, typer.Option(
+        help="What the device uploads: uts; uts-diverse (as many, by uncertainty and diversity over the "
+             "images); random (as many, at random). With --seeds, the UTS arm's selector.")] = LoopSelector(
+        _DEMO.selector),
     test: Annotated[int, typer.Option(help="Held-out questions per domain (each target domain, and the "
                                            "source domain).")] = _DEMO.test,
     text_models: Annotated[Optional[Path], typer.Option(
@@ -51,7 +56,8 @@ def demo(
                       f"{paths['artifact']}", highlight=False)
         return
 
-    cfg = DemoConfig(rounds=rounds, backend=value(backend), quick=quick, ablations=ablations, seed=seed, test=test)
+    cfg = DemoConfig(rounds=rounds, backend=value(backend), quick=quick, ablations=ablations, seed=seed, test=test,
+                     selector=value(selector))
     if seeds != 1:
         _many_seeds(out_dir, cfg, seeds, json_out)
         return

@@ -46,7 +46,7 @@ QUICK_TEACHER = replace(TEACHER, train_steps=120, vision_pretrain_steps=60, visi
 QUICK_STUDENT = replace(STUDENT, train_steps=80)
 RAW_IMAGE_BYTES = IMAGE_SIZE * IMAGE_SIZE * 3  # an uncompressed RGB frame
 DEVICE_BACKENDS = ("llama", "onnx")  # the device's language part: GGUF q8_0, or ONNX f32
-LOOP_SELECTORS = ("uts", "random")
+LOOP_SELECTORS = ("uts", "uts-diverse", "random")
 ABLATIONS = {  # the round-1 ablation variants, as reports label them; "akd" is the full method
     "akd": "AKD (CE + logit KD + feature KD), UTS uploads",
     "akd_random_selection": "AKD, random uploads (same count)",
@@ -76,8 +76,9 @@ class DemoConfig:
     # (False: on the previous round's student)
     restart: bool = True
     ablations: bool = True
-    # what the device uploads each round: "uts", or "random" (as many, chosen at random: the
-    # baseline at equal uplink bytes)
+    # what the device uploads each round: "uts"; "uts-diverse" (as many, by uncertainty and
+    # diversity over the images); or "random" (as many, chosen at random: the baseline at
+    # equal count)
     selector: str = "uts"
     seed: int = 0
 
@@ -346,10 +347,11 @@ def ablations(config: DemoConfig, teacher: Path, student: Path, stream: list[dic
     identity = compute_identity(open_artifact(original)).digest
     bundles = {}
     with MultimodalModel(original, backend=config.backend) as mm:
-        for sel in ("uts", "random"):
-            say(f"ablation: {sel} selection on round 1's stream")
-            rep = collect(mm, stream, calib, abl / f"uplink-{sel}.cdcu", identity, selector=sel,
-                           seed=config.seed * 10_000 + 1)  # the draw of the random loop's round 1
+        # "uts": the loop's own selector (uts or uts-diverse), as in round 1
+        for sel, how in (("uts", config.selector if config.selector != "random" else "uts"), ("random", "random")):
+            say(f"ablation: {how} selection on round 1's stream")
+            rep = collect(mm, stream, calib, abl / f"uplink-{sel}.cdcu", identity, selector=how,  # type: ignore[arg-type]
+                          seed=config.seed * 10_000 + 1)  # the draw of the random loop's round 1
             bundles[sel] = rep
     variants = {
         "akd": (akd_cfg, "uts"),

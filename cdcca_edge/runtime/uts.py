@@ -6,7 +6,9 @@ a chosen fraction of them would be uploaded. Token stage: answer tokens whose en
 above a calibrated threshold are flagged and weigh more in the cloud's distillation loss;
 visual tokens (multimodal models) are scored as out of distribution against calibration
 statistics — a diagonal Mahalanobis distance — and only the top fraction is kept. The
-``random`` selector uploads as many samples, chosen at random, for fair comparisons.
+``uts-diverse`` selector (image inputs) uploads as many samples as ``uts``, chosen for
+uncertainty and diversity together; ``random`` uploads as many, chosen at random, for fair
+comparisons.
 Spec of the calibration file: docs/formats/uplink.md, section 5.
 """
 
@@ -26,7 +28,8 @@ from cdcca_edge.core.calibration import SCORE_NAMES, Calibration, VisualStats
 from cdcca_edge.runtime.base import Backend, Generation, GenerationConfig
 
 SAMPLE_SCORES = ("confidence", "ref_confidence", "mean_entropy", "max_entropy")
-Selector = Literal["uts", "random", "all"]
+Selector = Literal["uts", "uts-diverse", "random", "all"]
+DIVERSE_POOL = 2  # uts-diverse picks its k uploads among the k * DIVERSE_POOL most uncertain
 
 def _prompt_nll(g: Generation) -> float:
     """Mean negative log-likelihood of the prompt's tokens under the model (nats)."""
@@ -201,20 +204,51 @@ class Decision:
 
 
 def decide(decisions: list[Decision], calib: Calibration, selector: Selector, seed: int = 0) -> None:
-    """Mark uploads: ``uts`` above the threshold; ``random`` the same number at random;
-    ``all`` every input (an anchor set of in-distribution samples, sent once)."""
+    """Mark uploads: ``uts`` above the threshold; ``uts-diverse`` as many, by uncertainty and
+    diversity (:func:`diverse_picks`); ``random`` as many at random; ``all`` every input
+    (an anchor set of in-distribution samples, sent once)."""
     chosen = [d.uncertainty > calib.threshold for d in decisions]
     if selector == "all":
         chosen = [True] * len(decisions)
+    elif selector == "uts-diverse":
+        if any(d.visual is None for d in decisions):
+            raise UsageError("the uts-diverse selector spreads uploads over images; these inputs include "
+                             "some without one: use --selector uts")
+        picks = diverse_picks([d.uncertainty for d in decisions], [d.visual for d in decisions],  # type: ignore[misc]
+                              sum(chosen))
+        chosen = [i in picks for i in range(len(decisions))]
     elif selector == "random":
         k = sum(chosen)
         rng = np.random.default_rng(seed)
         picks = set(rng.choice(len(decisions), size=k, replace=False).tolist()) if k else set()
         chosen = [i in picks for i in range(len(decisions))]
     elif selector != "uts":
-        raise UsageError(f"unknown selector {selector!r}; choose uts, random or all")
+        raise UsageError(f"unknown selector {selector!r}; choose uts, uts-diverse, random or all")
     for d, c in zip(decisions, chosen):
         d.upload = c
+
+
+def diverse_picks(uncertainty: list[float], visual: list[np.ndarray], k: int) -> set[int]:
+    """k indices by uncertainty and diversity: among the ``k * DIVERSE_POOL`` most uncertain
+    inputs, the most uncertain first, then again and again the one farthest (cosine
+    distance) from all picked so far, over each image's mean vision-tower token (``visual``:
+    (N, Dv) each). Uncertainty alone can pile uploads onto one kind of input the student
+    finds hard; this spreads them over the images. Measured on the demo: no gain over
+    random uploads of the same count (docs/demo.md, "Tried since, not kept")."""
+    if k <= 0:
+        return set()
+    pool = sorted(range(len(uncertainty)), key=lambda i: (-uncertainty[i], i))[: k * DIVERSE_POOL]
+    emb = np.stack([np.asarray(visual[i], np.float64).mean(0) for i in pool])  # (P, Dv)
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True).clip(1e-12)
+    picked = [0]
+    far = 1.0 - emb @ emb[0]  # (P,): each candidate's distance to the nearest pick
+    far[0] = -1.0
+    while len(picked) < min(k, len(pool)):
+        j = int(np.argmax(far))
+        picked.append(j)
+        far = np.minimum(far, 1.0 - emb @ emb[j])
+        far[picked] = -1.0  # never twice, even among identical images
+    return {pool[j] for j in picked}
 
 
 def token_weights(gen: Generation, calib: Calibration, low_weight: float) -> tuple[np.ndarray, np.ndarray]:

@@ -326,3 +326,22 @@ def test_visual_distill_under_accelerate_launch(llava, bundles, tmp_path):
     for a, b in zip(ddp["losses"], one.losses):
         assert a["total"] == pytest.approx(b["total"], rel=0.10), (ddp["losses"], one.losses)
     assert (tmp_path / "ddp" / "adapter_model.safetensors").is_file()
+
+
+def test_uts_diverse_uploads_as_many_as_uts_from_a_real_device(bundles, tmp_path):
+    """`collect(selector="uts-diverse")` on the llama.cpp device: UTS's own count, the most
+    uncertain input among them, and a bundle the cloud reads like any other."""
+    from cdcca_edge.cloud.akd_mm import read_visual_samples
+    from cdcca_edge.core.uplink_format import read_uplink
+
+    needs_llama()
+    picked = {}
+    for sel in ("uts", "uts-diverse"):
+        (tmp_path / sel).mkdir()
+        _device_uplink(bundles, tmp_path / sel, sel)
+        up = read_uplink(tmp_path / sel / "up.cdcu")
+        assert up.header["selector"] == sel
+        picked[sel] = {s.id: s.meta["uncertainty"] for s in up.samples()}
+    assert 0 < len(picked["uts-diverse"]) == len(picked["uts"])
+    assert max(picked["uts"].values()) in picked["uts-diverse"].values()
+    assert len(read_visual_samples([tmp_path / "uts-diverse" / "up.cdcu"])) == len(picked["uts"])

@@ -117,7 +117,7 @@ def test_collect_selects_out_of_distribution_inputs(model, tmp_path):
     # all: an anchor set, every input goes up
     every = collect(m, items, cal, tmp_path / "a.cdcu", identity, selector="all")
     assert every.n_uploaded == len(mixed) == len(read_uplink(tmp_path / "a.cdcu"))
-    with pytest.raises(UsageError, match="uts, random or all"):
+    with pytest.raises(UsageError, match="uts, uts-diverse, random or all"):
         collect(m, items[:2], cal, tmp_path / "x.cdcu", identity, selector="best")  # type: ignore[arg-type]
 
 
@@ -207,3 +207,33 @@ def test_image_drift_sees_a_camera_change_that_per_token_scores_miss():
     tok_fresh = [float(stats.ood_scores(image(False)).mean()) for _ in range(20)]
     tok_noisy = [float(stats.ood_scores(image(True)).mean()) for _ in range(20)]
     assert np.mean(tok_noisy) / np.mean(tok_fresh) < 1.25  # the per-token score barely moves
+
+
+def test_uts_diverse_spreads_the_same_count_over_the_images():
+    """uts-diverse uploads as many as uts, the most uncertain first, then spread over the
+    images: of two kinds of hard image, uts takes only the harder kind; uts-diverse both."""
+    from cdcca_edge.runtime.uts import Decision, decide
+
+    rng = np.random.default_rng(0)
+    kind_a, kind_b = rng.normal(size=8), rng.normal(size=8)  # two kinds of image, by their mean token
+
+    def image(kind: np.ndarray) -> np.ndarray:
+        return (kind + 0.01 * rng.normal(size=(4, 8))).astype(np.float32)  # (N=4, Dv=8)
+
+    # 4 hard images of kind a (uncertainty 9..6), 4 of kind b (5..2), 4 easy ones of kind a
+    unc = [9.0, 8.0, 7.0, 6.0, 5.0, 4.0, 3.0, 2.0, 0.3, 0.2, 0.1, 0.0]
+    kinds = ["a"] * 4 + ["b"] * 4 + ["a"] * 4
+    calib = Calibration("x" * 64, "ref_confidence", 0.1, 5.5, 0.2, 1.0, 8, 10, 10)  # threshold 5.5: 4 above
+
+    def run(selector: str) -> list[int]:
+        ds = [Decision({"id": str(i)}, None, u, visual=image(kind_a if k == "a" else kind_b))  # type: ignore[arg-type]
+              for i, (u, k) in enumerate(zip(unc, kinds))]
+        decide(ds, calib, selector)  # type: ignore[arg-type]
+        return [i for i, d in enumerate(ds) if d.upload]
+
+    assert run("uts") == [0, 1, 2, 3]
+    picked = run("uts-diverse")
+    assert len(picked) == 4 and 0 in picked  # as many; the most uncertain first
+    assert {kinds[i] for i in picked} == {"a", "b"} and max(picked) < 8  # both kinds, all from the 2k pool
+    with pytest.raises(UsageError, match="--selector uts"):  # text inputs have no image to spread over
+        decide([Decision({"id": "t"}, None, 9.0)], calib, "uts-diverse")  # type: ignore[arg-type]
