@@ -470,7 +470,7 @@ def render(doc: dict) -> None:
         epochs_md = (f"\nSmolLM2's training length, by the rule in `bench/akd.py` (seed 0 only; the best held-out "
                      f"token agreement of AKD among {', '.join(se['candidates'])} epochs, the fewer on a tie): "
                      f"{se['chosen']} epochs; the seeds below run every variant at that count.\n")
-    rs = doc["tiny"].get("random_selection")
+    rs = doc.get("tiny", {}).get("random_selection")
     uts_line = ""
     if rs:
         akd = doc["tiny"]["variants"]["akd"]["after"]

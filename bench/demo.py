@@ -132,17 +132,16 @@ def main() -> None:
     print(md)
 
 
-def _seeds_name(s: dict) -> str:
+def _seeds_name(selector: str) -> str:
     """The results folder and docs section of a seeds run: demo-seeds, or
     demo-seeds-uts-diverse when its UTS arm ran that selector."""
-    sel = s["config"].get("selector", "uts")
-    return "demo-seeds" if sel in ("uts", "random") else f"demo-seeds-{sel}"
+    return "demo-seeds" if selector in ("uts", "random") else f"demo-seeds-{selector}"
 
 
 def seeds_section(s: dict, seconds: float | None) -> str:
     from cdcca_edge.demo.seeds import render_seeds_markdown
 
-    name = _seeds_name(s)
+    name = _seeds_name(s["config"].get("selector", "uts"))
     body = render_seeds_markdown(s).split("\n", 2)[2]  # without its title
     body = body.replace("](seeds-", f"](../bench/results/{name}/seeds-")
     c = s["config"]
@@ -171,7 +170,7 @@ def seeds_main(args: argparse.Namespace) -> None:
         from cdcca_edge.demo.loop import DemoConfig
         from cdcca_edge.demo.seeds import run_seeds
 
-        out = cache_dir() / "bench" / ("demo-seeds" if args.selector == "uts" else f"demo-seeds-{args.selector}")
+        out = cache_dir() / "bench" / _seeds_name(args.selector)
         cfg = DemoConfig(rounds=args.rounds, backend=args.backend, seed=args.first_seed, selector=args.selector,
                          **({"test": args.test} if args.test else {}))
         t = time.perf_counter()
@@ -184,13 +183,14 @@ def seeds_main(args: argparse.Namespace) -> None:
     if seconds is not None:
         s["seconds"] = seconds
         report.write_text(json.dumps(s, indent=1) + "\n")
-    dest = RESULTS / _seeds_name(s)
+    section_name = _seeds_name(s["config"].get("selector", "uts"))
+    dest = RESULTS / section_name
     dest.mkdir(parents=True, exist_ok=True)
     for name in ("report.json", "report.md", "seeds-accuracy.png", "seeds-differences.png"):
         if (report.parent / name).resolve() != (dest / name).resolve():
             shutil.copy(report.parent / name, dest / name)
     md = seeds_section(s, s.get("seconds"))
-    update_section(_seeds_name(s), md)
+    update_section(section_name, md)
     print(md)
 
 

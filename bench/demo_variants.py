@@ -58,6 +58,7 @@ def teacher_confident(teacher_dir: Any, samples: list[Any], max_new: int, drop: 
     import torch
     import transformers
 
+    from cdcca_edge.cloud.akd import teacher_confidence
     from cdcca_edge.cloud.akd_mm import build_inputs, greedy
 
     rng = torch.random.get_rng_state()  # loading a model draws its initial weights: the
@@ -72,7 +73,7 @@ def teacher_confident(teacher_dir: Any, samples: list[Any], max_new: int, drop: 
             inp = build_inputs(teacher, part, answers, eos)
             logits = teacher(inputs_embeds=inp["inputs_embeds"], attention_mask=inp["attention_mask"],
                              position_ids=inp["position_ids"]).logits[:, :-1]  # (B, T-1, V)
-        prob = torch.softmax(logits, -1).gather(-1, inp["ids"][:, 1:].unsqueeze(-1)).squeeze(-1)  # (B, T-1)
+        prob = teacher_confidence(logits, inp["ids"][:, 1:])  # (B, T-1)
         m = inp["answer_mask"][:, :-1]
         conf = (prob * m).sum(1) / m.sum(1)  # (B,)
         confidence += conf.tolist()

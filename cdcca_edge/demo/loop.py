@@ -82,6 +82,12 @@ class DemoConfig:
     selector: str = "uts"
     seed: int = 0
 
+    @property
+    def uts_selector(self) -> str:
+        """The selector of the UTS arm (the ablations' and a seeds run's): this config's
+        own, or ``uts`` when it is ``random``."""
+        return "uts" if self.selector == "random" else self.selector
+
     def __post_init__(self) -> None:
         if self.backend not in DEVICE_BACKENDS:
             raise UsageError(f"--backend must be one of {', '.join(DEVICE_BACKENDS)}, got {self.backend!r}")
@@ -347,8 +353,7 @@ def ablations(config: DemoConfig, teacher: Path, student: Path, stream: list[dic
     identity = compute_identity(open_artifact(original)).digest
     bundles = {}
     with MultimodalModel(original, backend=config.backend) as mm:
-        # "uts": the loop's own selector (uts or uts-diverse), as in round 1
-        for sel, how in (("uts", config.selector if config.selector != "random" else "uts"), ("random", "random")):
+        for sel, how in (("uts", config.uts_selector), ("random", "random")):
             say(f"ablation: {how} selection on round 1's stream")
             rep = collect(mm, stream, calib, abl / f"uplink-{sel}.cdcu", identity, selector=how,  # type: ignore[arg-type]
                           seed=config.seed * 10_000 + 1)  # the draw of the random loop's round 1

@@ -91,9 +91,8 @@ def run_seeds(out_dir: str | Path, config: DemoConfig, seeds: int, stage: Stage 
     runs: list[dict[str, dict[str, Any]]] = []
     for k in range(config.seed, config.seed + seeds):
         pair = {}
-        uts = config.selector if config.selector != "random" else "uts"  # the arm's selector: uts or uts-diverse
         for sel in ("uts", "random"):
-            cfg = replace(config, seed=k, selector=uts if sel == "uts" else sel,
+            cfg = replace(config, seed=k, selector=config.uts_selector if sel == "uts" else sel,
                           ablations=config.ablations and sel == "uts")
             rep: DemoReport = run_demo(out / f"seed-{k}" / sel, cfg,
                                        stage=lambda m, k=k, sel=sel: say(f"seed {k}, {sel} uploads: {m}"))
